@@ -1,0 +1,266 @@
+//! Diagnostics: every problem `pipe validate` finds, with file, line, column and a stable code.
+//!
+//! Codes never change meaning once published (README lists each with an example), so CI
+//! annotations and editor integrations can match on them.
+
+use serde::Serialize;
+use std::fmt;
+
+/// A 1-based position in a source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Hash)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl fmt::Display for Severity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        })
+    }
+}
+
+/// The stable diagnostic codes. `E0xx` are errors, `W0xx` warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Code {
+    /// The file is not valid YAML.
+    YamlSyntax,
+    /// A mapping has the same key twice.
+    DuplicateKey,
+    /// A key that the format does not know.
+    UnknownKey,
+    /// A value of the wrong type (a list where a string belongs, a word where a number belongs).
+    WrongType,
+    /// A required key is missing.
+    MissingKey,
+    /// `type:` names no registered step type.
+    UnknownStepType,
+    /// `needs`/`input`/a template names a step that does not exist.
+    UnknownStep,
+    /// `input` names a step that produces no table.
+    NotATable,
+    /// A template does not parse.
+    TemplateSyntax,
+    /// A template references a param that is not declared.
+    UnknownParam,
+    /// A template references an output a step does not have.
+    UnknownOutput,
+    /// A template references a variable that does not exist.
+    UnknownVariable,
+    /// The steps form a cycle.
+    Cycle,
+    /// A cron expression does not parse.
+    InvalidCron,
+    /// An unknown IANA timezone.
+    InvalidTimezone,
+    /// A duration such as `30s` does not parse.
+    InvalidDuration,
+    /// A param default does not match its type.
+    InvalidDefault,
+    /// An invalid name (pipeline, step id, param).
+    InvalidName,
+    /// A value outside its allowed range or set.
+    InvalidValue,
+    /// A `connection:` names an unknown connection.
+    UnknownConnection,
+    /// A file could not be read.
+    Io,
+    /// A literal value in a secret field.
+    LiteralSecret,
+    /// A step that nothing needs and that has no effect (reserved).
+    Unused,
+}
+
+impl Code {
+    pub const ALL: &'static [Code] = &[
+        Code::YamlSyntax,
+        Code::DuplicateKey,
+        Code::UnknownKey,
+        Code::WrongType,
+        Code::MissingKey,
+        Code::UnknownStepType,
+        Code::UnknownStep,
+        Code::NotATable,
+        Code::TemplateSyntax,
+        Code::UnknownParam,
+        Code::UnknownOutput,
+        Code::UnknownVariable,
+        Code::Cycle,
+        Code::InvalidCron,
+        Code::InvalidTimezone,
+        Code::InvalidDuration,
+        Code::InvalidDefault,
+        Code::InvalidName,
+        Code::InvalidValue,
+        Code::UnknownConnection,
+        Code::Io,
+        Code::LiteralSecret,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::YamlSyntax => "E001",
+            Code::DuplicateKey => "E002",
+            Code::UnknownKey => "E003",
+            Code::WrongType => "E004",
+            Code::MissingKey => "E005",
+            Code::UnknownStepType => "E006",
+            Code::UnknownStep => "E007",
+            Code::NotATable => "E008",
+            Code::TemplateSyntax => "E009",
+            Code::UnknownParam => "E010",
+            Code::UnknownOutput => "E011",
+            Code::UnknownVariable => "E012",
+            Code::Cycle => "E013",
+            Code::InvalidCron => "E014",
+            Code::InvalidTimezone => "E015",
+            Code::InvalidDuration => "E016",
+            Code::InvalidDefault => "E017",
+            Code::InvalidName => "E018",
+            Code::InvalidValue => "E019",
+            Code::UnknownConnection => "E020",
+            Code::Io => "E021",
+            Code::LiteralSecret => "W001",
+            Code::Unused => "W002",
+        }
+    }
+
+    pub fn severity(self) -> Severity {
+        if self.as_str().starts_with('W') {
+            Severity::Warning
+        } else {
+            Severity::Error
+        }
+    }
+
+    /// One line saying what the code means (README's table is generated from this).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Code::YamlSyntax => "the file is not valid YAML",
+            Code::DuplicateKey => "a mapping has the same key twice",
+            Code::UnknownKey => "a key the format does not know (with a did-you-mean)",
+            Code::WrongType => "a value of the wrong type",
+            Code::MissingKey => "a required key is missing",
+            Code::UnknownStepType => "`type:` names no step type (the known ones are listed)",
+            Code::UnknownStep => "`needs`, `input` or a template names a step that does not exist",
+            Code::NotATable => "`input` names a step that produces no table",
+            Code::TemplateSyntax => "a template does not parse",
+            Code::UnknownParam => "a template uses a param that is not declared",
+            Code::UnknownOutput => "a template uses an output the step does not have",
+            Code::UnknownVariable => "a template uses a variable that does not exist",
+            Code::Cycle => "steps depend on each other in a cycle (the whole chain is printed)",
+            Code::InvalidCron => "a cron expression does not parse",
+            Code::InvalidTimezone => "an unknown IANA timezone",
+            Code::InvalidDuration => "a duration such as `30s` does not parse",
+            Code::InvalidDefault => "a param default does not match its type",
+            Code::InvalidName => "a pipeline, step or param name breaks the naming rule",
+            Code::InvalidValue => "a value outside its allowed range or set",
+            Code::UnknownConnection => "`connection:` names a connection that is not declared",
+            Code::Io => "a file could not be read",
+            Code::LiteralSecret => "a literal value in a secret field (use secret('NAME'))",
+            Code::Unused => "reserved",
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for Code {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// One problem, located in a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub severity: Severity,
+    pub code: Code,
+    pub message: String,
+}
+
+impl Diagnostic {
+    pub fn new(file: &str, pos: Pos, code: Code, message: impl Into<String>) -> Self {
+        Diagnostic {
+            file: file.to_string(),
+            line: pos.line.max(1),
+            column: pos.col.max(1),
+            severity: code.severity(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn sort_key(&self) -> (&str, usize, usize, Code, &str) {
+        (&self.file, self.line, self.column, self.code, &self.message)
+    }
+}
+
+impl PartialOrd for Diagnostic {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Diagnostic {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.sort_key().cmp(&other.sort_key())
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}[{}]: {}",
+            self.file, self.line, self.column, self.severity, self.code, self.message
+        )
+    }
+}
+
+/// A collector of diagnostics for one file.
+#[derive(Debug, Default)]
+pub struct Diags {
+    pub file: String,
+    pub items: Vec<Diagnostic>,
+}
+
+impl Diags {
+    pub fn new(file: &str) -> Self {
+        Diags { file: file.to_string(), items: Vec::new() }
+    }
+    pub fn push(&mut self, pos: Pos, code: Code, message: impl Into<String>) {
+        let d = Diagnostic::new(&self.file, pos, code, message);
+        if !self.items.contains(&d) {
+            self.items.push(d);
+        }
+    }
+    pub fn has_errors(&self) -> bool {
+        self.items.iter().any(|d| d.severity == Severity::Error)
+    }
+}
+
+/// "did you mean `x`?" for the closest candidate, when one is close enough.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}

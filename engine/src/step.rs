@@ -1,0 +1,236 @@
+//! Steps: one trait, one registry.
+//!
+//! A step type is a config struct (serde with `deny_unknown_fields`, schemars, doc comments)
+//! implementing [`StepConfig`]. [`Registry`] holds one [`StepKind`] per type, built by
+//! [`StepKind::of`]; the `steps` crate lists them all in one function. The engine validates a
+//! step's `with:` by deserializing it into the struct (positions kept by [`crate::de`]) and runs
+//! it by deserializing the rendered `with:` and calling [`StepConfig::run`].
+
+use crate::de::{self, Mode};
+use crate::diag::Diags;
+use crate::events::{Level, LogRecord, Observer, RunEvent};
+use crate::secrets::Redactor;
+use crate::yaml::Node;
+use async_trait::async_trait;
+use indexmap::IndexMap;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::de::DeserializeOwned;
+use std::any::Any;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// A table flowing between steps. The engine treats it as opaque (it only asks the row
+/// count); the `steps` crate stores a Polars `DataFrame` in it and downcasts on the way in.
+pub trait TableData: Any + Send + Sync + std::fmt::Debug {
+    fn rows(&self) -> u64;
+    fn as_any(&self) -> &dyn Any;
+}
+pub type Table = Arc<dyn TableData>;
+
+/// What a step's config says about the step before it runs (used by `pipe validate`).
+#[derive(Debug, Clone, Default)]
+pub struct StaticInfo {
+    /// The step produces a table that others can take as `input`.
+    pub produces_table: bool,
+    /// Outputs the step always sets. `None` means the set is only known at run time
+    /// (exec's `::set-output`), so references to any output name are accepted.
+    pub outputs: Option<Vec<String>>,
+    /// Paths (dotted, relative to `with`) of fields marked secret in the step's schema.
+    pub secret_fields: Vec<String>,
+}
+
+/// What a step returns.
+#[derive(Debug, Default)]
+pub struct StepOutput {
+    /// The step's own outputs, visible as `steps.<id>.<name>`.
+    pub outputs: serde_json::Map<String, serde_json::Value>,
+    /// The result object that `outputs:` templates read (as `result`, or as the name
+    /// [`StepConfig::RESULT_NAME`] gives).
+    pub result: serde_json::Value,
+    pub table: Option<Table>,
+    /// Warnings turn the step's status into `warning`.
+    pub warnings: Vec<String>,
+}
+
+/// A step failure. `retryable` says whether `retry:` may try again.
+#[derive(Debug, Clone)]
+pub struct StepError {
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl StepError {
+    pub fn fatal(message: impl Into<String>) -> Self {
+        StepError { message: message.into(), retryable: false }
+    }
+    pub fn retryable(message: impl Into<String>) -> Self {
+        StepError { message: message.into(), retryable: true }
+    }
+}
+
+impl std::fmt::Display for StepError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The running step's view of the world.
+#[derive(Clone)]
+pub struct StepContext {
+    pub step_id: String,
+    pub run_id: i64,
+    pub attempt: u32,
+    /// Input tables by step id, in the order `input`/`inputs` names them.
+    pub inputs: IndexMap<String, Table>,
+    /// The rendered connection config, when the step names one.
+    pub connection: Option<serde_json::Value>,
+    /// Cancelled on Ctrl-C/SIGTERM or when the step's timeout expires: stop promptly
+    /// (kill child processes) and return.
+    pub cancel: CancellationToken,
+    /// Learn values that must never be printed (tokens received at run time).
+    pub redactor: Redactor,
+    /// The run's folder for attached files.
+    pub run_dir: PathBuf,
+    /// The folder of the pipeline file (relative paths in configs start here).
+    pub pipeline_dir: PathBuf,
+    pub(crate) observer: Arc<dyn Observer>,
+}
+
+impl StepContext {
+    pub fn new(
+        step_id: &str,
+        run_id: i64,
+        observer: Arc<dyn Observer>,
+        redactor: Redactor,
+        run_dir: PathBuf,
+        pipeline_dir: PathBuf,
+    ) -> Self {
+        StepContext {
+            step_id: step_id.to_string(),
+            run_id,
+            attempt: 1,
+            inputs: IndexMap::new(),
+            connection: None,
+            cancel: CancellationToken::new(),
+            redactor,
+            run_dir,
+            pipeline_dir,
+            observer,
+        }
+    }
+
+    /// Write a log row for this step (redacted here, before it leaves the step).
+    pub fn log(&self, level: Level, message: &str) {
+        self.log_full(level, message, None, None);
+    }
+
+    pub fn log_full(&self, level: Level, message: &str, description: Option<&str>, file: Option<&str>) {
+        self.observer.event(&RunEvent::Log(LogRecord {
+            time: chrono::Utc::now(),
+            level,
+            step: Some(self.step_id.clone()),
+            message: self.redactor.redact(message),
+            description: description.map(|d| self.redactor.redact(d)),
+            file: file.map(str::to_string),
+        }));
+    }
+
+    /// Report live counters (shown on the progress line, not recorded).
+    pub fn progress(&self, counters: &[(&str, u64)]) {
+        self.observer.event(&RunEvent::Progress {
+            step: self.step_id.clone(),
+            counters: counters.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        });
+    }
+}
+
+/// A step type's config and behaviour.
+#[async_trait]
+pub trait StepConfig: DeserializeOwned + JsonSchema + Send + Sync + 'static {
+    /// The `type:` string.
+    const TYPE: &'static str;
+    /// One line for `pipe` docs and the README step reference.
+    const SUMMARY: &'static str;
+    /// The name under which `outputs:` templates see the result object.
+    const RESULT_NAME: &'static str = "result";
+
+    /// What is known before running (tables, outputs). Called on the unrendered config.
+    fn static_info(&self) -> StaticInfo {
+        StaticInfo::default()
+    }
+
+    async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError>;
+}
+
+type RunFuture = Pin<Box<dyn Future<Output = Result<StepOutput, StepError>> + Send>>;
+
+/// A registered step type, with its behaviour erased to function pointers.
+#[derive(Clone)]
+pub struct StepKind {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub result_name: &'static str,
+    pub schema: fn(&mut SchemaGenerator) -> Schema,
+    /// Check an unrendered `with:` node; templated scalars are accepted wherever a value
+    /// of another type is expected (they are checked again after rendering).
+    pub check: fn(&Node, &mut Diags) -> Option<StaticInfo>,
+    /// Deserialize a rendered `with:` node and run it.
+    pub run: fn(Node, StepContext) -> Result<RunFuture, StepError>,
+}
+
+impl StepKind {
+    pub fn of<C: StepConfig>() -> StepKind {
+        StepKind {
+            name: C::TYPE,
+            summary: C::SUMMARY,
+            result_name: C::RESULT_NAME,
+            schema: |g| g.subschema_for::<C>(),
+            check: |node, diags| {
+                de::from_node::<C>(node, Mode::Check, diags).map(|c| c.static_info())
+            },
+            run: |node, ctx| {
+                let mut diags = Diags::new(&ctx.step_id);
+                match de::from_node::<C>(&node, Mode::Run, &mut diags) {
+                    Some(config) => Ok(Box::pin(config.run(ctx))),
+                    None => Err(StepError::fatal(format!(
+                        "invalid configuration after rendering templates: {}",
+                        diags
+                            .items
+                            .iter()
+                            .map(|d| format!("line {}: {}", d.line, d.message))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    ))),
+                }
+            },
+        }
+    }
+}
+
+/// Every step type `pipe` knows, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: IndexMap<&'static str, StepKind>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    pub fn register(&mut self, kind: StepKind) -> &mut Self {
+        self.kinds.insert(kind.name, kind);
+        self
+    }
+    pub fn get(&self, name: &str) -> Option<&StepKind> {
+        self.kinds.get(name)
+    }
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.kinds.keys().copied()
+    }
+    pub fn kinds(&self) -> impl Iterator<Item = &StepKind> {
+        self.kinds.values()
+    }
+}

@@ -1,0 +1,378 @@
+//! YAML text → a spanned [`Node`] tree.
+//!
+//! We keep our own tree instead of deserializing straight from a YAML crate because every
+//! later stage needs positions: unknown keys, wrong types and bad references must point at
+//! the node that causes them, and duplicate keys (which serde-based loaders silently
+//! overwrite) must be reported. Scalars are resolved with the YAML 1.2 core schema; quoted
+//! scalars stay strings.
+
+use crate::diag::{Code, Diags, Pos};
+use saphyr_parser::{Event, Parser, ScalarStyle};
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    pub pos: Pos,
+    pub value: Value,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    String(String),
+    Seq(Vec<Node>),
+    Map(Vec<(Node, Node)>),
+}
+
+impl Node {
+    pub fn new(pos: Pos, value: Value) -> Self {
+        Node { pos, value }
+    }
+    pub fn null(pos: Pos) -> Self {
+        Node { pos, value: Value::Null }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match &self.value {
+            Value::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_map(&self) -> Option<&[(Node, Node)]> {
+        match &self.value {
+            Value::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+    pub fn as_seq(&self) -> Option<&[Node]> {
+        match &self.value {
+            Value::Seq(s) => Some(s),
+            _ => None,
+        }
+    }
+    /// The value under `key` in a mapping.
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        self.entry(key).map(|(_, v)| v)
+    }
+    /// The key node and value node under `key` in a mapping.
+    pub fn entry(&self, key: &str) -> Option<(&Node, &Node)> {
+        self.as_map()?
+            .iter()
+            .find(|(k, _)| k.key_str() == Some(key))
+            .map(|(k, v)| (k, v))
+    }
+    /// A mapping key as text (scalars of any kind are accepted as keys).
+    pub fn key_str(&self) -> Option<&str> {
+        self.as_str()
+    }
+    /// Follow a path of map keys and sequence indexes.
+    pub fn at(&self, path: &[PathSeg]) -> Option<&Node> {
+        let mut node = self;
+        for seg in path {
+            node = match seg {
+                PathSeg::Key(k) => node.get(k)?,
+                PathSeg::Index(i) => node.as_seq()?.get(*i)?,
+            };
+        }
+        Some(node)
+    }
+    pub fn kind(&self) -> &'static str {
+        self.value.kind()
+    }
+    /// The node as JSON (for values handed to templates or stored in history).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value as J;
+        match &self.value {
+            Value::Null => J::Null,
+            Value::Bool(b) => J::Bool(*b),
+            Value::Int(i) => J::from(*i),
+            Value::Float(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
+            Value::String(s) => J::String(s.clone()),
+            Value::Seq(items) => J::Array(items.iter().map(Node::to_json).collect()),
+            Value::Map(entries) => J::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.key_str().unwrap_or_default().to_string(), v.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+    /// A node built from JSON, every position set to `pos`.
+    pub fn from_json(pos: Pos, v: &serde_json::Value) -> Node {
+        use serde_json::Value as J;
+        let value = match v {
+            J::Null => Value::Null,
+            J::Bool(b) => Value::Bool(*b),
+            J::Number(n) => match n.as_i64() {
+                Some(i) => Value::Int(i),
+                None => Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            J::String(s) => Value::String(s.clone()),
+            J::Array(a) => Value::Seq(a.iter().map(|x| Node::from_json(pos, x)).collect()),
+            J::Object(o) => Value::Map(
+                o.iter()
+                    .map(|(k, x)| (Node::new(pos, Value::String(k.clone())), Node::from_json(pos, x)))
+                    .collect(),
+            ),
+        };
+        Node { pos, value }
+    }
+}
+
+impl Value {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Value::Null => "null",
+            Value::Bool(_) => "a boolean",
+            Value::Int(_) => "an integer",
+            Value::Float(_) => "a number",
+            Value::String(_) => "a string",
+            Value::Seq(_) => "a list",
+            Value::Map(_) => "a mapping",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PathSeg {
+    Key(String),
+    Index(usize),
+}
+
+/// Resolve a plain scalar by the YAML 1.2 core schema.
+pub fn resolve_plain(s: &str) -> Value {
+    match s {
+        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
+        "true" | "True" | "TRUE" => return Value::Bool(true),
+        "false" | "False" | "FALSE" => return Value::Bool(false),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => return Value::Float(f64::INFINITY),
+        "-.inf" | "-.Inf" | "-.INF" => return Value::Float(f64::NEG_INFINITY),
+        ".nan" | ".NaN" | ".NAN" => return Value::Float(f64::NAN),
+        _ => {}
+    }
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(i) = s.parse::<i64>() {
+            return Value::Int(i);
+        }
+    }
+    if let Some(hex) = s.strip_prefix("0x") {
+        if let Ok(i) = i64::from_str_radix(hex, 16) {
+            return Value::Int(i);
+        }
+    }
+    if let Some(oct) = s.strip_prefix("0o") {
+        if let Ok(i) = i64::from_str_radix(oct, 8) {
+            return Value::Int(i);
+        }
+    }
+    let looks_float = digits.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.')
+        && digits.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
+        && digits.bytes().any(|b| b.is_ascii_digit());
+    if looks_float {
+        if let Ok(f) = s.parse::<f64>() {
+            return Value::Float(f);
+        }
+    }
+    Value::String(s.to_string())
+}
+
+enum Frame {
+    Seq(Pos, Vec<Node>, usize),
+    Map(Pos, Vec<(Node, Node)>, Option<Node>, usize),
+}
+
+/// Parse one YAML document. Syntax errors end parsing (reported with their position);
+/// duplicate keys are reported and the later value wins so that checking can go on.
+pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    let mut root: Option<Node> = None;
+    let mut docs = 0;
+    for item in Parser::new_from_str(text) {
+        let (event, span) = match item {
+            Ok(x) => x,
+            Err(e) => {
+                let m = e.marker();
+                diags.push(
+                    Pos { line: m.line(), col: m.col() + 1 },
+                    Code::YamlSyntax,
+                    format!("invalid YAML: {}", e.info()),
+                );
+                return None;
+            }
+        };
+        let pos = Pos { line: span.start.line(), col: span.start.col() + 1 };
+        let finished: Option<(Node, usize)> = match event {
+            Event::DocumentStart(_) => {
+                docs += 1;
+                if docs > 1 {
+                    diags.push(pos, Code::YamlSyntax, "a pipeline file holds one YAML document; found a second `---`");
+                    return root;
+                }
+                None
+            }
+            Event::Scalar(s, style, anchor, _tag) => {
+                let value = if style == ScalarStyle::Plain { resolve_plain(&s) } else { Value::String(s.into_owned()) };
+                Some((Node::new(pos, value), anchor))
+            }
+            Event::Alias(id) => match anchors.get(&id) {
+                Some(n) => Some((Node { pos, value: n.value.clone() }, 0)),
+                None => {
+                    diags.push(pos, Code::YamlSyntax, "unknown alias");
+                    Some((Node::null(pos), 0))
+                }
+            },
+            Event::SequenceStart(anchor, _) => {
+                stack.push(Frame::Seq(pos, Vec::new(), anchor));
+                None
+            }
+            Event::MappingStart(anchor, _) => {
+                stack.push(Frame::Map(pos, Vec::new(), None, anchor));
+                None
+            }
+            Event::SequenceEnd => match stack.pop() {
+                Some(Frame::Seq(p, items, anchor)) => Some((Node::new(p, Value::Seq(items)), anchor)),
+                _ => None,
+            },
+            Event::MappingEnd => match stack.pop() {
+                Some(Frame::Map(p, entries, _, anchor)) => Some((Node::new(p, Value::Map(merge_keys(entries))), anchor)),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some((node, anchor)) = finished {
+            if anchor != 0 {
+                anchors.insert(anchor, node.clone());
+            }
+            match stack.last_mut() {
+                None => root = Some(node),
+                Some(Frame::Seq(_, items, _)) => items.push(node),
+                Some(Frame::Map(_, entries, pending, _)) => match pending.take() {
+                    None => *pending = Some(node),
+                    Some(key) => {
+                        let name = scalar_key(&key);
+                        if let Some(name) = &name {
+                            if let Some(i) = entries.iter().position(|(k, _)| scalar_key(k).as_deref() == Some(name.as_str())) {
+                                let first = entries[i].0.pos;
+                                diags.push(
+                                    key.pos,
+                                    Code::DuplicateKey,
+                                    format!("duplicate key `{name}` (first defined at line {})", first.line),
+                                );
+                                entries.remove(i);
+                            }
+                        }
+                        // Keys are strings in this format: `1: x` is the key "1".
+                        let key = match name {
+                            Some(n) if n != "<<" || !matches!(node.value, Value::Map(_) | Value::Seq(_)) => {
+                                Node::new(key.pos, Value::String(n))
+                            }
+                            _ => key,
+                        };
+                        entries.push((key, node));
+                    }
+                },
+            }
+        }
+    }
+    if root.is_none() && !diags.has_errors() {
+        return Some(Node::null(Pos { line: 1, col: 1 }));
+    }
+    root
+}
+
+fn scalar_key(n: &Node) -> Option<String> {
+    match &n.value {
+        Value::String(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        Value::Float(f) => Some(f.to_string()),
+        Value::Null => Some("null".into()),
+        _ => None,
+    }
+}
+
+/// YAML merge keys (`<<: *defaults`): entries of the merged mapping(s) that the mapping does not set itself.
+fn merge_keys(entries: Vec<(Node, Node)>) -> Vec<(Node, Node)> {
+    if !entries.iter().any(|(k, _)| k.as_str() == Some("<<")) {
+        return entries;
+    }
+    let mut own = Vec::new();
+    let mut merged = Vec::new();
+    for (k, v) in entries {
+        if k.as_str() == Some("<<") {
+            let sources: Vec<Node> = match v.value {
+                Value::Seq(items) => items,
+                _ => vec![v],
+            };
+            for s in sources {
+                if let Value::Map(m) = s.value {
+                    merged.extend(m);
+                }
+            }
+        } else {
+            own.push((k, v));
+        }
+    }
+    for (k, v) in merged {
+        if !own.iter().any(|(o, _)| o.as_str() == k.as_str()) {
+            own.push((k, v));
+        }
+    }
+    own
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_one_based_and_point_at_the_node() {
+        let mut d = Diags::new("x.yaml");
+        let n = parse("a: 1\nb:\n  c: [x, 'y']\n", &mut d).unwrap();
+        assert_eq!(n.get("a").unwrap().pos, Pos { line: 1, col: 4 });
+        let c = n.get("b").unwrap().get("c").unwrap();
+        assert_eq!(c.as_seq().unwrap()[1].pos, Pos { line: 3, col: 10 });
+        assert_eq!(c.as_seq().unwrap()[1].value, Value::String("y".into()));
+        assert!(d.items.is_empty());
+    }
+
+    #[test]
+    fn duplicate_keys_are_reported_at_the_second_key() {
+        let mut d = Diags::new("x.yaml");
+        parse("a: 1\nb: 2\na: 3\n", &mut d).unwrap();
+        assert_eq!(d.items.len(), 1);
+        assert_eq!((d.items[0].line, d.items[0].column), (3, 1));
+        assert_eq!(d.items[0].code, Code::DuplicateKey);
+    }
+
+    #[test]
+    fn syntax_error_has_a_position() {
+        let mut d = Diags::new("x.yaml");
+        assert!(parse("a: [1, 2\nb: 3\n", &mut d).is_none());
+        assert_eq!(d.items[0].code, Code::YamlSyntax);
+    }
+
+    #[test]
+    fn core_schema() {
+        assert_eq!(resolve_plain("180"), Value::Int(180));
+        assert_eq!(resolve_plain("1.5"), Value::Float(1.5));
+        assert_eq!(resolve_plain("true"), Value::Bool(true));
+        assert_eq!(resolve_plain("~"), Value::Null);
+        assert_eq!(resolve_plain("30s"), Value::String("30s".into()));
+        assert_eq!(resolve_plain("2019-01"), Value::String("2019-01".into()));
+        assert_eq!(resolve_plain("1e3"), Value::Float(1000.0));
+    }
+
+    #[test]
+    fn anchors_and_merge_keys() {
+        let mut d = Diags::new("x.yaml");
+        let n = parse("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  y: 3\n", &mut d).unwrap();
+        let o = n.get("other").unwrap();
+        assert_eq!(o.get("x").unwrap().value, Value::Int(1));
+        assert_eq!(o.get("y").unwrap().value, Value::Int(3));
+    }
+}

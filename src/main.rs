@@ -1,0 +1,45 @@
+//! `pipe`: the command line. Each subcommand lives in `src/cli/<name>.rs`.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "pipe", version, about = "A declarative data-pipeline engine: YAML DAGs of typed, templated steps")]
+struct Cli {
+    /// Where run history and run files live (default: $PIPE_HOME, else ./.pipe).
+    #[arg(long, global = true, env = "PIPE_HOME")]
+    state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline.
+    Run(cli::run::RunArgs),
+    /// Check pipelines without running them (the CI gate).
+    Validate(cli::validate::ValidateArgs),
+    /// Print the JSON Schema of the pipeline format.
+    Schema,
+    /// Print a pipeline's DAG as Mermaid or Graphviz dot.
+    Graph(cli::graph::GraphArgs),
+    /// Run history: list, show, follow logs; start, log and finish runs from outside.
+    #[command(subcommand)]
+    Runs(cli::runs::RunsCommand),
+}
+
+fn main() {
+    cli::install_panic_hook();
+    let cli = Cli::parse();
+    let state_dir = cli.state_dir.unwrap_or_else(|| PathBuf::from(".pipe"));
+    let code = match cli.command {
+        Command::Run(args) => cli::run::main(args, &state_dir),
+        Command::Validate(args) => cli::validate::main(args),
+        Command::Schema => cli::schema::main(),
+        Command::Graph(args) => cli::graph::main(args),
+        Command::Runs(cmd) => cli::runs::main(cmd, &state_dir),
+    };
+    std::process::exit(code);
+}
