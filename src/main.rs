@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "pipe", version, about = "A declarative data-pipeline engine: YAML DAGs of typed, templated steps")]
+#[command(
+    name = "pipe",
+    version,
+    about = "A declarative data-pipeline engine: YAML DAGs of typed, templated steps"
+)]
 struct Cli {
     /// Where run history and run files live (default: $PIPE_HOME, else ./.pipe).
     #[arg(long, global = true, env = "PIPE_HOME")]

@@ -1,1 +1,12 @@
+//! The one integration-test binary: every test drives the real `pipe` binary.
+//! (One binary links once: with Polars in the tree, twenty would cost minutes.)
 
+mod util;
+
+mod cli;
+mod exec;
+mod executor;
+mod history;
+mod redaction;
+mod schema;
+mod validate;

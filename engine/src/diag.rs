@@ -242,7 +242,10 @@ pub struct Diags {
 
 impl Diags {
     pub fn new(file: &str) -> Self {
-        Diags { file: file.to_string(), items: Vec::new() }
+        Diags {
+            file: file.to_string(),
+            items: Vec::new(),
+        }
     }
     pub fn push(&mut self, pos: Pos, code: Code, message: impl Into<String>) {
         let d = Diagnostic::new(&self.file, pos, code, message);
@@ -256,7 +259,10 @@ impl Diags {
 }
 
 /// "did you mean `x`?" for the closest candidate, when one is close enough.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(word, c), c))

@@ -41,7 +41,9 @@ impl FromStr for Level {
             "info" | "0" => Ok(Level::Info),
             "warning" | "warn" | "1" => Ok(Level::Warning),
             "error" | "2" => Ok(Level::Error),
-            other => Err(format!("unknown level `{other}` (expected info, warning or error)")),
+            other => Err(format!(
+                "unknown level `{other}` (expected info, warning or error)"
+            )),
         }
     }
 }

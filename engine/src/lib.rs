@@ -15,6 +15,7 @@ pub mod history;
 pub mod model;
 pub mod params;
 pub mod plan;
+pub mod schedule_check;
 pub mod schema;
 pub mod secrets;
 pub mod status;

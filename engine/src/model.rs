@@ -1,1 +1,209 @@
-//! (being written)
+//! The typed pipeline model: what a pipeline file may say.
+//!
+//! These structs are both the parser's targets and the source of `pipe schema` (schemars),
+//! so the JSON Schema an editor sees can never drift from what `pipe` accepts. Sections that
+//! are checked one entry at a time (params, connections, steps, a step's `with:`) are kept as
+//! [`Raw`] nodes here and deserialized on their own by `validate`, so one bad entry does not
+//! hide the problems of the others; `#[schemars(with = ...)]` gives them their real schema.
+
+use crate::de::Raw;
+use crate::params::ParamSpec;
+use indexmap::IndexMap;
+use schemars::JsonSchema;
+use serde::Deserialize;
+
+/// A pipeline file.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "pipe pipeline")]
+pub struct PipelineDoc {
+    /// The pipeline's name: lowercase letters, digits, `-` and `_`.
+    pub pipeline: String,
+    /// What the pipeline does, for people.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Typed params, given with `--param name=value` or by their defaults.
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, ParamSpec>")]
+    pub params: IndexMap<String, Raw>,
+    /// Named, typed, reusable connections that steps refer to with `connection:`.
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, ConnectionSpec>")]
+    pub connections: IndexMap<String, Raw>,
+    /// When the scheduler runs the pipeline.
+    #[serde(default)]
+    pub schedule: Option<Schedule>,
+    /// How many steps may run at once (default: the number of CPUs).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// The steps, by id. Order does not matter: dependencies come from `needs`, `input(s)`
+    /// and template references to `steps.<id>`.
+    #[schemars(with = "IndexMap<String, StepSpec>")]
+    pub steps: IndexMap<String, Raw>,
+}
+
+/// A connection: a `type` and that type's fields (templates allowed; secret fields should
+/// use `secret('NAME')`).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+pub struct ConnectionSpec {
+    /// The connection type (`http`, `google_service_account`, `bigquery`, `postgres` …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The type's own fields.
+    #[serde(flatten)]
+    pub fields: IndexMap<String, serde_json::Value>,
+}
+
+/// A cron schedule in a timezone.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first.
+    pub cron: String,
+    /// An IANA timezone such as `America/Sao_Paulo` (default UTC). Also the zone of "today"
+    /// in templates.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// Set to false to keep the schedule but not run it.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// One step: the envelope common to every step type, and the type's own config in `with:`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StepSpec {
+    /// The step type (see `pipe schema` or the README's step reference).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What the step does, for people.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Steps that must finish before this one starts.
+    #[serde(default)]
+    pub needs: Vec<String>,
+    /// Run only when this is true (a template such as `"{{ params.days > 0 }}"`, or a boolean).
+    #[serde(default, rename = "if")]
+    pub condition: Option<Condition>,
+    /// Try again on retryable failures (timeouts, connection errors …).
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+    /// The longest one attempt may take (`30s`, `5m`); it is then cancelled and counts as a
+    /// retryable failure.
+    #[serde(default)]
+    pub timeout: Option<DurationSpec>,
+    /// Teardown: run once `needs` are done, whatever their status, even after a failure or
+    /// Ctrl-C.
+    #[serde(default)]
+    pub always: bool,
+    /// The connection (from `connections:`) the step uses.
+    #[serde(default)]
+    pub connection: Option<String>,
+    /// The step whose table this step reads.
+    #[serde(default)]
+    pub input: Option<String>,
+    /// Several input tables, by step id.
+    #[serde(default)]
+    pub inputs: Vec<String>,
+    /// Derived outputs: templates over the step's result object, visible as
+    /// `steps.<id>.<name>`.
+    #[serde(default)]
+    pub outputs: IndexMap<String, OutputSpec>,
+    /// The step type's own config.
+    #[serde(default, rename = "with")]
+    #[schemars(with = "Option<serde_json::Value>")]
+    pub config: Option<Raw>,
+}
+
+/// `if:` — a boolean or a template.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged, expecting = "a boolean or a template string")]
+pub enum Condition {
+    Bool(bool),
+    Template(String),
+}
+
+/// A derived output: a template, or `{ value, secret }`.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(
+    untagged,
+    expecting = "a template string, or a mapping with `value` and `secret`"
+)]
+pub enum OutputSpec {
+    Template(String),
+    Full(OutputFull),
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputFull {
+    /// The template.
+    pub value: String,
+    /// Redact the value everywhere (logs, history, summaries).
+    #[serde(default)]
+    pub secret: bool,
+}
+
+impl OutputSpec {
+    pub fn template(&self) -> &str {
+        match self {
+            OutputSpec::Template(t) => t,
+            OutputSpec::Full(f) => &f.value,
+        }
+    }
+    pub fn secret(&self) -> bool {
+        matches!(self, OutputSpec::Full(OutputFull { secret: true, .. }))
+    }
+}
+
+/// Retries with exponential backoff and jitter.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Attempts in all, the first one included (1 = no retry).
+    pub attempts: u32,
+    /// The wait before the second attempt; doubled each time (default 1s).
+    #[serde(default)]
+    pub backoff: Option<DurationSpec>,
+    /// The longest wait between attempts (default 1m).
+    #[serde(default)]
+    pub max_backoff: Option<DurationSpec>,
+}
+
+/// A duration: `500ms`, `30s`, `2m`, `1h`, or a number of seconds.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged, expecting = "a duration such as 30s, 2m or 1h")]
+pub enum DurationSpec {
+    Seconds(f64),
+    Text(String),
+}
+
+impl DurationSpec {
+    pub fn parse(&self) -> Result<std::time::Duration, String> {
+        match self {
+            DurationSpec::Seconds(s) if *s >= 0.0 && s.is_finite() => {
+                Ok(std::time::Duration::from_secs_f64(*s))
+            }
+            DurationSpec::Seconds(s) => Err(format!("invalid duration {s}")),
+            DurationSpec::Text(t) => crate::duration::parse(t),
+        }
+    }
+}
+
+/// Built-in outputs of every step.
+pub const BUILTIN_OUTPUTS: &[&str] = &[
+    "status",
+    "succeeded",
+    "started_at",
+    "finished_at",
+    "attempts",
+    "rows",
+    "error",
+];
+
+/// The keys of `run` in templates.
+pub const RUN_FIELDS: &[&str] = &["id", "started_at", "logical_date", "today", "pipeline"];

@@ -18,7 +18,11 @@ pub struct Redactor {
 
 impl std::fmt::Debug for Redactor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Redactor({} values)", self.inner.read().map(|v| v.len()).unwrap_or(0))
+        write!(
+            f,
+            "Redactor({} values)",
+            self.inner.read().map(|v| v.len()).unwrap_or(0)
+        )
     }
 }
 
@@ -38,14 +42,23 @@ impl Redactor {
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut forms = vec![
             value.to_string(),
-            percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC).to_string(),
+            percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+                .to_string(),
             b64.encode(value),
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(value),
-            serde_json::to_string(value).unwrap_or_default().trim_matches('"').to_string(),
+            serde_json::to_string(value)
+                .unwrap_or_default()
+                .trim_matches('"')
+                .to_string(),
         ];
         // Multi-line secrets (key files) are also caught line by line.
         if value.contains('\n') {
-            forms.extend(value.lines().filter(|l| l.trim().len() >= 8).map(|l| l.trim().to_string()));
+            forms.extend(
+                value
+                    .lines()
+                    .filter(|l| l.trim().len() >= 8)
+                    .map(|l| l.trim().to_string()),
+            );
         }
         let mut set = self.inner.write().unwrap();
         for f in forms {
@@ -88,7 +101,11 @@ impl Redactor {
         match v {
             J::String(s) => J::String(self.redact(s)),
             J::Array(a) => J::Array(a.iter().map(|x| self.redact_json(x)).collect()),
-            J::Object(o) => J::Object(o.iter().map(|(k, x)| (k.clone(), self.redact_json(x))).collect()),
+            J::Object(o) => J::Object(
+                o.iter()
+                    .map(|(k, x)| (k.clone(), self.redact_json(x)))
+                    .collect(),
+            ),
             other => {
                 let s = other.to_string();
                 let r = self.redact(&s);
@@ -108,7 +125,9 @@ pub fn lookup_secret(name: &str) -> Option<String> {
         return Some(v);
     }
     let path = std::env::var(format!("{name}_FILE")).ok()?;
-    std::fs::read_to_string(path).ok().map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
 }
 
 #[cfg(test)]
@@ -121,9 +140,15 @@ mod tests {
         r.add("p@ss word!");
         assert_eq!(r.redact("x p@ss word! y"), "x *** y");
         assert_eq!(r.redact("q=p%40ss%20word%21"), "q=***");
-        assert_eq!(r.redact(&base64::engine::general_purpose::STANDARD.encode("p@ss word!")), "***");
+        assert_eq!(
+            r.redact(&base64::engine::general_purpose::STANDARD.encode("p@ss word!")),
+            "***"
+        );
         r.add_basic_auth("me", "p@ss word!");
-        let hdr = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("me:p@ss word!"));
+        let hdr = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("me:p@ss word!")
+        );
         assert_eq!(r.redact(&hdr), "Basic ***");
     }
 }

@@ -40,6 +40,9 @@ pub struct StaticInfo {
     pub outputs: Option<Vec<String>>,
     /// Paths (dotted, relative to `with`) of fields marked secret in the step's schema.
     pub secret_fields: Vec<String>,
+    /// Names that templates inside this step's `with:` may use besides params/steps/run
+    /// (`values` in a sheets wait condition, for example).
+    pub locals: Vec<String>,
 }
 
 /// What a step returns.
@@ -64,10 +67,16 @@ pub struct StepError {
 
 impl StepError {
     pub fn fatal(message: impl Into<String>) -> Self {
-        StepError { message: message.into(), retryable: false }
+        StepError {
+            message: message.into(),
+            retryable: false,
+        }
     }
     pub fn retryable(message: impl Into<String>) -> Self {
-        StepError { message: message.into(), retryable: true }
+        StepError {
+            message: message.into(),
+            retryable: true,
+        }
     }
 }
 
@@ -127,7 +136,13 @@ impl StepContext {
         self.log_full(level, message, None, None);
     }
 
-    pub fn log_full(&self, level: Level, message: &str, description: Option<&str>, file: Option<&str>) {
+    pub fn log_full(
+        &self,
+        level: Level,
+        message: &str,
+        description: Option<&str>,
+        file: Option<&str>,
+    ) {
         self.observer.event(&RunEvent::Log(LogRecord {
             time: chrono::Utc::now(),
             level,

@@ -1,1 +1,797 @@
-//! (being written)
+//! `pipe validate`: text → plan, collecting every problem in one pass.
+//!
+//! Phases (as in `vector validate`): parse YAML; deserialize the document and then each
+//! param, connection and step on its own; resolve references (needs, inputs, connections,
+//! template variables — statically, nothing is rendered); build the graph and report cycles
+//! as whole chains. It needs no secrets and no network.
+
+use crate::de::{from_node, Mode};
+use crate::diag::{did_you_mean, Code, Diagnostic, Diags, Pos};
+use crate::model::{ConnectionSpec, PipelineDoc, StepSpec, BUILTIN_OUTPUTS, RUN_FIELDS};
+use crate::params::{self, ParamSpec};
+use crate::plan::{Plan, PlanStep};
+use crate::step::{Registry, StaticInfo};
+use crate::template::{self, is_template};
+use crate::yaml::{self, Node, Value};
+use indexmap::IndexMap;
+use petgraph::graph::DiGraph;
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+/// Names of connection fields that hold secrets whatever the connection type.
+const SECRET_FIELD_WORDS: &[&str] = &[
+    "password",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "private_key",
+    "client_secret",
+];
+
+/// The globals templates may call (not variables).
+pub const TEMPLATE_GLOBALS: &[&str] = &["params", "steps", "run", "env", "secret", "now", "today"];
+
+pub struct Outcome {
+    pub diagnostics: Vec<Diagnostic>,
+    /// Present when there are no errors.
+    pub plan: Option<Plan>,
+}
+
+/// Validate a file on disk. `display` is the path as the user should see it.
+pub fn validate_file(path: &Path, display: &str, registry: &Registry) -> Outcome {
+    match std::fs::read_to_string(path) {
+        Ok(text) => validate_text(&text, path, display, registry),
+        Err(e) => {
+            let mut d = Diags::new(display);
+            d.push(
+                Pos { line: 1, col: 1 },
+                Code::Io,
+                format!("cannot read {display}: {e}"),
+            );
+            Outcome {
+                diagnostics: d.items,
+                plan: None,
+            }
+        }
+    }
+}
+
+fn is_ident(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry) -> Outcome {
+    let mut d = Diags::new(display);
+    let Some(root) = yaml::parse(text, &mut d) else {
+        return Outcome {
+            diagnostics: finish(d),
+            plan: None,
+        };
+    };
+    if root.as_map().is_none() {
+        d.push(
+            root.pos,
+            Code::WrongType,
+            format!(
+                "a pipeline file is a mapping with `pipeline:` and `steps:`, found {}",
+                root.kind()
+            ),
+        );
+        return Outcome {
+            diagnostics: finish(d),
+            plan: None,
+        };
+    }
+    let Some(doc) = from_node::<PipelineDoc>(&root, Mode::Check, &mut d) else {
+        return Outcome {
+            diagnostics: finish(d),
+            plan: None,
+        };
+    };
+
+    if !doc
+        .pipeline
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        || doc.pipeline.is_empty()
+    {
+        let pos = root.get("pipeline").map(|n| n.pos).unwrap_or(root.pos);
+        d.push(
+            pos,
+            Code::InvalidName,
+            format!("pipeline name `{}` must match [a-z0-9_-]+", doc.pipeline),
+        );
+    }
+
+    // Params.
+    let mut param_specs: IndexMap<String, ParamSpec> = IndexMap::new();
+    for (name, raw) in &doc.params {
+        let key_pos = key_pos(&root, &["params"], name);
+        if !is_ident(name) {
+            d.push(
+                key_pos,
+                Code::InvalidName,
+                format!("param name `{name}` must be an identifier: [a-z_][a-z0-9_]*"),
+            );
+        }
+        if let Some(spec) = from_node::<ParamSpec>(&raw.0, Mode::Check, &mut d) {
+            if spec.kind == params::ParamType::Enum
+                && spec.values.as_ref().is_none_or(|v| v.is_empty())
+            {
+                d.push(
+                    raw.0.pos,
+                    Code::MissingKey,
+                    format!("enum param `{name}` needs `values:`"),
+                );
+            }
+            if let Some(default) = &spec.default {
+                let is_tpl = default.as_str().is_some_and(is_template);
+                if !is_tpl {
+                    if let Err(e) = params::check_value(&spec, default) {
+                        let pos = raw.0.get("default").map(|n| n.pos).unwrap_or(raw.0.pos);
+                        d.push(
+                            pos,
+                            Code::InvalidDefault,
+                            format!("default of param `{name}`: {e}"),
+                        );
+                    }
+                }
+            }
+            param_specs.insert(name.clone(), spec);
+        }
+    }
+
+    // Connections.
+    let mut connections: IndexMap<String, ConnectionSpec> = IndexMap::new();
+    let mut connection_nodes = IndexMap::new();
+    for (name, raw) in &doc.connections {
+        if let Some(spec) = from_node::<ConnectionSpec>(&raw.0, Mode::Check, &mut d) {
+            for (field, value) in &spec.fields {
+                let lower = field.to_ascii_lowercase();
+                if SECRET_FIELD_WORDS.iter().any(|w| lower.contains(w)) {
+                    if let Some(s) = value.as_str() {
+                        if !s.is_empty() && !is_template(s) {
+                            let pos = raw.0.get(field).map(|n| n.pos).unwrap_or(raw.0.pos);
+                            d.push(pos, Code::LiteralSecret, format!("`{field}` of connection `{name}` is a literal value; use \"{{{{ secret('NAME') }}}}\" so it never sits in the file"));
+                        }
+                    }
+                }
+            }
+            check_templates(&raw.0, &Refs::plain(&param_specs), &mut d);
+            connections.insert(name.clone(), spec);
+            connection_nodes.insert(name.clone(), raw.0.clone());
+        }
+    }
+
+    // Schedule.
+    if let Some(schedule) = &doc.schedule {
+        let node = root.get("schedule").unwrap_or(&root);
+        if let Err(e) = crate::schedule_check::cron(&schedule.cron) {
+            let pos = node.get("cron").map(|n| n.pos).unwrap_or(node.pos);
+            d.push(
+                pos,
+                Code::InvalidCron,
+                format!("invalid cron `{}`: {e}", schedule.cron),
+            );
+        }
+        if let Some(tz) = &schedule.timezone {
+            if tz.parse::<chrono_tz::Tz>().is_err() {
+                let pos = node.get("timezone").map(|n| n.pos).unwrap_or(node.pos);
+                let hint = did_you_mean(tz, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                d.push(
+                    pos,
+                    Code::InvalidTimezone,
+                    format!("unknown timezone `{tz}`{hint}"),
+                );
+            }
+        }
+    }
+    if doc.concurrency == Some(0) {
+        let pos = root.get("concurrency").map(|n| n.pos).unwrap_or(root.pos);
+        d.push(pos, Code::InvalidValue, "concurrency must be at least 1");
+    }
+
+    // Steps: envelope, then `with:` by type.
+    struct Parsed {
+        id: String,
+        node: Node,
+        key_pos: Pos,
+        spec: StepSpec,
+        info: StaticInfo,
+        config: Node,
+    }
+    let mut parsed: Vec<Parsed> = Vec::new();
+    let mut broken: BTreeSet<String> = BTreeSet::new();
+    for (id, raw) in &doc.steps {
+        let key_pos = key_pos(&root, &["steps"], id);
+        if !is_ident(id) {
+            d.push(key_pos, Code::InvalidName, format!("step id `{id}` must be an identifier ([a-z_][a-z0-9_]*) so templates can say steps.{id}"));
+        }
+        let node = raw.0.clone();
+        if node.as_map().is_none() {
+            d.push(
+                node.pos,
+                Code::WrongType,
+                format!(
+                    "step `{id}` must be a mapping with `type:`, found {}",
+                    node.kind()
+                ),
+            );
+            broken.insert(id.clone());
+            continue;
+        }
+        let Some(spec) = from_node::<StepSpec>(&node, Mode::Check, &mut d) else {
+            broken.insert(id.clone());
+            continue;
+        };
+        let config = spec
+            .config
+            .as_ref()
+            .map(|r| r.0.clone())
+            .unwrap_or_else(|| Node::new(node.pos, Value::Map(vec![])));
+        let info = match registry.get(&spec.kind) {
+            None => {
+                let pos = node.get("type").map(|n| n.pos).unwrap_or(node.pos);
+                let known: Vec<&str> = registry.names().collect();
+                let hint = did_you_mean(&spec.kind, known.iter().copied())
+                    .map(|s| format!("did you mean `{s}`? "))
+                    .unwrap_or_default();
+                d.push(
+                    pos,
+                    Code::UnknownStepType,
+                    format!(
+                        "unknown step type `{}`; {hint}known types: {}",
+                        spec.kind,
+                        known.join(", ")
+                    ),
+                );
+                broken.insert(id.clone());
+                StaticInfo::default()
+            }
+            Some(kind) => match (kind.check)(&config, &mut d) {
+                Some(info) => info,
+                None => {
+                    broken.insert(id.clone());
+                    StaticInfo::default()
+                }
+            },
+        };
+        if let Some(retry) = &spec.retry {
+            let rnode = node.get("retry").unwrap_or(&node);
+            if retry.attempts == 0 {
+                d.push(
+                    rnode.get("attempts").map(|n| n.pos).unwrap_or(rnode.pos),
+                    Code::InvalidValue,
+                    "retry.attempts counts the first try: it must be at least 1",
+                );
+            }
+            for (key, v) in [
+                ("backoff", &retry.backoff),
+                ("max_backoff", &retry.max_backoff),
+            ] {
+                if let Some(v) = v {
+                    check_duration(v, rnode.get(key).unwrap_or(rnode), &mut d);
+                }
+            }
+        }
+        if let Some(t) = &spec.timeout {
+            check_duration(t, node.get("timeout").unwrap_or(&node), &mut d);
+        }
+        if let Some(c) = &spec.connection {
+            if !connections.contains_key(c) && !doc.connections.contains_key(c) {
+                let pos = node.get("connection").map(|n| n.pos).unwrap_or(node.pos);
+                let hint = did_you_mean(c, doc.connections.keys().map(String::as_str))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                d.push(
+                    pos,
+                    Code::UnknownConnection,
+                    format!("unknown connection `{c}`{hint}"),
+                );
+            }
+        }
+        for field in &info.secret_fields {
+            let path: Vec<&str> = field.split('.').collect();
+            let mut n = Some(&config);
+            for p in &path {
+                n = n.and_then(|x| x.get(p));
+            }
+            if let Some(Node {
+                value: Value::String(s),
+                pos,
+            }) = n
+            {
+                if !s.is_empty() && !is_template(s) {
+                    d.push(*pos, Code::LiteralSecret, format!("`{field}` of step `{id}` is a secret field with a literal value; use \"{{{{ secret('NAME') }}}}\""));
+                }
+            }
+        }
+        parsed.push(Parsed {
+            id: id.clone(),
+            node,
+            key_pos,
+            spec,
+            info,
+            config,
+        });
+    }
+
+    // References.
+    let ids: Vec<&str> = doc.steps.keys().map(String::as_str).collect();
+    let outputs_of: HashMap<&str, Option<BTreeSet<String>>> = parsed
+        .iter()
+        .map(|p| {
+            let set = p.info.outputs.as_ref().map(|own| {
+                own.iter()
+                    .cloned()
+                    .chain(p.spec.outputs.keys().cloned())
+                    .chain(BUILTIN_OUTPUTS.iter().map(|s| s.to_string()))
+                    .collect()
+            });
+            (p.id.as_str(), set)
+        })
+        .collect();
+    let produces: HashMap<&str, bool> = parsed
+        .iter()
+        .map(|p| (p.id.as_str(), p.info.produces_table))
+        .collect();
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); parsed.len()];
+    let index: HashMap<&str, usize> = parsed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.id.as_str(), i))
+        .collect();
+    for (i, p) in parsed.iter().enumerate() {
+        let dep = |other: &str, edges: &mut Vec<Vec<usize>>| {
+            if let Some(&j) = index.get(other) {
+                if !edges[i].contains(&j) {
+                    edges[i].push(j);
+                }
+            }
+        };
+        let unknown_step = |name: &str, pos: Pos, d: &mut Diags| {
+            if !ids.contains(&name) {
+                let hint = did_you_mean(name, ids.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                d.push(
+                    pos,
+                    Code::UnknownStep,
+                    format!("unknown step `{name}`{hint}"),
+                );
+                false
+            } else {
+                true
+            }
+        };
+        for (k, name) in p.spec.needs.iter().enumerate() {
+            let pos = p
+                .node
+                .get("needs")
+                .and_then(|n| n.as_seq())
+                .and_then(|s| s.get(k))
+                .map(|n| n.pos)
+                .unwrap_or(p.node.pos);
+            if unknown_step(name, pos, &mut d) {
+                dep(name, &mut edges);
+            }
+        }
+        let inputs: Vec<(&String, Pos)> = p
+            .spec
+            .input
+            .iter()
+            .map(|s| (s, p.node.get("input").map(|n| n.pos).unwrap_or(p.node.pos)))
+            .chain(p.spec.inputs.iter().enumerate().map(|(k, s)| {
+                (
+                    s,
+                    p.node
+                        .get("inputs")
+                        .and_then(|n| n.as_seq())
+                        .and_then(|x| x.get(k))
+                        .map(|n| n.pos)
+                        .unwrap_or(p.node.pos),
+                )
+            }))
+            .collect();
+        for (name, pos) in inputs {
+            if unknown_step(name, pos, &mut d) {
+                if produces.get(name.as_str()) == Some(&false) && !broken.contains(name) {
+                    let producers: Vec<&str> = parsed
+                        .iter()
+                        .filter(|q| q.info.produces_table)
+                        .map(|q| q.id.as_str())
+                        .collect();
+                    let list = if producers.is_empty() {
+                        "no step here produces one".to_string()
+                    } else {
+                        format!("steps that produce one: {}", producers.join(", "))
+                    };
+                    d.push(
+                        pos,
+                        Code::NotATable,
+                        format!(
+                            "step `{name}` produces no table, so it cannot be an input ({list})"
+                        ),
+                    );
+                }
+                dep(name, &mut edges);
+            }
+        }
+        // Templates in the envelope and in `with:`.
+        let locals: Vec<String> = p.info.locals.clone();
+        let refs = Refs {
+            params: &param_specs,
+            ids: &ids,
+            outputs: &outputs_of,
+            locals: &locals,
+            self_id: &p.id,
+        };
+        let mut found_steps = BTreeSet::new();
+        if let Some(cond) = p.node.get("if") {
+            found_steps.extend(check_templates(cond, &refs, &mut d));
+        }
+        found_steps.extend(check_templates(&p.config, &refs, &mut d));
+        if let Some(outs) = p.node.get("outputs") {
+            let mut with_result = locals.clone();
+            let kind = registry
+                .get(&p.spec.kind)
+                .map(|k| k.result_name)
+                .unwrap_or("result");
+            with_result.push(kind.to_string());
+            let refs = Refs {
+                locals: &with_result,
+                ..refs
+            };
+            found_steps.extend(check_templates(outs, &refs, &mut d));
+        }
+        for s in found_steps {
+            if s != p.id {
+                dep(&s, &mut edges);
+            }
+        }
+    }
+
+    // Cycles.
+    let mut graph: DiGraph<String, ()> = DiGraph::new();
+    for p in &parsed {
+        graph.add_node(p.id.clone());
+    }
+    for (i, deps) in edges.iter().enumerate() {
+        for &j in deps {
+            graph.add_edge(
+                petgraph::graph::NodeIndex::new(j),
+                petgraph::graph::NodeIndex::new(i),
+                (),
+            );
+        }
+    }
+    for scc in petgraph::algo::tarjan_scc(&graph) {
+        let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
+        if scc.len() < 2 && !self_loop {
+            continue;
+        }
+        let members: BTreeSet<usize> = scc.iter().map(|n| n.index()).collect();
+        let start = *members.iter().next().unwrap();
+        let chain = cycle_chain(start, &members, &edges);
+        let names: Vec<&str> = chain.iter().map(|&i| parsed[i].id.as_str()).collect();
+        d.push(
+            parsed[start].key_pos,
+            Code::Cycle,
+            format!("steps form a cycle: {}", names.join(" -> ")),
+        );
+    }
+
+    if d.has_errors() {
+        return Outcome {
+            diagnostics: finish(d),
+            plan: None,
+        };
+    }
+
+    // Topological order, file order among independent steps.
+    let order = topo_order(&edges);
+    let position: HashMap<usize, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(new, &old)| (old, new))
+        .collect();
+    let mut slots: Vec<Option<Parsed>> = parsed.into_iter().map(Some).collect();
+    let mut steps = Vec::with_capacity(order.len());
+    for &old in &order {
+        let p = slots[old].take().unwrap();
+        let mut deps: Vec<usize> = edges[old].iter().map(|j| position[j]).collect();
+        deps.sort_unstable();
+        let kind = registry.get(&p.spec.kind).unwrap().clone();
+        steps.push(PlanStep {
+            id: p.id,
+            pos: p.key_pos,
+            spec: p.spec,
+            kind,
+            config: p.config,
+            info: p.info,
+            deps,
+        });
+    }
+    let mut graph: DiGraph<String, ()> = DiGraph::new();
+    for s in &steps {
+        graph.add_node(s.id.clone());
+    }
+    for (i, s) in steps.iter().enumerate() {
+        for &dp in &s.deps {
+            graph.add_edge(
+                petgraph::graph::NodeIndex::new(dp),
+                petgraph::graph::NodeIndex::new(i),
+                (),
+            );
+        }
+    }
+    let plan = Plan {
+        name: doc.pipeline,
+        description: doc.description,
+        file: path.to_path_buf(),
+        params: param_specs,
+        connections,
+        connection_nodes,
+        schedule: doc.schedule,
+        concurrency: doc.concurrency,
+        steps,
+        graph,
+    };
+    Outcome {
+        diagnostics: finish(d),
+        plan: Some(plan),
+    }
+}
+
+fn finish(d: Diags) -> Vec<Diagnostic> {
+    let mut items = d.items;
+    items.sort();
+    items.dedup();
+    items
+}
+
+fn key_pos(root: &Node, path: &[&str], key: &str) -> Pos {
+    let mut n = root;
+    for p in path {
+        match n.get(p) {
+            Some(x) => n = x,
+            None => return root.pos,
+        }
+    }
+    n.entry(key).map(|(k, _)| k.pos).unwrap_or(n.pos)
+}
+
+fn check_duration(v: &crate::model::DurationSpec, node: &Node, d: &mut Diags) {
+    if let crate::model::DurationSpec::Text(t) = v {
+        if is_template(t) {
+            return;
+        }
+    }
+    if let Err(e) = v.parse() {
+        d.push(node.pos, Code::InvalidDuration, e);
+    }
+}
+
+/// The first cycle through `start` inside one strongly connected component, as
+/// `[a, b, c, a]` in execution order (a before b).
+fn cycle_chain(start: usize, members: &BTreeSet<usize>, edges: &[Vec<usize>]) -> Vec<usize> {
+    // edges[i] = what i depends on; walk "is needed by" so the chain reads in run order.
+    let mut forward: HashMap<usize, Vec<usize>> = HashMap::new();
+    for (i, deps) in edges.iter().enumerate() {
+        for &j in deps {
+            if members.contains(&i) && members.contains(&j) {
+                forward.entry(j).or_default().push(i);
+            }
+        }
+    }
+    for v in forward.values_mut() {
+        v.sort_unstable();
+    }
+    // BFS for the shortest path back to start.
+    let mut prev: HashMap<usize, usize> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(n) = queue.pop_front() {
+        for &m in forward.get(&n).map(Vec::as_slice).unwrap_or(&[]) {
+            if m == start {
+                // chain is start, ..., start in forward order
+                let mut fixed = vec![start];
+                let mut path = Vec::new();
+                let mut c = n;
+                while c != start {
+                    path.push(c);
+                    c = prev[&c];
+                }
+                path.reverse();
+                fixed.extend(path);
+                fixed.push(start);
+                return fixed;
+            }
+            if let std::collections::hash_map::Entry::Vacant(e) = prev.entry(m) {
+                e.insert(n);
+                queue.push_back(m);
+            }
+        }
+    }
+    vec![start, start]
+}
+
+fn topo_order(edges: &[Vec<usize>]) -> Vec<usize> {
+    let n = edges.len();
+    let mut indegree: Vec<usize> = edges.iter().map(Vec::len).collect();
+    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, deps) in edges.iter().enumerate() {
+        for &j in deps {
+            dependents[j].push(i);
+        }
+    }
+    let mut ready: std::collections::BinaryHeap<std::cmp::Reverse<usize>> = (0..n)
+        .filter(|&i| indegree[i] == 0)
+        .map(std::cmp::Reverse)
+        .collect();
+    let mut order = Vec::with_capacity(n);
+    while let Some(std::cmp::Reverse(i)) = ready.pop() {
+        order.push(i);
+        for &k in &dependents[i] {
+            indegree[k] -= 1;
+            if indegree[k] == 0 {
+                ready.push(std::cmp::Reverse(k));
+            }
+        }
+    }
+    order
+}
+
+/// What a template in a given place may reference.
+#[derive(Clone, Copy)]
+struct Refs<'a> {
+    params: &'a IndexMap<String, ParamSpec>,
+    ids: &'a [&'a str],
+    outputs: &'a HashMap<&'a str, Option<BTreeSet<String>>>,
+    locals: &'a [String],
+    self_id: &'a str,
+}
+
+impl<'a> Refs<'a> {
+    fn plain(params: &'a IndexMap<String, ParamSpec>) -> Refs<'a> {
+        static EMPTY: std::sync::OnceLock<HashMap<&'static str, Option<BTreeSet<String>>>> =
+            std::sync::OnceLock::new();
+        Refs {
+            params,
+            ids: &[],
+            outputs: EMPTY.get_or_init(HashMap::new),
+            locals: &[],
+            self_id: "",
+        }
+    }
+}
+
+/// Check every template under `node`; returns the step ids referenced.
+fn check_templates(node: &Node, refs: &Refs, d: &mut Diags) -> BTreeSet<String> {
+    let mut steps = BTreeSet::new();
+    walk_strings(node, &mut |s, pos| {
+        if !is_template(s) {
+            return;
+        }
+        match template::references(s) {
+            Err(e) => d.push(
+                pos,
+                Code::TemplateSyntax,
+                format!("template syntax error: {e}"),
+            ),
+            Ok(paths) => {
+                for path in paths {
+                    check_reference(&path, pos, refs, d, &mut steps);
+                }
+            }
+        }
+    });
+    steps
+}
+
+fn check_reference(path: &str, pos: Pos, refs: &Refs, d: &mut Diags, steps: &mut BTreeSet<String>) {
+    let mut parts = path.split('.');
+    let head = parts.next().unwrap_or_default();
+    let second = parts.next();
+    let third = parts.next();
+    match head {
+        "params" => {
+            if let Some(p) = second {
+                if !refs.params.contains_key(p) {
+                    let hint = did_you_mean(p, refs.params.keys().map(String::as_str))
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    d.push(
+                        pos,
+                        Code::UnknownParam,
+                        format!("unknown param `{p}`{hint}"),
+                    );
+                }
+            }
+        }
+        "run" => {
+            if let Some(f) = second {
+                if !RUN_FIELDS.contains(&f) {
+                    d.push(
+                        pos,
+                        Code::UnknownVariable,
+                        format!(
+                            "`run.{f}` does not exist; run has: {}",
+                            RUN_FIELDS.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+        "steps" => {
+            let Some(id) = second else { return };
+            if !refs.ids.contains(&id) {
+                let hint = did_you_mean(id, refs.ids.iter().copied())
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                d.push(
+                    pos,
+                    Code::UnknownStep,
+                    format!("unknown step `{id}` in `{path}`{hint}"),
+                );
+                return;
+            }
+            if id == refs.self_id {
+                d.push(pos, Code::UnknownStep, format!("step `{id}` refers to its own outputs in `{path}`; use the result object instead"));
+                return;
+            }
+            steps.insert(id.to_string());
+            if let (Some(out), Some(Some(known))) = (third, refs.outputs.get(id)) {
+                if !known.contains(out) {
+                    let hint = did_you_mean(out, known.iter().map(String::as_str))
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    d.push(
+                        pos,
+                        Code::UnknownOutput,
+                        format!("step `{id}` has no output `{out}`{hint}"),
+                    );
+                }
+            }
+        }
+        other => {
+            if refs.locals.iter().any(|l| l == other) {
+                return;
+            }
+            let candidates: Vec<&str> = TEMPLATE_GLOBALS
+                .iter()
+                .copied()
+                .chain(refs.locals.iter().map(String::as_str))
+                .collect();
+            let hint = did_you_mean(other, candidates.iter().copied())
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            let available = if refs.locals.is_empty() {
+                String::new()
+            } else {
+                format!(" (here also: {})", refs.locals.join(", "))
+            };
+            d.push(
+                pos,
+                Code::UnknownVariable,
+                format!(
+                    "unknown variable `{other}`{hint}; templates see params, steps, run{available}"
+                ),
+            );
+        }
+    }
+}
+
+/// Call `f` on every string scalar (not keys) under `node`.
+pub fn walk_strings(node: &Node, f: &mut dyn FnMut(&str, Pos)) {
+    match &node.value {
+        Value::String(s) => f(s, node.pos),
+        Value::Seq(items) => items.iter().for_each(|n| walk_strings(n, f)),
+        Value::Map(entries) => entries.iter().for_each(|(_, v)| walk_strings(v, f)),
+        _ => {}
+    }
+}

@@ -32,7 +32,10 @@ impl Node {
         Node { pos, value }
     }
     pub fn null(pos: Pos) -> Self {
-        Node { pos, value: Value::Null }
+        Node {
+            pos,
+            value: Value::Null,
+        }
     }
     pub fn as_str(&self) -> Option<&str> {
         match &self.value {
@@ -88,7 +91,9 @@ impl Node {
             Value::Null => J::Null,
             Value::Bool(b) => J::Bool(*b),
             Value::Int(i) => J::from(*i),
-            Value::Float(f) => serde_json::Number::from_f64(*f).map(J::Number).unwrap_or(J::Null),
+            Value::Float(f) => serde_json::Number::from_f64(*f)
+                .map(J::Number)
+                .unwrap_or(J::Null),
             Value::String(s) => J::String(s.clone()),
             Value::Seq(items) => J::Array(items.iter().map(Node::to_json).collect()),
             Value::Map(entries) => J::Object(
@@ -113,7 +118,12 @@ impl Node {
             J::Array(a) => Value::Seq(a.iter().map(|x| Node::from_json(pos, x)).collect()),
             J::Object(o) => Value::Map(
                 o.iter()
-                    .map(|(k, x)| (Node::new(pos, Value::String(k.clone())), Node::from_json(pos, x)))
+                    .map(|(k, x)| {
+                        (
+                            Node::new(pos, Value::String(k.clone())),
+                            Node::from_json(pos, x),
+                        )
+                    })
                     .collect(),
             ),
         };
@@ -147,7 +157,9 @@ pub fn resolve_plain(s: &str) -> Value {
         "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
         "true" | "True" | "TRUE" => return Value::Bool(true),
         "false" | "False" | "FALSE" => return Value::Bool(false),
-        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => return Value::Float(f64::INFINITY),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
+            return Value::Float(f64::INFINITY)
+        }
         "-.inf" | "-.Inf" | "-.INF" => return Value::Float(f64::NEG_INFINITY),
         ".nan" | ".NaN" | ".NAN" => return Value::Float(f64::NAN),
         _ => {}
@@ -168,8 +180,13 @@ pub fn resolve_plain(s: &str) -> Value {
             return Value::Int(i);
         }
     }
-    let looks_float = digits.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.')
-        && digits.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
+    let looks_float = digits
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_digit() || b == b'.')
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'))
         && digits.bytes().any(|b| b.is_ascii_digit());
     if looks_float {
         if let Ok(f) = s.parse::<f64>() {
@@ -197,29 +214,49 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
             Err(e) => {
                 let m = e.marker();
                 diags.push(
-                    Pos { line: m.line(), col: m.col() + 1 },
+                    Pos {
+                        line: m.line(),
+                        col: m.col() + 1,
+                    },
                     Code::YamlSyntax,
                     format!("invalid YAML: {}", e.info()),
                 );
                 return None;
             }
         };
-        let pos = Pos { line: span.start.line(), col: span.start.col() + 1 };
+        let pos = Pos {
+            line: span.start.line(),
+            col: span.start.col() + 1,
+        };
         let finished: Option<(Node, usize)> = match event {
             Event::DocumentStart(_) => {
                 docs += 1;
                 if docs > 1 {
-                    diags.push(pos, Code::YamlSyntax, "a pipeline file holds one YAML document; found a second `---`");
+                    diags.push(
+                        pos,
+                        Code::YamlSyntax,
+                        "a pipeline file holds one YAML document; found a second `---`",
+                    );
                     return root;
                 }
                 None
             }
             Event::Scalar(s, style, anchor, _tag) => {
-                let value = if style == ScalarStyle::Plain { resolve_plain(&s) } else { Value::String(s.into_owned()) };
+                let value = if style == ScalarStyle::Plain {
+                    resolve_plain(&s)
+                } else {
+                    Value::String(s.into_owned())
+                };
                 Some((Node::new(pos, value), anchor))
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => Some((Node { pos, value: n.value.clone() }, 0)),
+                Some(n) => Some((
+                    Node {
+                        pos,
+                        value: n.value.clone(),
+                    },
+                    0,
+                )),
                 None => {
                     diags.push(pos, Code::YamlSyntax, "unknown alias");
                     Some((Node::null(pos), 0))
@@ -234,11 +271,15 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 None
             }
             Event::SequenceEnd => match stack.pop() {
-                Some(Frame::Seq(p, items, anchor)) => Some((Node::new(p, Value::Seq(items)), anchor)),
+                Some(Frame::Seq(p, items, anchor)) => {
+                    Some((Node::new(p, Value::Seq(items)), anchor))
+                }
                 _ => None,
             },
             Event::MappingEnd => match stack.pop() {
-                Some(Frame::Map(p, entries, _, anchor)) => Some((Node::new(p, Value::Map(merge_keys(entries))), anchor)),
+                Some(Frame::Map(p, entries, _, anchor)) => {
+                    Some((Node::new(p, Value::Map(merge_keys(entries))), anchor))
+                }
                 _ => None,
             },
             _ => None,
@@ -255,19 +296,28 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                     Some(key) => {
                         let name = scalar_key(&key);
                         if let Some(name) = &name {
-                            if let Some(i) = entries.iter().position(|(k, _)| scalar_key(k).as_deref() == Some(name.as_str())) {
+                            if let Some(i) = entries
+                                .iter()
+                                .position(|(k, _)| scalar_key(k).as_deref() == Some(name.as_str()))
+                            {
                                 let first = entries[i].0.pos;
                                 diags.push(
                                     key.pos,
                                     Code::DuplicateKey,
-                                    format!("duplicate key `{name}` (first defined at line {})", first.line),
+                                    format!(
+                                        "duplicate key `{name}` (first defined at line {})",
+                                        first.line
+                                    ),
                                 );
                                 entries.remove(i);
                             }
                         }
                         // Keys are strings in this format: `1: x` is the key "1".
                         let key = match name {
-                            Some(n) if n != "<<" || !matches!(node.value, Value::Map(_) | Value::Seq(_)) => {
+                            Some(n)
+                                if n != "<<"
+                                    || !matches!(node.value, Value::Map(_) | Value::Seq(_)) =>
+                            {
                                 Node::new(key.pos, Value::String(n))
                             }
                             _ => key,

@@ -1,0 +1,51 @@
+//! Every `pipe` step type, and the one [`registry`] that lists them.
+//!
+//! A step type is a config struct (serde with `deny_unknown_fields`, schemars, a doc comment
+//! on every field — they become the schema descriptions) implementing
+//! [`engine::step::StepConfig`]. The engine never names a concrete type: it looks steps up in
+//! the [`engine::step::Registry`] returned here.
+//!
+//! Adding a step type = one module + one line in [`registry`].
+
+pub mod exec;
+pub mod log;
+
+use engine::step::{Registry, StepKind};
+
+/// Every step type `pipe` knows.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(StepKind::of::<exec::Exec>());
+    r.register(StepKind::of::<log::Log>());
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn registry_lists_every_step_with_a_described_schema() {
+        let r = super::registry();
+        assert_eq!(r.names().collect::<Vec<_>>(), ["exec", "log"]);
+        let mut g = schemars::SchemaGenerator::default();
+        for kind in r.kinds() {
+            assert!(!kind.summary.is_empty());
+            (kind.schema)(&mut g);
+        }
+        let defs = serde_json::to_value(g.definitions()).unwrap();
+        let exec = &defs["Exec"];
+        assert_eq!(exec["additionalProperties"], false);
+        assert_eq!(exec["required"], serde_json::json!(["command"]));
+        for (name, prop) in exec["properties"].as_object().unwrap() {
+            assert!(
+                prop["description"].is_string(),
+                "exec.{name} has no description"
+            );
+        }
+        for (name, prop) in defs["Log"]["properties"].as_object().unwrap() {
+            assert!(
+                prop["description"].is_string(),
+                "log.{name} has no description"
+            );
+        }
+    }
+}

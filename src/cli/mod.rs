@@ -1,0 +1,78 @@
+//! The subcommands of `pipe`, one module each, plus what they share.
+
+pub mod graph;
+pub mod run;
+pub mod runs;
+pub mod schema;
+pub mod validate;
+
+use engine::secrets::Redactor;
+use std::sync::OnceLock;
+
+/// The redactor of the current run, for the panic hook.
+static REDACTOR: OnceLock<Redactor> = OnceLock::new();
+
+pub fn set_panic_redactor(r: &Redactor) {
+    let _ = REDACTOR.set(r.clone());
+}
+
+/// Panics print a redacted message: a secret inside a panic payload never reaches stderr.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let payload = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_string());
+        let location = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let text = format!("pipe panicked{location}: {payload}");
+        let text = match REDACTOR.get() {
+            Some(r) => r.redact(&text),
+            None => text,
+        };
+        eprintln!("{text}\nThis is a bug in pipe; please report it.");
+    }));
+}
+
+/// Output formats shared by several subcommands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The known step types.
+pub fn registry() -> engine::step::Registry {
+    steps::registry()
+}
+
+/// Render rows as an aligned text table.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}

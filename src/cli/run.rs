@@ -1,0 +1,590 @@
+//! `pipe run`: validate, resolve params, record a run, execute, summarise.
+//!
+//! Exit codes: 0 succeeded (with or without warnings), 1 failed or cancelled, 2 nothing ran
+//! (invalid pipeline, bad param, usage). Progress goes to stderr, the summary to stdout.
+
+use super::Format;
+use chrono::{DateTime, NaiveDate, Utc};
+use engine::events::{Level, Observer, RunEvent, StepRecord};
+use engine::executor::{self, RunRequest};
+use engine::history::{HistoryWriter, NewRun, Owner, Store, Trigger};
+use engine::plan::Plan;
+use engine::secrets::Redactor;
+use engine::status::Status;
+use engine::template::{Runtime, Templates};
+use indexmap::IndexMap;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The pipeline file.
+    pub path: PathBuf,
+    /// A param value, `name=value` (repeatable); typed by the param's declaration.
+    #[arg(long = "param", short = 'p', value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// The run's logical date (`2026-01-31` or RFC 3339); "today" in templates. Default: now.
+    #[arg(long)]
+    pub logical_date: Option<String>,
+    /// Steps at once (default: the pipeline's `concurrency`, else the number of CPUs).
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Print the plan in execution order with rendered, redacted configs; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Summary format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Only the summary: no progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Also show every info log row on stderr.
+    #[arg(long, short)]
+    pub verbose: bool,
+}
+
+fn usage(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("error: {msg}");
+    2
+}
+
+pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
+    let display = args.path.display().to_string();
+    let outcome = engine::validate::validate_file(&args.path, &display, &super::registry());
+    let Some(plan) = outcome.plan else {
+        for d in &outcome.diagnostics {
+            eprintln!("{d}");
+        }
+        eprintln!("error: {display} is not a valid pipeline; nothing ran");
+        return 2;
+    };
+    if !args.quiet {
+        for d in &outcome.diagnostics {
+            eprintln!("{d}");
+        }
+    }
+    let plan = Arc::new(plan);
+    let tz = plan.timezone();
+    let logical_date = match args
+        .logical_date
+        .as_deref()
+        .map(parse_logical_date)
+        .transpose()
+    {
+        Ok(d) => d.unwrap_or_else(Utc::now),
+        Err(e) => return usage(e),
+    };
+    let params = match resolve_params(&plan, &args.params) {
+        Ok(p) => p,
+        Err(e) => return usage(e),
+    };
+    let redactor = Redactor::new();
+    super::set_panic_redactor(&redactor);
+    let templates = Arc::new(Templates::new(Runtime {
+        redactor: redactor.clone(),
+        tz,
+        logical_date,
+        dry_run: args.dry_run,
+    }));
+    let mut param_values = std::collections::BTreeMap::new();
+    for (name, value) in &params {
+        match engine::params::template_value(&plan.params[name], value, logical_date, tz) {
+            Ok(v) => {
+                param_values.insert(name.clone(), v);
+            }
+            Err(e) => return usage(format!("param `{name}`: {e}")),
+        }
+    }
+    let params_value = minijinja::Value::from(param_values);
+    let started_at = Utc::now();
+
+    if args.dry_run {
+        let run = engine::template::run_value(0, started_at, logical_date, tz);
+        return dry_run(&plan, &templates, params_value, run, &redactor, args.format);
+    }
+
+    let store = match Store::open(state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            return usage(format!(
+                "cannot open run history in {}: {e:#}",
+                state_dir.display()
+            ))
+        }
+    };
+    let _ = store.mark_abandoned();
+    let recorded_params = redactor.redact_json(&serde_json::Value::Object(
+        params.clone().into_iter().collect(),
+    ));
+    let run_id = match store
+        .upsert_integration(&plan.name, plan.description.as_deref())
+        .and_then(|_| {
+            store.create_run(&NewRun {
+                pipeline: plan.name.clone(),
+                params: recorded_params,
+                trigger: Trigger::Cli,
+                owner: Owner::Pipe,
+                logical_date: Some(logical_date),
+            })
+        }) {
+        Ok(id) => id,
+        Err(e) => return usage(format!("cannot record the run: {e:#}")),
+    };
+    let run_dir = store.run_dir(run_id);
+    let writer = match HistoryWriter::start(state_dir, run_id) {
+        Ok(w) => Arc::new(w),
+        Err(e) => return usage(format!("cannot write run history: {e:#}")),
+    };
+    let progress = Arc::new(Progress::new(args.quiet, args.verbose));
+    let observer: Arc<dyn Observer> = Arc::new(Fanout(vec![writer.clone(), progress.clone()]));
+    let concurrency = args
+        .concurrency
+        .or(plan.concurrency.map(|c| c as usize))
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let cancel = CancellationToken::new();
+    let hard_cancel = CancellationToken::new();
+    let clock = Instant::now();
+    if !args.quiet {
+        eprintln!(
+            "run {run_id}: {} ({} steps, concurrency {concurrency})",
+            plan.name,
+            plan.steps.len()
+        );
+    }
+    let result = runtime.block_on(async {
+        let signals = tokio::spawn(watch_signals(cancel.clone(), hard_cancel.clone()));
+        let run = engine::template::run_value(run_id, started_at, logical_date, tz);
+        let result = executor::execute(RunRequest {
+            plan: plan.clone(),
+            params: params_value,
+            run,
+            run_id,
+            concurrency,
+            run_dir,
+            templates,
+            redactor: redactor.clone(),
+            observer,
+            cancel: cancel.clone(),
+            hard_cancel,
+        })
+        .await;
+        signals.abort();
+        result
+    });
+    progress.stop();
+    let elapsed = clock.elapsed();
+    let writer = Arc::try_unwrap(writer).ok();
+    if let Some(w) = writer {
+        if let Err(e) = w.finish() {
+            eprintln!("warning: run history may be incomplete: {e:#}");
+        }
+    }
+    print_summary(
+        run_id,
+        &plan,
+        result.status,
+        result.error.as_deref(),
+        &result.steps,
+        elapsed,
+        args.format,
+        state_dir,
+    );
+    if result.status.is_success() {
+        0
+    } else {
+        1
+    }
+}
+
+async fn watch_signals(cancel: CancellationToken, hard: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        count += 1;
+        if count == 1 {
+            eprintln!("\ncancelling: running steps are stopped, teardown steps still run (press Ctrl-C again to stop them too)");
+            cancel.cancel();
+        } else {
+            eprintln!("\nstopping teardown steps too");
+            hard.cancel();
+        }
+    }
+}
+
+fn parse_logical_date(text: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(d) = DateTime::parse_from_rfc3339(text) {
+        return Ok(d.with_timezone(&Utc));
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight").and_utc());
+    }
+    Err(format!(
+        "--logical-date: expected 2026-01-31 or an RFC 3339 time, got `{text}`"
+    ))
+}
+
+/// Params from `--param` and defaults, typed; every problem is a usage error.
+fn resolve_params(
+    plan: &Plan,
+    given: &[String],
+) -> Result<IndexMap<String, serde_json::Value>, String> {
+    let mut values = IndexMap::new();
+    for item in given {
+        let Some((name, text)) = item.split_once('=') else {
+            return Err(format!("--param expects NAME=VALUE, got `{item}`"));
+        };
+        let Some(spec) = plan.params.get(name) else {
+            let known: Vec<&str> = plan.params.keys().map(String::as_str).collect();
+            let hint = engine::diag::did_you_mean(name, known.iter().copied())
+                .map(|s| format!("; did you mean `{s}`?"))
+                .unwrap_or_default();
+            return Err(format!(
+                "unknown param `{name}`{hint} (this pipeline declares: {})",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            ));
+        };
+        let v =
+            engine::params::parse_cli(spec, text).map_err(|e| format!("param `{name}`: {e}"))?;
+        values.insert(name.to_string(), v);
+    }
+    for (name, spec) in &plan.params {
+        if values.contains_key(name) {
+            continue;
+        }
+        match &spec.default {
+            Some(d) => {
+                let v = engine::params::check_value(spec, d)
+                    .map_err(|e| format!("default of param `{name}`: {e}"))?;
+                values.insert(name.clone(), v);
+            }
+            None => {
+                return Err(format!(
+                    "param `{name}` is required: pass --param {name}=VALUE"
+                ))
+            }
+        }
+    }
+    Ok(values)
+}
+
+fn dry_run(
+    plan: &Plan,
+    templates: &Templates,
+    params: minijinja::Value,
+    run: minijinja::Value,
+    redactor: &Redactor,
+    format: Format,
+) -> i32 {
+    let preview = executor::preview(plan, templates, params, run, redactor);
+    match format {
+        Format::Json => {
+            let items: Vec<serde_json::Value> = preview
+                .iter()
+                .zip(&plan.steps)
+                .map(|((id, kind, rendered), step)| {
+                    serde_json::json!({
+                        "id": id,
+                        "type": kind,
+                        "needs": step.deps.iter().map(|&d| plan.steps[d].id.clone()).collect::<Vec<_>>(),
+                        "always": step.spec.always,
+                        "with": rendered.as_ref().ok(),
+                        "error": rendered.as_ref().err(),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"pipeline": plan.name, "dry_run": true, "steps": items})
+                )
+                .unwrap()
+            );
+        }
+        Format::Text => {
+            println!(
+                "plan for {} ({} steps, nothing will run):",
+                plan.name,
+                plan.steps.len()
+            );
+            for (n, ((id, kind, rendered), step)) in preview.iter().zip(&plan.steps).enumerate() {
+                let needs: Vec<&str> = step
+                    .deps
+                    .iter()
+                    .map(|&d| plan.steps[d].id.as_str())
+                    .collect();
+                let mut flags = String::new();
+                if !needs.is_empty() {
+                    flags.push_str(&format!(" after {}", needs.join(", ")));
+                }
+                if step.spec.always {
+                    flags.push_str(" [always]");
+                }
+                println!("{}. {id} ({kind}){flags}", n + 1);
+                match rendered {
+                    Ok(v) => {
+                        for line in serde_json::to_string_pretty(v).unwrap().lines() {
+                            println!("     {line}");
+                        }
+                    }
+                    Err(e) => println!("     (cannot render yet: {e})"),
+                }
+            }
+        }
+    }
+    0
+}
+
+#[allow(clippy::too_many_arguments)]
+fn print_summary(
+    run_id: i64,
+    plan: &Plan,
+    status: Status,
+    error: Option<&str>,
+    steps: &[StepRecord],
+    elapsed: std::time::Duration,
+    format: Format,
+    state_dir: &Path,
+) {
+    match format {
+        Format::Json => {
+            let steps: Vec<serde_json::Value> = steps
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "id": s.step, "status": s.status, "attempts": s.attempts,
+                        "duration_ms": s.duration_ms, "rows": s.rows, "error": s.error,
+                    })
+                })
+                .collect();
+            let v = serde_json::json!({
+                "run_id": run_id, "pipeline": plan.name, "status": status, "error": error,
+                "duration_ms": elapsed.as_millis() as u64, "steps": steps,
+            });
+            println!("{}", serde_json::to_string_pretty(&v).unwrap());
+        }
+        Format::Text => {
+            let rows: Vec<Vec<String>> = steps
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.step.clone(),
+                        s.status.label().to_string(),
+                        if s.status == Status::Skipped || s.attempts == 0 {
+                            "-".into()
+                        } else {
+                            engine::duration::human(std::time::Duration::from_millis(s.duration_ms))
+                        },
+                        s.rows.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+                        s.attempts.to_string(),
+                    ]
+                })
+                .collect();
+            println!(
+                "\nrun {run_id} {}: {} in {}",
+                plan.name,
+                status.label(),
+                engine::duration::human(elapsed)
+            );
+            print!(
+                "{}",
+                super::table(&["STEP", "STATUS", "DURATION", "ROWS", "ATTEMPTS"], &rows)
+            );
+            if let Some(e) = error {
+                println!("error: {e}");
+            }
+            let dir = if state_dir == Path::new(".pipe") {
+                String::new()
+            } else {
+                format!(" --state-dir {}", state_dir.display())
+            };
+            println!("history: pipe runs show {run_id}{dir}   logs: pipe runs logs {run_id}{dir}");
+        }
+    }
+}
+
+struct Fanout(Vec<Arc<dyn Observer>>);
+
+impl Observer for Fanout {
+    fn event(&self, e: &RunEvent) {
+        for o in &self.0 {
+            o.event(e);
+        }
+    }
+}
+
+/// Progress on stderr: timestamped lines; on a terminal also a live line of the running
+/// steps with their elapsed time and counters.
+struct Progress {
+    quiet: bool,
+    verbose: bool,
+    live: bool,
+    state: Arc<Mutex<LiveState>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct LiveState {
+    running: IndexMap<String, (Instant, Vec<(String, u64)>)>,
+    drawn: bool,
+}
+
+impl Progress {
+    fn new(quiet: bool, verbose: bool) -> Progress {
+        let live = !quiet && std::io::stderr().is_terminal();
+        let p = Progress {
+            quiet,
+            verbose,
+            live,
+            state: Arc::default(),
+            stop: Arc::default(),
+        };
+        if live {
+            let state = p.state.clone();
+            let stop = p.stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    let mut s = state.lock().unwrap();
+                    draw_live(&mut s);
+                }
+            });
+        }
+        p
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if self.live {
+            let mut s = self.state.lock().unwrap();
+            clear_live(&mut s);
+        }
+    }
+
+    fn line(&self, text: &str) {
+        let mut s = self.state.lock().unwrap();
+        if self.live {
+            clear_live(&mut s);
+        }
+        let now = chrono::Local::now().format("%H:%M:%S");
+        let mut err = std::io::stderr().lock();
+        let _ = writeln!(err, "{now} {text}");
+    }
+}
+
+fn clear_live(s: &mut LiveState) {
+    if s.drawn {
+        let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        s.drawn = false;
+    }
+}
+
+fn draw_live(s: &mut LiveState) {
+    if s.running.is_empty() {
+        clear_live(s);
+        return;
+    }
+    let parts: Vec<String> = s
+        .running
+        .iter()
+        .map(|(id, (since, counters))| {
+            let c: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let c = if c.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", c.join(", "))
+            };
+            format!("{id} {}{c}", engine::duration::human(since.elapsed()))
+        })
+        .collect();
+    let mut text = format!("running: {}", parts.join(" | "));
+    text.truncate(200);
+    let _ = write!(std::io::stderr(), "\r\x1b[2K{text}");
+    s.drawn = true;
+}
+
+impl Observer for Progress {
+    fn event(&self, e: &RunEvent) {
+        if self.quiet {
+            return;
+        }
+        match e {
+            RunEvent::StepStarted { step, attempt, .. } => {
+                self.state
+                    .lock()
+                    .unwrap()
+                    .running
+                    .insert(step.clone(), (Instant::now(), Vec::new()));
+                let again = if *attempt > 1 {
+                    format!(" (attempt {attempt})")
+                } else {
+                    String::new()
+                };
+                self.line(&format!("▶ {step} started{again}"));
+            }
+            RunEvent::Progress { step, counters } => {
+                if let Some(entry) = self.state.lock().unwrap().running.get_mut(step) {
+                    entry.1 = counters.clone();
+                }
+            }
+            RunEvent::StepRetrying { .. } => {}
+            RunEvent::StepFinished(r) => {
+                self.state.lock().unwrap().running.shift_remove(&r.step);
+                if r.attempts == 0 {
+                    return;
+                }
+                let mark = match r.status {
+                    Status::Succeeded => "✔",
+                    Status::Warning => "⚠",
+                    Status::Skipped => "○",
+                    _ => "✘",
+                };
+                let rows = r.rows.map(|n| format!(", {n} rows")).unwrap_or_default();
+                let err = r
+                    .error
+                    .as_ref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default();
+                self.line(&format!(
+                    "{mark} {} {} ({}{rows}){err}",
+                    r.step,
+                    r.status.label(),
+                    engine::duration::human(std::time::Duration::from_millis(r.duration_ms))
+                ));
+            }
+            RunEvent::Log(rec) => {
+                if rec.level == Level::Info && !self.verbose {
+                    return;
+                }
+                let step = rec.step.as_deref().unwrap_or("run");
+                self.line(&format!("  [{step}] {}: {}", rec.level, rec.message));
+            }
+            RunEvent::RunFinished { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! `pipe schema` equals the checked-in schemas/pipeline.schema.json (no drift), and it
+//! describes every step type's config.
+
+use crate::util::{repo_root, Env};
+
+#[test]
+fn checked_in_schema_matches_the_binary() {
+    let env = Env::new();
+    let out = env.run(&["schema"]);
+    out.expect_code(0);
+    let generated = out.json();
+    let file = std::fs::read_to_string(repo_root().join("schemas/pipeline.schema.json"))
+        .expect("schemas/pipeline.schema.json exists");
+    let checked_in: serde_json::Value = serde_json::from_str(&file).unwrap();
+    assert!(
+        generated == checked_in,
+        "schemas/pipeline.schema.json is stale: run `just schema`"
+    );
+}
+
+#[test]
+fn schema_documents_steps_and_their_configs() {
+    let env = Env::new();
+    let v = env.run(&["schema"]).json();
+    let step = &v["definitions"]["StepSpec"];
+    let types: Vec<&str> = step["properties"]["type"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert!(
+        types.contains(&"exec") && types.contains(&"log"),
+        "{types:?}"
+    );
+    let rules = step["allOf"].as_array().unwrap();
+    assert_eq!(rules.len(), types.len());
+    let exec = &v["definitions"]["Exec"];
+    assert_eq!(exec["additionalProperties"], false);
+    assert!(
+        exec["properties"]["command"]["description"]
+            .as_str()
+            .unwrap()
+            .len()
+            > 10
+    );
+    assert!(step["properties"]["retry"].is_object());
+    assert!(v["properties"]["steps"].is_object());
+}
