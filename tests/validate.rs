@@ -96,7 +96,7 @@ fn text_format_is_path_line_col_and_a_count() {
     );
     assert!(
         lines[1].starts_with(&format!(
-            "{path}:7:28: error[E003]: unknown key `levle`; did you mean `level`?"
+            "{path}:7:26: error[E003]: unknown key `levle`; did you mean `level`?"
         )),
         "{lines:?}"
     );
@@ -111,7 +111,7 @@ fn github_format_and_deny_warnings() {
     out.expect_code(0);
     assert!(
         out.stdout().contains(&format!(
-            "::warning file={},line=3,col=32,title=W001::",
+            "::warning file={},line=3,col=27,title=W001::",
             p.display()
         )),
         "{}",
@@ -135,7 +135,7 @@ fn folders_are_searched_and_a_missing_path_is_a_usage_error() {
     let out = env.run(&["validate", "pipes"]);
     out.expect_code(1);
     assert!(
-        out.stdout().contains("pipes/sub/b.yml:3:31: error[E003]"),
+        out.stdout().contains("pipes/sub/b.yml:3:27: error[E003]"),
         "{}",
         out.stdout()
     );

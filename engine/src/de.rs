@@ -69,6 +69,13 @@ impl de::Error for Error {
             de::Unexpected::Map => "a mapping".to_string(),
             other => other.to_string(),
         };
+        let exp = match exp.to_string().as_str() {
+            "u8" | "u16" | "u32" | "u64" | "usize" => "a whole number (0 or more)".to_string(),
+            "i8" | "i16" | "i32" | "i64" | "isize" => "an integer".to_string(),
+            "f32" | "f64" => "a number".to_string(),
+            "a boolean" | "bool" => "a boolean (true or false)".to_string(),
+            other => other.replace("a map", "a mapping").replace("a sequence", "a list"),
+        };
         Error {
             pos: None,
             code: Code::WrongType,
@@ -155,6 +162,35 @@ pub fn from_node<T: DeserializeOwned>(node: &Node, mode: Mode, diags: &mut Diags
             None
         }
     }
+}
+
+/// Like [`from_node`] on a mapping, but a value that cannot be read is reported and left
+/// out, and the rest is read again, so one wrong value does not hide the problems of its
+/// siblings. `None` when the mapping still cannot be read (a required key is missing).
+pub fn from_map_tolerant<T: DeserializeOwned>(node: &Node, mode: Mode, diags: &mut Diags) -> Option<T> {
+    let mut node = node.clone();
+    for _ in 0..16 {
+        let mut local = Diags::new(&diags.file);
+        if let Some(v) = from_node::<T>(&node, mode, &mut local) {
+            diags.items.extend(local.items);
+            return Some(v);
+        }
+        let failed = local
+            .items
+            .iter()
+            .find(|d| d.code != Code::UnknownKey)
+            .map(|d| Pos { line: d.line, col: d.column });
+        diags.items.extend(local.items);
+        let Some(pos) = failed else { return None };
+        if pos == node.pos {
+            return None;
+        }
+        let Value::Map(entries) = &mut node.value else { return None };
+        // The entry the failing position lies in: the last one starting at or before it.
+        let i = entries.iter().rposition(|(k, _)| k.pos <= pos)?;
+        entries.remove(i);
+    }
+    None
 }
 
 /// A part of the document kept as a node, deserialized later on its own.

@@ -175,6 +175,14 @@ impl Templates {
         env.set_undefined_behavior(UndefinedBehavior::Strict);
         // Block scalars (`|`) end with a newline; keep it.
         env.set_keep_trailing_newline(true);
+        // Pipelines speak YAML and JSON: booleans render as `true`/`false`, not Python's `True`.
+        env.set_formatter(|out, state, value| {
+            if value.kind() == minijinja::value::ValueKind::Bool {
+                out.write_str(if value.is_true() { "true" } else { "false" })?;
+                return Ok(());
+            }
+            minijinja::escape_formatter(out, state, value)
+        });
         register(&mut env, &rt);
         Templates { env, rt }
     }

@@ -5,7 +5,7 @@
 //! template variables — statically, nothing is rendered); build the graph and report cycles
 //! as whole chains. It needs no secrets and no network.
 
-use crate::de::{from_node, Mode};
+use crate::de::{from_map_tolerant, from_node, Mode};
 use crate::diag::{did_you_mean, Code, Diagnostic, Diags, Pos};
 use crate::model::{ConnectionSpec, PipelineDoc, StepSpec, BUILTIN_OUTPUTS, RUN_FIELDS};
 use crate::params::{self, ParamSpec};
@@ -85,7 +85,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             plan: None,
         };
     }
-    let Some(doc) = from_node::<PipelineDoc>(&root, Mode::Check, &mut d) else {
+    let Some(doc) = from_map_tolerant::<PipelineDoc>(&root, Mode::Check, &mut d) else {
         return Outcome {
             diagnostics: finish(d),
             plan: None,
@@ -225,7 +225,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             broken.insert(id.clone());
             continue;
         }
-        let Some(spec) = from_node::<StepSpec>(&node, Mode::Check, &mut d) else {
+        let Some(spec) = from_map_tolerant::<StepSpec>(&node, Mode::Check, &mut d) else {
             broken.insert(id.clone());
             continue;
         };

@@ -202,7 +202,7 @@ enum Frame {
 }
 
 /// Parse one YAML document. Syntax errors end parsing (reported with their position);
-/// duplicate keys are reported and the later value wins so that checking can go on.
+/// duplicate keys are reported and the first value is kept so that checking can go on.
 pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
@@ -305,11 +305,11 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                                     key.pos,
                                     Code::DuplicateKey,
                                     format!(
-                                        "duplicate key `{name}` (first defined at line {})",
+                                        "duplicate key `{name}` (first defined at line {}; this one is ignored)",
                                         first.line
                                     ),
                                 );
-                                entries.remove(i);
+                                continue;
                             }
                         }
                         // Keys are strings in this format: `1: x` is the key "1".
@@ -397,6 +397,8 @@ mod tests {
         assert_eq!(d.items.len(), 1);
         assert_eq!((d.items[0].line, d.items[0].column), (3, 1));
         assert_eq!(d.items[0].code, Code::DuplicateKey);
+        let n = parse("a: 1\na: 3\n", &mut Diags::new("x")).unwrap();
+        assert_eq!(n.get("a").unwrap().value, Value::Int(1));
     }
 
     #[test]
