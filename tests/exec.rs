@@ -82,7 +82,12 @@ steps:
     out.expect_code(0);
     let db = history(&env.state());
     let count = |level: &str| -> i64 {
-        db.query_row("select count(*) from logs where step = 'loud' and level = ?1 and message like ?2", [level, if level == "info" { "OUT-%" } else { "ERR-%" }], |r| r.get(0)).unwrap()
+        db.query_row(
+            "select count(*) from logs where step = 'loud' and level = ?1 and message like ?2",
+            [level, if level == "info" { "OUT-%" } else { "ERR-%" }],
+            |r| r.get(0),
+        )
+        .unwrap()
     };
     assert_eq!(count("info"), 40_000);
     assert_eq!(count("error"), 40_000);

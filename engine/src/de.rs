@@ -74,7 +74,9 @@ impl de::Error for Error {
             "i8" | "i16" | "i32" | "i64" | "isize" => "an integer".to_string(),
             "f32" | "f64" => "a number".to_string(),
             "a boolean" | "bool" => "a boolean (true or false)".to_string(),
-            other => other.replace("a map", "a mapping").replace("a sequence", "a list"),
+            other => other
+                .replace("a map", "a mapping")
+                .replace("a sequence", "a list"),
         };
         Error {
             pos: None,
@@ -167,7 +169,11 @@ pub fn from_node<T: DeserializeOwned>(node: &Node, mode: Mode, diags: &mut Diags
 /// Like [`from_node`] on a mapping, but a value that cannot be read is reported and left
 /// out, and the rest is read again, so one wrong value does not hide the problems of its
 /// siblings. `None` when the mapping still cannot be read (a required key is missing).
-pub fn from_map_tolerant<T: DeserializeOwned>(node: &Node, mode: Mode, diags: &mut Diags) -> Option<T> {
+pub fn from_map_tolerant<T: DeserializeOwned>(
+    node: &Node,
+    mode: Mode,
+    diags: &mut Diags,
+) -> Option<T> {
     let mut node = node.clone();
     for _ in 0..16 {
         let mut local = Diags::new(&diags.file);
@@ -179,13 +185,18 @@ pub fn from_map_tolerant<T: DeserializeOwned>(node: &Node, mode: Mode, diags: &m
             .items
             .iter()
             .find(|d| d.code != Code::UnknownKey)
-            .map(|d| Pos { line: d.line, col: d.column });
+            .map(|d| Pos {
+                line: d.line,
+                col: d.column,
+            });
         diags.items.extend(local.items);
-        let Some(pos) = failed else { return None };
+        let pos = failed?;
         if pos == node.pos {
             return None;
         }
-        let Value::Map(entries) = &mut node.value else { return None };
+        let Value::Map(entries) = &mut node.value else {
+            return None;
+        };
         // The entry the failing position lies in: the last one starting at or before it.
         let i = entries.iter().rposition(|(k, _)| k.pos <= pos)?;
         entries.remove(i);
