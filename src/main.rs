@@ -26,7 +26,7 @@ enum Command {
     /// Check pipelines without running them (the CI gate).
     Validate(cli::validate::ValidateArgs),
     /// Print the JSON Schema of the pipeline format.
-    Schema,
+    Schema(cli::schema::SchemaArgs),
     /// Print a pipeline's DAG as Mermaid or Graphviz dot.
     Graph(cli::graph::GraphArgs),
     /// Run history: list, show, follow logs; start, log and finish runs from outside.
@@ -41,7 +41,7 @@ fn main() {
     let code = match cli.command {
         Command::Run(args) => cli::run::main(args, &state_dir),
         Command::Validate(args) => cli::validate::main(args),
-        Command::Schema => cli::schema::main(),
+        Command::Schema(args) => cli::schema::main(args),
         Command::Graph(args) => cli::graph::main(args),
         Command::Runs(cmd) => cli::runs::main(cmd, &state_dir),
     };

@@ -47,3 +47,39 @@ fn schema_documents_steps_and_their_configs() {
     assert!(step["properties"]["retry"].is_object());
     assert!(v["properties"]["steps"].is_object());
 }
+
+#[test]
+fn readme_step_reference_is_generated_from_the_structs() {
+    let env = Env::new();
+    let out = env.run(&["schema", "--steps-markdown"]);
+    out.expect_code(0);
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    let start = readme
+        .find("<!-- steps:begin")
+        .expect("README has the steps:begin marker");
+    let start = start + readme[start..].find('\n').unwrap() + 1;
+    let end = readme
+        .find("<!-- steps:end -->")
+        .expect("README has the steps:end marker");
+    assert!(
+        readme[start..end] == out.stdout(),
+        "README's step reference is stale: run `just docs`"
+    );
+}
+
+#[test]
+fn readme_lists_every_diagnostic_code_with_an_example() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();
+    for code in engine::diag::Code::ALL {
+        let row = format!("| {} | ", code.as_str());
+        let line = readme
+            .lines()
+            .find(|l| l.starts_with(&row))
+            .unwrap_or_else(|| panic!("README does not list {}", code.as_str()));
+        assert!(
+            line.contains(&format!("[{}]", code.as_str())),
+            "README's row for {} has no example: {line}",
+            code.as_str()
+        );
+    }
+}

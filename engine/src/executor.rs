@@ -364,7 +364,18 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
                 let rendered = templates
                     .render_node(node, &scope)
                     .map_err(|(pos, e)| (Status::Failed, format!("connection `{name}`, template at line {}: {e}", pos.line)))?;
-                Some(rendered.to_json())
+                let json = rendered.to_json();
+                // Secret connection fields are masked wherever they could surface.
+                if let Some(fields) = json.as_object() {
+                    for (field, value) in fields {
+                        if crate::validate::is_secret_field(field) {
+                            if let Some(s) = value.as_str() {
+                                redactor.add(s);
+                            }
+                        }
+                    }
+                }
+                Some(json)
             }
         };
         let inputs: IndexMap<String, Table> = {

@@ -45,3 +45,145 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
     }
     root
 }
+
+/// The README's step reference, from the same structs as the schema: one section per step
+/// type with its summary and a table of its `with:` keys. A test keeps README in step.
+pub fn steps_markdown(registry: &Registry) -> String {
+    let schema = pipeline_schema(registry);
+    let defs = &schema["definitions"];
+    let mut out = String::new();
+    out.push_str("#### The step envelope (keys every step has)\n\n");
+    out.push_str(&fields_table(&defs["StepSpec"], defs));
+    for kind in registry.kinds() {
+        let mut g = SchemaSettings::draft07().into_generator();
+        let reference = (kind.schema)(&mut g).to_value();
+        let name = reference["$ref"]
+            .as_str()
+            .and_then(|r| r.rsplit('/').next())
+            .unwrap_or_default()
+            .to_string();
+        let own_defs = Value::Object(g.take_definitions(true));
+        let def = if name.is_empty() {
+            &reference
+        } else {
+            &own_defs[&name]
+        };
+        out.push_str(&format!(
+            "\n#### `{}`\n\n{}.",
+            kind.name,
+            kind.summary.trim_end_matches('.')
+        ));
+        out.push_str(&format!(
+            "\n\n`with:` keys (the result object that `outputs:` templates read is `{}`):\n\n",
+            kind.result_name
+        ));
+        out.push_str(&fields_table(def, &own_defs));
+    }
+    out
+}
+
+fn fields_table(def: &Value, defs: &Value) -> String {
+    let required: Vec<&str> = def["required"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut out =
+        String::from("| key | type | required | default | description |\n|---|---|---|---|---|\n");
+    if let Some(props) = def["properties"].as_object() {
+        for (key, prop) in props {
+            let default = match &prop["default"] {
+                Value::Null => String::new(),
+                v => format!("`{v}`"),
+            };
+            out.push_str(&format!(
+                "| `{key}` | {} | {} | {default} | {} |\n",
+                type_name(prop, defs),
+                if required.contains(&key.as_str()) {
+                    "yes"
+                } else {
+                    ""
+                },
+                prop["description"]
+                    .as_str()
+                    .unwrap_or("")
+                    .replace('\n', " ")
+                    .replace('|', "\\|"),
+            ));
+        }
+    }
+    out
+}
+
+fn type_name(prop: &Value, defs: &Value) -> String {
+    if let Some(r) = prop["$ref"]
+        .as_str()
+        .or_else(|| prop["allOf"][0]["$ref"].as_str())
+    {
+        let name = r.rsplit('/').next().unwrap_or_default();
+        let def = &defs[name];
+        if let Some(values) = def["enum"].as_array() {
+            return values
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" \\| ");
+        }
+        if let Some(one_of) = def["oneOf"].as_array() {
+            let names: Vec<String> = one_of
+                .iter()
+                .flat_map(|v| {
+                    v["enum"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_else(|| vec![v["const"].clone()])
+                })
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            if !names.is_empty() {
+                return names.join(" \\| ");
+            }
+        }
+        if def["anyOf"].is_array() {
+            return def["anyOf"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| type_name(v, defs))
+                .collect::<Vec<_>>()
+                .join(" or ");
+        }
+        return name.to_string();
+    }
+    if let Some(values) = prop["enum"].as_array() {
+        return values
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(" \\| ");
+    }
+    match &prop["type"] {
+        Value::String(t) if t == "array" => format!("list of {}", type_name(&prop["items"], defs)),
+        Value::String(t) if t == "object" => match &prop["additionalProperties"] {
+            Value::Object(_) => {
+                format!("map of {}", type_name(&prop["additionalProperties"], defs))
+            }
+            _ => "mapping".to_string(),
+        },
+        Value::String(t) => t.clone(),
+        Value::Array(ts) => ts
+            .iter()
+            .filter_map(Value::as_str)
+            .filter(|t| *t != "null")
+            .collect::<Vec<_>>()
+            .join(" or "),
+        _ if prop["anyOf"].is_array() => prop["anyOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["type"] != "null")
+            .map(|v| type_name(v, defs))
+            .collect::<Vec<_>>()
+            .join(" or "),
+        _ => "any".to_string(),
+    }
+}

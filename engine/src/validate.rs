@@ -29,6 +29,13 @@ const SECRET_FIELD_WORDS: &[&str] = &[
     "client_secret",
 ];
 
+/// Whether a connection field holds a secret (by its name): its value is redacted at run
+/// time and a literal value in the file is a warning.
+pub fn is_secret_field(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    SECRET_FIELD_WORDS.iter().any(|w| lower.contains(w))
+}
+
 /// The globals templates may call (not variables).
 pub const TEMPLATE_GLOBALS: &[&str] = &["params", "steps", "run", "env", "secret", "now", "today"];
 
@@ -150,8 +157,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     for (name, raw) in &doc.connections {
         if let Some(spec) = from_node::<ConnectionSpec>(&raw.0, Mode::Check, &mut d) {
             for (field, value) in &spec.fields {
-                let lower = field.to_ascii_lowercase();
-                if SECRET_FIELD_WORDS.iter().any(|w| lower.contains(w)) {
+                if is_secret_field(field) {
                     if let Some(s) = value.as_str() {
                         if !s.is_empty() && !is_template(s) {
                             let pos = raw.0.get(field).map(|n| n.pos).unwrap_or(raw.0.pos);
