@@ -451,7 +451,8 @@ struct Progress {
 #[derive(Default)]
 struct LiveState {
     running: IndexMap<String, (Instant, Vec<(String, u64)>)>,
-    drawn: bool,
+    /// How many live lines are on screen below the last log line.
+    drawn: usize,
 }
 
 impl Progress {
@@ -471,6 +472,9 @@ impl Progress {
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     std::thread::sleep(std::time::Duration::from_millis(250));
                     let mut s = state.lock().unwrap();
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
                     draw_live(&mut s);
                 }
             });
@@ -479,9 +483,9 @@ impl Progress {
     }
 
     fn stop(&self) {
+        let mut s = self.state.lock().unwrap();
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if self.live {
-            let mut s = self.state.lock().unwrap();
             clear_live(&mut s);
         }
     }
@@ -498,34 +502,47 @@ impl Progress {
 }
 
 fn clear_live(s: &mut LiveState) {
-    if s.drawn {
-        let _ = write!(std::io::stderr(), "\r\x1b[2K");
-        s.drawn = false;
+    if s.drawn > 0 {
+        let mut err = std::io::stderr().lock();
+        // Up to the first live line, then clear to the end of the screen.
+        let _ = write!(err, "\r\x1b[{}A\x1b[J", s.drawn);
+        s.drawn = 0;
     }
 }
 
+/// One line per running step: its elapsed time and live counters.
 fn draw_live(s: &mut LiveState) {
+    clear_live(s);
     if s.running.is_empty() {
-        clear_live(s);
         return;
     }
-    let parts: Vec<String> = s
-        .running
-        .iter()
-        .map(|(id, (since, counters))| {
-            let c: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            let c = if c.is_empty() {
-                String::new()
-            } else {
-                format!(" {}", c.join(", "))
-            };
-            format!("{id} {}{c}", engine::duration::human(since.elapsed()))
-        })
-        .collect();
-    let mut text = format!("running: {}", parts.join(" | "));
-    text.truncate(200);
-    let _ = write!(std::io::stderr(), "\r\x1b[2K{text}");
-    s.drawn = true;
+    let width = terminal_width();
+    let mut err = std::io::stderr().lock();
+    for (id, (since, counters)) in &s.running {
+        let c: Vec<String> = counters.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let c = if c.is_empty() {
+            String::new()
+        } else {
+            format!("  {}", c.join(", "))
+        };
+        let mut text = format!("  ⏵ {id} {}{c}", engine::duration::human(since.elapsed()));
+        if text.chars().count() >= width {
+            text = text.chars().take(width.saturating_sub(1)).collect();
+        }
+        let _ = writeln!(err, "{text}");
+        s.drawn += 1;
+    }
+}
+
+fn terminal_width() -> usize {
+    let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+    // SAFETY: TIOCGWINSZ fills a winsize struct we own.
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 {
+        ws.ws_col as usize
+    } else {
+        100
+    }
 }
 
 impl Observer for Progress {
