@@ -328,7 +328,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     }
 
     // References.
-    let ids: Vec<&str> = doc.steps.keys().map(String::as_str).collect();
+    let ids: std::collections::HashSet<&str> = doc.steps.keys().map(String::as_str).collect();
     let outputs_of: HashMap<&str, Option<BTreeSet<String>>> = parsed
         .iter()
         .map(|p| {
@@ -656,7 +656,7 @@ fn topo_order(edges: &[Vec<usize>]) -> Vec<usize> {
 #[derive(Clone, Copy)]
 struct Refs<'a> {
     params: &'a IndexMap<String, ParamSpec>,
-    ids: &'a [&'a str],
+    ids: &'a std::collections::HashSet<&'a str>,
     outputs: &'a HashMap<&'a str, Option<BTreeSet<String>>>,
     locals: &'a [String],
     self_id: &'a str,
@@ -664,11 +664,13 @@ struct Refs<'a> {
 
 impl<'a> Refs<'a> {
     fn plain(params: &'a IndexMap<String, ParamSpec>) -> Refs<'a> {
+        static EMPTY_IDS: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+            std::sync::OnceLock::new();
         static EMPTY: std::sync::OnceLock<HashMap<&'static str, Option<BTreeSet<String>>>> =
             std::sync::OnceLock::new();
         Refs {
             params,
-            ids: &[],
+            ids: EMPTY_IDS.get_or_init(Default::default),
             outputs: EMPTY.get_or_init(HashMap::new),
             locals: &[],
             self_id: "",
