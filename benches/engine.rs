@@ -688,16 +688,25 @@ fn bench_run(dir: &Path, rows: &mut Vec<Row>) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; no filters are supported.
+    // `cargo bench` passes `--bench`; any other argument is a filter (`validate`, `run`).
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wanted = |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f));
     println!("{}", machine());
     let dir = tempfile::tempdir().expect("temp dir");
     let mut rows = Vec::new();
-    let vdir = dir.path().join("validate");
-    std::fs::create_dir_all(&vdir).expect("mkdir");
-    bench_validate(&vdir, &mut rows);
-    let rdir = dir.path().join("run");
-    std::fs::create_dir_all(&rdir).expect("mkdir");
-    bench_run(&rdir, &mut rows);
+    if wanted("validate") {
+        let vdir = dir.path().join("validate");
+        std::fs::create_dir_all(&vdir).expect("mkdir");
+        bench_validate(&vdir, &mut rows);
+    }
+    if wanted("run") {
+        let rdir = dir.path().join("run");
+        std::fs::create_dir_all(&rdir).expect("mkdir");
+        bench_run(&rdir, &mut rows);
+    }
     println!();
     print_table(&rows);
 }

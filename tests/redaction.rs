@@ -1,1 +1,403 @@
-//! The secret canary.
+//! The secret canary: secrets are planted, pipelines fail in every way while using them, and
+//! then every byte `pipe` printed or left in the state dir is searched for them.
+
+use crate::util::{base64, history, percent_encode, Env, Out};
+use std::path::Path;
+
+const TOKEN: &str = "canary-5f2b9e1d-secret";
+const FILE_SECRET: &str = "canary-file-7c3a91e4-secret";
+
+/// The forms of a secret that must never appear: as is, base64 (standard and URL-safe) and
+/// percent-encoded.
+fn forms(secret: &str) -> Vec<String> {
+    let mut v = vec![
+        secret.to_string(),
+        base64(secret.as_bytes(), false),
+        base64(secret.as_bytes(), true),
+        percent_encode(secret),
+    ];
+    v.dedup();
+    v
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// Every file under `dir`, as (path, bytes).
+fn files_under(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files_under(&path, out);
+        } else if let Ok(bytes) = std::fs::read(&path) {
+            out.push((path.display().to_string(), bytes));
+        }
+    }
+}
+
+/// Collects everything `pipe` printed, to search it at the end.
+struct Canary {
+    env: Env,
+    captured: Vec<(String, Vec<u8>)>,
+}
+
+impl Canary {
+    fn new() -> Canary {
+        let env = Env::new();
+        env.write("secrets/file-secret", &format!("{FILE_SECRET}\n"));
+        Canary {
+            env,
+            captured: Vec::new(),
+        }
+    }
+
+    fn run(&mut self, args: &[&str]) -> Out {
+        let out = Out(self
+            .env
+            .cmd()
+            .env("CANARY_TOKEN", TOKEN)
+            .env(
+                "CANARY_FILE_FILE",
+                self.env.path().join("secrets/file-secret"),
+            )
+            .env_remove("CANARY_FILE")
+            .args(args)
+            .output()
+            .expect("run pipe"));
+        let what = args.join(" ");
+        self.captured
+            .push((format!("stdout of `{what}`"), out.0.stdout.clone()));
+        self.captured
+            .push((format!("stderr of `{what}`"), out.0.stderr.clone()));
+        out
+    }
+
+    /// `runs show` and `runs logs` of a run, as text and JSON.
+    fn inspect(&mut self, id: i64) {
+        let id = id.to_string();
+        for cmd in ["show", "logs"] {
+            for format in ["text", "json"] {
+                self.run(&["runs", cmd, &id, "--format", format])
+                    .expect_code(0);
+            }
+        }
+    }
+
+    /// Search every captured output and every file under the state dir for `secrets`.
+    fn assert_absent(&self, secrets: &[&str]) {
+        let mut places = self.captured.clone();
+        files_under(&self.env.state(), &mut places);
+        assert!(
+            places.iter().any(|(p, _)| p.ends_with("history.sqlite")),
+            "no database to search"
+        );
+        let mut leaks = Vec::new();
+        for secret in secrets {
+            for form in forms(secret) {
+                for (place, bytes) in &places {
+                    if contains(bytes, &form) {
+                        leaks.push(format!("`{form}` in {place}"));
+                    }
+                }
+            }
+        }
+        assert!(leaks.is_empty(), "secrets leaked:\n{}", leaks.join("\n"));
+    }
+}
+
+fn logs_of(state: &Path, run_id: i64) -> Vec<(String, Option<String>, String, Option<String>)> {
+    let db = history(state);
+    let mut stmt = db
+        .prepare("select level, step, message, description from logs where run_id = ?1 order by id")
+        .unwrap();
+    stmt.query_map([run_id], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+fn step_error(summary: &serde_json::Value, id: &str) -> String {
+    summary["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {summary}"))["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("step {id} has no error: {summary}"))
+        .to_string()
+}
+
+const LEAKY: &str = r#"
+pipeline: leaky
+concurrency: 1
+steps:
+  shout:
+    type: exec
+    with:
+      shell: true
+      command: |
+        [ "$T" = "$CANARY_TOKEN" ] && touch got-token
+        [ "$F" = "$(cat "$CANARY_FILE_FILE")" ] && touch got-file
+        echo "stdout token=$T"
+        echo "stderr token=$T" >&2
+        echo "file=$F"
+        exit 3
+      env: { T: "{{ secret('CANARY_TOKEN') }}", F: "{{ secret('CANARY_FILE') }}" }
+      on_nonzero: fail
+  encoded:
+    type: exec
+    with:
+      shell: true
+      command: |
+        printf %s "$T" | base64
+        printf %s "$F" | base64
+        printf %s "$T" | sed 's/-/%2D/g'; echo
+        echo "url=$(printf %s "$T" | sed 's/-/%2D/g')"
+        printf '%s\n' "$T" >&2
+      env: { T: "{{ secret('CANARY_TOKEN') }}", F: "{{ secret('CANARY_FILE') }}" }
+  spawn_fail:
+    type: exec
+    with: { command: "/nope/{{ secret('CANARY_TOKEN') }}" }
+  bad_template:
+    type: log
+    with: { message: "{{ secret('CANARY_TOKEN') | parse('%Y-%m-%d') }}" }
+  bad_if:
+    type: log
+    if: "{{ env(secret('CANARY_FILE')) }}"
+    with: { message: never }
+  log_error:
+    type: log
+    with:
+      level: error
+      message: "login failed for {{ secret('CANARY_TOKEN') }}"
+      description: "with {{ secret('CANARY_FILE') }}"
+  slow:
+    type: exec
+    timeout: 2s
+    with:
+      shell: true
+      command: 'echo "slow $T"; echo "slow err $T" >&2; sleep 30'
+      env: { T: "{{ secret('CANARY_TOKEN') }}" }
+  teardown:
+    type: log
+    always: true
+    needs: [shout, slow]
+    with: { message: "teardown {{ secret('CANARY_TOKEN') }} {{ steps.shout.error }}", level: warning }
+"#;
+
+#[test]
+fn secrets_never_leak_from_failing_steps_summaries_or_history() {
+    let mut c = Canary::new();
+    let p = c.env.write("leaky.yaml", LEAKY);
+    let path = p.to_str().unwrap().to_string();
+
+    // Dry runs, text and JSON: nothing is looked up, secrets show as `***`.
+    let out = c.run(&["run", &path, "--dry-run"]);
+    out.expect_code(0);
+    assert!(out.stdout().contains("/nope/***"), "{}", out.stdout());
+    c.run(&["run", &path, "--dry-run", "--format", "json"])
+        .expect_code(0);
+
+    // The real run, JSON summary.
+    let out = c.run(&["run", &path, "--format", "json", "-v"]);
+    out.expect_code(1);
+    let summary = out.json();
+    let id = summary["run_id"].as_i64().unwrap();
+    assert!(
+        c.env.path().join("got-token").exists() && c.env.path().join("got-file").exists(),
+        "the steps did not receive the real secrets"
+    );
+    assert!(
+        step_error(&summary, "shout").contains("last stderr: stderr token=***"),
+        "{summary}"
+    );
+    assert!(
+        step_error(&summary, "spawn_fail").contains("/nope/***"),
+        "{summary}"
+    );
+    assert!(
+        step_error(&summary, "bad_template").contains("`***`"),
+        "{summary}"
+    );
+    assert!(
+        step_error(&summary, "bad_if").contains("environment variable *** is not set"),
+        "{summary}"
+    );
+    assert_eq!(step_error(&summary, "log_error"), "login failed for ***");
+    assert!(
+        step_error(&summary, "slow").contains("timed out"),
+        "{summary}"
+    );
+    // Info rows went to stderr too (-v).
+    assert!(
+        out.stderr().contains("stdout token=***"),
+        "{}",
+        out.stderr()
+    );
+
+    // The log rows hold the masked text where the secrets were.
+    let rows = logs_of(&c.env.state(), id);
+    let has = |level: &str, step: &str, message: &str| {
+        rows.iter()
+            .any(|r| r.0 == level && r.1.as_deref() == Some(step) && r.2 == message)
+    };
+    assert!(has("info", "shout", "stdout token=***"), "{rows:?}");
+    assert!(has("error", "shout", "stderr token=***"), "{rows:?}");
+    assert!(has("info", "shout", "file=***"), "{rows:?}");
+    assert!(has("info", "encoded", "url=***"), "{rows:?}");
+    assert!(has("error", "encoded", "***"), "{rows:?}");
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.1.as_deref() == Some("encoded") && r.2 == "***")
+            .count(),
+        4,
+        "base64 ×2, percent-encoded, raw on stderr: {rows:?}"
+    );
+    assert!(
+        rows.iter().any(|r| r.1.as_deref() == Some("log_error")
+            && r.2 == "login failed for ***"
+            && r.3.as_deref() == Some("with ***")),
+        "{rows:?}"
+    );
+    assert!(has("info", "slow", "slow ***"), "{rows:?}");
+    assert!(has("error", "slow", "slow err ***"), "{rows:?}");
+    assert!(
+        rows.iter()
+            .any(|r| r.1.as_deref() == Some("teardown") && r.2.starts_with("teardown *** ")),
+        "{rows:?}"
+    );
+
+    // The same run with the text summary.
+    let out = c.run(&["run", &path]);
+    out.expect_code(1);
+    assert!(out.stdout().contains("error: step `"), "{}", out.stdout());
+    let text_id: i64 = out
+        .stdout()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("run ")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("run id in the summary");
+
+    for run in [id, text_id] {
+        c.inspect(run);
+    }
+    c.run(&["runs", "list", "--format", "json"]).expect_code(0);
+    c.run(&["runs", "list"]).expect_code(0);
+    let out = c.run(&["runs", "show", &id.to_string()]);
+    assert!(out.stdout().contains("***"), "{}", out.stdout());
+
+    c.assert_absent(&[TOKEN, FILE_SECRET]);
+}
+
+#[test]
+fn a_secret_output_is_masked_everywhere_including_the_row_that_printed_it() {
+    const MINTED: &str = "tok-3e8f1a9c7b2d4e6f";
+    let mut c = Canary::new();
+    let p = c.env.write(
+        "mint.yaml",
+        &format!(
+            r#"
+pipeline: mint
+steps:
+  mint:
+    type: exec
+    with: {{ shell: true, command: "echo minting; echo {MINTED}" }}
+    outputs:
+      token: {{ value: "{{{{ result.stdout_last_line }}}}", secret: true }}
+      code: "{{{{ result.exit_code }}}}"
+  use:
+    type: exec
+    needs: [mint]
+    with:
+      shell: true
+      command: 'echo "using $T"; printf %s "$T" | base64; echo "Bearer $T"; exit 1'
+      env: {{ T: "{{{{ steps.mint.token }}}}" }}
+      on_nonzero: fail
+  note:
+    type: log
+    needs: [mint]
+    with: {{ message: "token is {{{{ steps.mint.token }}}}", level: error }}
+"#
+        ),
+    );
+    let out = c.run(&["run", p.to_str().unwrap(), "--format", "json"]);
+    out.expect_code(1);
+    let id = out.json()["run_id"].as_i64().unwrap();
+    c.inspect(id);
+
+    // Later steps: masked.
+    let rows = logs_of(&c.env.state(), id);
+    let messages: Vec<(Option<&str>, &str)> = rows
+        .iter()
+        .map(|r| (r.1.as_deref(), r.2.as_str()))
+        .collect();
+    for want in [
+        (Some("use"), "using ***"),
+        (Some("use"), "***"),
+        (Some("use"), "Bearer ***"),
+        (Some("note"), "token is ***"),
+    ] {
+        assert!(messages.contains(&want), "{want:?} not in {messages:?}");
+    }
+    // The stored outputs: the secret one masked, the other kept.
+    let outputs: String = history(&c.env.state())
+        .query_row(
+            "select outputs from step_runs where run_id = ?1 and step = 'mint'",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let outputs: serde_json::Value = serde_json::from_str(&outputs).unwrap();
+    assert_eq!(outputs["token"], "***", "{outputs}");
+    assert_eq!(outputs["code"], 0, "{outputs}");
+
+    // Nowhere at all, including the `mint` step's own stdout row.
+    c.assert_absent(&[MINTED]);
+}
+
+#[test]
+fn scripts_mask_values_with_add_mask_and_set_secret() {
+    const MASKED: &str = "pw-77d1c0ffee42";
+    const SET: &str = "sess-9a8b7c6d5e4f";
+    let mut c = Canary::new();
+    let p = c.env.write(
+        "mask.yaml",
+        &format!(
+            r#"
+pipeline: mask
+steps:
+  script:
+    type: exec
+    with:
+      shell: true
+      command: |
+        echo "::add-mask::{MASKED}"
+        echo "password is {MASKED}"
+        echo "::set-secret name=session::{SET}"
+        echo "session is {SET}"
+  later:
+    type: log
+    with: {{ message: "got {{{{ steps.script.session }}}}" }}
+"#
+        ),
+    );
+    let out = c.run(&["run", p.to_str().unwrap(), "--format", "json", "-v"]);
+    out.expect_code(0);
+    let id = out.json()["run_id"].as_i64().unwrap();
+    c.inspect(id);
+    let rows = logs_of(&c.env.state(), id);
+    let messages: Vec<&str> = rows.iter().map(|r| r.2.as_str()).collect();
+    for want in ["password is ***", "session is ***", "got ***"] {
+        assert!(messages.contains(&want), "{want:?} not in {messages:?}");
+    }
+    c.assert_absent(&[MASKED, SET]);
+}

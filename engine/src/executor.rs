@@ -113,8 +113,9 @@ impl Shared {
 pub async fn execute(req: RunRequest) -> RunResult {
     let plan = req.plan.clone();
     let n = plan.steps.len();
-    let pipeline_dir = plan
-        .file
+    // Absolute, so that a bare `pipe run p.yaml` gives its steps "." rather than "".
+    let file = std::path::absolute(&plan.file).unwrap_or_else(|_| plan.file.clone());
+    let pipeline_dir = file
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_else(|| PathBuf::from("."));
@@ -330,7 +331,7 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
     let clock = Instant::now();
     let scope = shared.scope();
     let redactor = &shared.req.redactor;
-    let mut record = StepRecord {
+    let record = StepRecord {
         step: id.to_string(),
         status: Status::Failed,
         attempts: 0,
@@ -341,6 +342,37 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
         error: None,
         outputs: serde_json::Value::Object(Default::default()),
     };
+    // A step with secret outputs may print the secret before pipe knows it is one (a login
+    // step echoing its token): its log rows are held until the outputs are known, then
+    // redacted again and released.
+    let holding = step
+        .spec
+        .outputs
+        .values()
+        .any(|o| o.secret())
+        .then(|| Arc::new(Holding::new(shared.req.observer.clone())));
+    let observer: Arc<dyn Observer> = match &holding {
+        Some(h) => h.clone(),
+        None => shared.req.observer.clone(),
+    };
+    let record = run_attempts(shared, i, &observer, record, scope, clock).await;
+    if let Some(h) = holding {
+        h.release(redactor);
+    }
+    record
+}
+
+async fn run_attempts(
+    shared: &Shared,
+    i: usize,
+    observer: &Arc<dyn Observer>,
+    mut record: StepRecord,
+    scope: Scope,
+    clock: Instant,
+) -> StepRecord {
+    let step = &shared.req.plan.steps[i];
+    let id = step.id.as_str();
+    let redactor = &shared.req.redactor;
     let templates = &shared.req.templates;
 
     let outcome: Result<Option<(StepOutput, u32)>, (Status, String)> = async {
@@ -401,7 +433,7 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
         loop {
             shared.req.observer.event(&RunEvent::StepStarted { step: id.to_string(), attempt, at: Utc::now() });
             let token = parent.child_token();
-            let mut ctx = StepContext::new(id, shared.req.run_id, shared.req.observer.clone(), redactor.clone(), shared.req.run_dir.clone(), shared.pipeline_dir.clone());
+            let mut ctx = StepContext::new(id, shared.req.run_id, observer.clone(), redactor.clone(), shared.req.run_dir.clone(), shared.pipeline_dir.clone());
             ctx.attempt = attempt;
             ctx.inputs = inputs.clone();
             ctx.connection = connection.clone();
@@ -529,6 +561,42 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+/// Holds a step's log rows until [`Holding::release`]; other events pass straight through.
+struct Holding {
+    inner: Arc<dyn Observer>,
+    held: Mutex<Vec<RunEvent>>,
+}
+
+impl Holding {
+    fn new(inner: Arc<dyn Observer>) -> Self {
+        Holding {
+            inner,
+            held: Mutex::new(Vec::new()),
+        }
+    }
+    fn release(&self, redactor: &Redactor) {
+        for event in self.held.lock().unwrap().drain(..) {
+            match event {
+                RunEvent::Log(mut rec) => {
+                    rec.message = redactor.redact(&rec.message);
+                    rec.description = rec.description.map(|d| redactor.redact(&d));
+                    self.inner.event(&RunEvent::Log(rec));
+                }
+                other => self.inner.event(&other),
+            }
+        }
+    }
+}
+
+impl Observer for Holding {
+    fn event(&self, event: &RunEvent) {
+        match event {
+            RunEvent::Log(_) => self.held.lock().unwrap().push(event.clone()),
+            other => self.inner.event(other),
+        }
+    }
 }
 
 /// `--dry-run`: each step's config rendered with placeholders for other steps' outputs

@@ -6,6 +6,9 @@
 //! * Workflow commands on stdout (as in GitHub Actions) talk to `pipe`:
 //!   - `::set-output name=NAME::VALUE` sets output `NAME` (the row says only
 //!     `set output NAME`: the value may be secret and is never logged);
+//!   - `::set-secret name=NAME::VALUE` does the same and masks VALUE everywhere from now on;
+//!   - `::add-mask::VALUE` masks VALUE in every later row, output and error (as in GitHub
+//!     Actions: print it before the value itself appears);
 //!   - `::warning::MESSAGE` writes a warning row and gives the step a warning;
 //!   - `::error::MESSAGE` writes an error row (the step does not fail because of it);
 //!   - `::file::PATH` copies the file (relative to the working dir) into the run's folder
@@ -372,7 +375,9 @@ fn parse_command(line: &str) -> Option<(&str, &str, &str)> {
     let (head, value) = rest.split_once("::")?;
     let (name, props) = head.split_once(' ').unwrap_or((head, ""));
     match name {
-        "set-output" | "warning" | "error" | "file" => Some((name, props.trim(), value)),
+        "set-output" | "set-secret" | "add-mask" | "warning" | "error" | "file" => {
+            Some((name, props.trim(), value))
+        }
         _ => None,
     }
 }
@@ -404,8 +409,15 @@ async fn on_stdout_line(ctx: &StepContext, workdir: &Path, shared: &Shared, line
         return;
     };
     match name {
-        "set-output" => match prop(props, "name").filter(|n| !n.is_empty()) {
+        "add-mask" => {
+            ctx.redactor.add(&unescape(value));
+            ctx.log(Level::Info, "masked a value");
+        }
+        "set-output" | "set-secret" => match prop(props, "name").filter(|n| !n.is_empty()) {
             Some(key) => {
+                if name == "set-secret" {
+                    ctx.redactor.add(&unescape(value));
+                }
                 ctx.log(Level::Info, &format!("set output {key}"));
                 shared
                     .collected
