@@ -174,6 +174,12 @@ pub fn from_map_tolerant<T: DeserializeOwned>(
     mode: Mode,
     diags: &mut Diags,
 ) -> Option<T> {
+    // The common case (it reads) costs no copy.
+    let mut local = Diags::new(&diags.file);
+    if let Some(v) = from_node::<T>(node, mode, &mut local) {
+        diags.items.extend(local.items);
+        return Some(v);
+    }
     let mut node = node.clone();
     for _ in 0..16 {
         let mut local = Diags::new(&diags.file);

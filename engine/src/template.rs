@@ -78,6 +78,46 @@ pub fn is_template(s: &str) -> bool {
 /// Returns the nested undeclared variable paths (e.g. `steps.login.tmp`, `params.days`,
 /// `values`) minus globals, functions and builtins, or `Err(message)` on a syntax error.
 pub fn references(src: &str) -> Result<BTreeSet<String>, String> {
+    // Fast path for the most common shape, `{{ a.b.c }}`: no need to compile a template.
+    if let Some(path) = lone_path(src) {
+        let first = path.split('.').next().unwrap_or_default();
+        let mut set = BTreeSet::new();
+        if !NOT_VARIABLES.contains(&first) {
+            set.insert(path.to_string());
+        }
+        return Ok(set);
+    }
+    thread_local! {
+        static CACHE: std::cell::RefCell<std::collections::HashMap<String, Result<BTreeSet<String>, String>>> =
+            Default::default();
+    }
+    if let Some(hit) = CACHE.with(|c| c.borrow().get(src).cloned()) {
+        return hit;
+    }
+    let result = compile_references(src);
+    CACHE.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() > 10_000 {
+            c.clear();
+        }
+        c.insert(src.to_string(), result.clone());
+    });
+    result
+}
+
+/// `{{ a.b.c }}` (identifiers and dots only, nothing else in the string) → `a.b.c`.
+fn lone_path(src: &str) -> Option<&str> {
+    let inner = src.trim().strip_prefix("{{")?.strip_suffix("}}")?.trim();
+    let ok = !inner.is_empty()
+        && inner.split('.').all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+    ok.then_some(inner)
+}
+
+fn compile_references(src: &str) -> Result<BTreeSet<String>, String> {
     let fixed = fix_unary_minus(src);
     let env = Environment::new();
     let tmpl = env
@@ -1062,6 +1102,15 @@ mod tests {
             references("{{ steps.login.tmp }}").unwrap(),
             set(&["steps.login.tmp"])
         );
+        assert_eq!(
+            references("{{steps.login.tmp}}").unwrap(),
+            compile_references("{{steps.login.tmp}}").unwrap()
+        );
+        assert_eq!(
+            references("{{ true }}").unwrap(),
+            compile_references("{{ true }}").unwrap()
+        );
+        assert_eq!(references("{{ loop.index }}").unwrap(), set(&[]));
         assert_eq!(
             references("{{ params.days > 0 }}").unwrap(),
             set(&["params.days"])

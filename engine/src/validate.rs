@@ -92,7 +92,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             plan: None,
         };
     }
-    let Some(doc) = from_map_tolerant::<PipelineDoc>(&root, Mode::Check, &mut d) else {
+    let Some(mut doc) = from_map_tolerant::<PipelineDoc>(&root, Mode::Check, &mut d) else {
         return Outcome {
             diagnostics: finish(d),
             plan: None,
@@ -213,12 +213,22 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     }
     let mut parsed: Vec<Parsed> = Vec::new();
     let mut broken: BTreeSet<String> = BTreeSet::new();
-    for (id, raw) in &doc.steps {
-        let key_pos = key_pos(&root, &["steps"], id);
-        if !is_ident(id) {
+    let step_keys: HashMap<&str, Pos> = root
+        .get("steps")
+        .and_then(Node::as_map)
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, _)| Some((k.key_str()?, k.pos)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let step_ids: Vec<String> = doc.steps.keys().cloned().collect();
+    for (id, raw) in std::mem::take(&mut doc.steps) {
+        let key_pos = step_keys.get(id.as_str()).copied().unwrap_or(root.pos);
+        if !is_ident(&id) {
             d.push(key_pos, Code::InvalidName, format!("step id `{id}` must be an identifier ([a-z_][a-z0-9_]*) so templates can say steps.{id}"));
         }
-        let node = raw.0.clone();
+        let node = raw.0;
         if node.as_map().is_none() {
             d.push(
                 node.pos,
@@ -231,14 +241,14 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             broken.insert(id.clone());
             continue;
         }
-        let Some(spec) = from_map_tolerant::<StepSpec>(&node, Mode::Check, &mut d) else {
+        let Some(mut spec) = from_map_tolerant::<StepSpec>(&node, Mode::Check, &mut d) else {
             broken.insert(id.clone());
             continue;
         };
         let config = spec
             .config
-            .as_ref()
-            .map(|r| r.0.clone())
+            .take()
+            .map(|r| r.0)
             .unwrap_or_else(|| Node::new(node.pos, Value::Map(vec![])));
         let info = match registry.get(&spec.kind) {
             None => {
@@ -328,7 +338,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     }
 
     // References.
-    let ids: std::collections::HashSet<&str> = doc.steps.keys().map(String::as_str).collect();
+    let ids: std::collections::HashSet<&str> = step_ids.iter().map(String::as_str).collect();
     let outputs_of: HashMap<&str, Option<BTreeSet<String>>> = parsed
         .iter()
         .map(|p| {

@@ -198,7 +198,14 @@ pub fn resolve_plain(s: &str) -> Value {
 
 enum Frame {
     Seq(Pos, Vec<Node>, usize),
-    Map(Pos, Vec<(Node, Node)>, Option<Node>, usize),
+    /// Position, entries, the key waiting for its value, anchor, and the keys seen so far.
+    Map(
+        Pos,
+        Vec<(Node, Node)>,
+        Option<Node>,
+        usize,
+        HashMap<String, Pos>,
+    ),
 }
 
 /// Parse one YAML document. Syntax errors end parsing (reported with their position);
@@ -267,7 +274,7 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 None
             }
             Event::MappingStart(anchor, _) => {
-                stack.push(Frame::Map(pos, Vec::new(), None, anchor));
+                stack.push(Frame::Map(pos, Vec::new(), None, anchor, HashMap::new()));
                 None
             }
             Event::SequenceEnd => match stack.pop() {
@@ -277,7 +284,7 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 _ => None,
             },
             Event::MappingEnd => match stack.pop() {
-                Some(Frame::Map(p, entries, _, anchor)) => {
+                Some(Frame::Map(p, entries, _, anchor, _)) => {
                     Some((Node::new(p, Value::Map(merge_keys(entries))), anchor))
                 }
                 _ => None,
@@ -291,16 +298,12 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
             match stack.last_mut() {
                 None => root = Some(node),
                 Some(Frame::Seq(_, items, _)) => items.push(node),
-                Some(Frame::Map(_, entries, pending, _)) => match pending.take() {
+                Some(Frame::Map(_, entries, pending, _, seen)) => match pending.take() {
                     None => *pending = Some(node),
                     Some(key) => {
                         let name = scalar_key(&key);
                         if let Some(name) = &name {
-                            if let Some(i) = entries
-                                .iter()
-                                .position(|(k, _)| scalar_key(k).as_deref() == Some(name.as_str()))
-                            {
-                                let first = entries[i].0.pos;
+                            if let Some(&first) = seen.get(name) {
                                 diags.push(
                                     key.pos,
                                     Code::DuplicateKey,
@@ -311,6 +314,9 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                                 );
                                 continue;
                             }
+                        }
+                        if let Some(name) = &name {
+                            seen.insert(name.clone(), key.pos);
                         }
                         // Keys are strings in this format: `1: x` is the key "1".
                         let key = match name {
