@@ -64,6 +64,43 @@ pub fn validate_file(path: &Path, display: &str, registry: &Registry) -> Outcome
     }
 }
 
+/// Validate many files on all cores (files are independent); outcomes in input order.
+/// Each item is (path to read, path as the user should see it).
+pub fn validate_files(files: &[(std::path::PathBuf, String)], registry: &Registry) -> Vec<Outcome> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(files.len().max(1));
+    if workers <= 1 {
+        return files
+            .iter()
+            .map(|(p, d)| validate_file(p, d, registry))
+            .collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slots: Vec<Option<Outcome>> = Vec::new();
+    slots.resize_with(files.len(), || None);
+    let results = std::sync::Mutex::new(slots);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some((path, display)) = files.get(i) else {
+                    break;
+                };
+                let outcome = validate_file(path, display, registry);
+                results.lock().unwrap()[i] = Some(outcome);
+            });
+        }
+    });
+    results
+        .into_inner()
+        .unwrap()
+        .into_iter()
+        .map(|o| o.expect("every file validated"))
+        .collect()
+}
+
 fn is_ident(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')

@@ -67,11 +67,14 @@ pub fn main(args: ValidateArgs) -> i32 {
         }
     };
     let registry = super::registry();
-    let mut all: Vec<Diagnostic> = Vec::new();
-    for f in &files {
-        let display = f.display().to_string();
-        all.extend(engine::validate::validate_file(f, &display, &registry).diagnostics);
-    }
+    let items: Vec<(PathBuf, String)> = files
+        .iter()
+        .map(|f| (f.clone(), f.display().to_string()))
+        .collect();
+    let mut all: Vec<Diagnostic> = engine::validate::validate_files(&items, &registry)
+        .into_iter()
+        .flat_map(|o| o.diagnostics)
+        .collect();
     all.sort();
     let errors = all.iter().filter(|d| d.severity == Severity::Error).count();
     let warnings = all.len() - errors;
