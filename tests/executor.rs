@@ -249,6 +249,15 @@ fn warnings_make_the_run_succeed_with_warnings() {
 
 #[test]
 fn ctrl_c_cancels_running_steps_kills_children_and_runs_teardown() {
+    cancel_with(libc::SIGINT);
+}
+
+#[test]
+fn sigterm_cancels_like_ctrl_c() {
+    cancel_with(libc::SIGTERM);
+}
+
+fn cancel_with(signal: i32) {
     let env = Env::new();
     let p = env.write(
         "p.yaml",
@@ -287,7 +296,7 @@ steps:
         .trim()
         .parse()
         .unwrap();
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let out = crate::util::Out(child.wait_with_output().unwrap());
     out.expect_code(1);
     let v = out.json();

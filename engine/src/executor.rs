@@ -127,61 +127,15 @@ pub async fn execute(req: RunRequest) -> RunResult {
     });
     let semaphore = Arc::new(Semaphore::new(shared.req.concurrency.max(1)));
 
-    let mut waiting: Vec<usize> = plan.steps.iter().map(|s| s.deps.len()).collect();
-    let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, s) in plan.steps.iter().enumerate() {
-        for &d in &s.deps {
-            dependents[d].push(i);
-        }
-    }
-    let mut records: Vec<Option<StepRecord>> = vec![None; n];
-    let mut ready: VecDeque<usize> = (0..n).filter(|&i| waiting[i] == 0).collect();
+    let mut board = Board::new(&plan);
     let mut running: JoinSet<(usize, StepRecord)> = JoinSet::new();
-    let mut first_failure: Option<String> = None;
-    let mut done = 0usize;
 
-    while done < n {
-        while let Some(i) = ready.pop_front() {
-            let step = &plan.steps[i];
-            let blocked = step
-                .deps
-                .iter()
-                .find(|&&d| !records[d].as_ref().is_some_and(|r| r.status.is_success()));
-            let decided = if step.spec.always {
-                None
-            } else if shared.req.cancel.is_cancelled() {
-                Some((
-                    Status::Cancelled,
-                    "the run was cancelled before this step started".to_string(),
-                ))
-            } else {
-                blocked.map(|&d| {
-                    let r = records[d].as_ref().unwrap();
-                    let status = if r.status == Status::Cancelled {
-                        Status::Cancelled
-                    } else {
-                        Status::Skipped
-                    };
-                    (
-                        status,
-                        format!("`{}` {}", plan.steps[d].id, r.status.label()),
-                    )
-                })
-            };
-            match decided {
+    while board.done < n {
+        while let Some(i) = board.ready.pop_front() {
+            match board.decide(&plan, i, shared.req.cancel.is_cancelled()) {
                 Some((status, why)) => {
                     let record = not_run(&shared, i, status, &why);
-                    finish(
-                        i,
-                        record,
-                        &mut records,
-                        &mut done,
-                        &dependents,
-                        &mut waiting,
-                        &mut ready,
-                        &shared,
-                        &mut first_failure,
-                    );
+                    board.finish(i, record, &shared);
                 }
                 None => {
                     let shared = shared.clone();
@@ -197,30 +151,27 @@ pub async fn execute(req: RunRequest) -> RunResult {
                 }
             }
         }
-        if done >= n {
+        if board.done >= n {
             break;
         }
         match running.join_next().await {
-            Some(Ok((i, record))) => finish(
-                i,
-                record,
-                &mut records,
-                &mut done,
-                &dependents,
-                &mut waiting,
-                &mut ready,
-                &shared,
-                &mut first_failure,
-            ),
+            Some(Ok((i, record))) => board.finish(i, record, &shared),
             Some(Err(e)) => {
                 // A step task panicked: the panic hook has printed it; record the run as failed.
-                first_failure.get_or_insert_with(|| format!("a step panicked: {e}"));
+                board
+                    .first_failure
+                    .get_or_insert_with(|| format!("a step panicked: {e}"));
                 break;
             }
             None => break,
         }
     }
 
+    let Board {
+        records,
+        first_failure,
+        ..
+    } = board;
     let steps: Vec<StepRecord> = records
         .into_iter()
         .enumerate()
@@ -256,35 +207,87 @@ pub async fn execute(req: RunRequest) -> RunResult {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    i: usize,
-    record: StepRecord,
-    records: &mut [Option<StepRecord>],
-    done: &mut usize,
-    dependents: &[Vec<usize>],
-    waiting: &mut [usize],
-    ready: &mut VecDeque<usize>,
-    shared: &Shared,
-    first_failure: &mut Option<String>,
-) {
-    if record.status == Status::Failed && first_failure.is_none() {
-        *first_failure = Some(format!(
-            "step `{}` failed: {}",
-            record.step,
-            record.error.as_deref().unwrap_or("unknown error")
-        ));
+/// The scheduler's state: which steps are done, how, and which are ready to start.
+struct Board {
+    records: Vec<Option<StepRecord>>,
+    /// How many unfinished dependencies each step still waits for.
+    waiting: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    ready: VecDeque<usize>,
+    done: usize,
+    /// The run's error: the first step that failed, in time.
+    first_failure: Option<String>,
+}
+
+impl Board {
+    fn new(plan: &Plan) -> Board {
+        let n = plan.steps.len();
+        let waiting: Vec<usize> = plan.steps.iter().map(|s| s.deps.len()).collect();
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (i, s) in plan.steps.iter().enumerate() {
+            for &d in &s.deps {
+                dependents[d].push(i);
+            }
+        }
+        let ready = (0..n).filter(|&i| waiting[i] == 0).collect();
+        Board {
+            records: vec![None; n],
+            waiting,
+            dependents,
+            ready,
+            done: 0,
+            first_failure: None,
+        }
     }
-    shared
-        .req
-        .observer
-        .event(&RunEvent::StepFinished(record.clone()));
-    records[i] = Some(record);
-    *done += 1;
-    for &k in &dependents[i] {
-        waiting[k] -= 1;
-        if waiting[k] == 0 {
-            ready.push_back(k);
+
+    /// Whether a ready step runs (`None`) or is settled without running, and why.
+    fn decide(&self, plan: &Plan, i: usize, cancelled: bool) -> Option<(Status, String)> {
+        let step = &plan.steps[i];
+        if step.spec.always {
+            return None;
+        }
+        if cancelled {
+            return Some((
+                Status::Cancelled,
+                "the run was cancelled before this step started".to_string(),
+            ));
+        }
+        let d = *step.deps.iter().find(|&&d| {
+            !self.records[d]
+                .as_ref()
+                .is_some_and(|r| r.status.is_success())
+        })?;
+        let r = self.records[d].as_ref().expect("dependencies finish first");
+        let status = if r.status == Status::Cancelled {
+            Status::Cancelled
+        } else {
+            Status::Skipped
+        };
+        Some((
+            status,
+            format!("`{}` {}", plan.steps[d].id, r.status.label()),
+        ))
+    }
+
+    fn finish(&mut self, i: usize, record: StepRecord, shared: &Shared) {
+        if record.status == Status::Failed && self.first_failure.is_none() {
+            self.first_failure = Some(format!(
+                "step `{}` failed: {}",
+                record.step,
+                record.error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+        shared
+            .req
+            .observer
+            .event(&RunEvent::StepFinished(record.clone()));
+        self.records[i] = Some(record);
+        self.done += 1;
+        for &k in &self.dependents[i] {
+            self.waiting[k] -= 1;
+            if self.waiting[k] == 0 {
+                self.ready.push_back(k);
+            }
         }
     }
 }
