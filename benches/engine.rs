@@ -478,6 +478,7 @@ fn run_dag(
         tz,
         logical_date,
         dry_run: false,
+        overrides: Default::default(),
     }));
     let params = minijinja::Value::from(std::collections::BTreeMap::<String, String>::new());
     let setup = clock.elapsed();

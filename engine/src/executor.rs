@@ -389,8 +389,7 @@ async fn run_attempts(
                 return Ok(None);
             }
         }
-        let config = templates
-            .render_node(&step.config, &scope)
+        let config = render_config(templates, &step.config, &scope, &step.info.deferred)
             .map_err(|(pos, e)| (Status::Failed, format!("template at line {}: {e}", pos.line)))?;
         let connection = match &step.spec.connection {
             None => None,
@@ -441,6 +440,7 @@ async fn run_attempts(
             ctx.inputs = inputs.clone();
             ctx.connection = connection.clone();
             ctx.cancel = token.clone();
+            ctx.evaluator = Some((shared.req.templates.clone(), scope.clone()));
             let result = match (step.kind.run)(config.clone(), ctx) {
                 Err(e) => Err(e),
                 Ok(mut fut) => {
@@ -564,6 +564,33 @@ async fn run_attempts(
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+/// Render a step's config, leaving the templates the step evaluates itself untouched.
+fn render_config(
+    templates: &Templates,
+    config: &crate::yaml::Node,
+    scope: &Scope,
+    deferred: &[String],
+) -> Result<crate::yaml::Node, (crate::diag::Pos, String)> {
+    if deferred.is_empty() {
+        return templates.render_node(config, scope);
+    }
+    let mut stripped = config.clone();
+    let mut kept = Vec::new();
+    for path in deferred {
+        if let Some(node) = stripped.get_path_mut(path) {
+            let pos = node.pos;
+            kept.push((path, std::mem::replace(node, crate::yaml::Node::null(pos))));
+        }
+    }
+    let mut rendered = templates.render_node(&stripped, scope)?;
+    for (path, node) in kept {
+        if let Some(slot) = rendered.get_path_mut(path) {
+            *slot = node;
+        }
+    }
+    Ok(rendered)
 }
 
 /// Holds a step's log rows until [`Holding::release`]; other events pass straight through.

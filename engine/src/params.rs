@@ -371,6 +371,7 @@ mod tests {
             tz,
             logical_date: logical,
             dry_run: false,
+            overrides: Default::default(),
         };
         let t = crate::template::Templates::new(rt);
         let params = minijinja::Value::from_iter([("month", m_of("MA", logical, tz))]);

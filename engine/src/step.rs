@@ -43,6 +43,10 @@ pub struct StaticInfo {
     /// Names that templates inside this step's `with:` may use besides params/steps/run
     /// (`values` in a sheets wait condition, for example).
     pub locals: Vec<String>,
+    /// Dotted paths (relative to `with`) of templates the step evaluates itself, later and
+    /// perhaps many times, with [`StepContext::evaluate`] (a wait condition over each poll's
+    /// values). The executor leaves them unrendered.
+    pub deferred: Vec<String>,
 }
 
 /// What a step returns.
@@ -106,6 +110,7 @@ pub struct StepContext {
     /// The folder of the pipeline file (relative paths in configs start here).
     pub pipeline_dir: PathBuf,
     pub(crate) observer: Arc<dyn Observer>,
+    pub(crate) evaluator: Option<(Arc<crate::template::Templates>, crate::template::Scope)>,
 }
 
 impl StepContext {
@@ -128,7 +133,47 @@ impl StepContext {
             run_dir,
             pipeline_dir,
             observer,
+            evaluator: None,
         }
+    }
+
+    /// Evaluate one of the step's deferred templates ([`StaticInfo::deferred`]) with extra
+    /// local names (`values`). A lone `{{ expr }}` keeps its type.
+    pub fn evaluate(
+        &self,
+        template: &str,
+        locals: &[(&str, serde_json::Value)],
+    ) -> Result<serde_json::Value, String> {
+        let (templates, scope) = self
+            .evaluator
+            .as_ref()
+            .ok_or("templates are not available to this step")?;
+        let mut scope = scope.clone();
+        for (name, value) in locals {
+            scope = scope.with(name, minijinja::Value::from_serialize(value));
+        }
+        templates
+            .render_str(template, &scope)
+            .map_err(|e| self.redactor.redact(&e))
+    }
+
+    /// Evaluate a deferred condition: true or false.
+    pub fn truthy(
+        &self,
+        template: &str,
+        locals: &[(&str, serde_json::Value)],
+    ) -> Result<bool, String> {
+        let (templates, scope) = self
+            .evaluator
+            .as_ref()
+            .ok_or("templates are not available to this step")?;
+        let mut scope = scope.clone();
+        for (name, value) in locals {
+            scope = scope.with(name, minijinja::Value::from_serialize(value));
+        }
+        templates
+            .truthy(template, &scope)
+            .map_err(|e| self.redactor.redact(&e))
     }
 
     /// Write a log row for this step (redacted here, before it leaves the step).

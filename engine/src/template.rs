@@ -138,6 +138,14 @@ pub fn json_to_value(v: &serde_json::Value) -> Value {
     Value::from_serialize(v)
 }
 
+/// Values that `env()` and `secret()` return before looking at the environment: under
+/// `--sandbox`, the pipeline's `sandbox:` block points them at the local fakes.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub env: std::collections::HashMap<String, String>,
+    pub secrets: std::collections::HashMap<String, String>,
+}
+
 /// Settings of one run that templates need.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -149,6 +157,8 @@ pub struct Runtime {
     pub logical_date: DateTime<Utc>,
     /// In a dry run `secret()` returns `***` without looking anything up.
     pub dry_run: bool,
+    /// Values that stand in for environment variables and secrets (`--sandbox`).
+    pub overrides: Overrides,
 }
 
 /// The variables a template sees: `params`, `steps`, `run` and extra locals.
@@ -947,21 +957,29 @@ fn register(env: &mut Environment<'static>, rt: &Runtime) {
     let tz = rt.tz;
     let logical = rt.logical_date;
 
-    env.add_function(
-        "env",
-        |name: String, default: Option<Value>| match std::env::var(&name) {
+    let env_overrides = rt.overrides.env.clone();
+    env.add_function("env", move |name: String, default: Option<Value>| {
+        if let Some(v) = env_overrides.get(&name) {
+            return Ok(Value::from(v.clone()));
+        }
+        match std::env::var(&name) {
             Ok(v) => Ok(Value::from(v)),
             Err(_) => default.ok_or_else(|| err(format!("environment variable {name} is not set"))),
-        },
-    );
+        }
+    });
 
     let redactor = rt.redactor.clone();
     let dry_run = rt.dry_run;
+    let secret_overrides = rt.overrides.secrets.clone();
     env.add_function("secret", move |name: String| {
         if dry_run {
             return Ok(Value::from(crate::secrets::MASK));
         }
-        match crate::secrets::lookup_secret(&name) {
+        match secret_overrides
+            .get(&name)
+            .cloned()
+            .or_else(|| crate::secrets::lookup_secret(&name))
+        {
             Some(v) => {
                 redactor.add(&v);
                 Ok(Value::from(v))
@@ -1074,6 +1092,7 @@ mod tests {
             tz: "America/Sao_Paulo".parse().unwrap(),
             logical_date: "2026-01-15T03:00:00Z".parse().unwrap(),
             dry_run: false,
+            overrides: Default::default(),
         }
     }
 
@@ -1348,6 +1367,7 @@ mod tests {
         assert!(e.contains("secret PIPE_TPL_TEST_NOPE is not set"), "{e}");
         let dry = Templates::new(Runtime {
             dry_run: true,
+            overrides: Default::default(),
             ..rt()
         });
         assert_eq!(

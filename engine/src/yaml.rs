@@ -84,6 +84,20 @@ impl Node {
     pub fn kind(&self) -> &'static str {
         self.value.kind()
     }
+    /// The node at a dotted path of map keys (`wait.until`), mutably.
+    pub fn get_path_mut(&mut self, dotted: &str) -> Option<&mut Node> {
+        let mut node = self;
+        for key in dotted.split('.') {
+            let Value::Map(entries) = &mut node.value else {
+                return None;
+            };
+            node = entries
+                .iter_mut()
+                .find(|(k, _)| k.key_str() == Some(key))
+                .map(|(_, v)| v)?;
+        }
+        Some(node)
+    }
     /// The node as JSON (for values handed to templates or stored in history).
     pub fn to_json(&self) -> serde_json::Value {
         use serde_json::Value as J;

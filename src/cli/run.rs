@@ -88,6 +88,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         tz,
         logical_date,
         dry_run: args.dry_run,
+        overrides: Default::default(),
     }));
     let mut param_values = std::collections::BTreeMap::new();
     for (name, value) in &params {

@@ -9,6 +9,7 @@
 
 pub mod exec;
 pub mod log;
+pub mod table;
 
 use engine::step::{Registry, StepKind};
 
