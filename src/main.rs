@@ -32,6 +32,11 @@ enum Command {
     /// Run history: list, show, follow logs; start, log and finish runs from outside.
     #[command(subcommand)]
     Runs(cli::runs::RunsCommand),
+    /// Local fakes of the external services (`pipe sandbox serve`).
+    Sandbox {
+        #[command(subcommand)]
+        cmd: cli::sandbox::SandboxCommand,
+    },
 }
 
 fn main() {
@@ -44,6 +49,7 @@ fn main() {
         Command::Schema(args) => cli::schema::main(args),
         Command::Graph(args) => cli::graph::main(args),
         Command::Runs(cmd) => cli::runs::main(cmd, &state_dir),
+        Command::Sandbox { cmd } => cli::sandbox::main(cmd),
     };
     std::process::exit(code);
 }

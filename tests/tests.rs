@@ -8,5 +8,6 @@ mod exec;
 mod executor;
 mod history;
 mod redaction;
+mod sandbox;
 mod schema;
 mod validate;

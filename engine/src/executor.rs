@@ -399,16 +399,8 @@ async fn run_attempts(
                     .render_node(node, &scope)
                     .map_err(|(pos, e)| (Status::Failed, format!("connection `{name}`, template at line {}: {e}", pos.line)))?;
                 let json = rendered.to_json();
-                // Secret connection fields are masked wherever they could surface.
-                if let Some(fields) = json.as_object() {
-                    for (field, value) in fields {
-                        if crate::validate::is_secret_field(field) {
-                            if let Some(s) = value.as_str() {
-                                redactor.add(s);
-                            }
-                        }
-                    }
-                }
+                // Secret connection fields (at any depth) are masked wherever they could surface.
+                learn_secret_fields(&json, redactor);
                 Some(json)
             }
         };
@@ -517,7 +509,14 @@ async fn run_attempts(
             let mut values = out.outputs.clone();
             // Derived outputs: templates over the result object.
             if !step.spec.outputs.is_empty() {
-                let local = scope.with(step.kind.result_name, TValue::from_serialize(&out.result));
+                let mut local =
+                    scope.with(step.kind.result_name, TValue::from_serialize(&out.result));
+                // Step locals (`values` of sheets.read) are also plain names in `outputs:`.
+                for name in &step.info.locals {
+                    if let Some(v) = out.result.get(name) {
+                        local = local.with(name, TValue::from_serialize(v));
+                    }
+                }
                 for (name, spec) in &step.spec.outputs {
                     match templates.render_str(spec.template(), &local) {
                         Ok(v) => {
@@ -564,6 +563,20 @@ async fn run_attempts(
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+fn learn_secret_fields(v: &serde_json::Value, redactor: &Redactor) {
+    if let Some(fields) = v.as_object() {
+        for (field, value) in fields {
+            match value {
+                serde_json::Value::String(s) if crate::validate::is_secret_field(field) => {
+                    redactor.add(s)
+                }
+                serde_json::Value::Object(_) => learn_secret_fields(value, redactor),
+                _ => {}
+            }
+        }
+    }
 }
 
 /// Render a step's config, leaving the templates the step evaluates itself untouched.

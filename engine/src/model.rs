@@ -40,6 +40,23 @@ pub struct PipelineDoc {
     /// and template references to `steps.<id>`.
     #[schemars(with = "IndexMap<String, StepSpec>")]
     pub steps: IndexMap<String, Raw>,
+    /// Values used only by `pipe run --sandbox`, which runs the pipeline offline against
+    /// local fakes: what `secret()` and `env()` return there. Templates here see `sandbox`
+    /// (e.g. `{{ sandbox.tiflux.user }}`).
+    #[serde(default)]
+    pub sandbox: Option<SandboxBlock>,
+}
+
+/// The `sandbox:` block.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxBlock {
+    /// Secrets by name, as `secret('NAME')` returns them under `--sandbox`.
+    #[serde(default)]
+    pub secrets: IndexMap<String, String>,
+    /// Environment variables by name, as `env('NAME')` returns them under `--sandbox`.
+    #[serde(default)]
+    pub env: IndexMap<String, String>,
 }
 
 /// A connection: a `type` and that type's fields (templates allowed; secret fields should

@@ -4,7 +4,7 @@
 //! plan can be printed (`--dry-run`, `pipe graph`) or run many times (the scheduler).
 
 use crate::diag::Pos;
-use crate::model::{ConnectionSpec, Schedule, StepSpec};
+use crate::model::{ConnectionSpec, SandboxBlock, Schedule, StepSpec};
 use crate::params::ParamSpec;
 use crate::step::{StaticInfo, StepKind};
 use crate::yaml::Node;
@@ -34,6 +34,8 @@ pub struct Plan {
     pub connection_nodes: IndexMap<String, Node>,
     pub schedule: Option<Schedule>,
     pub concurrency: Option<u32>,
+    /// What `--sandbox` uses for secrets and env (unrendered templates over `sandbox`).
+    pub sandbox: SandboxBlock,
     /// In a topological order (file order among independent steps).
     pub steps: Vec<PlanStep>,
     pub graph: DiGraph<String, ()>,

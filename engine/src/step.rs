@@ -137,6 +137,16 @@ impl StepContext {
         }
     }
 
+    /// Give the step the templates and variables of its run (the executor does this; tests
+    /// of steps that evaluate deferred templates do it by hand).
+    pub fn set_evaluator(
+        &mut self,
+        templates: Arc<crate::template::Templates>,
+        scope: crate::template::Scope,
+    ) {
+        self.evaluator = Some((templates, scope));
+    }
+
     /// Evaluate one of the step's deferred templates ([`StaticInfo::deferred`]) with extra
     /// local names (`values`). A lone `{{ expr }}` keeps its type.
     pub fn evaluate(

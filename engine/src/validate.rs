@@ -36,6 +36,28 @@ pub fn is_secret_field(name: &str) -> bool {
     SECRET_FIELD_WORDS.iter().any(|w| lower.contains(w))
 }
 
+/// Warn (W001) about literal values in secret fields, at any depth (`auth.password`).
+fn literal_secrets(node: &Node, prefix: &str, owner: &str, d: &mut Diags) {
+    let Some(entries) = node.as_map() else { return };
+    for (k, v) in entries {
+        let Some(key) = k.key_str() else { continue };
+        let path = if prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match &v.value {
+            Value::String(s) if is_secret_field(key) && !s.is_empty() && !is_template(s) => d.push(
+                v.pos,
+                Code::LiteralSecret,
+                format!("`{path}` of {owner} is a literal value; use \"{{{{ secret('NAME') }}}}\" so it never sits in the file"),
+            ),
+            Value::Map(_) => literal_secrets(v, &path, owner, d),
+            _ => {}
+        }
+    }
+}
+
 /// The globals templates may call (not variables).
 pub const TEMPLATE_GLOBALS: &[&str] = &["params", "steps", "run", "env", "secret", "now", "today"];
 
@@ -193,20 +215,21 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     let mut connection_nodes = IndexMap::new();
     for (name, raw) in &doc.connections {
         if let Some(spec) = from_node::<ConnectionSpec>(&raw.0, Mode::Check, &mut d) {
-            for (field, value) in &spec.fields {
-                if is_secret_field(field) {
-                    if let Some(s) = value.as_str() {
-                        if !s.is_empty() && !is_template(s) {
-                            let pos = raw.0.get(field).map(|n| n.pos).unwrap_or(raw.0.pos);
-                            d.push(pos, Code::LiteralSecret, format!("`{field}` of connection `{name}` is a literal value; use \"{{{{ secret('NAME') }}}}\" so it never sits in the file"));
-                        }
-                    }
-                }
-            }
+            literal_secrets(&raw.0, "", &format!("connection `{name}`"), &mut d);
             check_templates(&raw.0, &Refs::plain(&param_specs), &mut d);
             connections.insert(name.clone(), spec);
             connection_nodes.insert(name.clone(), raw.0.clone());
         }
+    }
+
+    // The sandbox block: templates there see `sandbox` (the fakes' values).
+    if let Some(block) = root.get("sandbox") {
+        let locals = vec!["sandbox".to_string()];
+        let refs = Refs {
+            locals: &locals,
+            ..Refs::plain(&param_specs)
+        };
+        check_templates(block, &refs, &mut d);
     }
 
     // Schedule.
@@ -592,6 +615,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         connection_nodes,
         schedule: doc.schedule,
         concurrency: doc.concurrency,
+        sandbox: doc.sandbox.unwrap_or_default(),
         steps,
         graph,
     };

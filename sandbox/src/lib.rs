@@ -1,1 +1,407 @@
-//! (being written)
+//! Local, faithful fakes of the external services `pipe` pipelines talk to, so that a
+//! pipeline written for production runs offline, deterministically and fast
+//! (`pipe run --sandbox`, `pipe sandbox serve`, and the test suites).
+//!
+//! Two HTTP servers on `127.0.0.1` random ports:
+//! - the "Tiflux" port: the sandbox web login (`/api/login`, `/api/login/otp`,
+//!   `/api/logout`) in front of the Tiflux v2 ticket API (`/api/v2/tickets`), plus
+//!   `GET /__sandbox/stats` for out-of-process tests;
+//! - the "Google" port: the OAuth2 token endpoint (`POST /token`, verifying real RS256
+//!   JWTs signed with the generated service-account key) and the Sheets v4 values API.
+//!
+//! The wire shapes follow `/work/shared/api-contracts.md`: the same client code must
+//! work against the real services, so the fakes answer with the real status codes,
+//! headers and error bodies. Everything that could vary (credentials, OTPs, tickets,
+//! which request a fault hits) derives from [`Options::seed`], so runs are repeatable.
+//!
+//! Why a hand-rolled accept loop instead of `axum::serve`: the `Reset` fault must drop
+//! the connection without writing a response, which needs per-connection control of
+//! the socket (see [`server`]).
+
+mod faults;
+mod google;
+mod server;
+mod tickets;
+mod tiflux;
+
+use anyhow::Context;
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use tokio::task::JoinHandle;
+
+/// How the fakes behave. Every field has a default; `PIPE_SANDBOX` may set any subset.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Options {
+    /// All generated data (credentials, OTPs, tickets, fault decisions) derives from it.
+    pub seed: u64,
+    /// Number of tickets in all.
+    pub tickets: usize,
+    /// Tickets' `created_at` spread over the 365 days before this instant.
+    pub anchor: DateTime<Utc>,
+    /// After a first-factor login, the OTP row is written to the sheet after this delay.
+    pub otp_delay_ms: u64,
+    /// Added to every tickets request.
+    pub latency_ms: u64,
+    /// Injected failures.
+    pub faults: Vec<Fault>,
+    /// Where to write the service-account key file (default: a temp dir kept while the
+    /// [`Sandbox`] lives).
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            seed: 42,
+            tickets: 1000,
+            anchor: Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).unwrap(),
+            otp_delay_ms: 300,
+            latency_ms: 0,
+            faults: Vec::new(),
+            dir: None,
+        }
+    }
+}
+
+impl Options {
+    /// `PIPE_SANDBOX` (a JSON object of these fields, partial is fine), else the defaults.
+    pub fn from_env() -> anyhow::Result<Options> {
+        match std::env::var("PIPE_SANDBOX") {
+            Ok(s) if !s.trim().is_empty() => serde_json::from_str(&s)
+                .context("PIPE_SANDBOX must be a JSON object of sandbox options"),
+            _ => Ok(Options::default()),
+        }
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// One injected failure rule.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fault {
+    /// "tickets" | "login" | "otp" | "logout" | "token" | "sheets".
+    pub endpoint: String,
+    pub kind: FaultKind,
+    /// Probability; decided by a hash of (seed, endpoint, request key, attempt), so the
+    /// same requests fail on every run.
+    #[serde(default = "one")]
+    pub rate: f64,
+    /// Only this tickets page (its `offset`).
+    #[serde(default)]
+    pub page: Option<u32>,
+    /// Only the first N attempts of each matching request key.
+    #[serde(default)]
+    pub times: Option<u32>,
+}
+
+/// What an injected failure does.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Answer with this status and the endpoint's error body.
+    Status { code: u16 },
+    /// 429 with `Retry-After: <seconds>`.
+    RetryAfterSeconds { seconds: u64 },
+    /// 429 with `Retry-After: <HTTP-date now + seconds>`.
+    RetryAfterDate { seconds: u64 },
+    /// Drop the connection without a response.
+    Reset,
+    /// Send a `Content-Length` larger than the body, then close.
+    Truncate,
+    /// Trickle the body slowly (`ms` between chunks).
+    SlowBody { ms: u64 },
+    /// Delay the request by `ms` (then look at the next matching fault, if any).
+    Latency { ms: u64 },
+    /// 401 `invalid_token` (in the endpoint's error shape).
+    Unauthorized,
+}
+
+/// What the fakes received.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests per endpoint (faulted ones included).
+    pub requests: BTreeMap<String, u64>,
+    /// Highest number of concurrent requests per endpoint.
+    pub max_in_flight: BTreeMap<String, u64>,
+    /// Successful OTP logins (sessions opened).
+    pub logins: u64,
+    /// Successful logouts.
+    pub logouts: u64,
+    /// Tiflux sessions still alive (opened, neither logged out nor expired).
+    pub live_tokens: u64,
+}
+
+/// Counters behind [`Stats`].
+#[derive(Default)]
+pub(crate) struct Counters {
+    requests: BTreeMap<String, u64>,
+    in_flight: HashMap<String, u64>,
+    max_in_flight: BTreeMap<String, u64>,
+    logins: u64,
+    logouts: u64,
+}
+
+/// Decrements the in-flight count of an endpoint when the request is done.
+pub(crate) struct InFlight {
+    shared: Arc<Shared>,
+    endpoint: &'static str,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut c = self.shared.counters.lock().unwrap();
+        if let Some(n) = c.in_flight.get_mut(self.endpoint) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
+/// The state both servers share.
+pub(crate) struct Shared {
+    pub opts: Options,
+    pub user: String,
+    pub password: String,
+    pub otp_sheet: String,
+    pub token_uri: String,
+    pub client_email: String,
+    pub tickets: tickets::Generator,
+    pub tiflux: tiflux::Sessions,
+    pub google: google::Store,
+    pub counters: Mutex<Counters>,
+    /// (endpoint, request key) → attempts so far.
+    pub attempts: Mutex<HashMap<(String, String), u32>>,
+    pub background: Mutex<Vec<JoinHandle<()>>>,
+    pub login_count: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn enter(self: &Arc<Self>, endpoint: &'static str) -> InFlight {
+        let mut c = self.counters.lock().unwrap();
+        *c.requests.entry(endpoint.to_string()).or_default() += 1;
+        let n = c.in_flight.entry(endpoint.to_string()).or_default();
+        *n += 1;
+        let n = *n;
+        let max = c.max_in_flight.entry(endpoint.to_string()).or_default();
+        *max = (*max).max(n);
+        InFlight {
+            shared: self.clone(),
+            endpoint,
+        }
+    }
+
+    pub(crate) fn stats(&self) -> Stats {
+        let c = self.counters.lock().unwrap();
+        Stats {
+            requests: c.requests.clone(),
+            max_in_flight: c.max_in_flight.clone(),
+            logins: c.logins,
+            logouts: c.logouts,
+            live_tokens: self.tiflux.live(),
+        }
+    }
+
+    pub(crate) fn count_login(&self) {
+        self.counters.lock().unwrap().logins += 1;
+    }
+
+    pub(crate) fn count_logout(&self) {
+        self.counters.lock().unwrap().logouts += 1;
+    }
+}
+
+/// Deterministic 64-bit mixing (splitmix64): the fakes' only source of "randomness" for
+/// data, so the same seed gives byte-identical answers on every platform.
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// Hash of a seed and a few words.
+pub(crate) fn hash(seed: u64, parts: &[u64]) -> u64 {
+    parts.iter().fold(mix(seed), |h, p| mix(h ^ mix(*p)))
+}
+
+/// FNV-1a of a string, for hashing request keys.
+pub(crate) fn hash_str(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A hash as a number in [0, 1).
+pub(crate) fn unit(h: u64) -> f64 {
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// A random (not seeded) opaque token: credentials issued at run time need not repeat.
+pub(crate) fn random_token(bytes: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..bytes)
+        .map(|_| format!("{:02x}", rng.random::<u8>()))
+        .collect()
+}
+
+/// The running fakes. Dropping it stops them too; [`Sandbox::shutdown`] also waits.
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    tiflux_url: String,
+    google_url: String,
+    key_file: PathBuf,
+    servers: Vec<JoinHandle<()>>,
+    _tempdir: Option<tempfile::TempDir>,
+}
+
+impl Sandbox {
+    /// Bind both servers on `127.0.0.1:0`, write the service-account key file and serve.
+    pub async fn start(opts: Options) -> anyhow::Result<Sandbox> {
+        for f in &opts.faults {
+            anyhow::ensure!(
+                faults::ENDPOINTS.contains(&f.endpoint.as_str()),
+                "fault endpoint `{}` is not one of {}",
+                f.endpoint,
+                faults::ENDPOINTS.join(", ")
+            );
+        }
+        let tiflux_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the Tiflux fake")?;
+        let google_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the Google fake")?;
+        let tiflux_url = format!("http://{}", tiflux_listener.local_addr()?);
+        let google_url = format!("http://{}", google_listener.local_addr()?);
+        let token_uri = format!("{google_url}/token");
+
+        let (dir, tempdir) = match &opts.dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                (d.clone(), None)
+            }
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("pipe-sandbox-")
+                    .tempdir()
+                    .context("creating a temp dir")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let seed = opts.seed;
+        let key = google::ServiceAccount::new(seed, &google_url);
+        let key_file = dir.join("sandbox-service-account.json");
+        std::fs::write(&key_file, serde_json::to_string_pretty(&key.json())?)
+            .with_context(|| format!("writing {}", key_file.display()))?;
+
+        let otp_sheet = google::spreadsheet_id(seed);
+        let shared = Arc::new(Shared {
+            user: "analyst@example.com".to_string(),
+            password: format!("sbx-{:012x}", hash(seed, &[0x7061_7373]) & 0xffff_ffff_ffff),
+            otp_sheet: otp_sheet.clone(),
+            token_uri,
+            client_email: key.client_email.clone(),
+            tickets: tickets::Generator::new(seed, opts.tickets, opts.anchor),
+            tiflux: tiflux::Sessions::default(),
+            google: google::Store::new(&otp_sheet)?,
+            counters: Mutex::new(Counters::default()),
+            attempts: Mutex::new(HashMap::new()),
+            background: Mutex::new(Vec::new()),
+            login_count: AtomicU64::new(0),
+            opts,
+        });
+
+        let servers = vec![
+            tokio::spawn(server::serve(
+                tiflux_listener,
+                tiflux::router(shared.clone()),
+            )),
+            tokio::spawn(server::serve(
+                google_listener,
+                google::router(shared.clone()),
+            )),
+        ];
+        Ok(Sandbox {
+            shared,
+            tiflux_url,
+            google_url,
+            key_file,
+            servers,
+            _tempdir: tempdir,
+        })
+    }
+
+    /// `http://127.0.0.1:PORT`: the web login and `/api/v2/tickets`.
+    pub fn tiflux_url(&self) -> String {
+        self.tiflux_url.clone()
+    }
+
+    /// `http://127.0.0.1:PORT`: `POST /token` and `/v4/spreadsheets/...`.
+    pub fn google_url(&self) -> String {
+        self.google_url.clone()
+    }
+
+    /// The generated service-account key JSON (`token_uri` = google_url + "/token").
+    pub fn key_file(&self) -> &Path {
+        &self.key_file
+    }
+
+    /// The values pipelines' `sandbox:` blocks template over.
+    pub fn values(&self) -> serde_json::Value {
+        serde_json::json!({
+            "tiflux": {
+                "url": self.tiflux_url,
+                "user": self.shared.user,
+                "password": self.shared.password,
+            },
+            "google": {
+                "url": self.google_url,
+                "token_uri": self.shared.token_uri,
+                "key_file": self.key_file.display().to_string(),
+                "sheets_url": format!("{}/", self.google_url),
+            },
+            "sheets": {
+                "otp_spreadsheet": self.shared.otp_sheet,
+                "otp_range": tiflux::OTP_RANGE,
+            },
+        })
+    }
+
+    /// What the fakes received so far.
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// Stop serving and wait for the servers to finish.
+    pub async fn shutdown(mut self) {
+        let handles: Vec<_> = self
+            .servers
+            .drain(..)
+            .chain(self.shared.background.lock().unwrap().drain(..))
+            .collect();
+        for h in &handles {
+            h.abort();
+        }
+        for h in handles {
+            let _ = h.await;
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        for h in &self.servers {
+            h.abort();
+        }
+        for h in self.shared.background.lock().unwrap().iter() {
+            h.abort();
+        }
+    }
+}

@@ -3,6 +3,7 @@
 pub mod graph;
 pub mod run;
 pub mod runs;
+pub mod sandbox;
 pub mod schema;
 pub mod validate;
 

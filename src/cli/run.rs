@@ -44,6 +44,11 @@ pub struct RunArgs {
     /// Also show every info log row on stderr.
     #[arg(long, short)]
     pub verbose: bool,
+    /// Run offline against pipe's local fakes of the external services (see `pipe sandbox
+    /// serve`): connections are pointed at them and `secret()`/`env()` take the values of
+    /// the pipeline's `sandbox:` block. `PIPE_SANDBOX` (JSON) tunes the fakes.
+    #[arg(long)]
+    pub sandbox: bool,
 }
 
 fn usage(msg: impl std::fmt::Display) -> i32 {
@@ -54,7 +59,7 @@ fn usage(msg: impl std::fmt::Display) -> i32 {
 pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
     let display = args.path.display().to_string();
     let outcome = engine::validate::validate_file(&args.path, &display, &super::registry());
-    let Some(plan) = outcome.plan else {
+    let Some(mut plan) = outcome.plan else {
         for d in &outcome.diagnostics {
             eprintln!("{d}");
         }
@@ -66,6 +71,20 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
             eprintln!("{d}");
         }
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    // Under --sandbox the logical date defaults to the fakes' anchor date, so the same
+    // command extracts the same data every time.
+    let (fakes, overrides, default_date) = if args.sandbox {
+        match runtime.block_on(attach_sandbox(&mut plan)) {
+            Ok((fakes, overrides, anchor)) => (Some(fakes), overrides, Some(anchor)),
+            Err(e) => return usage(format!("--sandbox: {e}")),
+        }
+    } else {
+        (None, Default::default(), None)
+    };
     let plan = Arc::new(plan);
     let tz = plan.timezone();
     let logical_date = match args
@@ -74,7 +93,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         .map(parse_logical_date)
         .transpose()
     {
-        Ok(d) => d.unwrap_or_else(Utc::now),
+        Ok(d) => d.or(default_date).unwrap_or_else(Utc::now),
         Err(e) => return usage(e),
     };
     let params = match resolve_params(&plan, &args.params) {
@@ -88,7 +107,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         tz,
         logical_date,
         dry_run: args.dry_run,
-        overrides: Default::default(),
+        overrides,
     }));
     let mut param_values = std::collections::BTreeMap::new();
     for (name, value) in &params {
@@ -150,10 +169,6 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
                 .unwrap_or(2)
         });
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     let cancel = CancellationToken::new();
     let hard_cancel = CancellationToken::new();
     let clock = Instant::now();
@@ -185,6 +200,13 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         result
     });
     progress.stop();
+    // What the fakes saw (requests, logins, logouts), for the summary.
+    let sandbox_stats = fakes
+        .as_ref()
+        .map(|f| serde_json::to_value(f.stats()).unwrap_or_default());
+    if let Some(fakes) = fakes {
+        runtime.block_on(fakes.shutdown());
+    }
     let elapsed = clock.elapsed();
     let writer = Arc::try_unwrap(writer).ok();
     if let Some(w) = writer {
@@ -192,16 +214,16 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
             eprintln!("warning: run history may be incomplete: {e:#}");
         }
     }
-    print_summary(
+    let summary = Summary {
         run_id,
-        &plan,
-        result.status,
-        result.error.as_deref(),
-        &result.steps,
+        plan: &plan,
+        status: result.status,
+        error: result.error.as_deref(),
+        steps: &result.steps,
         elapsed,
-        args.format,
-        state_dir,
-    );
+        sandbox: sandbox_stats,
+    };
+    print_summary(&summary, args.format, state_dir);
     if result.status.is_success() {
         0
     } else {
@@ -361,17 +383,27 @@ fn dry_run(
     0
 }
 
-#[allow(clippy::too_many_arguments)]
-fn print_summary(
+struct Summary<'a> {
     run_id: i64,
-    plan: &Plan,
+    plan: &'a Plan,
     status: Status,
-    error: Option<&str>,
-    steps: &[StepRecord],
+    error: Option<&'a str>,
+    steps: &'a [StepRecord],
     elapsed: std::time::Duration,
-    format: Format,
-    state_dir: &Path,
-) {
+    /// Under --sandbox: what the fakes received.
+    sandbox: Option<serde_json::Value>,
+}
+
+fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
+    let Summary {
+        run_id,
+        plan,
+        status,
+        error,
+        steps,
+        elapsed,
+        ..
+    } = *summary;
     match format {
         Format::Json => {
             let steps: Vec<serde_json::Value> = steps
@@ -383,10 +415,13 @@ fn print_summary(
                     })
                 })
                 .collect();
-            let v = serde_json::json!({
+            let mut v = serde_json::json!({
                 "run_id": run_id, "pipeline": plan.name, "status": status, "error": error,
                 "duration_ms": elapsed.as_millis() as u64, "steps": steps,
             });
+            if let Some(stats) = &summary.sandbox {
+                v["sandbox"] = stats.clone();
+            }
             println!("{}", serde_json::to_string_pretty(&v).unwrap());
         }
         Format::Text => {
@@ -605,4 +640,97 @@ impl Observer for Progress {
             RunEvent::RunFinished { .. } => {}
         }
     }
+}
+
+/// `--sandbox`: start the local fakes, point the pipeline's connections at them and give
+/// `secret()`/`env()` the values of its `sandbox:` block. A pipeline written for production
+/// runs unchanged and offline.
+///
+/// Connections map by type (`google_service_account` → the Google fake); an `http`
+/// connection names its stand-in with `sandbox: <service>` (an http connection without one
+/// would reach the real network, so it is refused).
+async fn attach_sandbox(
+    plan: &mut Plan,
+) -> Result<(sandbox::Sandbox, engine::template::Overrides, DateTime<Utc>), String> {
+    let options = sandbox::Options::from_env().map_err(|e| format!("PIPE_SANDBOX: {e:#}"))?;
+    let anchor = options.anchor;
+    let fakes = sandbox::Sandbox::start(options)
+        .await
+        .map_err(|e| format!("cannot start the local fakes: {e:#}"))?;
+    let values = fakes.values();
+    for (name, spec) in &plan.connections {
+        let stand_in = spec.fields.get("sandbox").and_then(|v| v.as_str());
+        let fields: Vec<(&str, String)> = match (spec.kind.as_str(), stand_in) {
+            (_, Some("tiflux")) => vec![("base_url", fakes.tiflux_url())],
+            ("google_service_account", None | Some("google")) => vec![
+                ("key_file", fakes.key_file().display().to_string()),
+                ("sheets_base_url", format!("{}/", fakes.google_url())),
+            ],
+            (_, Some(other)) => {
+                return Err(format!("connection `{name}` names an unknown stand-in `sandbox: {other}` (known: tiflux, google)"))
+            }
+            ("http", None) => {
+                return Err(format!(
+                    "connection `{name}` has no stand-in: add `sandbox: tiflux` (or another fake) so --sandbox stays offline"
+                ))
+            }
+            _ => vec![],
+        };
+        let node = plan
+            .connection_nodes
+            .get_mut(name)
+            .expect("every connection has its node");
+        if let engine::yaml::Value::Map(entries) = &mut node.value {
+            // The fake's key file replaces an inline key.
+            if spec.kind == "google_service_account" {
+                entries.retain(|(k, _)| k.key_str() != Some("key_json"));
+            }
+            for (field, value) in fields {
+                let pos = node.pos;
+                let new = engine::yaml::Node::new(pos, engine::yaml::Value::String(value));
+                match entries.iter_mut().find(|(k, _)| k.key_str() == Some(field)) {
+                    Some((_, v)) => *v = new,
+                    None => entries.push((
+                        engine::yaml::Node::new(
+                            pos,
+                            engine::yaml::Value::String(field.to_string()),
+                        ),
+                        new,
+                    )),
+                }
+            }
+        }
+    }
+    // The `sandbox:` block, rendered with `sandbox` = the fakes' values.
+    let scratch = Templates::new(Runtime {
+        redactor: Redactor::new(),
+        tz: plan.timezone(),
+        logical_date: Utc::now(),
+        dry_run: false,
+        overrides: Default::default(),
+    });
+    let scope = engine::template::Scope::new(
+        minijinja::Value::UNDEFINED,
+        minijinja::Value::UNDEFINED,
+        minijinja::Value::UNDEFINED,
+    )
+    .with("sandbox", minijinja::Value::from_serialize(&values));
+    let mut overrides = engine::template::Overrides::default();
+    for (target, source) in [
+        (&mut overrides.secrets, &plan.sandbox.secrets),
+        (&mut overrides.env, &plan.sandbox.env),
+    ] {
+        for (name, template) in source {
+            let v = scratch
+                .render_str(template, &scope)
+                .map_err(|e| format!("sandbox.{name}: {e}"))?;
+            target.insert(
+                name.clone(),
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string()),
+            );
+        }
+    }
+    Ok((fakes, overrides, anchor))
 }

@@ -8,7 +8,9 @@
 //! Adding a step type = one module + one line in [`registry`].
 
 pub mod exec;
+pub mod http;
 pub mod log;
+pub mod sheets;
 pub mod table;
 
 use engine::step::{Registry, StepKind};
@@ -18,6 +20,9 @@ pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(StepKind::of::<exec::Exec>());
     r.register(StepKind::of::<log::Log>());
+    r.register(StepKind::of::<sheets::SheetsRead>());
+    r.register(StepKind::of::<http::HttpRequest>());
+    r.register(StepKind::of::<http::HttpExtract>());
     r
 }
 
@@ -26,7 +31,10 @@ mod tests {
     #[test]
     fn registry_lists_every_step_with_a_described_schema() {
         let r = super::registry();
-        assert_eq!(r.names().collect::<Vec<_>>(), ["exec", "log"]);
+        assert_eq!(
+            r.names().collect::<Vec<_>>(),
+            ["exec", "log", "sheets.read", "http.request", "http.extract"]
+        );
         let mut g = schemars::SchemaGenerator::default();
         for kind in r.kinds() {
             assert!(!kind.summary.is_empty());

@@ -1,0 +1,270 @@
+//! Fault injection: one middleware in front of every endpoint counts the request,
+//! tracks concurrency and applies the first matching [`Fault`](crate::Fault).
+//!
+//! Whether a fault hits is decided by a hash of (seed, endpoint, request key, attempt,
+//! rule index) rather than a random draw, so a failing run can be replayed exactly. The
+//! request key identifies "the same request" across retries: the sorted query for
+//! tickets, the e-mail for login, the temporary code for otp, the bearer token for
+//! logout, the method and path for sheets, and nothing for token (every token request
+//! is an attempt of the same one).
+
+use crate::server::Kill;
+use crate::{hash, hash_str, unit, FaultKind, Shared};
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub(crate) const ENDPOINTS: [&str; 6] = ["tickets", "login", "otp", "logout", "token", "sheets"];
+
+/// Which endpoint a request targets (None: not subject to counting or faults).
+fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
+    match (method.as_str(), path) {
+        (_, "/api/v2/tickets") => Some("tickets"),
+        ("POST", "/api/login") => Some("login"),
+        ("POST", "/api/login/otp") => Some("otp"),
+        ("POST", "/api/logout") => Some("logout"),
+        ("POST", "/token") => Some("token"),
+        (_, p) if p.starts_with("/v4/spreadsheets/") => Some("sheets"),
+        _ => None,
+    }
+}
+
+fn request_key(endpoint: &str, req: &axum::http::request::Parts, body: &Bytes) -> String {
+    let field = |name: &str| {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get(name).and_then(|s| s.as_str()).map(str::to_string))
+            .unwrap_or_default()
+    };
+    match endpoint {
+        "tickets" => {
+            let mut pairs: Vec<(String, String)> =
+                serde_urlencoded::from_str(req.uri.query().unwrap_or("")).unwrap_or_default();
+            pairs.sort();
+            serde_urlencoded::to_string(pairs).unwrap_or_default()
+        }
+        "login" => field("email"),
+        "otp" => field("tmp"),
+        "logout" => req
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        "sheets" => format!("{} {}", req.method, req.uri.path()),
+        _ => String::new(),
+    }
+}
+
+/// The tickets page a request asks for (`offset`, default 1).
+fn page_of(req: &axum::http::request::Parts) -> u32 {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(req.uri.query().unwrap_or("")).unwrap_or_default();
+    pairs
+        .iter()
+        .find(|(k, _)| k == "offset")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(1)
+}
+
+/// The middleware.
+pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let Some(endpoint) = endpoint_of(req.method(), req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let _in_flight = shared.enter(endpoint);
+    let (parts, body) = req.into_parts();
+    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+        Ok(b) => b,
+        Err(_) => return (StatusCode::BAD_REQUEST, "unreadable request body").into_response(),
+    };
+    if endpoint == "tickets" && shared.opts.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(shared.opts.latency_ms)).await;
+    }
+    let chosen = choose(&shared, endpoint, &parts, &bytes).await;
+    let kill = parts.extensions.get::<Kill>().cloned();
+    let req = Request::from_parts(parts, Body::from(bytes));
+    match chosen {
+        None => next.run(req).await,
+        Some(FaultKind::Status { code }) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            error(
+                endpoint,
+                status,
+                "injected_fault",
+                "sandbox fault injection",
+            )
+        }
+        Some(FaultKind::RetryAfterSeconds { seconds }) => {
+            let mut r = error(
+                endpoint,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "rate limit exceeded",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            r
+        }
+        Some(FaultKind::RetryAfterDate { seconds }) => {
+            let mut r = error(
+                endpoint,
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "rate limit exceeded",
+            );
+            let at = chrono::Utc::now() + chrono::Duration::seconds(seconds as i64);
+            let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_str(&date).expect("ascii date"),
+            );
+            r
+        }
+        Some(FaultKind::Unauthorized) => error(
+            endpoint,
+            StatusCode::UNAUTHORIZED,
+            "invalid_token",
+            "invalid_token",
+        ),
+        Some(FaultKind::Reset) => {
+            if let Some(k) = kill {
+                k.kill();
+            }
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+        Some(FaultKind::Truncate) => truncate(next.run(req).await).await,
+        Some(FaultKind::SlowBody { ms }) => slow(next.run(req).await, ms).await,
+        Some(FaultKind::Latency { .. }) => unreachable!("latency faults are applied in choose"),
+    }
+}
+
+/// Apply latency faults and return the first other fault that hits.
+async fn choose(
+    shared: &Shared,
+    endpoint: &str,
+    parts: &axum::http::request::Parts,
+    body: &Bytes,
+) -> Option<FaultKind> {
+    if !shared.opts.faults.iter().any(|f| f.endpoint == endpoint) {
+        return None;
+    }
+    let key = request_key(endpoint, parts, body);
+    let attempt = {
+        let mut a = shared.attempts.lock().unwrap();
+        let n = a.entry((endpoint.to_string(), key.clone())).or_default();
+        *n += 1;
+        *n
+    };
+    let page = page_of(parts);
+    for (i, f) in shared.opts.faults.iter().enumerate() {
+        if f.endpoint != endpoint
+            || f.page.is_some_and(|p| endpoint != "tickets" || p != page)
+            || f.times.is_some_and(|t| attempt > t)
+        {
+            continue;
+        }
+        let h = hash(
+            shared.opts.seed,
+            &[hash_str(endpoint), hash_str(&key), attempt as u64, i as u64],
+        );
+        if f.rate < 1.0 && unit(h) >= f.rate {
+            continue;
+        }
+        match &f.kind {
+            FaultKind::Latency { ms } => tokio::time::sleep(Duration::from_millis(*ms)).await,
+            other => return Some(other.clone()),
+        }
+    }
+    None
+}
+
+/// An error in the endpoint family's own shape.
+pub(crate) fn error(endpoint: &str, status: StatusCode, code: &str, message: &str) -> Response {
+    match endpoint {
+        "sheets" => crate::google::google_error(status, message),
+        "token" => {
+            let code = if status == StatusCode::UNAUTHORIZED {
+                "invalid_client"
+            } else {
+                code
+            };
+            (
+                status,
+                axum::Json(json!({"error": code, "error_description": message})),
+            )
+                .into_response()
+        }
+        _ => (status, axum::Json(json!({"error": code}))).into_response(),
+    }
+}
+
+async fn body_bytes(resp: Response) -> (axum::http::response::Parts, Bytes) {
+    let (parts, body) = resp.into_parts();
+    let bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
+    (parts, bytes)
+}
+
+/// Announce the full length, send about half of it, then fail the body so hyper
+/// closes the connection.
+async fn truncate(resp: Response) -> Response {
+    let (mut parts, bytes) = body_bytes(resp).await;
+    let full = bytes.len().max(2);
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(full + 16));
+    let half = bytes.slice(..bytes.len() / 2);
+    // Pause after the partial body so hyper flushes the head and the partial body
+    // before the error makes it drop the connection.
+    let stream = futures_util::stream::unfold(0u8, move |step| {
+        let half = half.clone();
+        async move {
+            match step {
+                0 => Some((Ok(half), 1)),
+                1 => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some((
+                        Err(std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "sandbox fault: truncated body",
+                        )),
+                        2,
+                    ))
+                }
+                _ => None,
+            }
+        }
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// Send the body in about ten chunks, `ms` apart.
+async fn slow(resp: Response, ms: u64) -> Response {
+    let (mut parts, bytes) = body_bytes(resp).await;
+    parts
+        .headers
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let step = bytes.len().div_ceil(10).max(1);
+    let chunks: Vec<Bytes> = (0..bytes.len())
+        .step_by(step)
+        .map(|i| bytes.slice(i..(i + step).min(bytes.len())))
+        .collect();
+    let stream = futures_util::stream::unfold(
+        (chunks.into_iter(), true),
+        move |(mut it, first)| async move {
+            let chunk = it.next()?;
+            if !first {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            Some((Ok::<Bytes, std::io::Error>(chunk), (it, false)))
+        },
+    );
+    Response::from_parts(parts, Body::from_stream(stream))
+}

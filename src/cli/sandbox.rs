@@ -1,0 +1,184 @@
+//! `pipe sandbox serve`: run the local fakes of the external services in the
+//! foreground, so a pipeline (or a person with curl) can be pointed at them by hand.
+//!
+//! It prints the endpoints and `export` lines for the environment a pipeline reads,
+//! then `sandbox ready` last: scripts and tests wait for that line before connecting.
+
+use clap::{Args, Subcommand};
+use std::io::Write;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum SandboxCommand {
+    /// Start the fakes (Tiflux web login + tickets, Google OAuth + Sheets) until Ctrl-C.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Seed of all generated data (overrides PIPE_SANDBOX).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Number of tickets.
+    #[arg(long)]
+    pub tickets: Option<usize>,
+    /// Delay before the OTP lands in the sheet, e.g. `2s`, `300ms`.
+    #[arg(long, value_parser = parse_duration)]
+    pub otp_delay: Option<Duration>,
+    /// Latency added to every tickets request, e.g. `20ms`.
+    #[arg(long, value_parser = parse_duration)]
+    pub latency: Option<Duration>,
+    /// A fault as JSON, e.g. '{"endpoint":"tickets","kind":{"type":"status","code":503},"rate":0.1}'.
+    /// Repeatable; replaces the faults of PIPE_SANDBOX.
+    #[arg(long = "fault", value_name = "JSON")]
+    pub faults: Vec<String>,
+}
+
+/// `1500`, `1500ms`, `2s`, `1m` (a bare number is milliseconds).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a duration (examples: 300ms, 2s, 1m)"))?;
+    let ms = match unit.trim() {
+        "" | "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        other => return Err(format!("unknown duration unit `{other}` (use ms, s or m)")),
+    };
+    Ok(Duration::from_millis(ms.round() as u64))
+}
+
+/// Quote a value for a POSIX shell when it needs it.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@%+=,".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+fn options(args: &ServeArgs) -> anyhow::Result<::sandbox::Options> {
+    let mut o = ::sandbox::Options::from_env()?;
+    if let Some(seed) = args.seed {
+        o.seed = seed;
+    }
+    if let Some(n) = args.tickets {
+        o.tickets = n;
+    }
+    if let Some(d) = args.otp_delay {
+        o.otp_delay_ms = d.as_millis() as u64;
+    }
+    if let Some(d) = args.latency {
+        o.latency_ms = d.as_millis() as u64;
+    }
+    if !args.faults.is_empty() {
+        o.faults = args
+            .faults
+            .iter()
+            .map(|f| serde_json::from_str(f).map_err(|e| anyhow::anyhow!("--fault {f}: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+    }
+    Ok(o)
+}
+
+pub fn main(args: SandboxCommand) -> i32 {
+    let SandboxCommand::Serve(args) = args;
+    let opts = match options(&args) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 2;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let fakes = match ::sandbox::Sandbox::start(opts).await {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("error: cannot start the local fakes: {e:#}");
+                return 1;
+            }
+        };
+        let v = fakes.values();
+        let s = |x: &serde_json::Value| x.as_str().unwrap_or_default().to_string();
+        let key_file = fakes.key_file().display().to_string();
+        let mut out = String::new();
+        out.push_str(&format!(
+            "tiflux  {}  (web login /api/login, tickets /api/v2/tickets)\n",
+            fakes.tiflux_url()
+        ));
+        out.push_str(&format!(
+            "google  {}  (token {}, sheets base {})\n",
+            fakes.google_url(),
+            s(&v["google"]["token_uri"]),
+            s(&v["google"]["sheets_url"])
+        ));
+        out.push_str(&format!("key file  {key_file}\n"));
+        out.push_str(&format!("stats   {}/__sandbox/stats\n", fakes.tiflux_url()));
+        for (name, value) in [
+            ("TIFLUX_URL", fakes.tiflux_url()),
+            ("TIFLUX_USER", s(&v["tiflux"]["user"])),
+            ("TIFLUX_PASSWORD", s(&v["tiflux"]["password"])),
+            ("OTP_SHEET_ID", s(&v["sheets"]["otp_spreadsheet"])),
+            ("GOOGLE_APPLICATION_CREDENTIALS", key_file.clone()),
+        ] {
+            out.push_str(&format!("export {name}={}\n", shell_quote(&value)));
+        }
+        out.push_str("sandbox ready\n");
+        let mut stdout = std::io::stdout().lock();
+        let _ = stdout.write_all(out.as_bytes());
+        let _ = stdout.flush();
+        drop(stdout);
+        wait_for_signal().await;
+        fakes.shutdown().await;
+        0
+    })
+}
+
+/// Ctrl-C or SIGTERM.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_duration("150"), Ok(Duration::from_millis(150)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("2h").is_err());
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("http://127.0.0.1:80"), "http://127.0.0.1:80");
+        assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
+    }
+}

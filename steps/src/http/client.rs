@@ -1,0 +1,678 @@
+//! The plumbing every HTTP step shares: the `http` connection, one `reqwest::Client` for the
+//! whole process, and [`Sender::send`] — retries, `Retry-After`, rate limits, cancellation
+//! and secrets.
+//!
+//! Why one client: it owns the connection pool and the TLS configuration (rustls), so pages
+//! of an extraction reuse connections and concurrent steps against the same host share them.
+//! It honours `HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (reqwest's default).
+//!
+//! Why retries live here as well as in the step envelope's `retry:`: a step-level retry starts
+//! the whole step again (for an extraction, every page); a retry here repeats one request, so
+//! page 37 of 40 failing once with a 503 costs one request, not 37.
+//!
+//! Secrets: every credential the client sends or receives (the connection's and step's auth,
+//! `Authorization` headers both ways, OAuth2 tokens, API keys) is taught to the run's
+//! redactor before the request leaves, so no log row, error or output can show it.
+
+use super::auth::Auth;
+use engine::events::Level;
+use engine::step::{StepContext, StepError};
+use indexmap::IndexMap;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Default number of retries of one request.
+pub const DEFAULT_RETRIES: u32 = 3;
+/// Default longest wait between two tries (and longest `Retry-After` accepted).
+pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
+/// Default timeout of one request.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// First backoff step; it doubles on each retry.
+const BACKOFF_BASE: Duration = Duration::from_millis(250);
+/// How much of a body an error message quotes.
+const EXCERPT: usize = 300;
+
+/// The rendered `http` connection (`connections: {api: {type: http, base_url: …}}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Connection {
+    /// Always `http` for these steps.
+    #[serde(rename = "type", default)]
+    pub kind: Option<String>,
+    /// Prefix of every `path`.
+    pub base_url: String,
+    /// Headers sent with every request (the step's `headers` override them by name).
+    #[serde(default)]
+    pub headers: IndexMap<String, Value>,
+    /// Authentication for every request (the step's `auth` overrides it).
+    #[serde(default)]
+    pub auth: Option<Auth>,
+    /// Timeout of one request (`30s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Used by `--sandbox` only.
+    #[serde(default)]
+    pub sandbox: Option<Value>,
+}
+
+impl Connection {
+    /// The step's connection, when it names one.
+    pub fn from_ctx(ctx: &StepContext) -> Result<Option<Connection>, StepError> {
+        let Some(json) = &ctx.connection else {
+            return Ok(None);
+        };
+        let conn: Connection = serde_json::from_value(json.clone()).map_err(|e| {
+            StepError::fatal(ctx.redactor.redact(&format!("the http connection: {e}")))
+        })?;
+        if let Some(kind) = &conn.kind {
+            if kind != "http" {
+                return Err(StepError::fatal(format!(
+                    "http steps need a connection of type `http`, not `{kind}`"
+                )));
+            }
+        }
+        Ok(Some(conn))
+    }
+}
+
+/// The process-wide client (connection pool, rustls, proxies from the environment).
+pub fn client() -> &'static reqwest::Client {
+    static CLIENT: OnceLock<reqwest::Client> = OnceLock::new();
+    CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .user_agent(concat!("pipe/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("building the HTTP client")
+    })
+}
+
+/// Run `f` unless the step is cancelled first.
+pub async fn cancellable<F: Future>(ctx: &StepContext, f: F) -> Result<F::Output, StepError> {
+    tokio::select! {
+        _ = ctx.cancel.cancelled() => Err(StepError::fatal("cancelled")),
+        v = f => Ok(v),
+    }
+}
+
+/// Sleep unless cancelled.
+pub async fn sleep(ctx: &StepContext, d: Duration) -> Result<(), StepError> {
+    cancellable(ctx, tokio::time::sleep(d)).await
+}
+
+/// Parse an optional duration field.
+pub fn duration(field: &str, text: Option<&str>, default: Duration) -> Result<Duration, StepError> {
+    match text {
+        None => Ok(default),
+        Some(t) => {
+            engine::duration::parse(t).map_err(|e| StepError::fatal(format!("`{field}`: {e}")))
+        }
+    }
+}
+
+/// A JSON scalar as a query/header string; `None` for null.
+pub fn scalar_text(field: &str, v: &Value) -> Result<Option<String>, StepError> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Number(n) => Ok(Some(n.to_string())),
+        Value::Bool(b) => Ok(Some(b.to_string())),
+        _ => Err(StepError::fatal(format!(
+            "`{field}` must be a string, number or boolean"
+        ))),
+    }
+}
+
+/// What a request body is.
+#[derive(Debug, Clone, Default)]
+pub enum Body {
+    #[default]
+    None,
+    Json(Value),
+    Form(Vec<(String, String)>),
+    Text(String),
+}
+
+/// Retries and timeouts of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub retries: u32,
+    pub max_wait: Duration,
+    pub timeout: Duration,
+}
+
+/// The request a step's config describes, resolved against its connection.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub method: Method,
+    pub url: url::Url,
+    pub query: Vec<(String, String)>,
+    pub headers: HeaderMap,
+    pub auth: Option<Auth>,
+    pub policy: Policy,
+}
+
+/// The target fields every HTTP step has.
+pub struct Target<'a> {
+    pub method: &'a str,
+    pub url: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub query: &'a IndexMap<String, Value>,
+    pub headers: &'a IndexMap<String, String>,
+    pub auth: Option<&'a Auth>,
+    pub timeout: Option<&'a str>,
+    pub retries: Option<u32>,
+    pub max_wait: Option<&'a str>,
+}
+
+/// A header name that carries a credential (its value is redacted).
+fn secret_header(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ["auth", "token", "key", "secret", "cookie", "password"]
+        .iter()
+        .any(|w| n.contains(w))
+}
+
+/// Teach the redactor an `Authorization`-style value and, for `Scheme credentials`, the
+/// credentials alone.
+pub fn learn_credential(ctx: &StepContext, value: &str) {
+    ctx.redactor.add(value);
+    if let Some((_, cred)) = value.trim().split_once(' ') {
+        ctx.redactor.add(cred.trim());
+    }
+}
+
+/// Join a connection's base URL and a step's path with exactly one `/`.
+pub fn join(base: &str, path: &str) -> String {
+    if path.is_empty() {
+        return base.to_string();
+    }
+    format!(
+        "{}/{}",
+        base.trim_end_matches('/'),
+        path.trim_start_matches('/')
+    )
+}
+
+impl Target<'_> {
+    /// Resolve URL, headers, auth and policy; register every secret with the redactor.
+    pub fn prepare(&self, ctx: &StepContext) -> Result<Prepared, StepError> {
+        let conn = Connection::from_ctx(ctx)?;
+        let url_text = match (self.url, self.path) {
+            (Some(_), Some(_)) => {
+                return Err(StepError::fatal("set either `url` or `path`, not both"));
+            }
+            (Some(u), None) => u.to_string(),
+            (None, path) => match &conn {
+                Some(c) => join(&c.base_url, path.unwrap_or("")),
+                None => {
+                    return Err(StepError::fatal(
+                        "`path` needs a connection with a `base_url` (or use `url`)",
+                    ))
+                }
+            },
+        };
+        let url = url::Url::parse(&url_text).map_err(|e| {
+            StepError::fatal(
+                ctx.redactor
+                    .redact(&format!("invalid URL `{url_text}`: {e}")),
+            )
+        })?;
+        let method = Method::from_bytes(self.method.trim().to_ascii_uppercase().as_bytes())
+            .map_err(|_| StepError::fatal(format!("invalid HTTP method `{}`", self.method)))?;
+
+        let mut headers = HeaderMap::new();
+        let mut add = |name: &str, value: &str| -> Result<(), StepError> {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| StepError::fatal(format!("invalid header name `{name}`")))?;
+            if secret_header(name) {
+                learn_credential(ctx, value);
+            }
+            let v = HeaderValue::from_str(value).map_err(|_| {
+                StepError::fatal(format!(
+                    "header `{name}` has a value that is not valid in HTTP"
+                ))
+            })?;
+            headers.insert(n, v);
+            Ok(())
+        };
+        if let Some(c) = &conn {
+            for (k, v) in &c.headers {
+                if let Some(s) = scalar_text(&format!("headers.{k}"), v)? {
+                    add(k, &s)?;
+                }
+            }
+        }
+        for (k, v) in self.headers {
+            add(k, v)?;
+        }
+
+        let mut query = Vec::new();
+        for (k, v) in self.query {
+            match v {
+                Value::Array(items) => {
+                    for item in items {
+                        if let Some(s) = scalar_text(&format!("query.{k}"), item)? {
+                            query.push((k.clone(), s));
+                        }
+                    }
+                }
+                other => {
+                    if let Some(s) = scalar_text(&format!("query.{k}"), other)? {
+                        query.push((k.clone(), s));
+                    }
+                }
+            }
+        }
+
+        let auth = self
+            .auth
+            .cloned()
+            .or_else(|| conn.as_ref().and_then(|c| c.auth.clone()));
+        if let Some(a) = &auth {
+            a.learn_secrets(&ctx.redactor);
+        }
+        let timeout = match self.timeout {
+            Some(t) => duration("timeout", Some(t), DEFAULT_TIMEOUT)?,
+            None => duration(
+                "connection timeout",
+                conn.as_ref().and_then(|c| c.timeout.as_deref()),
+                DEFAULT_TIMEOUT,
+            )?,
+        };
+        let policy = Policy {
+            retries: self.retries.unwrap_or(DEFAULT_RETRIES),
+            max_wait: duration("max_wait", self.max_wait, DEFAULT_MAX_WAIT)?,
+            timeout,
+        };
+        Ok(Prepared {
+            method,
+            url,
+            query,
+            headers,
+            auth,
+            policy,
+        })
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+    pub url: url::Url,
+    pub elapsed: Duration,
+}
+
+impl Reply {
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The start of the body, for error messages.
+    pub fn excerpt(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let t = text.trim();
+        if t.chars().count() > EXCERPT {
+            format!("{}…", t.chars().take(EXCERPT).collect::<String>())
+        } else {
+            t.to_string()
+        }
+    }
+
+    /// Fail unless the status is allowed (`expect`, or any 2xx when empty). 5xx and 429 are
+    /// retryable failures (the step's `retry:` may run it again), others are not.
+    pub fn check(
+        &self,
+        ctx: &StepContext,
+        method: &Method,
+        expect: &[u16],
+    ) -> Result<(), StepError> {
+        let ok = if expect.is_empty() {
+            self.status.is_success()
+        } else {
+            expect.contains(&self.status.as_u16())
+        };
+        if ok {
+            return Ok(());
+        }
+        let excerpt = self.excerpt();
+        let msg = ctx.redactor.redact(&format!(
+            "{method} {} returned HTTP {}{}{}",
+            without_query(&self.url),
+            self.status,
+            if expect.is_empty() {
+                String::new()
+            } else {
+                format!(" (expected {expect:?})")
+            },
+            if excerpt.is_empty() {
+                String::new()
+            } else {
+                format!(": {excerpt}")
+            }
+        ));
+        if retryable_status(self.status) {
+            Err(StepError::retryable(msg))
+        } else {
+            Err(StepError::fatal(msg))
+        }
+    }
+}
+
+/// The URL without its query (which may hold API keys), for messages.
+pub fn without_query(url: &url::Url) -> String {
+    let mut u = url.clone();
+    u.set_query(None);
+    u.to_string()
+}
+
+fn retryable_status(s: StatusCode) -> bool {
+    s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// `Retry-After`: delay seconds or an HTTP-date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// `RateLimit-Reset`: seconds from now, a Unix time in seconds, an RFC 3339 datetime or an
+/// HTTP-date.
+pub fn reset_delay(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(n) = v.parse::<f64>() {
+        if !(n >= 0.0 && n.is_finite()) {
+            return None;
+        }
+        if n > 1_000_000_000.0 {
+            let now = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64();
+            return Some(Duration::from_secs_f64((n - now).max(0.0)));
+        }
+        return Some(Duration::from_secs_f64(n));
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
+        let ms = (t.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds();
+        return Some(Duration::from_millis(ms.max(0) as u64));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(
+        at.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// Exponential backoff with jitter for retry number `n` (1-based), at most `cap`.
+fn backoff(n: u32, cap: Duration) -> Duration {
+    let base = BACKOFF_BASE.saturating_mul(1u32 << (n.saturating_sub(1)).min(16));
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    // Up to +25 %, from the clock's low bits (no need for a random generator here).
+    let jitter = base.mul_f64((nanos % 1000) as f64 / 4000.0);
+    (base + jitter).min(cap)
+}
+
+/// A request-rate limit shared by the requests of one step: at most `requests` starts per
+/// `per`, and a pause until `RateLimit-Reset` once `RateLimit-Remaining` reaches 0.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    window: Option<(usize, Duration)>,
+    state: Mutex<LimitState>,
+}
+
+#[derive(Debug, Default)]
+struct LimitState {
+    starts: VecDeque<Instant>,
+    blocked_until: Option<Instant>,
+}
+
+impl Limiter {
+    pub fn new(window: Option<(usize, Duration)>) -> Self {
+        Limiter {
+            window: window.filter(|(n, _)| *n > 0),
+            state: Mutex::default(),
+        }
+    }
+
+    /// Wait for a free slot.
+    async fn acquire(&self, ctx: &StepContext, max_wait: Duration) -> Result<(), StepError> {
+        loop {
+            let wait = {
+                let mut st = self.state.lock().unwrap();
+                let now = Instant::now();
+                match st.blocked_until {
+                    Some(t) if t > now => t - now,
+                    _ => match self.window {
+                        None => return Ok(()),
+                        Some((n, per)) => {
+                            while st
+                                .starts
+                                .front()
+                                .is_some_and(|s| now.duration_since(*s) >= per)
+                            {
+                                st.starts.pop_front();
+                            }
+                            if st.starts.len() < n {
+                                st.starts.push_back(now);
+                                return Ok(());
+                            }
+                            (st.starts[0] + per).saturating_duration_since(now)
+                        }
+                    },
+                }
+            };
+            if wait > max_wait {
+                return Err(StepError::fatal(format!(
+                    "the API's rate limit asks to wait {} (RateLimit-Reset), longer than max_wait {}",
+                    engine::duration::human(wait),
+                    engine::duration::human(max_wait)
+                )));
+            }
+            sleep(ctx, wait.max(Duration::from_millis(1))).await?;
+        }
+    }
+
+    /// Learn from `RateLimit-Remaining` / `RateLimit-Reset`.
+    fn observe(&self, headers: &HeaderMap) {
+        let get = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        let remaining = get("ratelimit-remaining").and_then(|v| v.trim().parse::<f64>().ok());
+        if remaining.is_some_and(|r| r <= 0.0) {
+            if let Some(d) = get("ratelimit-reset").and_then(reset_delay) {
+                let until = Instant::now() + d;
+                let mut st = self.state.lock().unwrap();
+                if st.blocked_until.is_none_or(|t| t < until) {
+                    st.blocked_until = Some(until);
+                }
+            }
+        }
+    }
+}
+
+/// Sends the requests of one step.
+pub struct Sender<'a> {
+    pub ctx: &'a StepContext,
+    pub prep: &'a Prepared,
+    pub limiter: Limiter,
+    /// Retries so far (all requests of the step).
+    pub retries: AtomicU64,
+}
+
+impl<'a> Sender<'a> {
+    pub fn new(ctx: &'a StepContext, prep: &'a Prepared, limiter: Limiter) -> Self {
+        Sender {
+            ctx,
+            prep,
+            limiter,
+            retries: AtomicU64::new(0),
+        }
+    }
+
+    /// Send one request, retrying connection errors, 5xx and 429 (honouring `Retry-After`)
+    /// and, with OAuth2, refreshing the token once on a 401. Returns the last response
+    /// whatever its status; the caller checks it.
+    pub async fn send(
+        &self,
+        url: &url::Url,
+        with_base_query: bool,
+        extra_query: &[(String, String)],
+        body: &Body,
+    ) -> Result<Reply, StepError> {
+        let ctx = self.ctx;
+        let p = self.prep;
+        let mut attempt = 0u32;
+        let mut refreshed = false;
+        let shown = format!("{} {}", p.method, without_query(url));
+        loop {
+            self.limiter.acquire(ctx, p.policy.max_wait).await?;
+            let mut rb = client()
+                .request(p.method.clone(), url.clone())
+                .headers(p.headers.clone())
+                .timeout(p.policy.timeout);
+            if with_base_query && !p.query.is_empty() {
+                rb = rb.query(&p.query);
+            }
+            if !extra_query.is_empty() {
+                rb = rb.query(extra_query);
+            }
+            rb = match body {
+                Body::None => rb,
+                Body::Json(v) => rb.json(v),
+                Body::Form(f) => rb.form(f),
+                Body::Text(t) => rb.body(t.clone()),
+            };
+            let mut token_used = None;
+            if let Some(auth) = &p.auth {
+                let (b, t) = auth.apply(rb, ctx, &p.policy).await?;
+                rb = b;
+                token_used = t;
+            }
+            let started = Instant::now();
+            let outcome = cancellable(ctx, async {
+                let resp = rb.send().await?;
+                let status = resp.status();
+                let headers = resp.headers().clone();
+                let final_url = resp.url().clone();
+                let body = resp.bytes().await?;
+                Ok::<_, reqwest::Error>((status, headers, final_url, body))
+            })
+            .await?;
+            let (status, headers, final_url, bytes) = match outcome {
+                Ok(v) => v,
+                Err(e) => {
+                    let msg = ctx
+                        .redactor
+                        .redact(&format!("{shown}: {}", error_chain(&e)));
+                    if attempt < p.policy.retries {
+                        attempt += 1;
+                        self.retries.fetch_add(1, Ordering::Relaxed);
+                        let wait = backoff(attempt, p.policy.max_wait);
+                        ctx.log(
+                            Level::Warning,
+                            &format!(
+                                "{msg}; retry {attempt}/{} in {}",
+                                p.policy.retries,
+                                engine::duration::human(wait)
+                            ),
+                        );
+                        sleep(ctx, wait).await?;
+                        continue;
+                    }
+                    return Err(StepError::retryable(format!(
+                        "{msg}{}",
+                        if attempt > 0 {
+                            format!(" (after {attempt} retries)")
+                        } else {
+                            String::new()
+                        }
+                    )));
+                }
+            };
+            for v in headers.get_all(AUTHORIZATION) {
+                if let Ok(s) = v.to_str() {
+                    learn_credential(ctx, s);
+                }
+            }
+            self.limiter.observe(&headers);
+            let reply = Reply {
+                status,
+                headers,
+                body: bytes.to_vec(),
+                url: final_url,
+                elapsed: started.elapsed(),
+            };
+            if status == StatusCode::UNAUTHORIZED && !refreshed {
+                if let (Some(auth), Some(used)) = (&p.auth, &token_used) {
+                    refreshed = true;
+                    ctx.log(
+                        Level::Info,
+                        &format!("{shown}: HTTP 401, refreshing the OAuth2 token"),
+                    );
+                    auth.invalidate(used).await;
+                    continue;
+                }
+            }
+            if retryable_status(status) && attempt < p.policy.retries {
+                let wait = match retry_after(&reply.headers) {
+                    Some(d) if d > p.policy.max_wait => {
+                        return Err(StepError::retryable(format!(
+                            "{shown} returned HTTP {status} with Retry-After {}, longer than max_wait {}",
+                            engine::duration::human(d),
+                            engine::duration::human(p.policy.max_wait)
+                        )));
+                    }
+                    Some(d) => d,
+                    None => backoff(attempt + 1, p.policy.max_wait),
+                };
+                attempt += 1;
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                ctx.log(
+                    Level::Warning,
+                    &format!(
+                        "{shown} returned HTTP {status}; retry {attempt}/{} in {}",
+                        p.policy.retries,
+                        engine::duration::human(wait)
+                    ),
+                );
+                sleep(ctx, wait).await?;
+                continue;
+            }
+            return Ok(reply);
+        }
+    }
+}
+
+/// An error and its causes on one line (reqwest's top-level message alone says little).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}

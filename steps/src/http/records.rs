@@ -1,0 +1,521 @@
+//! JSON records into a typed Polars `DataFrame`, one page at a time.
+//!
+//! Why builders instead of "collect every record, then build": an extraction of 180 days of
+//! tickets is hundreds of pages; keeping every page's `serde_json::Value` until the end costs
+//! several times the data's size. [`Columns`] appends each page's records to typed column
+//! vectors as the page lands, and the page's JSON is dropped right after.
+//!
+//! Types are inferred from the values, per column, widening as records disagree:
+//!
+//! * integers → `Int64`; integers and floats → `Float64`; booleans → `Boolean`;
+//! * strings → `String`, except a column whose every non-null value is an RFC 3339 / ISO 8601
+//!   timestamp **with an offset** (`2024-05-01T09:30:00-03:00`, `…Z`) →
+//!   `Datetime(µs, "UTC")`, converted to UTC (timestamps without an offset, and dates, stay
+//!   strings: guessing their zone would silently shift them);
+//! * arrays → a `String` column holding each array as JSON text (lists of mixed or nested
+//!   items are common in APIs and JSON text loads everywhere; a later transform can parse it);
+//! * nested objects → with `flatten` (default) one column per leaf, named
+//!   `parent<separator>child` (`status.name` → `status_name`), at any depth; without it a
+//!   Polars `Struct` column (null where the object is null);
+//! * nulls and missing keys → nulls, in any column; a column that is only ever null is a
+//!   `String` column of nulls;
+//! * anything else mixed (a number here, a string there) → `String`, each value as its text
+//!   (strings as they are, other values as JSON).
+//!
+//! Columns keep the order in which their keys were first seen.
+
+use indexmap::IndexMap;
+use polars::prelude::*;
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+
+/// How records become columns.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    /// Nested objects become `parent<sep>child` columns (else structs).
+    pub flatten: bool,
+    /// The separator of flattened names.
+    pub separator: String,
+}
+
+impl Default for Shape {
+    fn default() -> Self {
+        Shape {
+            flatten: true,
+            separator: "_".into(),
+        }
+    }
+}
+
+/// The column builders of one table.
+#[derive(Debug, Default)]
+pub struct Columns {
+    cols: IndexMap<String, Col>,
+    rows: usize,
+    /// Keys seen holding an object while flattening: a column of only nulls under such a
+    /// name is dropped at the end (its children carry the nulls).
+    flat_parents: HashSet<String>,
+}
+
+#[derive(Debug)]
+enum Col {
+    Null(usize),
+    Bool(Vec<Option<bool>>),
+    Int(Vec<Option<i64>>),
+    Float(Vec<Option<f64>>),
+    Str(Vec<Option<String>>),
+    Struct(Box<Columns>, Vec<bool>),
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl Col {
+    fn len(&self) -> usize {
+        match self {
+            Col::Null(n) => *n,
+            Col::Bool(v) => v.len(),
+            Col::Int(v) => v.len(),
+            Col::Float(v) => v.len(),
+            Col::Str(v) => v.len(),
+            Col::Struct(_, valid) => valid.len(),
+        }
+    }
+
+    fn push_null(&mut self) {
+        match self {
+            Col::Null(n) => *n += 1,
+            Col::Bool(v) => v.push(None),
+            Col::Int(v) => v.push(None),
+            Col::Float(v) => v.push(None),
+            Col::Str(v) => v.push(None),
+            Col::Struct(c, valid) => {
+                c.push_null_row();
+                valid.push(false);
+            }
+        }
+    }
+
+    /// The value at row `i`, as JSON (used when a column widens to strings).
+    fn value_at(&self, i: usize) -> Value {
+        match self {
+            Col::Null(_) => Value::Null,
+            Col::Bool(v) => v[i].map(Value::Bool).unwrap_or(Value::Null),
+            Col::Int(v) => v[i].map(Value::from).unwrap_or(Value::Null),
+            Col::Float(v) => v[i].map(Value::from).unwrap_or(Value::Null),
+            Col::Str(v) => v[i].clone().map(Value::String).unwrap_or(Value::Null),
+            Col::Struct(c, valid) => {
+                if !valid[i] {
+                    return Value::Null;
+                }
+                Value::Object(
+                    c.cols
+                        .iter()
+                        .map(|(k, col)| (k.clone(), col.value_at(i)))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Widen to a string column.
+    fn widen_to_strings(&mut self) {
+        if matches!(self, Col::Str(_)) {
+            return;
+        }
+        let n = self.len();
+        let v = (0..n)
+            .map(|i| match self.value_at(i) {
+                Value::Null => None,
+                other => Some(text(&other)),
+            })
+            .collect();
+        *self = Col::Str(v);
+    }
+
+    fn push(&mut self, v: &Value, shape: &Shape) {
+        let n = self.len();
+        match v {
+            Value::Null => self.push_null(),
+            Value::Bool(b) => match self {
+                Col::Null(_) => {
+                    let mut c = vec![None; n];
+                    c.push(Some(*b));
+                    *self = Col::Bool(c);
+                }
+                Col::Bool(c) => c.push(Some(*b)),
+                _ => {
+                    self.widen_to_strings();
+                    self.push_text(text(v));
+                }
+            },
+            Value::Number(num) => {
+                let as_int = num.as_i64();
+                let as_f = num.as_f64().unwrap_or(f64::NAN);
+                match (&mut *self, as_int) {
+                    (Col::Null(_), Some(i)) => {
+                        let mut c = vec![None; n];
+                        c.push(Some(i));
+                        *self = Col::Int(c);
+                    }
+                    (Col::Null(_), None) => {
+                        let mut c = vec![None; n];
+                        c.push(Some(as_f));
+                        *self = Col::Float(c);
+                    }
+                    (Col::Int(c), Some(i)) => c.push(Some(i)),
+                    (Col::Int(c), None) => {
+                        let mut f: Vec<Option<f64>> =
+                            c.iter().map(|x| x.map(|i| i as f64)).collect();
+                        f.push(Some(as_f));
+                        *self = Col::Float(f);
+                    }
+                    (Col::Float(c), _) => c.push(Some(as_f)),
+                    _ => {
+                        self.widen_to_strings();
+                        self.push_text(text(v));
+                    }
+                }
+            }
+            Value::String(s) => {
+                if let Col::Null(_) = self {
+                    *self = Col::Str(vec![None; n]);
+                }
+                if !matches!(self, Col::Str(_)) {
+                    self.widen_to_strings();
+                }
+                self.push_text(s.clone());
+            }
+            Value::Array(_) => {
+                if let Col::Null(_) = self {
+                    *self = Col::Str(vec![None; n]);
+                }
+                self.widen_to_strings();
+                self.push_text(v.to_string());
+            }
+            Value::Object(o) => {
+                if let Col::Null(_) = self {
+                    let mut c = Columns::default();
+                    for _ in 0..n {
+                        c.push_null_row();
+                    }
+                    *self = Col::Struct(Box::new(c), vec![false; n]);
+                }
+                match self {
+                    Col::Struct(c, valid) => {
+                        c.push_record(o, shape);
+                        valid.push(true);
+                    }
+                    _ => {
+                        self.widen_to_strings();
+                        self.push_text(v.to_string());
+                    }
+                }
+            }
+        }
+    }
+
+    fn push_text(&mut self, s: String) {
+        if let Col::Str(v) = self {
+            v.push(Some(s));
+        }
+    }
+
+    fn into_series(self, name: &str, rows: usize) -> PolarsResult<Series> {
+        let name: PlSmallStr = name.into();
+        Ok(match self {
+            Col::Null(_) => Series::full_null(name, rows, &DataType::String),
+            Col::Bool(v) => Series::new(name, v),
+            Col::Int(v) => Series::new(name, v),
+            Col::Float(v) => Series::new(name, v),
+            Col::Str(v) => match timestamps(&v) {
+                Some(micros) => Int64Chunked::new(name, micros)
+                    .into_datetime(TimeUnit::Microseconds, Some(TimeZone::UTC))
+                    .into_series(),
+                None => Series::new(name, v),
+            },
+            Col::Struct(c, valid) => {
+                let fields = c.into_series()?;
+                let ca = StructChunked::from_series(name, rows, fields.iter())?;
+                let mask = BooleanChunked::new(PlSmallStr::EMPTY, valid);
+                let mask = mask.rechunk();
+                let bitmap = mask.downcast_iter().next().map(|a| a.values().clone());
+                ca.rechunk()
+                    .into_owned()
+                    .with_outer_validity(bitmap)
+                    .into_series()
+            }
+        })
+    }
+}
+
+/// Parse one timestamp with an offset, to UTC microseconds.
+pub fn parse_timestamp(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || !b[0].is_ascii_digit() || b[4] != b'-' {
+        return None;
+    }
+    let t = chrono::DateTime::parse_from_rfc3339(s)
+        .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
+        .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%z"))
+        .ok()?;
+    Some(t.timestamp_micros())
+}
+
+/// Every non-null value is a timestamp (and there is one): their UTC microseconds.
+fn timestamps(v: &[Option<String>]) -> Option<Vec<Option<i64>>> {
+    let mut any = false;
+    let mut out = Vec::with_capacity(v.len());
+    for x in v {
+        match x {
+            None => out.push(None),
+            Some(s) => {
+                out.push(Some(parse_timestamp(s)?));
+                any = true;
+            }
+        }
+    }
+    any.then_some(out)
+}
+
+impl Columns {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rows so far.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    fn push_null_row(&mut self) {
+        self.rows += 1;
+    }
+
+    /// Set `name` in the current row (first value wins when two keys flatten to one name).
+    fn set(&mut self, name: &str, v: &Value, shape: &Shape) {
+        let row = self.rows;
+        let col = match self.cols.get_mut(name) {
+            Some(c) => c,
+            None => {
+                self.cols.insert(name.to_string(), Col::Null(0));
+                self.cols.get_mut(name).expect("just inserted")
+            }
+        };
+        while col.len() < row {
+            col.push_null();
+        }
+        if col.len() > row {
+            return;
+        }
+        col.push(v, shape);
+    }
+
+    fn set_flat(&mut self, prefix: &str, obj: &Map<String, Value>, shape: &Shape) {
+        for (k, v) in obj {
+            let name = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}{}{k}", shape.separator)
+            };
+            match v {
+                Value::Object(inner) if shape.flatten => {
+                    self.flat_parents.insert(name.clone());
+                    self.set_flat(&name, inner, shape);
+                }
+                _ => self.set(&name, v, shape),
+            }
+        }
+    }
+
+    /// Append one record (an object; any other value becomes a one-column `value` row).
+    pub fn push_record(&mut self, obj: &Map<String, Value>, shape: &Shape) {
+        self.set_flat("", obj, shape);
+        self.rows += 1;
+    }
+
+    /// Append one JSON value as a record.
+    pub fn push_value(&mut self, v: &Value, shape: &Shape) {
+        match v {
+            Value::Object(o) => self.push_record(o, shape),
+            other => {
+                self.set("value", other, shape);
+                self.rows += 1;
+            }
+        }
+    }
+
+    /// Column names so far, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.cols.keys().cloned().collect()
+    }
+
+    fn into_series(self) -> PolarsResult<Vec<Series>> {
+        let rows = self.rows;
+        let mut out = Vec::with_capacity(self.cols.len());
+        for (name, mut col) in self.cols {
+            if matches!(col, Col::Null(_)) && self.flat_parents.contains(&name) {
+                continue;
+            }
+            while col.len() < rows {
+                col.push_null();
+            }
+            out.push(col.into_series(&name, rows)?);
+        }
+        Ok(out)
+    }
+
+    /// The finished table.
+    pub fn finish(self) -> PolarsResult<DataFrame> {
+        let rows = self.rows;
+        let cols: Vec<Column> = self.into_series()?.into_iter().map(Column::from).collect();
+        if cols.is_empty() {
+            return Ok(DataFrame::empty_with_height(rows));
+        }
+        DataFrame::new(cols)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn frame(records: Value, shape: &Shape) -> DataFrame {
+        let mut c = Columns::new();
+        for r in records.as_array().unwrap() {
+            c.push_value(r, shape);
+        }
+        c.finish().unwrap()
+    }
+
+    #[test]
+    fn infers_types_and_widens() {
+        let df = frame(
+            json!([
+                {"i": 1, "f": 1, "b": true, "s": "x", "mix": 1, "arr": [1, 2], "n": null},
+                {"i": 2, "f": 2.5, "b": null, "s": null, "mix": "two", "arr": ["a", {"k": 1}]},
+                {"i": null, "f": 3, "b": false, "s": "z", "mix": true, "extra": 7}
+            ]),
+            &Shape::default(),
+        );
+        assert_eq!(
+            df.get_column_names_str(),
+            ["i", "f", "b", "s", "mix", "arr", "n", "extra"]
+        );
+        let dt = |n: &str| df.column(n).unwrap().dtype().clone();
+        assert_eq!(dt("i"), DataType::Int64);
+        assert_eq!(dt("f"), DataType::Float64);
+        assert_eq!(dt("b"), DataType::Boolean);
+        assert_eq!(dt("s"), DataType::String);
+        assert_eq!(dt("mix"), DataType::String);
+        assert_eq!(dt("arr"), DataType::String);
+        assert_eq!(dt("n"), DataType::String);
+        assert_eq!(dt("extra"), DataType::Int64);
+        let f = df.column("f").unwrap().f64().unwrap();
+        assert_eq!(f.get(0), Some(1.0));
+        assert_eq!(f.get(1), Some(2.5));
+        let mix = df.column("mix").unwrap().str().unwrap();
+        assert_eq!(mix.get(0), Some("1"));
+        assert_eq!(mix.get(1), Some("two"));
+        assert_eq!(mix.get(2), Some("true"));
+        let arr = df.column("arr").unwrap().str().unwrap();
+        assert_eq!(arr.get(0), Some("[1,2]"));
+        let extra = df.column("extra").unwrap().i64().unwrap();
+        assert_eq!(extra.get(0), None);
+        assert_eq!(extra.get(2), Some(7));
+        assert_eq!(df.height(), 3);
+    }
+
+    #[test]
+    fn timestamps_with_offsets_become_utc() {
+        let df = frame(
+            json!([
+                {"t": "2024-05-01T09:30:00-03:00", "naive": "2024-05-01T09:30:00", "bad": "2024-05-01T09:30:00Z"},
+                {"t": null, "naive": "2024-05-01T10:00:00", "bad": "soon"},
+                {"t": "2024-05-01T12:30:00.250Z"}
+            ]),
+            &Shape::default(),
+        );
+        assert_eq!(
+            df.column("t").unwrap().dtype(),
+            &DataType::Datetime(TimeUnit::Microseconds, Some(TimeZone::UTC))
+        );
+        let t = df.column("t").unwrap().datetime().unwrap();
+        let want = chrono::DateTime::parse_from_rfc3339("2024-05-01T12:30:00Z")
+            .unwrap()
+            .timestamp_micros();
+        assert_eq!(t.phys.get(0), Some(want));
+        assert_eq!(t.phys.get(1), None);
+        assert_eq!(t.phys.get(2), Some(want + 250_000));
+        assert_eq!(df.column("naive").unwrap().dtype(), &DataType::String);
+        assert_eq!(df.column("bad").unwrap().dtype(), &DataType::String);
+    }
+
+    #[test]
+    fn flattens_nested_objects() {
+        let df = frame(
+            json!([
+                {"id": 1, "responsible": null, "status": {"id": 2, "name": "Open", "meta": {"x": true}}},
+                {"id": 2, "responsible": {"id": 9, "name": "Ana"}, "status": {"id": 3, "name": "Done"}}
+            ]),
+            &Shape::default(),
+        );
+        assert_eq!(
+            df.get_column_names_str(),
+            [
+                "id",
+                "status_id",
+                "status_name",
+                "status_meta_x",
+                "responsible_id",
+                "responsible_name"
+            ]
+        );
+        let n = df.column("responsible_name").unwrap().str().unwrap();
+        assert_eq!(n.get(0), None);
+        assert_eq!(n.get(1), Some("Ana"));
+        let dotted = frame(
+            json!([{"status": {"name": "Open"}}]),
+            &Shape {
+                flatten: true,
+                separator: ".".into(),
+            },
+        );
+        assert_eq!(dotted.get_column_names_str(), ["status.name"]);
+    }
+
+    #[test]
+    fn structs_when_not_flattening() {
+        let df = frame(
+            json!([
+                {"id": 1, "status": {"id": 2, "name": "Open"}},
+                {"id": 2, "status": null},
+                {"id": 3, "status": {"id": 4, "name": "Done", "extra": 1.5}}
+            ]),
+            &Shape {
+                flatten: false,
+                separator: "_".into(),
+            },
+        );
+        assert_eq!(df.get_column_names_str(), ["id", "status"]);
+        let s = df
+            .column("status")
+            .unwrap()
+            .as_materialized_series()
+            .clone();
+        let DataType::Struct(fields) = s.dtype() else {
+            panic!("{:?}", s.dtype())
+        };
+        let names: Vec<&str> = fields.iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, ["id", "name", "extra"]);
+        assert_eq!(s.null_count(), 1);
+        let ca = s.struct_().unwrap();
+        let name = ca.field_by_name("name").unwrap();
+        assert_eq!(name.str().unwrap().get(2), Some("Done"));
+    }
+}
