@@ -151,3 +151,90 @@ impl Out2 {
         )
     }
 }
+
+/// The tiflux pipeline with a faster OTP poll (and a given wait timeout), for OTP timing tests.
+fn tiflux_variant(env: &Env, timeout: &str) -> String {
+    let text = std::fs::read_to_string(repo_root().join("pipelines/tiflux.yaml")).unwrap();
+    let text = text
+        .replace("every: 5s", "every: 100ms")
+        .replace("timeout: 3m", &format!("timeout: {timeout}"));
+    assert!(
+        text.contains("every: 100ms"),
+        "the pipeline's OTP wait changed shape"
+    );
+    env.write("tiflux-fast.yaml", &text).display().to_string()
+}
+
+#[test]
+fn a_late_otp_is_waited_for() {
+    let env = Env::new();
+    let p = tiflux_variant(&env, "20s");
+    let out = Out2::run(
+        &env,
+        &[
+            "run",
+            &p,
+            "--sandbox",
+            "--format",
+            "json",
+            "--param",
+            "days=400",
+        ],
+        r#"{"tickets": 200, "otp_delay_ms": 1500}"#,
+    );
+    out.expect_code(0);
+    let v = out.json();
+    assert_eq!(step(&v, "otp")["status"], "succeeded", "{v}");
+    assert_eq!(step(&v, "tickets")["rows"], 200, "{v}");
+    // It polled the sheet several times before the code arrived.
+    assert!(
+        v["sandbox"]["requests"]["sheets"].as_u64().unwrap() >= 3,
+        "{v}"
+    );
+}
+
+#[test]
+fn an_otp_that_never_arrives_fails_clearly_and_nothing_is_extracted() {
+    let env = Env::new();
+    let p = tiflux_variant(&env, "1s");
+    let out = Out2::run(
+        &env,
+        &["run", &p, "--sandbox", "--format", "json"],
+        r#"{"tickets": 200, "otp_delay_ms": 600000}"#,
+    );
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(step(&v, "otp")["status"], "failed", "{v}");
+    assert!(
+        step(&v, "otp")["error"]
+            .as_str()
+            .unwrap()
+            .contains("did not hold within 1s"),
+        "{v}"
+    );
+    assert_eq!(step(&v, "session")["status"], "skipped");
+    assert_eq!(step(&v, "tickets")["status"], "skipped");
+    // No session was opened, so there is nothing to log out of.
+    assert_eq!(step(&v, "logout")["status"], "skipped");
+    assert_eq!(
+        v["sandbox"]["requests"]["tickets"],
+        serde_json::Value::Null,
+        "{v}"
+    );
+}
+
+#[test]
+fn an_http_connection_without_a_stand_in_is_refused_under_sandbox() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        "pipeline: real\nconnections:\n  api: { type: http, base_url: https://example.com }\nsteps:\n  get: { type: http.request, connection: api, with: { path: /x } }\n",
+    );
+    let out = env.run(&["run", p.to_str().unwrap(), "--sandbox"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr().contains("connection `api` has no stand-in"),
+        "{}",
+        out.stderr()
+    );
+}
