@@ -9,7 +9,7 @@ build:
 
 # Run every test: unit tests of each crate and the integration tests driving the real binary.
 test:
-    cargo test --workspace
+    ./scripts/test
 
 # The demonstration pipeline.
 demo:

@@ -6,6 +6,7 @@ mod util;
 mod cli;
 mod exec;
 mod executor;
+mod fidelity;
 mod history;
 mod redaction;
 mod sandbox;

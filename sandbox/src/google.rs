@@ -29,6 +29,9 @@ use std::time::{Duration, Instant};
 const PRIVATE_KEY_PEM: &str = include_str!("keys/sandbox-sa.pem");
 const PUBLIC_KEY_PEM: &str = include_str!("keys/sandbox-sa.pub.pem");
 
+/// The JWT audience Google's token endpoint expects ("When making an access token
+/// request this value is always https://oauth2.googleapis.com/token").
+const GOOGLE_TOKEN_AUDIENCE: &str = "https://oauth2.googleapis.com/token";
 /// A spreadsheet id the fake answers 403 for.
 const FORBIDDEN_ID: &str = "forbidden";
 /// Default grid size of a new tab, as in Google Sheets.
@@ -247,7 +250,11 @@ async fn token(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             );
         }
     }
-    if claims["aud"].as_str() != Some(shared.token_uri.as_str()) {
+    // Google's documented audience is always its own token endpoint; google-auth (Python)
+    // signs exactly that whatever the key's `token_uri` says, while yup-oauth2 signs the
+    // `token_uri` (which, for a real key, is the same URL). Accept both.
+    let aud = claims["aud"].as_str();
+    if aud != Some(shared.token_uri.as_str()) && aud != Some(GOOGLE_TOKEN_AUDIENCE) {
         return grant_error(
             "invalid_grant",
             &format!(
@@ -440,6 +447,22 @@ fn a1(tab: &Tab, c1: u32, r1: u32, c2: u32, r2: u32) -> String {
     )
 }
 
+/// A number typed into a cell: whole numbers stay integers (`12`, not `12.0`).
+fn parse_number(s: &str) -> Option<serde_json::Number> {
+    match s.parse::<i64>() {
+        Ok(i) => Some(i.into()),
+        Err(_) => serde_json::Number::from_f64(s.parse::<f64>().ok()?),
+    }
+}
+
+/// A number as Sheets displays it by default: a whole number without `.0`.
+fn format_number(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", f as i64),
+        _ => n.to_string(),
+    }
+}
+
 fn is_empty(v: &Value) -> bool {
     v.is_null() || v.as_str() == Some("")
 }
@@ -549,7 +572,7 @@ async fn get_values(
             .cloned()
             .unwrap_or(Value::Null);
         match v {
-            Value::Number(n) if formatted => Value::String(n.to_string()),
+            Value::Number(n) if formatted => Value::String(format_number(&n)),
             Value::Bool(b) if formatted => Value::String(if b { "TRUE" } else { "FALSE" }.into()),
             Value::Null => Value::String(String::new()),
             other => other,
@@ -705,11 +728,7 @@ async fn put_values(
     }
     if user_entered {
         for v in values.iter_mut().flatten() {
-            if let Some(n) = v
-                .as_str()
-                .and_then(|s| s.trim().parse::<f64>().ok())
-                .and_then(serde_json::Number::from_f64)
-            {
+            if let Some(n) = v.as_str().and_then(|s| parse_number(s.trim())) {
                 *v = Value::Number(n);
             }
         }
@@ -727,6 +746,18 @@ async fn put_values(
             );
         }
     }
+    // A single cell (`Sheet1!A1`) is the top-left corner of the write, not its bounds:
+    // Sheets writes the whole block from there (gspread's `update(values, "A1")`).
+    let cells_part = range.rsplit_once('!').map_or(range.as_str(), |(_, c)| c);
+    let r = if cells_part.contains(':') {
+        r
+    } else {
+        Range {
+            c2: None,
+            r2: None,
+            ..r
+        }
+    };
     let tab = &mut tabs[r.tab];
     match write_cells(tab, &r, &values, &range) {
         Ok((rows, cols, cells)) => {

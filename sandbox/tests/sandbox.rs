@@ -605,7 +605,7 @@ async fn token_endpoint_verifies_the_jwt() {
     );
 
     let mut c = claims(&sb, SHEETS);
-    c["aud"] = json!("https://oauth2.googleapis.com/token");
+    c["aud"] = json!("https://example.com/token");
     let v: Value = exchange(&sb, &jwt(&sb, c)).await.json().await.unwrap();
     assert_eq!(v["error"], "invalid_grant");
     assert!(

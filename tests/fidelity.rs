@@ -1,0 +1,254 @@
+//! Fidelity of the Google fakes: Google's own Python clients (`google-auth` for the
+//! service-account OAuth flow, `google-api-python-client` for Sheets v4), which nobody here
+//! wrote, drive `pipe sandbox serve` through `tests/python/sheets_fidelity.py`. If they
+//! work, the fakes speak the real protocol rather than only agreeing with pipe's client.
+//!
+//! The interpreter is `PIPE_TEST_PYTHON`, a venv with `tests/python/requirements.txt`
+//! that `.ci/run` prepares. Without it the test FAILS (it never skips): a fidelity check
+//! that silently does not run proves nothing.
+
+use crate::util::{pipe_bin, repo_root, wait_with_deadline, Env};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The venv's interpreter, or a failure that says how to get one.
+fn python() -> PathBuf {
+    match std::env::var_os("PIPE_TEST_PYTHON").filter(|p| !p.is_empty()) {
+        Some(p) => {
+            let p = PathBuf::from(p);
+            assert!(
+                p.exists(),
+                "PIPE_TEST_PYTHON={} does not exist; run .ci/run (it prepares the venv), or \
+                 python3 -m venv DIR && DIR/bin/pip install -r tests/python/requirements.txt \
+                 and set PIPE_TEST_PYTHON=DIR/bin/python",
+                p.display()
+            );
+            p
+        }
+        None => panic!(
+            "PIPE_TEST_PYTHON is not set: this test drives the Google fakes with Google's \
+             official Python clients and needs their venv. Run .ci/run (it prepares the venv \
+             and sets the variable), or: python3 -m venv DIR && DIR/bin/pip install -r \
+             tests/python/requirements.txt && export PIPE_TEST_PYTHON=DIR/bin/python"
+        ),
+    }
+}
+
+/// A running `pipe sandbox serve`; SIGTERM (then SIGKILL) when dropped, so a failing
+/// test does not leave it behind.
+struct Served {
+    child: Child,
+    /// The `export NAME=VALUE` lines, unquoted.
+    exports: HashMap<String, String>,
+    /// The Google fake's base URL (`http://127.0.0.1:PORT`).
+    google_url: String,
+}
+
+impl Served {
+    fn start(args: &[&str]) -> Served {
+        let mut child = Command::new(pipe_bin())
+            .args(["sandbox", "serve"])
+            .args(args)
+            .env_remove("PIPE_SANDBOX")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn pipe sandbox serve");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut served = Served {
+            child,
+            exports: HashMap::new(),
+            google_url: String::new(),
+        };
+        let mut seen = Vec::new();
+        loop {
+            let line = match rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(line) => line,
+                Err(e) => panic!(
+                    "no `sandbox ready` from pipe sandbox serve ({e}); it printed:\n{}",
+                    seen.join("\n")
+                ),
+            };
+            seen.push(line.clone());
+            if line == "sandbox ready" {
+                break;
+            }
+            if let Some(rest) = line.strip_prefix("export ") {
+                let (name, value) = rest.split_once('=').expect("export NAME=VALUE");
+                served.exports.insert(name.to_string(), unquote(value));
+            } else if let Some(rest) = line.strip_prefix("google ") {
+                served.google_url = rest.split_whitespace().next().unwrap_or("").to_string();
+            }
+        }
+        assert!(
+            served.google_url.starts_with("http://127.0.0.1:"),
+            "no google URL in:\n{}",
+            seen.join("\n")
+        );
+        for name in [
+            "GOOGLE_APPLICATION_CREDENTIALS",
+            "OTP_SHEET_ID",
+            "TIFLUX_URL",
+        ] {
+            assert!(
+                served.exports.contains_key(name),
+                "no export {name} in:\n{}",
+                seen.join("\n")
+            );
+        }
+        served
+    }
+
+    /// Apply the exports (and GOOGLE_URL) to a command.
+    fn envs(&self, cmd: &mut Command) {
+        cmd.envs(&self.exports).env("GOOGLE_URL", &self.google_url);
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        // SIGTERM lets the server remove its key file's temp dir; SIGKILL if it lingers.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Undo `shell_quote` of `pipe sandbox serve`: `'a'\''b'` → `a'b`; bare words as they are.
+fn unquote(s: &str) -> String {
+    if !s.starts_with('\'') {
+        return s.to_string();
+    }
+    s.split(r"'\''")
+        .map(|part| part.trim_start_matches('\'').trim_end_matches('\''))
+        .collect::<Vec<_>>()
+        .join("'")
+}
+
+#[test]
+fn official_google_clients_accept_the_fakes() {
+    let python = python();
+    let served = Served::start(&["--otp-delay", "100ms", "--tickets", "10"]);
+    let script = repo_root().join("tests/python/sheets_fidelity.py");
+    let mut cmd = Command::new(&python);
+    cmd.arg(&script)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // Google's clients must reach the fake directly, never through a proxy.
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    served.envs(&mut cmd);
+    let child = cmd.spawn().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {} ({e}); run .ci/run to prepare the venv",
+            python.display()
+        )
+    });
+    let out = wait_with_deadline(child, Duration::from_secs(120));
+    assert_eq!(
+        out.code(),
+        0,
+        "the official Google clients disagree with the fakes\nstdout:\n{}\nstderr:\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    let summary = out.json();
+    assert_eq!(summary["failed"], serde_json::json!([]), "{summary}");
+    let passed: Vec<&str> = summary["passed"]
+        .as_array()
+        .expect("passed")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    for check in [
+        "token_from_key_file",
+        "update_raw_then_get",
+        "empty_range_has_no_values",
+        "otp_mailed_by_the_web_login_is_readable",
+        "unknown_spreadsheet_is_404",
+        "bad_range_is_400",
+        "forbidden_spreadsheet_is_403",
+        "rejected_token_is_refreshed_and_retried",
+        "expired_token_is_refreshed_before_the_request",
+    ] {
+        assert!(
+            passed.contains(&check),
+            "check {check} did not pass: {summary}"
+        );
+    }
+}
+
+/// The same served fakes, through pipe's own client: only the exports `pipe sandbox serve`
+/// prints, no `--sandbox` wiring.
+#[test]
+fn pipe_reads_the_served_sheet_with_the_exports_alone() {
+    let served = Served::start(&["--tickets", "10"]);
+    let env = Env::new();
+    let pipeline = env.write(
+        "sheet.yaml",
+        r#"pipeline: served-sheet
+connections:
+  google:
+    type: google_service_account
+    key_file: "{{ secret('GOOGLE_APPLICATION_CREDENTIALS') }}"
+    sheets_base_url: "{{ env('GOOGLE_URL') }}/"
+steps:
+  header:
+    type: sheets.read
+    connection: google
+    with:
+      spreadsheet: "{{ secret('OTP_SHEET_ID') }}"
+      range: "OTP!A1:C3"
+"#,
+    );
+    let mut cmd = env.cmd();
+    served.envs(&mut cmd);
+    let out = crate::util::Out(
+        cmd.args(["run", pipeline.to_str().unwrap(), "--format", "json"])
+            .output()
+            .expect("run pipe"),
+    );
+    out.expect_code(0);
+    let outputs: String = crate::util::history(&env.state())
+        .query_row(
+            "select outputs from step_runs where step = 'header'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("the header step's outputs");
+    let outputs: serde_json::Value = serde_json::from_str(&outputs).expect("outputs JSON");
+    assert_eq!(
+        outputs["values"],
+        serde_json::json!([["code", "received_at"]]),
+        "{outputs}"
+    );
+}
+
+#[test]
+fn exports_are_unquoted() {
+    assert_eq!(unquote("/tmp/a.json"), "/tmp/a.json");
+    assert_eq!(unquote("'a b'"), "a b");
+    assert_eq!(unquote(r"'a b'\''c'"), "a b'c");
+}
