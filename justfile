@@ -22,6 +22,7 @@ validate:
 # Benchmarks (figures and ratios; results go to BENCHMARKS.md by hand).
 bench:
     cargo bench --bench engine
+    cargo bench --bench extract
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:

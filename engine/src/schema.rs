@@ -73,11 +73,44 @@ pub fn steps_markdown(registry: &Registry) -> String {
             kind.name,
             kind.summary.trim_end_matches('.')
         ));
-        out.push_str(&format!(
-            "\n\n`with:` keys (the result object that `outputs:` templates read is `{}`):\n\n",
-            kind.result_name
-        ));
-        out.push_str(&fields_table(def, &own_defs));
+        if def["type"] == "array" {
+            // A list of operations (transform): one row per kind of item.
+            out.push_str("\n\n`with:` is a list; each item is one of:\n\n");
+            out.push_str(&variants_table(&def["items"], &own_defs));
+        } else {
+            out.push_str(&format!(
+                "\n\n`with:` keys (the result object that `outputs:` templates read is `{}`):\n\n",
+                kind.result_name
+            ));
+            out.push_str(&fields_table(def, &own_defs));
+        }
+    }
+    out
+}
+
+/// One row per variant of a list item (`- rename: {...}`): its key, value type and meaning.
+fn variants_table(items: &Value, defs: &Value) -> String {
+    let def = match items["$ref"].as_str() {
+        Some(r) => &defs[r.rsplit('/').next().unwrap_or_default()],
+        None => items,
+    };
+    let mut out = String::from("| item | value | description |\n|---|---|---|\n");
+    for variant in def["oneOf"].as_array().into_iter().flatten() {
+        let Some(props) = variant["properties"].as_object() else {
+            continue;
+        };
+        for (key, prop) in props {
+            out.push_str(&format!(
+                "| `{key}` | {} | {} |\n",
+                type_name(prop, defs),
+                variant["description"]
+                    .as_str()
+                    .or(prop["description"].as_str())
+                    .unwrap_or("")
+                    .replace('\n', " ")
+                    .replace('|', "\\|"),
+            ));
+        }
     }
     out
 }

@@ -8,10 +8,12 @@
 //! Adding a step type = one module + one line in [`registry`].
 
 pub mod exec;
+pub mod files;
 pub mod http;
 pub mod log;
 pub mod sheets;
 pub mod table;
+pub mod transform;
 
 use engine::step::{Registry, StepKind};
 
@@ -23,6 +25,9 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<sheets::SheetsRead>());
     r.register(StepKind::of::<http::HttpRequest>());
     r.register(StepKind::of::<http::HttpExtract>());
+    r.register(StepKind::of::<files::FileRead>());
+    r.register(StepKind::of::<files::FileWrite>());
+    r.register(StepKind::of::<transform::Transform>());
     r
 }
 
@@ -33,7 +38,16 @@ mod tests {
         let r = super::registry();
         assert_eq!(
             r.names().collect::<Vec<_>>(),
-            ["exec", "log", "sheets.read", "http.request", "http.extract"]
+            [
+                "exec",
+                "log",
+                "sheets.read",
+                "http.request",
+                "http.extract",
+                "file.read",
+                "file.write",
+                "transform",
+            ]
         );
         let mut g = schemars::SchemaGenerator::default();
         for kind in r.kinds() {
