@@ -49,7 +49,7 @@ fn main() {
         Command::Schema(args) => cli::schema::main(args),
         Command::Graph(args) => cli::graph::main(args),
         Command::Runs(cmd) => cli::runs::main(cmd, &state_dir),
-        Command::Sandbox { cmd } => cli::sandbox::main(cmd),
+        Command::Sandbox { cmd } => cli::sandbox::main_in(cmd, &state_dir),
     };
     std::process::exit(code);
 }

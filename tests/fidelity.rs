@@ -1,7 +1,9 @@
 //! Fidelity of the Google fakes: Google's own Python clients (`google-auth` for the
-//! service-account OAuth flow, `google-api-python-client` for Sheets v4), which nobody here
-//! wrote, drive `pipe sandbox serve` through `tests/python/sheets_fidelity.py`. If they
-//! work, the fakes speak the real protocol rather than only agreeing with pipe's client.
+//! service-account OAuth flow, `google-api-python-client` for Sheets v4,
+//! `google-cloud-bigquery` for BigQuery), which nobody here wrote, drive
+//! `pipe sandbox serve` through `tests/python/sheets_fidelity.py` and
+//! `tests/python/bigquery_fidelity.py`. If they work, the fakes speak the real protocol
+//! rather than only agreeing with pipe's client.
 //!
 //! The interpreter is `PIPE_TEST_PYTHON`, a venv with `tests/python/requirements.txt`
 //! that `.ci/run` prepares. Without it the test FAILS (it never skips): a fidelity check
@@ -145,11 +147,11 @@ fn unquote(s: &str) -> String {
         .join("'")
 }
 
-#[test]
-fn official_google_clients_accept_the_fakes() {
+/// Run one of `tests/python/*.py` against the served fakes; its JSON summary after
+/// checking it exited 0.
+fn run_script(served: &Served, script: &str) -> serde_json::Value {
     let python = python();
-    let served = Served::start(&["--otp-delay", "100ms", "--tickets", "10"]);
-    let script = repo_root().join("tests/python/sheets_fidelity.py");
+    let script = repo_root().join("tests/python").join(script);
     let mut cmd = Command::new(&python);
     cmd.arg(&script)
         .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -170,11 +172,16 @@ fn official_google_clients_accept_the_fakes() {
     assert_eq!(
         out.code(),
         0,
-        "the official Google clients disagree with the fakes\nstdout:\n{}\nstderr:\n{}",
+        "the official Google clients disagree with the fakes ({})\nstdout:\n{}\nstderr:\n{}",
+        script.display(),
         out.stdout(),
         out.stderr()
     );
-    let summary = out.json();
+    out.json()
+}
+
+/// The summary's `failed` is empty and every one of `checks` passed.
+fn assert_checks(summary: &serde_json::Value, checks: &[&str]) {
     assert_eq!(summary["failed"], serde_json::json!([]), "{summary}");
     let passed: Vec<&str> = summary["passed"]
         .as_array()
@@ -182,22 +189,64 @@ fn official_google_clients_accept_the_fakes() {
         .iter()
         .filter_map(|v| v.as_str())
         .collect();
-    for check in [
-        "token_from_key_file",
-        "update_raw_then_get",
-        "empty_range_has_no_values",
-        "otp_mailed_by_the_web_login_is_readable",
-        "unknown_spreadsheet_is_404",
-        "bad_range_is_400",
-        "forbidden_spreadsheet_is_403",
-        "rejected_token_is_refreshed_and_retried",
-        "expired_token_is_refreshed_before_the_request",
-    ] {
+    for check in checks {
         assert!(
-            passed.contains(&check),
+            passed.contains(check),
             "check {check} did not pass: {summary}"
         );
     }
+}
+
+#[test]
+fn official_google_clients_accept_the_fakes() {
+    python(); // fail before starting anything when the venv is missing
+    let served = Served::start(&["--otp-delay", "100ms", "--tickets", "10"]);
+    let summary = run_script(&served, "sheets_fidelity.py");
+    assert_checks(
+        &summary,
+        &[
+            "token_from_key_file",
+            "update_raw_then_get",
+            "empty_range_has_no_values",
+            "otp_mailed_by_the_web_login_is_readable",
+            "unknown_spreadsheet_is_404",
+            "bad_range_is_400",
+            "forbidden_spreadsheet_is_403",
+            "rejected_token_is_refreshed_and_retried",
+            "expired_token_is_refreshed_before_the_request",
+        ],
+    );
+}
+
+/// google-cloud-bigquery against the BigQuery fake: datasets, tables, multipart and
+/// chunked resumable Parquet loads, list_rows types (TIMESTAMP included), insertAll row
+/// errors, NotFound, queries (COUNT, MERGE, DDL) and a failed load job.
+#[test]
+fn official_bigquery_client_accepts_the_fake() {
+    python(); // fail before starting anything when the venv is missing
+    let served = Served::start(&["--tickets", "10"]);
+    assert!(
+        served.exports.contains_key("BIGQUERY_PROJECT"),
+        "no export BIGQUERY_PROJECT: {:?}",
+        served.exports
+    );
+    let summary = run_script(&served, "bigquery_fidelity.py");
+    assert_checks(
+        &summary,
+        &[
+            "create_dataset_and_table",
+            "load_parquet_multipart",
+            "load_parquet_resumable_in_chunks",
+            "list_rows_values_and_types",
+            "insert_rows_json_reports_row_errors",
+            "missing_table_is_not_found",
+            "query_count",
+            "merge_updates_and_inserts",
+            "invalid_query_is_bad_request",
+            "load_with_a_new_column_fails_without_field_addition",
+            "write_truncate_replaces_and_drop_table",
+        ],
+    );
 }
 
 /// The same served fakes, through pipe's own client: only the exports `pipe sandbox serve`

@@ -19,8 +19,22 @@ fn step<'a>(v: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no step {id} in {v}"))
 }
 
+/// The fake BigQuery's tables under a state dir, as `pipe sandbox tables --format json` lists them.
+fn tables(env: &Env) -> Vec<serde_json::Value> {
+    let out = env.run(&["sandbox", "tables", "--format", "json"]);
+    out.expect_code(0);
+    out.json().as_array().unwrap().clone()
+}
+
+fn tickets_table(env: &Env) -> serde_json::Value {
+    tables(env)
+        .into_iter()
+        .find(|t| t["dataset"] == "helpdesk" && t["table"] == "tickets")
+        .expect("helpdesk.tickets was loaded")
+}
+
 #[test]
-fn the_tiflux_pipeline_runs_offline_and_logs_out() {
+fn the_tiflux_pipeline_runs_offline_loads_bigquery_and_logs_out() {
     let env = Env::new();
     let out = Out2::run(
         &env,
@@ -33,18 +47,121 @@ fn the_tiflux_pipeline_runs_offline_and_logs_out() {
             "--param",
             "days=400",
         ],
-        r#"{"tickets": 1000, "otp_delay_ms": 200}"#,
+        r#"{"tickets": 1000, "otp_delay_ms": 0}"#,
     );
     out.expect_code(0);
     let v = out.json();
     assert_eq!(v["status"], "succeeded", "{v}");
     // 400 days back from the anchor covers every ticket the fake holds.
     assert_eq!(step(&v, "tickets")["rows"], 1000, "{v}");
+    assert_eq!(step(&v, "clean")["rows"], 1000, "{v}");
+    assert_eq!(step(&v, "load")["rows"], 1000, "{v}");
     assert_eq!(step(&v, "logout")["status"], "succeeded");
     assert_eq!(v["sandbox"]["logouts"], 1, "{v}");
     assert_eq!(v["sandbox"]["live_tokens"], 0, "{v}");
-    // 1000 tickets in pages of 200: 5 pages (plus nothing more: the total is known).
+    // 1000 tickets in pages of 200: the first page tells the total, then exactly 4 more.
     assert_eq!(v["sandbox"]["requests"]["tickets"], 5, "{v}");
+
+    // The table: its row count, business column names and types.
+    let t = tickets_table(&env);
+    assert_eq!(t["rows"], 1000, "{t}");
+    let schema = t["schema"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no schema in {t}"));
+    for (column, ty) in [
+        ("numero", "INTEGER"),
+        ("titulo", "STRING"),
+        ("situacao", "STRING"),
+        ("criado_em", "TIMESTAMP"),
+        ("fechado_em", "TIMESTAMP"),
+        ("worked_hours", "FLOAT"),
+        ("is_closed", "BOOLEAN"),
+    ] {
+        assert_eq!(
+            schema.get(column).and_then(|v| v.as_str()),
+            Some(ty),
+            "{column} in {t}"
+        );
+    }
+    for gone in ["ticket_number", "title", "created_at"] {
+        assert!(
+            schema.get(gone).is_none(),
+            "{gone} should have been renamed: {t}"
+        );
+    }
+}
+
+#[test]
+fn the_same_period_twice_leaves_each_ticket_once() {
+    let env = Env::new();
+    for _ in 0..2 {
+        let out = Out2::run(
+            &env,
+            &[
+                "run",
+                &tiflux(),
+                "--sandbox",
+                "--format",
+                "json",
+                "--param",
+                "days=400",
+            ],
+            r#"{"tickets": 300, "otp_delay_ms": 0}"#,
+        );
+        out.expect_code(0);
+    }
+    assert_eq!(tickets_table(&env)["rows"], 300);
+}
+
+#[test]
+fn a_bigquery_job_error_fails_the_run_keeps_the_table_and_still_logs_out() {
+    let env = Env::new();
+    Out2::run(
+        &env,
+        &[
+            "run",
+            &tiflux(),
+            "--sandbox",
+            "--format",
+            "json",
+            "--param",
+            "days=400",
+        ],
+        r#"{"tickets": 300, "otp_delay_ms": 0}"#,
+    )
+    .expect_code(0);
+    let faults = r#"{"tickets": 500, "otp_delay_ms": 0, "faults": [{"endpoint": "bigquery_jobs", "kind": {"type": "job_error", "reason": "invalid", "message": "Query error: the sky fell"}}]}"#;
+    let out = Out2::run(
+        &env,
+        &[
+            "run",
+            &tiflux(),
+            "--sandbox",
+            "--format",
+            "json",
+            "--param",
+            "days=400",
+        ],
+        faults,
+    );
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(step(&v, "load")["status"], "failed", "{v}");
+    assert!(
+        step(&v, "load")["error"]
+            .as_str()
+            .unwrap()
+            .contains("the sky fell"),
+        "{v}"
+    );
+    assert_eq!(step(&v, "logout")["status"], "succeeded", "{v}");
+    // The target is as the first run left it; no staging table is left behind.
+    assert_eq!(tickets_table(&env)["rows"], 300);
+    let names: Vec<String> = tables(&env)
+        .iter()
+        .map(|t| t["table"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["tickets"], "{names:?}");
 }
 
 #[test]
@@ -70,6 +187,9 @@ fn extraction_failing_midway_still_logs_out() {
     assert_eq!(step(&v, "logout")["status"], "succeeded", "{v}");
     assert_eq!(v["sandbox"]["logouts"], 1, "{v}");
     assert!(v["error"].as_str().unwrap().contains("tickets"), "{v}");
+    // Nothing was loaded.
+    assert_eq!(step(&v, "load")["status"], "skipped", "{v}");
+    assert!(tables(&env).is_empty());
 }
 
 #[test]
@@ -186,6 +306,7 @@ fn a_late_otp_is_waited_for() {
     let v = out.json();
     assert_eq!(step(&v, "otp")["status"], "succeeded", "{v}");
     assert_eq!(step(&v, "tickets")["rows"], 200, "{v}");
+    assert_eq!(step(&v, "load")["rows"], 200, "{v}");
     // It polled the sheet several times before the code arrived.
     assert!(
         v["sandbox"]["requests"]["sheets"].as_u64().unwrap() >= 3,

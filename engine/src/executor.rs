@@ -393,16 +393,7 @@ async fn run_attempts(
             .map_err(|(pos, e)| (Status::Failed, format!("template at line {}: {e}", pos.line)))?;
         let connection = match &step.spec.connection {
             None => None,
-            Some(name) => {
-                let node = &shared.req.plan.connection_nodes[name];
-                let rendered = templates
-                    .render_node(node, &scope)
-                    .map_err(|(pos, e)| (Status::Failed, format!("connection `{name}`, template at line {}: {e}", pos.line)))?;
-                let json = rendered.to_json();
-                // Secret connection fields (at any depth) are masked wherever they could surface.
-                learn_secret_fields(&json, redactor);
-                Some(json)
-            }
+            Some(name) => Some(render_connection(shared, name, &scope, 0).map_err(|e| (Status::Failed, e))?),
         };
         let inputs: IndexMap<String, Table> = {
             let tables = shared.tables.lock().unwrap();
@@ -497,7 +488,12 @@ async fn run_attempts(
         }
         Ok(Some((out, attempts))) => {
             record.attempts = attempts;
-            record.rows = out.table.as_ref().map(|t| t.rows());
+            // Rows: of the table it produced, else the rows it says it handled (a load).
+            record.rows = out
+                .table
+                .as_ref()
+                .map(|t| t.rows())
+                .or_else(|| out.outputs.get("rows").and_then(|r| r.as_u64()));
             record.status = if out.warnings.is_empty() {
                 Status::Succeeded
             } else {
@@ -563,6 +559,36 @@ async fn run_attempts(
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+/// A connection rendered for a step. A `credentials: <name>` field naming another connection
+/// (a `bigquery` connection using a `google_service_account` one) is replaced by that
+/// connection, rendered too, so the step receives everything it needs in one value.
+fn render_connection(
+    shared: &Shared,
+    name: &str,
+    scope: &Scope,
+    depth: usize,
+) -> Result<serde_json::Value, String> {
+    let node = &shared.req.plan.connection_nodes[name];
+    let rendered = shared
+        .req
+        .templates
+        .render_node(node, scope)
+        .map_err(|(pos, e)| format!("connection `{name}`, template at line {}: {e}", pos.line))?;
+    let mut json = rendered.to_json();
+    if let Some(other) = json
+        .get("credentials")
+        .and_then(|c| c.as_str())
+        .map(str::to_string)
+    {
+        if depth < 4 && shared.req.plan.connection_nodes.contains_key(&other) {
+            json["credentials"] = render_connection(shared, &other, scope, depth + 1)?;
+        }
+    }
+    // Secret connection fields (at any depth) are masked wherever they could surface.
+    learn_secret_fields(&json, &shared.req.redactor);
+    Ok(json)
 }
 
 fn learn_secret_fields(v: &serde_json::Value, redactor: &Redactor) {

@@ -216,6 +216,16 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     for (name, raw) in &doc.connections {
         if let Some(spec) = from_node::<ConnectionSpec>(&raw.0, Mode::Check, &mut d) {
             literal_secrets(&raw.0, "", &format!("connection `{name}`"), &mut d);
+            // `credentials: <name>` refers to another connection.
+            if let Some(Value::String(other)) = raw.0.get("credentials").map(|n| &n.value) {
+                if !is_template(other) && !doc.connections.contains_key(other) {
+                    let pos = raw.0.get("credentials").map(|n| n.pos).unwrap_or(raw.0.pos);
+                    let hint = did_you_mean(other, doc.connections.keys().map(String::as_str))
+                        .map(|s| format!("; did you mean `{s}`?"))
+                        .unwrap_or_default();
+                    d.push(pos, Code::UnknownConnection, format!("`credentials` of connection `{name}` names an unknown connection `{other}`{hint}"));
+                }
+            }
             check_templates(&raw.0, &Refs::plain(&param_specs), &mut d);
             connections.insert(name.clone(), spec);
             connection_nodes.insert(name.clone(), raw.0.clone());

@@ -5,8 +5,13 @@
 //! rule index) rather than a random draw, so a failing run can be replayed exactly. The
 //! request key identifies "the same request" across retries: the sorted query for
 //! tickets, the e-mail for login, the temporary code for otp, the bearer token for
-//! logout, the method and path for sheets, and nothing for token (every token request
-//! is an attempt of the same one).
+//! logout, the method and path for sheets and BigQuery, and nothing for token (every
+//! token request is an attempt of the same one).
+//!
+//! BigQuery requests count under one of three endpoints (`bigquery_upload` for media
+//! uploads, `bigquery_jobs` for jobs and queries, `bigquery` for the rest); a rule for
+//! `bigquery` applies to all three. A `job_error` fault does not answer the request: it
+//! rides on it (as a request extension) into the handler, whose job then fails.
 
 use crate::server::Kill;
 use crate::{hash, hash_str, unit, FaultKind, Shared};
@@ -19,7 +24,22 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) const ENDPOINTS: [&str; 6] = ["tickets", "login", "otp", "logout", "token", "sheets"];
+pub(crate) const ENDPOINTS: [&str; 9] = [
+    "tickets",
+    "login",
+    "otp",
+    "logout",
+    "token",
+    "sheets",
+    "bigquery",
+    "bigquery_upload",
+    "bigquery_jobs",
+];
+
+/// Whether a rule for `rule` applies to a request counted under `endpoint`.
+fn rule_matches(rule: &str, endpoint: &str) -> bool {
+    rule == endpoint || rule == "bigquery" && endpoint.starts_with("bigquery")
+}
 
 /// Which endpoint a request targets (None: not subject to counting or faults).
 fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
@@ -30,6 +50,14 @@ fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
         ("POST", "/api/logout") => Some("logout"),
         ("POST", "/token") => Some("token"),
         (_, p) if p.starts_with("/v4/spreadsheets/") => Some("sheets"),
+        (_, p) if p.starts_with("/upload/bigquery/v2/") => Some("bigquery_upload"),
+        (_, p)
+            if p.starts_with("/bigquery/v2/")
+                && (p.contains("/jobs") || p.contains("/queries")) =>
+        {
+            Some("bigquery_jobs")
+        }
+        (_, p) if p.starts_with("/bigquery/v2/") => Some("bigquery"),
         _ => None,
     }
 }
@@ -56,7 +84,16 @@ fn request_key(endpoint: &str, req: &axum::http::request::Parts, body: &Bytes) -
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string(),
-        "sheets" => format!("{} {}", req.method, req.uri.path()),
+        // Every job a client creates is an attempt of "the next job", so a `job_error`
+        // fault with `times: 1` fails exactly one job.
+        "bigquery_jobs" | "bigquery_upload"
+            if req.method == Method::POST && !req.uri.path().ends_with("/cancel") =>
+        {
+            "job".to_string()
+        }
+        "sheets" | "bigquery" | "bigquery_jobs" | "bigquery_upload" => {
+            format!("{} {}", req.method, req.uri.path())
+        }
         _ => String::new(),
     }
 }
@@ -79,7 +116,12 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
     };
     let _in_flight = shared.enter(endpoint);
     let (parts, body) = req.into_parts();
-    let bytes = match axum::body::to_bytes(body, 64 << 20).await {
+    let limit = if endpoint == "bigquery_upload" {
+        crate::bigquery::MAX_UPLOAD_BODY
+    } else {
+        64 << 20
+    };
+    let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => return (StatusCode::BAD_REQUEST, "unreadable request body").into_response(),
     };
@@ -88,9 +130,14 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
     }
     let chosen = choose(&shared, endpoint, &parts, &bytes).await;
     let kill = parts.extensions.get::<Kill>().cloned();
-    let req = Request::from_parts(parts, Body::from(bytes));
+    let mut req = Request::from_parts(parts, Body::from(bytes));
     match chosen {
         None => next.run(req).await,
+        Some(FaultKind::JobError { reason, message }) => {
+            req.extensions_mut()
+                .insert(crate::bigquery::JobError { reason, message });
+            next.run(req).await
+        }
         Some(FaultKind::Status { code }) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             error(
@@ -151,7 +198,12 @@ async fn choose(
     parts: &axum::http::request::Parts,
     body: &Bytes,
 ) -> Option<FaultKind> {
-    if !shared.opts.faults.iter().any(|f| f.endpoint == endpoint) {
+    if !shared
+        .opts
+        .faults
+        .iter()
+        .any(|f| rule_matches(&f.endpoint, endpoint))
+    {
         return None;
     }
     let key = request_key(endpoint, parts, body);
@@ -163,7 +215,7 @@ async fn choose(
     };
     let page = page_of(parts);
     for (i, f) in shared.opts.faults.iter().enumerate() {
-        if f.endpoint != endpoint
+        if !rule_matches(&f.endpoint, endpoint)
             || f.page.is_some_and(|p| endpoint != "tickets" || p != page)
             || f.times.is_some_and(|t| attempt > t)
         {
@@ -174,6 +226,12 @@ async fn choose(
             &[hash_str(endpoint), hash_str(&key), attempt as u64, i as u64],
         );
         if f.rate < 1.0 && unit(h) >= f.rate {
+            continue;
+        }
+        // A job error needs a job: only requests that create one (POSTs) take it.
+        if matches!(f.kind, FaultKind::JobError { .. })
+            && (parts.method != Method::POST || key != "job")
+        {
             continue;
         }
         match &f.kind {
@@ -187,7 +245,9 @@ async fn choose(
 /// An error in the endpoint family's own shape.
 pub(crate) fn error(endpoint: &str, status: StatusCode, code: &str, message: &str) -> Response {
     match endpoint {
-        "sheets" => crate::google::google_error(status, message),
+        "sheets" | "bigquery" | "bigquery_jobs" | "bigquery_upload" => {
+            crate::google::google_error(status, message)
+        }
         "token" => {
             let code = if status == StatusCode::UNAUTHORIZED {
                 "invalid_client"

@@ -41,7 +41,7 @@ const GRID_COLS: u32 = 26;
 /// The generated service-account key.
 pub(crate) struct ServiceAccount {
     pub client_email: String,
-    project_id: String,
+    pub project_id: String,
     private_key_id: String,
     client_id: String,
     google_url: String,
@@ -132,7 +132,21 @@ impl Store {
         }
     }
 
-    fn scope_of(&self, headers: &HeaderMap) -> Option<String> {
+    /// A valid access token with `scope`, without the JWT dance (unit tests).
+    #[cfg(test)]
+    pub(crate) fn grant(&self, scope: &str) -> String {
+        let access = format!("ya29.sandbox.{}", random_token(32));
+        self.tokens.lock().unwrap().insert(
+            access.clone(),
+            (
+                Instant::now() + Duration::from_secs(3599),
+                scope.to_string(),
+            ),
+        );
+        access
+    }
+
+    pub(crate) fn scope_of(&self, headers: &HeaderMap) -> Option<String> {
         let token = bearer(headers)?;
         let tokens = self.tokens.lock().unwrap();
         tokens
@@ -149,6 +163,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
             "/v4/spreadsheets/{id}/values/{range}",
             get(get_values).put(put_values),
         )
+        .merge(crate::bigquery::router())
         .fallback(|| async {
             google_error(StatusCode::NOT_FOUND, "Requested entity was not found.")
         })

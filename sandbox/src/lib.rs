@@ -7,7 +7,9 @@
 //!   `/api/logout`) in front of the Tiflux v2 ticket API (`/api/v2/tickets`), plus
 //!   `GET /__sandbox/stats` for out-of-process tests;
 //! - the "Google" port: the OAuth2 token endpoint (`POST /token`, verifying real RS256
-//!   JWTs signed with the generated service-account key) and the Sheets v4 values API.
+//!   JWTs signed with the generated service-account key), the Sheets v4 values API and
+//!   BigQuery REST v2 (`/bigquery/v2`, `/upload/bigquery/v2`; tables persist as Parquet
+//!   under [`Options::state_dir`], see [`bigquery`](crate::list_tables)).
 //!
 //! The wire shapes follow `/work/shared/api-contracts.md`: the same client code must
 //! work against the real services, so the fakes answer with the real status codes,
@@ -18,6 +20,7 @@
 //! the connection without writing a response, which needs per-connection control of
 //! the socket (see [`server`]).
 
+mod bigquery;
 mod faults;
 mod google;
 mod server;
@@ -32,6 +35,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
+
+pub use bigquery::{list_tables, TableSummary};
 
 /// How the fakes behave. Every field has a default; `PIPE_SANDBOX` may set any subset.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -52,6 +57,13 @@ pub struct Options {
     /// Where to write the service-account key file (default: a temp dir kept while the
     /// [`Sandbox`] lives).
     pub dir: Option<PathBuf>,
+    /// pipe's state directory: the BigQuery fake keeps its tables under
+    /// `<state_dir>/sandbox/bigquery/<project>/<dataset>/<table>.parquet` (default: a temp
+    /// dir kept while the [`Sandbox`] lives).
+    pub state_dir: Option<PathBuf>,
+    /// BigQuery `jobs.get` / `getQueryResults` report a new job PENDING, then RUNNING, for
+    /// this many polls before DONE (0: DONE at once), to exercise pollers.
+    pub bigquery_job_polls: u32,
 }
 
 impl Default for Options {
@@ -64,6 +76,8 @@ impl Default for Options {
             latency_ms: 0,
             faults: Vec::new(),
             dir: None,
+            state_dir: None,
+            bigquery_job_polls: 0,
         }
     }
 }
@@ -86,7 +100,9 @@ fn one() -> f64 {
 /// One injected failure rule.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Fault {
-    /// "tickets" | "login" | "otp" | "logout" | "token" | "sheets".
+    /// "tickets" | "login" | "otp" | "logout" | "token" | "sheets" | "bigquery" (every
+    /// BigQuery call, uploads and jobs included) | "bigquery_upload" | "bigquery_jobs"
+    /// (jobs.insert, jobs.get, jobs.query, getQueryResults).
     pub endpoint: String,
     pub kind: FaultKind,
     /// Probability; decided by a hash of (seed, endpoint, request key, attempt), so the
@@ -121,6 +137,9 @@ pub enum FaultKind {
     Latency { ms: u64 },
     /// 401 `invalid_token` (in the endpoint's error shape).
     Unauthorized,
+    /// BigQuery: the next matching load or query job ends DONE with this `errorResult`
+    /// (jobs.query answers with this error). Use with `times: 1` for "the next job".
+    JobError { reason: String, message: String },
 }
 
 /// What the fakes received.
@@ -136,6 +155,9 @@ pub struct Stats {
     pub logouts: u64,
     /// Tiflux sessions still alive (opened, neither logged out nor expired).
     pub live_tokens: u64,
+    /// Media bytes received by BigQuery load uploads (multipart and resumable).
+    #[serde(default)]
+    pub bytes_uploaded: u64,
 }
 
 /// Counters behind [`Stats`].
@@ -174,6 +196,7 @@ pub(crate) struct Shared {
     pub tickets: tickets::Generator,
     pub tiflux: tiflux::Sessions,
     pub google: google::Store,
+    pub bigquery: bigquery::Store,
     pub counters: Mutex<Counters>,
     /// (endpoint, request key) → attempts so far.
     pub attempts: Mutex<HashMap<(String, String), u32>>,
@@ -204,6 +227,10 @@ impl Shared {
             logins: c.logins,
             logouts: c.logouts,
             live_tokens: self.tiflux.live(),
+            bytes_uploaded: self
+                .bigquery
+                .bytes_uploaded
+                .load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -259,6 +286,7 @@ pub struct Sandbox {
     key_file: PathBuf,
     servers: Vec<JoinHandle<()>>,
     _tempdir: Option<tempfile::TempDir>,
+    _state_tempdir: Option<tempfile::TempDir>,
 }
 
 impl Sandbox {
@@ -301,6 +329,28 @@ impl Sandbox {
         std::fs::write(&key_file, serde_json::to_string_pretty(&key.json())?)
             .with_context(|| format!("writing {}", key_file.display()))?;
 
+        let (state_dir, state_tempdir) = match &opts.state_dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("pipe-sandbox-state-")
+                    .tempdir()
+                    .context("creating a temp dir")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let bigquery_root = state_dir.join("sandbox").join("bigquery");
+        let bigquery = bigquery::Store::new(
+            bigquery_root.clone(),
+            key.project_id.clone(),
+            opts.bigquery_job_polls,
+        )
+        .with_context(|| {
+            format!(
+                "opening the BigQuery fake's tables in {}",
+                bigquery_root.display()
+            )
+        })?;
         let otp_sheet = google::spreadsheet_id(seed);
         let shared = Arc::new(Shared {
             user: "analyst@example.com".to_string(),
@@ -311,6 +361,7 @@ impl Sandbox {
             tickets: tickets::Generator::new(seed, opts.tickets, opts.anchor),
             tiflux: tiflux::Sessions::default(),
             google: google::Store::new(&otp_sheet)?,
+            bigquery,
             counters: Mutex::new(Counters::default()),
             attempts: Mutex::new(HashMap::new()),
             background: Mutex::new(Vec::new()),
@@ -335,6 +386,7 @@ impl Sandbox {
             key_file,
             servers,
             _tempdir: tempdir,
+            _state_tempdir: state_tempdir,
         })
     }
 
@@ -346,6 +398,21 @@ impl Sandbox {
     /// `http://127.0.0.1:PORT`: `POST /token` and `/v4/spreadsheets/...`.
     pub fn google_url(&self) -> String {
         self.google_url.clone()
+    }
+
+    /// `google_url` + `/bigquery/v2`: the BigQuery REST base.
+    pub fn bigquery_url(&self) -> String {
+        format!("{}/bigquery/v2", self.google_url)
+    }
+
+    /// `google_url` + `/upload/bigquery/v2`: BigQuery media uploads (load jobs).
+    pub fn upload_url(&self) -> String {
+        format!("{}/upload/bigquery/v2", self.google_url)
+    }
+
+    /// The project of the generated key (`project_id`); the BigQuery fake accepts any.
+    pub fn bigquery_project(&self) -> String {
+        self.shared.bigquery.project.clone()
     }
 
     /// The generated service-account key JSON (`token_uri` = google_url + "/token").
@@ -370,6 +437,11 @@ impl Sandbox {
             "sheets": {
                 "otp_spreadsheet": self.shared.otp_sheet,
                 "otp_range": tiflux::OTP_RANGE,
+            },
+            "bigquery": {
+                "url": self.bigquery_url(),
+                "upload_url": self.upload_url(),
+                "project": self.shared.bigquery.project,
             },
         })
     }

@@ -78,7 +78,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
     // Under --sandbox the logical date defaults to the fakes' anchor date, so the same
     // command extracts the same data every time.
     let (fakes, overrides, default_date) = if args.sandbox {
-        match runtime.block_on(attach_sandbox(&mut plan)) {
+        match runtime.block_on(attach_sandbox(&mut plan, state_dir)) {
             Ok((fakes, overrides, anchor)) => (Some(fakes), overrides, Some(anchor)),
             Err(e) => return usage(format!("--sandbox: {e}")),
         }
@@ -460,6 +460,13 @@ fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
                 format!(" --state-dir {}", state_dir.display())
             };
             println!("history: pipe runs show {run_id}{dir}   logs: pipe runs logs {run_id}{dir}");
+            if summary.sandbox.is_some() {
+                let bq = state_dir.join("sandbox").join("bigquery");
+                println!(
+                    "sandbox BigQuery tables: pipe sandbox tables{dir}   (Parquet files under {})",
+                    bq.display()
+                );
+            }
         }
     }
 }
@@ -651,8 +658,14 @@ impl Observer for Progress {
 /// would reach the real network, so it is refused).
 async fn attach_sandbox(
     plan: &mut Plan,
+    state_dir: &Path,
 ) -> Result<(sandbox::Sandbox, engine::template::Overrides, DateTime<Utc>), String> {
-    let options = sandbox::Options::from_env().map_err(|e| format!("PIPE_SANDBOX: {e:#}"))?;
+    let mut options = sandbox::Options::from_env().map_err(|e| format!("PIPE_SANDBOX: {e:#}"))?;
+    // The fake BigQuery keeps its tables under pipe's state dir, where `pipe sandbox
+    // tables` (and anyone with a Parquet reader) can read what was loaded.
+    options
+        .state_dir
+        .get_or_insert_with(|| state_dir.to_path_buf());
     let anchor = options.anchor;
     let fakes = sandbox::Sandbox::start(options)
         .await
@@ -660,14 +673,33 @@ async fn attach_sandbox(
     let values = fakes.values();
     for (name, spec) in &plan.connections {
         let stand_in = spec.fields.get("sandbox").and_then(|v| v.as_str());
+        let borrows_key = spec
+            .fields
+            .get("credentials")
+            .is_some_and(|c| c.is_string());
         let fields: Vec<(&str, String)> = match (spec.kind.as_str(), stand_in) {
             (_, Some("tiflux")) => vec![("base_url", fakes.tiflux_url())],
             ("google_service_account", None | Some("google")) => vec![
                 ("key_file", fakes.key_file().display().to_string()),
                 ("sheets_base_url", format!("{}/", fakes.google_url())),
             ],
+            ("bigquery", None | Some("google") | Some("bigquery")) => {
+                let project = values["bigquery"]["project"].as_str().unwrap_or("pipe-sandbox").to_string();
+                let mut fields = vec![
+                    ("base_url", fakes.bigquery_url()),
+                    ("upload_url", fakes.upload_url()),
+                    ("project", project),
+                ];
+                // Its own key (when it does not borrow one with `credentials:`) is the fake's.
+                if !borrows_key {
+                    fields.push(("key_file", fakes.key_file().display().to_string()));
+                }
+                fields
+            }
             (_, Some(other)) => {
-                return Err(format!("connection `{name}` names an unknown stand-in `sandbox: {other}` (known: tiflux, google)"))
+                return Err(format!(
+                    "connection `{name}` names an unknown stand-in `sandbox: {other}` (known: tiflux, google, bigquery)"
+                ))
             }
             ("http", None) => {
                 return Err(format!(
@@ -682,7 +714,7 @@ async fn attach_sandbox(
             .expect("every connection has its node");
         if let engine::yaml::Value::Map(entries) = &mut node.value {
             // The fake's key file replaces an inline key.
-            if spec.kind == "google_service_account" {
+            if fields.iter().any(|(f, _)| *f == "key_file") {
                 entries.retain(|(k, _)| k.key_str() != Some("key_json"));
             }
             for (field, value) in fields {

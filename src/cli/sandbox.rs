@@ -3,15 +3,35 @@
 //!
 //! It prints the endpoints and `export` lines for the environment a pipeline reads,
 //! then `sandbox ready` last: scripts and tests wait for that line before connecting.
+//!
+//! `pipe sandbox tables` lists what the BigQuery fake stored under the state directory
+//! (`<state>/sandbox/bigquery/…/*.parquet`) by reading the files, so it works after the
+//! run that wrote them has ended, with no server.
 
 use clap::{Args, Subcommand};
 use std::io::Write;
+use std::path::Path;
 use std::time::Duration;
 
 #[derive(Subcommand)]
 pub enum SandboxCommand {
-    /// Start the fakes (Tiflux web login + tickets, Google OAuth + Sheets) until Ctrl-C.
+    /// Start the fakes (Tiflux web login + tickets, Google OAuth + Sheets + BigQuery) until Ctrl-C.
     Serve(ServeArgs),
+    /// List the BigQuery fake's tables under <state-dir>/sandbox/bigquery (no server needed).
+    Tables(TablesArgs),
+}
+
+#[derive(Args)]
+pub struct TablesArgs {
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
 }
 
 #[derive(Args)]
@@ -32,6 +52,13 @@ pub struct ServeArgs {
     /// Repeatable; replaces the faults of PIPE_SANDBOX.
     #[arg(long = "fault", value_name = "JSON")]
     pub faults: Vec<String>,
+    /// Keep the BigQuery fake's tables under <state-dir>/sandbox/bigquery (where
+    /// `pipe sandbox tables` and later runs find them) instead of a temp dir.
+    #[arg(long)]
+    pub keep_tables: bool,
+    /// BigQuery jobs report PENDING, then RUNNING, for this many polls before DONE.
+    #[arg(long)]
+    pub job_polls: Option<u32>,
 }
 
 /// `1500`, `1500ms`, `2s`, `1m` (a bare number is milliseconds).
@@ -65,8 +92,14 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-fn options(args: &ServeArgs) -> anyhow::Result<::sandbox::Options> {
+fn options(args: &ServeArgs, state_dir: &Path) -> anyhow::Result<::sandbox::Options> {
     let mut o = ::sandbox::Options::from_env()?;
+    if args.keep_tables {
+        o.state_dir = Some(state_dir.to_path_buf());
+    }
+    if let Some(n) = args.job_polls {
+        o.bigquery_job_polls = n;
+    }
     if let Some(seed) = args.seed {
         o.seed = seed;
     }
@@ -89,9 +122,13 @@ fn options(args: &ServeArgs) -> anyhow::Result<::sandbox::Options> {
     Ok(o)
 }
 
-pub fn main(args: SandboxCommand) -> i32 {
-    let SandboxCommand::Serve(args) = args;
-    let opts = match options(&args) {
+/// `pipe sandbox serve|tables`, with pipe's state directory.
+pub fn main_in(args: SandboxCommand, state_dir: &Path) -> i32 {
+    let args = match args {
+        SandboxCommand::Serve(args) => args,
+        SandboxCommand::Tables(t) => return tables(state_dir, t.format),
+    };
+    let opts = match options(&args, state_dir) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -124,6 +161,12 @@ pub fn main(args: SandboxCommand) -> i32 {
             s(&v["google"]["token_uri"]),
             s(&v["google"]["sheets_url"])
         ));
+        out.push_str(&format!(
+            "bigquery  {}  (uploads {}, project {})\n",
+            fakes.bigquery_url(),
+            fakes.upload_url(),
+            s(&v["bigquery"]["project"])
+        ));
         out.push_str(&format!("key file  {key_file}\n"));
         out.push_str(&format!("stats   {}/__sandbox/stats\n", fakes.tiflux_url()));
         for (name, value) in [
@@ -132,6 +175,8 @@ pub fn main(args: SandboxCommand) -> i32 {
             ("TIFLUX_PASSWORD", s(&v["tiflux"]["password"])),
             ("OTP_SHEET_ID", s(&v["sheets"]["otp_spreadsheet"])),
             ("GOOGLE_APPLICATION_CREDENTIALS", key_file.clone()),
+            ("BIGQUERY_URL", fakes.bigquery_url()),
+            ("BIGQUERY_PROJECT", s(&v["bigquery"]["project"])),
         ] {
             out.push_str(&format!("export {name}={}\n", shell_quote(&value)));
         }
@@ -144,6 +189,73 @@ pub fn main(args: SandboxCommand) -> i32 {
         fakes.shutdown().await;
         0
     })
+}
+
+fn tables(state_dir: &Path, format: Format) -> i32 {
+    let tables = match ::sandbox::list_tables(state_dir) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "error: cannot read the sandbox's tables under {}: {e:#}",
+                state_dir.join("sandbox/bigquery").display()
+            );
+            return 1;
+        }
+    };
+    let out = match format {
+        Format::Json => serde_json::to_string_pretty(&tables).expect("serializable") + "\n",
+        Format::Text => render_tables(&tables),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout.write_all(out.as_bytes());
+    let _ = stdout.flush();
+    0
+}
+
+/// An aligned table: project, dataset, table, rows, columns, path.
+fn render_tables(tables: &[::sandbox::TableSummary]) -> String {
+    let header = ["PROJECT", "DATASET", "TABLE", "ROWS", "COLUMNS", "PATH"];
+    let rows: Vec<[String; 6]> = tables
+        .iter()
+        .map(|t| {
+            [
+                t.project.clone(),
+                t.dataset.clone(),
+                t.table.clone(),
+                t.rows.to_string(),
+                t.columns.to_string(),
+                t.path.display().to_string(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: &[String], out: &mut String| {
+        let mut l = String::new();
+        for (i, (c, w)) in cells.iter().zip(widths).enumerate() {
+            // Numbers right-aligned, the last column unpadded.
+            match i {
+                3 | 4 => l.push_str(&format!("{c:>w$}  ")),
+                5 => l.push_str(c),
+                _ => l.push_str(&format!("{c:<w$}  ")),
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header.map(String::from), &mut out);
+    for r in &rows {
+        line(r, &mut out);
+    }
+    if rows.is_empty() {
+        out.push_str("(no tables)\n");
+    }
+    out
 }
 
 /// Ctrl-C or SIGTERM.

@@ -7,6 +7,7 @@
 //!
 //! Adding a step type = one module + one line in [`registry`].
 
+pub mod bigquery;
 pub mod exec;
 pub mod files;
 pub mod http;
@@ -28,6 +29,7 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<files::FileRead>());
     r.register(StepKind::of::<files::FileWrite>());
     r.register(StepKind::of::<transform::Transform>());
+    r.register(StepKind::of::<bigquery::BigQueryLoad>());
     r
 }
 
@@ -47,6 +49,7 @@ mod tests {
                 "file.read",
                 "file.write",
                 "transform",
+                "bigquery.load",
             ]
         );
         let mut g = schemars::SchemaGenerator::default();
