@@ -542,3 +542,40 @@ impl Generator {
         })
     }
 }
+
+#[cfg(test)]
+mod perf_tmp {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn perf_tmp_golden() {
+        for seed in [1u64, 42, 7] {
+            let anchor = Utc.with_ymd_and_hms(2025, 11, 25, 12, 0, 0).unwrap();
+            let g = Generator::new(seed, 100_000, anchor);
+            let t = std::time::Instant::now();
+            let mut all = Vec::new();
+            for p in 0..500 {
+                let mut body = String::from("[");
+                for i in p * 200..(p + 1) * 200 {
+                    if i > p * 200 {
+                        body.push(',');
+                    }
+                    body.push_str(&g.ticket(i).to_string());
+                }
+                body.push(']');
+                if seed == 42 && p == 0 {
+                    std::fs::write("/tmp/page.json", &body).unwrap();
+                }
+                all.extend_from_slice(body.as_bytes());
+            }
+            eprintln!("seed {seed}: {:?} per page", t.elapsed() / 500);
+            let path = format!("/tmp/golden-{seed}.json");
+            if std::path::Path::new(&path).exists() {
+                assert!(std::fs::read(&path).unwrap() == all, "seed {seed} differs");
+                eprintln!("seed {seed}: identical");
+            } else {
+                std::fs::write(&path, &all).unwrap();
+            }
+        }
+    }
+}
