@@ -23,6 +23,7 @@ validate:
 bench:
     cargo bench --bench engine
     cargo bench --bench extract
+    cargo bench --bench load
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:
