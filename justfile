@@ -13,7 +13,7 @@ test:
 
 # The demonstration pipeline.
 demo:
-    cargo run --release -q -- run pipelines/tiflux.yaml --sandbox
+    cargo run -q -- run pipelines/tiflux.yaml --sandbox
 
 # Validate every pipeline in pipelines/.
 validate:

@@ -9,7 +9,8 @@
 
 use crate::{hash, unit};
 use chrono::{DateTime, FixedOffset, SecondsFormat, TimeZone, Utc};
-use serde_json::{json, Value};
+use serde::{Serialize, Serializer};
+use std::fmt;
 use std::sync::{Arc, Mutex};
 
 const T_CREATED: u64 = 1;
@@ -425,8 +426,9 @@ impl Generator {
         v
     }
 
-    /// The full ticket `i`, as the API returns it.
-    pub fn ticket(&self, i: usize) -> Value {
+    /// Append ticket `i`, as the API returns it, to `out` as JSON. Typed structs
+    /// serialized straight into the page's buffer: no `Value` tree, no per-ticket string.
+    pub fn write_ticket(&self, i: usize, out: &mut Vec<u8>) {
         let c = self.core(i);
         let number = FIRST_NUMBER + i as u64;
         let svc = &SERVICES[c.service];
@@ -440,38 +442,28 @@ impl Generator {
             _ => 3,
         }];
         let title = svc.5[(self.h(T_TITLE, i) % 3) as usize];
-        let client_name = format!(
-            "{} {} {}",
-            CLIENT_PREFIXES[c.client / CLIENT_SUFFIXES.len()],
+        let prefix = CLIENT_PREFIXES[c.client / CLIENT_SUFFIXES.len()];
+        let client_parts = [
+            prefix,
+            " ",
             CLIENT_SUFFIXES[c.client % CLIENT_SUFFIXES.len()],
+            " ",
             if c.client.is_multiple_of(3) {
                 "S.A."
             } else {
                 "Ltda"
-            }
-        );
-        let domain = format!(
-            "{}{}.com.br",
-            CLIENT_PREFIXES[c.client / CLIENT_SUFFIXES.len()]
-                .to_lowercase()
-                .replace(' ', ""),
-            CLIENT_SLUGS[c.client % CLIENT_SUFFIXES.len()]
-        );
+            },
+        ];
+        let client_name = Concat(&client_parts);
         let hr = self.h(T_REQUESTOR, i);
         let (fi, li) = ((hr % 12) as usize, ((hr >> 8) % 8) as usize);
-        let requestor = json!({
-            "name": format!("{} {}", FIRST_NAMES[fi], LAST_NAMES[li]),
-            "email": format!("{}.{}@{}", FIRST_SLUGS[fi], LAST_NAMES[li].to_lowercase(), domain),
-        });
-        let agent = |k: u64| {
-            let a = AGENTS[(k % AGENTS.len() as u64) as usize];
-            json!({"id": a.0, "name": a.1, "email": format!("{}@helpdesk.example.com", a.2)})
-        };
+        let requestor_parts = [FIRST_NAMES[fi], " ", LAST_NAMES[li]];
+        let requestor_name = Concat(&requestor_parts);
         let ha = self.h(T_AGENT, i);
         let responsible = if c.status == 1 && ha.is_multiple_of(2) {
-            Value::Null
+            None
         } else {
-            agent(ha >> 4)
+            Some(Agent::of(ha >> 4))
         };
         let (stage_no, stage_name) = match c.status {
             1 => (1, "Triagem"),
@@ -488,17 +480,16 @@ impl Generator {
         let attend = c.created + priority.2 * 3600;
         let solve = c.created + priority.2 * 4 * 3600;
         let ht = self.h(T_TAGS, i);
-        let tags: Vec<&str> = (0..(ht % 3))
-            .map(|k| TAGS[((ht >> (8 + 8 * k)) % TAGS.len() as u64) as usize])
-            .fold(Vec::new(), |mut v, t| {
-                if !v.contains(&t) {
-                    v.push(t)
-                }
-                v
-            });
+        let mut tags: Vec<&str> = Vec::with_capacity(2);
+        for k in 0..(ht % 3) {
+            let t = TAGS[((ht >> (8 + 8 * k)) % TAGS.len() as u64) as usize];
+            if !tags.contains(&t) {
+                tags.push(t);
+            }
+        }
         let hf = self.h(T_FOLLOWERS, i);
-        let followers: Vec<Value> = (0..(hf % 3))
-            .map(|k| agent((hf >> (8 + 8 * k)) & 0xff))
+        let followers: Vec<Agent> = (0..(hf % 3))
+            .map(|k| Agent::of((hf >> (8 + 8 * k)) & 0xff))
             .collect();
         let hh = self.h(T_HOURS, i);
         let quarters = match c.status {
@@ -513,69 +504,274 @@ impl Generator {
         } else {
             0
         };
-        json!({
-            "ticket_number": number,
-            "title": title,
-            "description": format!("{title}. Chamado aberto por {} ({client_name}).", requestor["name"].as_str().unwrap_or_default()),
-            "is_closed": c.closed.is_some(),
-            "created_at": local_time(c.created),
-            "updated_at": local_time(updated),
-            "closed_at": c.closed.map(local_time),
-            "status": {"id": status.0, "name": status.1, "default_open": status.2},
-            "stage": {"id": desk.0 * 10 + stage_no, "name": stage_name, "first_stage": stage_no == 1, "last_stage": stage_no == 4},
-            "priority": {"id": priority.0, "name": priority.1},
-            "desk": {"id": desk.0, "name": desk.1},
-            "client": {"id": c.client_id(), "name": client_name},
-            "responsible": responsible,
-            "requestor": requestor,
-            "services_catalog": {"id": svc.0, "name": svc.1, "area": {"id": svc.2, "name": svc.3}},
-            "sla_info": {
-                "attend_expiration": local_time(attend),
-                "solve_expiration": local_time(solve),
-                "solved_in_time": c.closed.map(|t| t <= solve),
-                "stopped": stage_no == 3,
+        let ticket = Ticket {
+            ticket_number: number,
+            title,
+            description: Description {
+                title,
+                requestor: &requestor_name,
+                client: &client_name,
             },
-            "tags": tags,
-            "followers": followers,
-            "worked_hours": quarters as f64 / 4.0,
-            "reopen_count": reopen,
-        })
+            is_closed: c.closed.is_some(),
+            created_at: LocalTime(c.created),
+            updated_at: LocalTime(updated),
+            closed_at: c.closed.map(LocalTime),
+            status: Status {
+                id: status.0,
+                name: status.1,
+                default_open: status.2,
+            },
+            stage: Stage {
+                id: desk.0 * 10 + stage_no,
+                name: stage_name,
+                first_stage: stage_no == 1,
+                last_stage: stage_no == 4,
+            },
+            priority: IdName {
+                id: priority.0,
+                name: priority.1,
+            },
+            desk: IdName {
+                id: desk.0,
+                name: desk.1,
+            },
+            client: IdName {
+                id: c.client_id(),
+                name: &client_name,
+            },
+            responsible,
+            requestor: Requestor {
+                name: &requestor_name,
+                email: Email {
+                    first: FIRST_SLUGS[fi],
+                    last: LAST_SLUGS[li],
+                    prefix,
+                    suffix: CLIENT_SLUGS[c.client % CLIENT_SUFFIXES.len()],
+                },
+            },
+            services_catalog: ServiceRef {
+                id: svc.0,
+                name: svc.1,
+                area: IdName {
+                    id: svc.2,
+                    name: svc.3,
+                },
+            },
+            sla_info: Sla {
+                attend_expiration: LocalTime(attend),
+                solve_expiration: LocalTime(solve),
+                solved_in_time: c.closed.map(|t| t <= solve),
+                stopped: stage_no == 3,
+            },
+            tags,
+            followers,
+            worked_hours: quarters as f64 / 4.0,
+            reopen_count: reopen,
+        };
+        serde_json::to_writer(out, &ticket).expect("writing to a Vec cannot fail");
     }
 }
 
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn perf_tmp_golden() {
-        for seed in [1u64, 42, 7] {
-            let anchor = Utc.with_ymd_and_hms(2025, 11, 25, 12, 0, 0).unwrap();
-            let g = Generator::new(seed, 100_000, anchor);
-            let t = std::time::Instant::now();
-            let mut all = Vec::new();
-            for p in 0..500 {
-                let mut body = String::from("[");
-                for i in p * 200..(p + 1) * 200 {
-                    if i > p * 200 {
-                        body.push(',');
-                    }
-                    body.push_str(&g.ticket(i).to_string());
-                }
-                body.push(']');
-                if seed == 42 && p == 0 {
-                    std::fs::write("/tmp/page.json", &body).unwrap();
-                }
-                all.extend_from_slice(body.as_bytes());
+const LAST_SLUGS: [&str; 8] = [
+    "silva", "souza", "oliveira", "pereira", "costa", "almeida", "ferreira", "ribeiro",
+];
+
+/// Strings written one after the other, as one JSON string.
+struct Concat<'a>(&'a [&'a str]);
+
+impl fmt::Display for Concat<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|s| f.write_str(s))
+    }
+}
+
+impl Serialize for Concat<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `{title}. Chamado aberto por {requestor} ({client}).`
+struct Description<'a> {
+    title: &'a str,
+    requestor: &'a Concat<'a>,
+    client: &'a Concat<'a>,
+}
+
+impl fmt::Display for Description<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}. Chamado aberto por {} ({}).",
+            self.title, self.requestor, self.client
+        )
+    }
+}
+
+impl Serialize for Description<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// `{first}.{last}@{prefix without spaces, lowercase}{suffix}.com.br`
+struct Email<'a> {
+    first: &'a str,
+    last: &'a str,
+    prefix: &'a str,
+    suffix: &'a str,
+}
+
+impl fmt::Display for Email<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}@", self.first, self.last)?;
+        for ch in self.prefix.chars().filter(|c| *c != ' ') {
+            for l in ch.to_lowercase() {
+                fmt::Write::write_char(f, l)?;
             }
-            eprintln!("seed {seed}: {:?} per page", t.elapsed() / 500);
-            let path = format!("/tmp/golden-{seed}.json");
-            if std::path::Path::new(&path).exists() {
-                assert!(std::fs::read(&path).unwrap() == all, "seed {seed} differs");
-                eprintln!("seed {seed}: identical");
-            } else {
-                std::fs::write(&path, &all).unwrap();
-            }
+        }
+        write!(f, "{}.com.br", self.suffix)
+    }
+}
+
+impl Serialize for Email<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// RFC 3339 with the help desk's `-03:00` offset, seconds precision (as [`local_time`]),
+/// formatted without allocating.
+struct LocalTime(i64);
+
+impl Serialize for LocalTime {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let buf = format_local(self.0);
+        s.serialize_str(std::str::from_utf8(&buf).expect("ascii"))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS-03:00` for years 0..=9999.
+fn format_local(secs: i64) -> [u8; 25] {
+    let t = secs - 3 * 3600;
+    let (days, sod) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let mut b = *b"0000-00-00T00:00:00-03:00";
+    let mut put = |at: usize, v: i64, width: usize| {
+        let mut v = v;
+        for k in (0..width).rev() {
+            b[at + k] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(0, y, 4);
+    put(5, m, 2);
+    put(8, d, 2);
+    put(11, sod / 3600, 2);
+    put(14, sod / 60 % 60, 2);
+    put(17, sod % 60, 2);
+    b
+}
+
+#[derive(Serialize)]
+struct Ticket<'a> {
+    ticket_number: u64,
+    title: &'a str,
+    description: Description<'a>,
+    is_closed: bool,
+    created_at: LocalTime,
+    updated_at: LocalTime,
+    closed_at: Option<LocalTime>,
+    status: Status<'a>,
+    stage: Stage<'a>,
+    priority: IdName<&'a str>,
+    desk: IdName<&'a str>,
+    client: IdName<&'a Concat<'a>>,
+    responsible: Option<Agent>,
+    requestor: Requestor<'a>,
+    services_catalog: ServiceRef<'a>,
+    sla_info: Sla,
+    tags: Vec<&'a str>,
+    followers: Vec<Agent>,
+    worked_hours: f64,
+    reopen_count: u64,
+}
+
+#[derive(Serialize)]
+struct Status<'a> {
+    id: u64,
+    name: &'a str,
+    default_open: bool,
+}
+
+#[derive(Serialize)]
+struct Stage<'a> {
+    id: u64,
+    name: &'a str,
+    first_stage: bool,
+    last_stage: bool,
+}
+
+#[derive(Serialize)]
+struct IdName<N: Serialize> {
+    id: u64,
+    name: N,
+}
+
+#[derive(Serialize)]
+struct Requestor<'a> {
+    name: &'a Concat<'a>,
+    email: Email<'a>,
+}
+
+#[derive(Serialize)]
+struct ServiceRef<'a> {
+    id: u64,
+    name: &'a str,
+    area: IdName<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Sla {
+    attend_expiration: LocalTime,
+    solve_expiration: LocalTime,
+    solved_in_time: Option<bool>,
+    stopped: bool,
+}
+
+/// An agent, `{"id", "name", "email"}`.
+#[derive(Serialize)]
+struct Agent {
+    id: u64,
+    name: &'static str,
+    email: AgentEmail,
+}
+
+/// `{login}@helpdesk.example.com`
+struct AgentEmail(&'static str);
+
+impl Serialize for AgentEmail {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{}@helpdesk.example.com", self.0))
+    }
+}
+
+impl Agent {
+    fn of(k: u64) -> Self {
+        let a = &AGENTS[(k % AGENTS.len() as u64) as usize];
+        Agent {
+            id: a.0,
+            name: a.1,
+            email: AgentEmail(a.2),
         }
     }
 }

@@ -201,12 +201,36 @@ pub struct HttpExtract {
 /// What one page said.
 #[derive(Debug, Default)]
 struct Page {
-    records: Vec<Value>,
+    records: Records,
     total: Option<u64>,
     has_more: Option<bool>,
     cursor: Option<String>,
     next_url: Option<url::Url>,
     bytes: u64,
+}
+
+/// A page's records: parsed, or (the common case: the body is the list and nothing else is
+/// read from it) the body itself, counted by a quick scan and parsed straight into the
+/// column builders when the page's turn comes.
+#[derive(Debug)]
+enum Records {
+    Parsed(Vec<Value>),
+    Raw { reply: Box<Reply>, n: usize },
+}
+
+impl Default for Records {
+    fn default() -> Self {
+        Records::Parsed(Vec::new())
+    }
+}
+
+impl Records {
+    fn len(&self) -> usize {
+        match self {
+            Records::Parsed(v) => v.len(),
+            Records::Raw { n, .. } => *n,
+        }
+    }
 }
 
 /// Walk a dotted path (`a.b.0.c`).
@@ -286,14 +310,24 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     /// Append a page's records (the page was counted when it arrived).
-    fn emit(&mut self, page: Page) {
-        for r in &page.records {
-            self.columns.push_value(r, &self.shape);
+    fn emit(&mut self, page: Page) -> Result<(), StepError> {
+        match page.records {
+            Records::Parsed(records) => {
+                for r in &records {
+                    self.columns.push_value(r, &self.shape);
+                }
+            }
+            Records::Raw { reply, .. } => {
+                if let Err(e) = self.columns.push_json_array(&reply.body, &self.shape) {
+                    return Err(not_json(self.ctx, &reply, &e));
+                }
+            }
         }
         self.ctx.progress(&[
             ("pages", self.pages),
             ("records", self.columns.rows() as u64),
         ]);
+        Ok(())
     }
 
     fn records(&self) -> u64 {
@@ -323,20 +357,46 @@ impl Fetcher<'_> {
             bytes: reply.body.len() as u64,
             ..Page::default()
         };
+        if let Some(h) = &p.total_header {
+            page.total = reply.header(h).and_then(|v| v.trim().parse().ok());
+        }
+        // Nothing but the list itself is read from the body: leave its parsing to the
+        // column builders (no `Value` tree), count its records now.
+        let body_is_list = self.cfg.records.is_none()
+            && p.total_path.is_none()
+            && p.has_more_path.is_none()
+            && match p.kind {
+                PageType::Cursor => p.cursor_path.is_none(),
+                PageType::NextUrl => false,
+                _ => true,
+            };
+        if body_is_list {
+            if let Some(n) = super::records::array_len(&reply.body) {
+                if p.kind == PageType::Cursor {
+                    page.cursor = p
+                        .cursor_header
+                        .as_deref()
+                        .and_then(|h| reply.header(h))
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_string);
+                }
+                if p.kind == PageType::LinkHeader {
+                    page.next_url = self.link_next(&reply)?;
+                }
+                page.records = Records::Raw {
+                    reply: Box::new(reply),
+                    n,
+                };
+                return Ok(page);
+            }
+        }
         let shown = super::client::without_query(&reply.url);
         let body: Value = if reply.body.iter().all(u8::is_ascii_whitespace) {
             Value::Null
         } else {
-            serde_json::from_slice(&reply.body).map_err(|e| {
-                StepError::fatal(self.ctx.redactor.redact(&format!(
-                    "{shown}: the response is not JSON ({e}): {}",
-                    reply.excerpt()
-                )))
-            })?
+            serde_json::from_slice(&reply.body).map_err(|e| not_json(self.ctx, &reply, &e))?
         };
-        if let Some(h) = &p.total_header {
-            page.total = reply.header(h).and_then(|v| v.trim().parse().ok());
-        }
         if let Some(path) = &p.total_path {
             if let Some(t) = at_path(&body, path).and_then(as_count) {
                 page.total = Some(t);
@@ -367,24 +427,14 @@ impl Fetcher<'_> {
                     page.next_url = Some(self.resolve(&reply.url, &next)?);
                 }
             }
-            PageType::LinkHeader => {
-                let next = reply
-                    .headers
-                    .get_all("link")
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .find_map(link_next);
-                if let Some(next) = next {
-                    page.next_url = Some(self.resolve(&reply.url, &next)?);
-                }
-            }
+            PageType::LinkHeader => page.next_url = self.link_next(&reply)?,
             _ => {}
         }
         let list = match &self.cfg.records {
             Some(path) => at_path(&body, path).cloned().unwrap_or(Value::Null),
             None => body,
         };
-        page.records = match list {
+        page.records = Records::Parsed(match list {
             Value::Array(a) => a,
             Value::Null => Vec::new(),
             other => {
@@ -397,8 +447,19 @@ impl Fetcher<'_> {
                     kind_of(&other)
                 )))
             }
-        };
+        });
         Ok(page)
+    }
+
+    /// The resolved `rel="next"` of the `Link` headers.
+    fn link_next(&self, reply: &Reply) -> Result<Option<url::Url>, StepError> {
+        let next = reply
+            .headers
+            .get_all("link")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(link_next);
+        next.map(|n| self.resolve(&reply.url, &n)).transpose()
     }
 
     fn resolve(&self, base: &url::Url, next: &str) -> Result<url::Url, StepError> {
@@ -468,7 +529,7 @@ impl Fetcher<'_> {
             let n = page.records.len();
             let (has_more, cursor, next_url) =
                 (page.has_more, page.cursor.clone(), page.next_url.clone());
-            sink.emit(page);
+            sink.emit(page)?;
             if n == 0
                 || self.short(n)
                 || has_more == Some(false)
@@ -551,7 +612,7 @@ impl Fetcher<'_> {
                 let Some(page) = done.remove(&next_emit) else {
                     break;
                 };
-                sink.emit(page);
+                sink.emit(page)?;
                 next_emit += 1;
                 if sink.total.is_some_and(|t| sink.records() >= t) {
                     end = end.min(next_emit);
@@ -561,6 +622,15 @@ impl Fetcher<'_> {
         }
         Ok(())
     }
+}
+
+/// A body that does not parse as JSON.
+fn not_json(ctx: &StepContext, reply: &Reply, e: &serde_json::Error) -> StepError {
+    StepError::fatal(ctx.redactor.redact(&format!(
+        "{}: the response is not JSON ({e}): {}",
+        super::client::without_query(&reply.url),
+        reply.excerpt()
+    )))
 }
 
 fn kind_of(v: &Value) -> &'static str {

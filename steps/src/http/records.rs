@@ -26,6 +26,9 @@
 
 use indexmap::IndexMap;
 use polars::prelude::*;
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 
@@ -181,15 +184,7 @@ impl Col {
                     }
                 }
             }
-            Value::String(s) => {
-                if let Col::Null(_) = self {
-                    *self = Col::Str(vec![None; n]);
-                }
-                if !matches!(self, Col::Str(_)) {
-                    self.widen_to_strings();
-                }
-                self.push_text(s.clone());
-            }
+            Value::String(s) => self.push_str(s),
             Value::Array(_) => {
                 if let Col::Null(_) = self {
                     *self = Col::Str(vec![None; n]);
@@ -198,13 +193,7 @@ impl Col {
                 self.push_text(v.to_string());
             }
             Value::Object(o) => {
-                if let Col::Null(_) = self {
-                    let mut c = Columns::default();
-                    for _ in 0..n {
-                        c.push_null_row();
-                    }
-                    *self = Col::Struct(Box::new(c), vec![false; n]);
-                }
+                self.struct_if_null();
                 match self {
                     Col::Struct(c, valid) => {
                         c.push_record(o, shape);
@@ -216,6 +205,27 @@ impl Col {
                     }
                 }
             }
+        }
+    }
+
+    fn push_str(&mut self, s: &str) {
+        if let Col::Null(n) = *self {
+            *self = Col::Str(vec![None; n]);
+        }
+        if !matches!(self, Col::Str(_)) {
+            self.widen_to_strings();
+        }
+        self.push_text(s.to_owned());
+    }
+
+    /// A column of only nulls becomes a struct column (of null rows).
+    fn struct_if_null(&mut self) {
+        if let Col::Null(n) = *self {
+            let mut c = Columns::default();
+            for _ in 0..n {
+                c.push_null_row();
+            }
+            *self = Col::Struct(Box::new(c), vec![false; n]);
         }
     }
 
@@ -259,11 +269,89 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
     if b.len() < 20 || !b[0].is_ascii_digit() || b[4] != b'-' {
         return None;
     }
+    if let Some(t) = fast_timestamp(b) {
+        return Some(t);
+    }
     let t = chrono::DateTime::parse_from_rfc3339(s)
         .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f%z"))
         .or_else(|_| chrono::DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%z"))
         .ok()?;
     Some(t.timestamp_micros())
+}
+
+/// The common shape, `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, without chrono's general parser
+/// (a column of timestamps is hundreds of thousands of them). `None` for anything else,
+/// including what chrono would accept but this does not check (leap seconds, `t`, …): the
+/// caller then asks chrono.
+fn fast_timestamp(b: &[u8]) -> Option<i64> {
+    fn num(b: &[u8]) -> Option<i64> {
+        b.iter().try_fold(0i64, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + i64::from(c - b'0'))
+        })
+    }
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' {
+        return None;
+    }
+    if b[16] != b':' {
+        return None;
+    }
+    let (y, mo, d) = (num(&b[0..4])?, num(&b[5..7])?, num(&b[8..10])?);
+    let (h, mi, sec) = (num(&b[11..13])?, num(&b[14..16])?, num(&b[17..19])?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let days_in = match mo {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if d < 1 || d > days_in || h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    let mut i = 19;
+    let mut nanos = 0i64;
+    if b[i] == b'.' {
+        let start = i + 1;
+        i = start;
+        while i < b.len() && b[i].is_ascii_digit() {
+            if i - start < 9 {
+                nanos = nanos * 10 + i64::from(b[i] - b'0');
+            }
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        for _ in (i - start)..9 {
+            nanos *= 10;
+        }
+    }
+    let offset = match &b[i..] {
+        [b'Z'] => 0,
+        [sign @ (b'+' | b'-'), oh @ .., b':', m1, m2] if oh.len() == 2 => {
+            let (oh, om) = (num(oh)?, num(&[*m1, *m2])?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let o = oh * 3600 + om * 60;
+            if *sign == b'-' {
+                -o
+            } else {
+                o
+            }
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 of the civil date (H. Hinnant's algorithm).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    Some(secs * 1_000_000 + nanos / 1000)
 }
 
 /// Every non-null value is a timestamp (and there is one): their UTC microseconds.
@@ -296,23 +384,32 @@ impl Columns {
         self.rows += 1;
     }
 
-    /// Set `name` in the current row (first value wins when two keys flatten to one name).
-    fn set(&mut self, name: &str, v: &Value, shape: &Shape) {
+    /// The column `name`, padded to the current row; `None` when the current row already has
+    /// a value there (first value wins when two keys flatten to one name).
+    fn slot(&mut self, name: &str) -> Option<&mut Col> {
         let row = self.rows;
-        let col = match self.cols.get_mut(name) {
-            Some(c) => c,
-            None => {
-                self.cols.insert(name.to_string(), Col::Null(0));
-                self.cols.get_mut(name).expect("just inserted")
-            }
+        let col = match self.cols.get_index_of(name) {
+            Some(k) => &mut self.cols[k],
+            None => self.cols.entry(name.to_string()).or_insert(Col::Null(0)),
         };
         while col.len() < row {
             col.push_null();
         }
-        if col.len() > row {
-            return;
+        (col.len() == row).then_some(col)
+    }
+
+    /// Set `name` in the current row (first value wins when two keys flatten to one name).
+    fn set(&mut self, name: &str, v: &Value, shape: &Shape) {
+        if let Some(col) = self.slot(name) {
+            col.push(v, shape);
         }
-        col.push(v, shape);
+    }
+
+    /// [`Columns::set`] of a string value, without building a `Value`.
+    fn set_str(&mut self, name: &str, s: &str) {
+        if let Some(col) = self.slot(name) {
+            col.push_str(s);
+        }
     }
 
     fn set_flat(&mut self, prefix: &str, obj: &Map<String, Value>, shape: &Shape) {
@@ -377,6 +474,288 @@ impl Columns {
             return Ok(DataFrame::empty_with_height(rows));
         }
         DataFrame::new(cols)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Records read straight from JSON text into the builders.
+//
+// `push_json_array` is `serde_json::from_slice::<Value>` + `push_value` per record without the
+// intermediate `Value` tree: keys are appended to one reusable name buffer (flattened names
+// are never allocated once a column exists), scalars go straight into their columns. Only
+// arrays (kept as JSON text) and values that must widen a column are built as `Value`s, so
+// the result is the same table. One difference in a corner JSON leaves open: a key repeated
+// in one object keeps its first value here (a `Value` map keeps the last).
+
+impl Columns {
+    /// Append the records of a JSON array (`[{…}, …]`) read from its text: the same rows as
+    /// parsing it to a `Value` and [`Columns::push_value`] of each item, faster.
+    ///
+    /// On an error some records may already be appended; the caller fails the extraction.
+    pub fn push_json_array(&mut self, json: &[u8], shape: &Shape) -> serde_json::Result<()> {
+        let mut de = serde_json::Deserializer::from_slice(json);
+        serde::de::DeserializeSeed::deserialize(ArraySeed { cols: self, shape }, &mut de)?;
+        de.end()
+    }
+
+    /// The fields of one object into the current row, names prefixed with `prefix`.
+    fn stream_fields<'de, A: MapAccess<'de>>(
+        &mut self,
+        map: &mut A,
+        prefix: &mut String,
+        shape: &Shape,
+    ) -> Result<(), A::Error> {
+        let base = prefix.len();
+        let sep = if base == 0 {
+            ""
+        } else {
+            shape.separator.as_str()
+        };
+        while map.next_key_seed(KeyInto { buf: prefix, sep })?.is_some() {
+            map.next_value_seed(FieldSeed {
+                cols: self,
+                name: prefix,
+                shape,
+            })?;
+            prefix.truncate(base);
+        }
+        Ok(())
+    }
+}
+
+/// The number of items of a JSON array, from a quick scan of its text (strings and nesting
+/// are skipped, nothing is validated: a full parse follows). `None` if the text is not an
+/// array or is cut short.
+pub fn array_len(json: &[u8]) -> Option<usize> {
+    let mut i = json.iter().position(|b| !b.is_ascii_whitespace())?;
+    if json[i] != b'[' {
+        return None;
+    }
+    i += 1;
+    let (mut depth, mut commas, mut any) = (1usize, 0usize, false);
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                any = true;
+                i += 1;
+                loop {
+                    match *json.get(i)? {
+                        b'\\' => i += 2,
+                        b'"' => break,
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'[' | b'{' => {
+                any = true;
+                depth += 1;
+            }
+            b']' | b'}' => {
+                depth -= 1;
+                if depth == 0 {
+                    if !json[i + 1..].iter().all(u8::is_ascii_whitespace) {
+                        return None;
+                    }
+                    return Some(if any { commas + 1 } else { 0 });
+                }
+            }
+            b',' if depth == 1 => commas += 1,
+            b if b.is_ascii_whitespace() => {}
+            _ => any = true,
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The top-level array.
+struct ArraySeed<'c> {
+    cols: &'c mut Columns,
+    shape: &'c Shape,
+}
+
+impl<'de> DeserializeSeed<'de> for ArraySeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ArraySeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of records")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut name = String::new();
+        while seq
+            .next_element_seed(RecordSeed {
+                cols: &mut *self.cols,
+                shape: self.shape,
+                name: &mut name,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+/// One item of the array: an object is a record, anything else a one-column `value` row
+/// (as [`Columns::push_value`]).
+struct RecordSeed<'c> {
+    cols: &'c mut Columns,
+    shape: &'c Shape,
+    name: &'c mut String,
+}
+
+impl<'de> DeserializeSeed<'de> for RecordSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl RecordSeed<'_> {
+    fn other(self, v: Value) {
+        self.cols.push_value(&v, self.shape);
+    }
+}
+
+/// The visitor methods of a value that is not an object, each handing a `Value` to
+/// `self.other(…)`.
+macro_rules! non_object_visits {
+    () => {
+        fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+            self.other(Value::Bool(v));
+            Ok(())
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+            self.other(Value::from(v));
+            Ok(())
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+            self.other(Value::from(v));
+            Ok(())
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+            self.other(Value::from(v));
+            Ok(())
+        }
+        fn visit_unit<E>(self) -> Result<(), E> {
+            self.other(Value::Null);
+            Ok(())
+        }
+        fn visit_none<E>(self) -> Result<(), E> {
+            self.other(Value::Null);
+            Ok(())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<(), A::Error> {
+            let v = Value::deserialize(SeqAccessDeserializer::new(seq))?;
+            self.other(v);
+            Ok(())
+        }
+    };
+}
+
+impl<'de> Visitor<'de> for RecordSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a record")
+    }
+    non_object_visits!();
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.other(Value::String(v.to_owned()));
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.name.clear();
+        self.cols.stream_fields(&mut map, self.name, self.shape)?;
+        self.cols.rows += 1;
+        Ok(())
+    }
+}
+
+/// A key, appended (after the separator) to the name buffer.
+struct KeyInto<'b> {
+    buf: &'b mut String,
+    sep: &'b str,
+}
+
+impl<'de> DeserializeSeed<'de> for KeyInto<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyInto<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.buf.push_str(self.sep);
+        self.buf.push_str(v);
+        Ok(())
+    }
+}
+
+/// The value of field `name` in the current row (as [`Columns::set_flat`]).
+struct FieldSeed<'c> {
+    cols: &'c mut Columns,
+    name: &'c mut String,
+    shape: &'c Shape,
+}
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl FieldSeed<'_> {
+    fn other(self, v: Value) {
+        self.cols.set(self.name, &v, self.shape);
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a value")
+    }
+    non_object_visits!();
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        self.cols.set_str(self.name, v);
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (cols, name, shape) = (self.cols, self.name, self.shape);
+        if shape.flatten {
+            if !cols.flat_parents.contains(name.as_str()) {
+                cols.flat_parents.insert(name.clone());
+            }
+            return cols.stream_fields(&mut map, name, shape);
+        }
+        let Some(col) = cols.slot(name) else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(());
+        };
+        col.struct_if_null();
+        match col {
+            Col::Struct(c, valid) => {
+                let mut inner = String::new();
+                c.stream_fields(&mut map, &mut inner, shape)?;
+                c.rows += 1;
+                valid.push(true);
+            }
+            _ => {
+                let v = Value::deserialize(MapAccessDeserializer::new(map))?;
+                col.push(&v, shape);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -517,5 +896,48 @@ mod tests {
         let ca = s.struct_().unwrap();
         let name = ca.field_by_name("name").unwrap();
         assert_eq!(name.str().unwrap().get(2), Some("Done"));
+    }
+
+    #[test]
+    fn streaming_matches_values() {
+        let text = r#"[
+            {"i": 1, "f": 1, "b": true, "s": "x", "mix": 1, "arr": [1, 2], "n": null,
+             "o": {"a": 1, "b": {"c": "2024-05-01T09:30:00-03:00"}}, "o_a": 9, "big": 18446744073709551615},
+            {"i": 2, "f": 2.5, "b": null, "s": null, "mix": 2.5, "arr": ["a", {"k": 1}], "o": null,
+             "big": -3, "esc": "a\"b\u00e9"},
+            {"i": null, "f": 3, "b": false, "s": "z", "mix": "x", "o": {"a": "t", "b": 5}},
+            7, null, "str", [1], {},
+            {"o": 3, "e": {}, "mix": {"deep": [true]}}
+        ]"#;
+        for flatten in [true, false] {
+            let shape = Shape {
+                flatten,
+                separator: "_".into(),
+            };
+            let v: Value = serde_json::from_str(text).unwrap();
+            let expected = frame(v, &shape);
+            let mut c = Columns::new();
+            c.push_json_array(text.as_bytes(), &shape).unwrap();
+            let got = c.finish().unwrap();
+            assert_eq!(got.get_column_names(), expected.get_column_names());
+            assert!(got.equals_missing(&expected), "{got}\n{expected}");
+        }
+        assert!(Columns::new()
+            .push_json_array(b"[{\"a\": 1}, {", &Shape::default())
+            .is_err());
+    }
+
+    #[test]
+    fn array_len_counts_items() {
+        assert_eq!(array_len(b" [ ] "), Some(0));
+        assert_eq!(array_len(b"[1]"), Some(1));
+        assert_eq!(
+            array_len(br#"[{"a": [1, 2], "b": "x,]\"}"}, null, "y"]"#),
+            Some(3)
+        );
+        assert_eq!(array_len(b"{}"), None);
+        assert_eq!(array_len(b"[1, 2"), None);
+        assert_eq!(array_len(b"[1] x"), None);
+        assert_eq!(array_len(b""), None);
     }
 }
