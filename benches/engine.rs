@@ -11,6 +11,9 @@
 //!
 //! No harness, no criterion: a plain `main` that times with `Instant` and prints a table.
 
+mod support;
+use support::{machine, print_table, row, Row};
+
 use async_trait::async_trait;
 use chrono::Utc;
 use engine::diag::{Diags, Severity};
@@ -94,69 +97,6 @@ fn median(times: &[Duration]) -> Duration {
 
 fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
-}
-
-struct Row {
-    name: String,
-    figure: String,
-    goal: String,
-    ratio: String,
-}
-
-fn row(
-    rows: &mut Vec<Row>,
-    name: &str,
-    figure: String,
-    goal: impl Into<String>,
-    ratio: impl Into<String>,
-) {
-    rows.push(Row {
-        name: name.to_string(),
-        figure,
-        goal: goal.into(),
-        ratio: ratio.into(),
-    });
-}
-
-fn print_table(rows: &[Row]) {
-    let header = ["benchmark", "figure", "goal / floor", "ratio"];
-    let mut w = header.map(str::len);
-    for r in rows {
-        for (k, cell) in [&r.name, &r.figure, &r.goal, &r.ratio].iter().enumerate() {
-            w[k] = w[k].max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 4]| {
-        let mut s = String::from("|");
-        for (k, c) in cells.iter().enumerate() {
-            let pad = w[k] - c.chars().count();
-            let _ = write!(s, " {c}{} |", " ".repeat(pad));
-        }
-        s
-    };
-    println!("{}", line(header));
-    let sep: Vec<String> = w.iter().map(|&n| "-".repeat(n + 2)).collect();
-    println!("|{}|", sep.join("|"));
-    for r in rows {
-        println!("{}", line([&r.name, &r.figure, &r.goal, &r.ratio]));
-    }
-}
-
-fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let date = Utc::now().format("%Y-%m-%d %H:%M UTC");
-    format!("machine: {cores} cores (nproc), {cpu}; date: {date}")
 }
 
 // ---------------------------------------------------------------------------------------

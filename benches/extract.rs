@@ -17,8 +17,9 @@
 //!
 //! No harness, no criterion: a plain `main` that prints the machine and a table.
 
-use chrono::Utc;
-use std::fmt::Write as _;
+mod support;
+use support::{machine, print_table, row, wait4, Row};
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -37,69 +38,6 @@ const CASES: [(u64, f64); 2] = [(8, 1.25), (1, 1.1)];
 
 // ---------------------------------------------------------------------------------------
 // The table (as in benches/engine.rs).
-
-struct Row {
-    name: String,
-    figure: String,
-    goal: String,
-    ratio: String,
-}
-
-fn row(
-    rows: &mut Vec<Row>,
-    name: impl Into<String>,
-    figure: String,
-    goal: impl Into<String>,
-    ratio: impl Into<String>,
-) {
-    rows.push(Row {
-        name: name.into(),
-        figure,
-        goal: goal.into(),
-        ratio: ratio.into(),
-    });
-}
-
-fn print_table(rows: &[Row]) {
-    let header = ["benchmark", "figure", "goal / floor", "ratio"];
-    let mut w = header.map(str::len);
-    for r in rows {
-        for (k, cell) in [&r.name, &r.figure, &r.goal, &r.ratio].iter().enumerate() {
-            w[k] = w[k].max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 4]| {
-        let mut s = String::from("|");
-        for (k, c) in cells.iter().enumerate() {
-            let pad = w[k] - c.chars().count();
-            let _ = write!(s, " {c}{} |", " ".repeat(pad));
-        }
-        s
-    };
-    println!("{}", line(header));
-    let sep: Vec<String> = w.iter().map(|&n| "-".repeat(n + 2)).collect();
-    println!("|{}|", sep.join("|"));
-    for r in rows {
-        println!("{}", line([&r.name, &r.figure, &r.goal, &r.ratio]));
-    }
-}
-
-fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let date = Utc::now().format("%Y-%m-%d %H:%M UTC");
-    format!("machine: {cores} cores (nproc), {cpu}; date: {date}")
-}
 
 fn median<T: Copy + Ord>(xs: &[T]) -> T {
     let mut v = xs.to_vec();
@@ -175,26 +113,6 @@ struct Run {
     max_in_flight: u64,
     /// Peak RSS of the `pipe` process, KiB.
     rss_kib: i64,
-}
-
-/// Wait for `pid` and return its exit status and peak RSS (KiB).
-fn wait4(pid: u32) -> (i32, i64) {
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for the child we spawned.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(
-        r,
-        pid as libc::pid_t,
-        "wait4: {}",
-        std::io::Error::last_os_error()
-    );
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    (code, usage.ru_maxrss)
 }
 
 // The child is reaped by `wait4` (below), which also reports its peak RSS.

@@ -24,7 +24,9 @@
 //!
 //! No harness, no criterion: a plain `main` that prints the machine and a table.
 
-use chrono::Utc;
+mod support;
+use support::{machine, print_table, row, wait4, Row};
+
 use polars::prelude::*;
 use std::fmt::Write as _;
 use std::io::Read;
@@ -48,73 +50,6 @@ const UPLOAD_GOAL: f64 = 1.1;
 
 // ---------------------------------------------------------------------------------------
 // The table (as in benches/engine.rs).
-
-struct Row {
-    name: String,
-    figure: String,
-    goal: String,
-    ratio: String,
-}
-
-fn row(
-    rows: &mut Vec<Row>,
-    name: impl Into<String>,
-    figure: String,
-    goal: impl Into<String>,
-    ratio: impl Into<String>,
-) {
-    rows.push(Row {
-        name: name.into(),
-        figure,
-        goal: goal.into(),
-        ratio: ratio.into(),
-    });
-}
-
-fn print_table(rows: &[Row]) {
-    let header = ["benchmark", "figure", "goal / floor", "ratio"];
-    let mut w = header.map(str::len);
-    for r in rows {
-        for (k, cell) in [&r.name, &r.figure, &r.goal, &r.ratio].iter().enumerate() {
-            w[k] = w[k].max(cell.chars().count());
-        }
-    }
-    let line = |cells: [&str; 4]| {
-        let mut s = String::from("|");
-        for (k, c) in cells.iter().enumerate() {
-            let pad = w[k] - c.chars().count();
-            let _ = write!(s, " {c}{} |", " ".repeat(pad));
-        }
-        s
-    };
-    println!("{}", line(header));
-    let sep: Vec<String> = w.iter().map(|&n| "-".repeat(n + 2)).collect();
-    println!("|{}|", sep.join("|"));
-    for r in rows {
-        println!("{}", line([&r.name, &r.figure, &r.goal, &r.ratio]));
-    }
-}
-
-fn machine() -> String {
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_string());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string());
-    let date = Utc::now().format("%Y-%m-%d %H:%M UTC");
-    format!("machine: {cores} cores (nproc), {cpu}; date: {date}; load average (1 min) at start: {load}")
-}
 
 fn met(ok: bool) -> &'static str {
     if ok {
@@ -151,26 +86,6 @@ struct Run {
     wall: Duration,
     /// Peak RSS of the `pipe` process, bytes.
     rss: u64,
-}
-
-/// Wait for `pid` and return its exit status and peak RSS (KiB).
-fn wait4(pid: u32) -> (i32, i64) {
-    let mut status = 0;
-    // SAFETY: rusage is plain data; wait4 fills it for the child we spawned.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(
-        r,
-        pid as libc::pid_t,
-        "wait4: {}",
-        std::io::Error::last_os_error()
-    );
-    let code = if libc::WIFEXITED(status) {
-        libc::WEXITSTATUS(status)
-    } else {
-        -1
-    };
-    (code, usage.ru_maxrss)
 }
 
 /// `pipe --state-dir STATE ARGS…` with `PIPE_SANDBOX` set if given; the parsed JSON
