@@ -382,7 +382,7 @@ struct Read {
     range: String,
 }
 
-type Connector = HttpsConnector<HttpConnector>;
+pub(crate) type Connector = HttpsConnector<HttpConnector>;
 
 /// A signed-in Sheets client for one spreadsheet range.
 struct Reader {
@@ -641,8 +641,8 @@ fn load_key(
 
 /// The HTTPS connector for both the token endpoint and the Sheets API: the system's CA
 /// certificates (Mozilla's bundled roots when the system has none), `http://` allowed for
-/// local fakes. Built once per process.
-fn connector() -> Connector {
+/// local fakes. Built once per process; `bigquery.load` uses it too.
+pub(crate) fn connector() -> Connector {
     static CONNECTOR: OnceLock<Connector> = OnceLock::new();
     CONNECTOR
         .get_or_init(|| {

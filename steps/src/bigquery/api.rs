@@ -8,7 +8,7 @@
 
 use crate::http::client::{cancellable, sleep};
 use engine::step::{StepContext, StepError};
-use google_sheets4::hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use google_sheets4::hyper_rustls::HttpsConnector;
 use google_sheets4::hyper_util::client::legacy::connect::HttpConnector;
 use google_sheets4::hyper_util::client::legacy::Client;
 use google_sheets4::hyper_util::rt::TokioExecutor;
@@ -839,23 +839,10 @@ fn http() -> &'static reqwest::Client {
     })
 }
 
-/// The connector yup-oauth2 uses for the token endpoint (system roots, else Mozilla's;
-/// `http://` allowed for local fakes).
+/// The connector yup-oauth2 uses for the token endpoint: the one `sheets.read` builds
+/// (system roots, else Mozilla's; `http://` allowed for local fakes), shared.
 fn connector() -> Connector {
-    static CONNECTOR: OnceLock<Connector> = OnceLock::new();
-    CONNECTOR
-        .get_or_init(|| {
-            let builder = match HttpsConnectorBuilder::new().with_native_roots() {
-                Ok(b) => b,
-                Err(_) => HttpsConnectorBuilder::new().with_webpki_roots(),
-            };
-            builder
-                .https_or_http()
-                .enable_http1()
-                .enable_http2()
-                .build()
-        })
-        .clone()
+    crate::sheets::connector()
 }
 
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
