@@ -24,7 +24,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub(crate) const ENDPOINTS: [&str; 9] = [
+pub(crate) const ENDPOINTS: &[&str] = &[
     "tickets",
     "login",
     "otp",
@@ -34,11 +34,17 @@ pub(crate) const ENDPOINTS: [&str; 9] = [
     "bigquery",
     "bigquery_upload",
     "bigquery_jobs",
+    "qockpit",
+    "qockpit_ping",
+    "qockpit_integrations",
+    "qockpit_results",
 ];
 
 /// Whether a rule for `rule` applies to a request counted under `endpoint`.
 fn rule_matches(rule: &str, endpoint: &str) -> bool {
-    rule == endpoint || rule == "bigquery" && endpoint.starts_with("bigquery")
+    rule == endpoint
+        || rule == "bigquery" && endpoint.starts_with("bigquery")
+        || rule == "qockpit" && endpoint.starts_with("qockpit_")
 }
 
 /// Which endpoint a request targets (None: not subject to counting or faults).
@@ -58,7 +64,7 @@ fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
             Some("bigquery_jobs")
         }
         (_, p) if p.starts_with("/bigquery/v2/") => Some("bigquery"),
-        _ => None,
+        (_, p) => crate::qockpit::endpoint_of(p),
     }
 }
 
@@ -93,6 +99,10 @@ fn request_key(endpoint: &str, req: &axum::http::request::Parts, body: &Bytes) -
         }
         "sheets" | "bigquery" | "bigquery_jobs" | "bigquery_upload" => {
             format!("{} {}", req.method, req.uri.path())
+        }
+        // A result is "the same request" when it re-sends the same period.
+        "qockpit_ping" | "qockpit_integrations" | "qockpit_results" => {
+            format!("{} {} {}", req.method, req.uri.path(), field("period"))
         }
         _ => String::new(),
     }
@@ -247,6 +257,14 @@ pub(crate) fn error(endpoint: &str, status: StatusCode, code: &str, message: &st
     match endpoint {
         "sheets" | "bigquery" | "bigquery_jobs" | "bigquery_upload" => {
             crate::google::google_error(status, message)
+        }
+        "qockpit_ping" | "qockpit_integrations" | "qockpit_results" => {
+            let message = if status == StatusCode::UNAUTHORIZED {
+                "invalid token"
+            } else {
+                message
+            };
+            crate::qockpit::detail(status, message)
         }
         "token" => {
             let code = if status == StatusCode::UNAUTHORIZED {

@@ -21,8 +21,10 @@
 //! the socket (see [`server`]).
 
 mod bigquery;
+mod demo_db;
 mod faults;
 mod google;
+mod qockpit;
 mod server;
 mod tickets;
 mod tiflux;
@@ -102,7 +104,8 @@ fn one() -> f64 {
 pub struct Fault {
     /// "tickets" | "login" | "otp" | "logout" | "token" | "sheets" | "bigquery" (every
     /// BigQuery call, uploads and jobs included) | "bigquery_upload" | "bigquery_jobs"
-    /// (jobs.insert, jobs.get, jobs.query, getQueryResults).
+    /// (jobs.insert, jobs.get, jobs.query, getQueryResults) | "qockpit" (all three of
+    /// "qockpit_ping", "qockpit_integrations", "qockpit_results").
     pub endpoint: String,
     pub kind: FaultKind,
     /// Probability; decided by a hash of (seed, endpoint, request key, attempt), so the
@@ -197,6 +200,7 @@ pub(crate) struct Shared {
     pub tiflux: tiflux::Sessions,
     pub google: google::Store,
     pub bigquery: bigquery::Store,
+    pub qockpit: qockpit::Platform,
     pub counters: Mutex<Counters>,
     /// (endpoint, request key) → attempts so far.
     pub attempts: Mutex<HashMap<(String, String), u32>>,
@@ -283,6 +287,8 @@ pub struct Sandbox {
     shared: Arc<Shared>,
     tiflux_url: String,
     google_url: String,
+    qockpit_url: String,
+    demo_db: PathBuf,
     key_file: PathBuf,
     servers: Vec<JoinHandle<()>>,
     _tempdir: Option<tempfile::TempDir>,
@@ -306,6 +312,14 @@ impl Sandbox {
         let google_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .context("binding the Google fake")?;
+        let qockpit_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the QOCKPIT fake")?;
+        let qockpit_url = format!(
+            "http://{}{}",
+            qockpit_listener.local_addr()?,
+            qockpit::BASE_PATH
+        );
         let tiflux_url = format!("http://{}", tiflux_listener.local_addr()?);
         let google_url = format!("http://{}", google_listener.local_addr()?);
         let token_uri = format!("{google_url}/token");
@@ -324,6 +338,12 @@ impl Sandbox {
             }
         };
         let seed = opts.seed;
+        let demo_db = {
+            let (dir, anchor) = (dir.clone(), opts.anchor);
+            tokio::task::spawn_blocking(move || demo_db::create(&dir, seed, anchor))
+                .await
+                .context("building the demo database")??
+        };
         let key = google::ServiceAccount::new(seed, &google_url);
         let key_file = dir.join("sandbox-service-account.json");
         std::fs::write(&key_file, serde_json::to_string_pretty(&key.json())?)
@@ -362,6 +382,7 @@ impl Sandbox {
             tiflux: tiflux::Sessions::default(),
             google: google::Store::new(&otp_sheet)?,
             bigquery,
+            qockpit: qockpit::Platform::new(seed),
             counters: Mutex::new(Counters::default()),
             attempts: Mutex::new(HashMap::new()),
             background: Mutex::new(Vec::new()),
@@ -378,11 +399,17 @@ impl Sandbox {
                 google_listener,
                 google::router(shared.clone()),
             )),
+            tokio::spawn(server::serve(
+                qockpit_listener,
+                qockpit::router(shared.clone()),
+            )),
         ];
         Ok(Sandbox {
             shared,
             tiflux_url,
             google_url,
+            qockpit_url,
+            demo_db,
             key_file,
             servers,
             _tempdir: tempdir,
@@ -415,6 +442,25 @@ impl Sandbox {
         self.shared.bigquery.project.clone()
     }
 
+    /// `http://127.0.0.1:PORT/api`: the QOCKPIT platform's `BASE_ENDPOINT` (its endpoints
+    /// are under `/{domain}/`).
+    pub fn qockpit_url(&self) -> String {
+        self.qockpit_url.clone()
+    }
+
+    /// The demo SQLite database (`vendas`, `atendimentos`, `clientes`, `emitente`) that the
+    /// QOCKPIT integrations' SQL and the Carol staging pipeline read.
+    pub fn demo_db(&self) -> &Path {
+        &self.demo_db
+    }
+
+    /// What the QOCKPIT platform received: `{"<integration id>": {"<period>": {"rows":
+    /// [...], "received": N, "posts": P}}}` (the last rows sent for the period; `posts`
+    /// counts how often it was sent). Also `GET /__sandbox/qockpit` on its port.
+    pub fn qockpit_results(&self) -> serde_json::Value {
+        self.shared.qockpit.results()
+    }
+
     /// The generated service-account key JSON (`token_uri` = google_url + "/token").
     pub fn key_file(&self) -> &Path {
         &self.key_file
@@ -442,6 +488,14 @@ impl Sandbox {
                 "url": self.bigquery_url(),
                 "upload_url": self.upload_url(),
                 "project": self.shared.bigquery.project,
+            },
+            "qockpit": {
+                "base_endpoint": self.qockpit_url,
+                "domain": self.shared.qockpit.domain,
+                "api_token": self.shared.qockpit.api_token,
+            },
+            "demo_db": {
+                "path": self.demo_db.display().to_string(),
             },
         })
     }
