@@ -7,6 +7,7 @@ mod cli;
 mod exec;
 mod executor;
 mod fidelity;
+mod foreach;
 mod history;
 mod redaction;
 mod sandbox;

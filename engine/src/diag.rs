@@ -76,8 +76,10 @@ pub enum Code {
     Io,
     /// A literal value in a secret field.
     LiteralSecret,
-    /// A step that nothing needs and that has no effect (reserved).
-    Unused,
+    /// A template inside a quoted SQL string literal (it is bound as a parameter).
+    TemplateInSqlLiteral,
+    /// `query_text` runs SQL produced at run time, as given.
+    DynamicSql,
 }
 
 impl Code {
@@ -104,6 +106,8 @@ impl Code {
         Code::UnknownConnection,
         Code::Io,
         Code::LiteralSecret,
+        Code::TemplateInSqlLiteral,
+        Code::DynamicSql,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -130,7 +134,8 @@ impl Code {
             Code::UnknownConnection => "E020",
             Code::Io => "E021",
             Code::LiteralSecret => "W001",
-            Code::Unused => "W002",
+            Code::TemplateInSqlLiteral => "W002",
+            Code::DynamicSql => "W003",
         }
     }
 
@@ -167,8 +172,18 @@ impl Code {
             Code::UnknownConnection => "`connection:` names a connection that is not declared",
             Code::Io => "a file could not be read",
             Code::LiteralSecret => "a literal value in a secret field (use secret('NAME'))",
-            Code::Unused => "reserved",
+            Code::TemplateInSqlLiteral => {
+                "a template inside a quoted SQL literal (templates are bound as parameters: `= {{ x }}`, not `= '{{ x }}'`)"
+            }
+            Code::DynamicSql => "`query_text` runs SQL produced at run time as given (it is always logged)",
         }
+    }
+}
+
+impl Code {
+    /// The code whose [`Code::as_str`] is `text` (`"W002"`).
+    pub fn parse(text: &str) -> Option<Code> {
+        Code::ALL.iter().copied().find(|c| c.as_str() == text)
     }
 }
 

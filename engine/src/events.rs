@@ -91,6 +91,9 @@ pub enum RunEvent {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     pub step: String,
+    /// The step's type (`sql.query`), kept so history can be asked per type.
+    #[serde(default)]
+    pub kind: String,
     pub status: Status,
     pub attempts: u32,
     pub started_at: Option<DateTime<Utc>>,

@@ -44,6 +44,8 @@ pub struct RunRequest {
     pub cancel: CancellationToken,
     /// A second Ctrl-C: cancels teardown steps too.
     pub hard_cancel: CancellationToken,
+    /// What steps may read of the run history.
+    pub history: Option<Arc<dyn crate::step::HistoryView>>,
 }
 
 pub struct RunResult {
@@ -79,6 +81,9 @@ struct Shared {
     req: RunRequest,
     steps: Arc<StepsView>,
     tables: Mutex<HashMap<String, Table>>,
+    /// Per `foreach` step: whether each item (by key text) succeeded, so that a later
+    /// `foreach` over the same keys skips the items that failed upstream.
+    item_ok: Mutex<HashMap<String, HashMap<String, bool>>>,
     pipeline_dir: PathBuf,
 }
 
@@ -122,6 +127,7 @@ pub async fn execute(req: RunRequest) -> RunResult {
     let shared = Arc::new(Shared {
         steps: Arc::new(StepsView::default()),
         tables: Mutex::new(HashMap::new()),
+        item_ok: Mutex::new(HashMap::new()),
         pipeline_dir,
         req,
     });
@@ -313,6 +319,7 @@ fn not_run(shared: &Shared, i: usize, status: Status, why: &str) -> StepRecord {
     let id = &shared.req.plan.steps[i].id;
     let record = StepRecord {
         step: id.clone(),
+        kind: shared.req.plan.steps[i].spec.kind.clone(),
         status,
         attempts: 0,
         started_at: None,
@@ -336,6 +343,7 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
     let redactor = &shared.req.redactor;
     let record = StepRecord {
         step: id.to_string(),
+        kind: shared.req.plan.steps[i].spec.kind.clone(),
         status: Status::Failed,
         attempts: 0,
         started_at: Some(started),
@@ -376,101 +384,13 @@ async fn run_attempts(
     let step = &shared.req.plan.steps[i];
     let id = step.id.as_str();
     let redactor = &shared.req.redactor;
-    let templates = &shared.req.templates;
 
-    let outcome: Result<Option<(StepOutput, u32)>, (Status, String)> = async {
-        // `if:`
-        if let Some(cond) = &step.spec.condition {
-            let go = match cond {
-                crate::model::Condition::Bool(b) => *b,
-                crate::model::Condition::Template(t) => templates.truthy(t, &scope).map_err(|e| (Status::Failed, format!("`if:` {e}")))?,
-            };
-            if !go {
-                return Ok(None);
-            }
-        }
-        let config = render_config(templates, &step.config, &scope, &step.info.deferred)
-            .map_err(|(pos, e)| (Status::Failed, format!("template at line {}: {e}", pos.line)))?;
-        let connection = match &step.spec.connection {
-            None => None,
-            Some(name) => Some(render_connection(shared, name, &scope, 0).map_err(|e| (Status::Failed, e))?),
-        };
-        let inputs: IndexMap<String, Table> = {
-            let tables = shared.tables.lock().unwrap();
-            step.spec
-                .input
-                .iter()
-                .chain(step.spec.inputs.iter())
-                .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
-                .collect()
-        };
-        let timeout = step.spec.timeout.as_ref().and_then(|t| t.parse().ok());
-        let (attempts, backoff, max_backoff) = match &step.spec.retry {
-            Some(r) => (
-                r.attempts.max(1),
-                r.backoff.as_ref().and_then(|b| b.parse().ok()).unwrap_or(Duration::from_secs(1)),
-                r.max_backoff.as_ref().and_then(|b| b.parse().ok()).unwrap_or(Duration::from_secs(60)),
-            ),
-            None => (1, Duration::from_secs(1), Duration::from_secs(60)),
-        };
-        let parent = if step.spec.always { shared.req.hard_cancel.clone() } else { shared.req.cancel.clone() };
-        let mut attempt = 1;
-        loop {
-            shared.req.observer.event(&RunEvent::StepStarted { step: id.to_string(), attempt, at: Utc::now() });
-            let token = parent.child_token();
-            let mut ctx = StepContext::new(id, shared.req.run_id, observer.clone(), redactor.clone(), shared.req.run_dir.clone(), shared.pipeline_dir.clone());
-            ctx.attempt = attempt;
-            ctx.inputs = inputs.clone();
-            ctx.connection = connection.clone();
-            ctx.cancel = token.clone();
-            ctx.evaluator = Some((shared.req.templates.clone(), scope.clone()));
-            let result = match (step.kind.run)(config.clone(), ctx) {
-                Err(e) => Err(e),
-                Ok(mut fut) => {
-                    let sleeper = async {
-                        match timeout {
-                            Some(t) => tokio::time::sleep(t).await,
-                            None => std::future::pending().await,
-                        }
-                    };
-                    tokio::select! {
-                        r = &mut fut => r,
-                        _ = sleeper => {
-                            token.cancel();
-                            let _ = tokio::time::timeout(CANCEL_GRACE, &mut fut).await;
-                            Err(StepError::retryable(format!("timed out after {}", crate::duration::human(timeout.unwrap_or_default()))))
-                        }
-                        _ = parent.cancelled() => {
-                            let _ = tokio::time::timeout(CANCEL_GRACE, &mut fut).await;
-                            return Err((Status::Cancelled, "cancelled".to_string()));
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(out) => return Ok(Some((out, attempt))),
-                Err(e) if e.retryable && attempt < attempts && !parent.is_cancelled() => {
-                    let base = backoff.saturating_mul(1u32 << (attempt - 1).min(20)).min(max_backoff);
-                    let half = base / 2;
-                    let delay = half + half.mul_f64(rand::random::<f64>());
-                    let msg = redactor.redact(&e.message);
-                    shared.req.observer.event(&RunEvent::StepRetrying { step: id.to_string(), attempt, error: msg.clone(), delay_ms: delay.as_millis() as u64 });
-                    shared.log(Some(id), Level::Warning, format!("attempt {attempt} of {attempts} failed: {msg}; retrying in {}", crate::duration::human(delay)));
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = parent.cancelled() => return Err((Status::Cancelled, "cancelled".to_string())),
-                    }
-                    attempt += 1;
-                }
-                Err(e) => {
-                    record.attempts = attempt;
-                    let what = if attempt > 1 { format!(" (after {attempt} attempts)") } else { String::new() };
-                    return Err((Status::Failed, format!("{}{what}", e.message)));
-                }
-            }
-        }
-    }
-    .await;
+    let outcome = match &step.spec.foreach {
+        None => run_once(shared, i, observer, &scope, None, &mut record.attempts)
+            .await
+            .map(|o| o.map(|(out, n)| (out, n, false))),
+        Some(foreach) => run_foreach(shared, i, observer, &scope, foreach).await,
+    };
 
     let finished = Utc::now();
     record.finished_at = Some(finished);
@@ -486,14 +406,15 @@ async fn run_attempts(
                 "skipped (its `if:` is false)".to_string(),
             );
         }
-        Ok(Some((out, attempts))) => {
+        Ok(Some((out, attempts, derived_done))) => {
             record.attempts = attempts;
             // Rows: of the table it produced, else the rows it says it handled (a load).
             record.rows = out
                 .table
                 .as_ref()
                 .map(|t| t.rows())
-                .or_else(|| out.outputs.get("rows").and_then(|r| r.as_u64()));
+                .or_else(|| out.outputs.get("rows").and_then(|r| r.as_u64()))
+                .or_else(|| out.outputs.get("records").and_then(|r| r.as_u64()));
             record.status = if out.warnings.is_empty() {
                 Status::Succeeded
             } else {
@@ -503,33 +424,14 @@ async fn run_attempts(
                 shared.log(Some(id), Level::Warning, w.clone());
             }
             let mut values = out.outputs.clone();
-            // Derived outputs: templates over the result object.
-            if !step.spec.outputs.is_empty() {
-                let mut local =
-                    scope.with(step.kind.result_name, TValue::from_serialize(&out.result));
-                // Step locals (`values` of sheets.read) are also plain names in `outputs:`.
-                for name in &step.info.locals {
-                    if let Some(v) = out.result.get(name) {
-                        local = local.with(name, TValue::from_serialize(v));
-                    }
-                }
-                for (name, spec) in &step.spec.outputs {
-                    match templates.render_str(spec.template(), &local) {
-                        Ok(v) => {
-                            if spec.secret() {
-                                if let Some(s) = v.as_str() {
-                                    redactor.add(s);
-                                } else {
-                                    redactor.add(&v.to_string());
-                                }
-                            }
-                            values.insert(name.clone(), v);
-                        }
-                        Err(e) => {
-                            record.status = Status::Failed;
-                            record.error = Some(redactor.redact(&format!("output `{name}`: {e}")));
-                            break;
-                        }
+            // Derived outputs: templates over the result object (a `foreach` step did
+            // them per item).
+            if !derived_done {
+                match derived_outputs(shared, i, &scope, &out.result) {
+                    Ok(derived) => values.extend(derived),
+                    Err(e) => {
+                        record.status = Status::Failed;
+                        record.error = Some(redactor.redact(&e));
                     }
                 }
             }
@@ -559,6 +461,542 @@ async fn run_attempts(
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+/// The step's `outputs:` templates, evaluated over its result object.
+fn derived_outputs(
+    shared: &Shared,
+    i: usize,
+    scope: &Scope,
+    result: &serde_json::Value,
+) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let step = &shared.req.plan.steps[i];
+    let mut values = serde_json::Map::new();
+    if step.spec.outputs.is_empty() {
+        return Ok(values);
+    }
+    let mut local = scope.with(step.kind.result_name, TValue::from_serialize(result));
+    // Step locals (`values` of sheets.read) are also plain names in `outputs:`.
+    for name in &step.info.locals {
+        if let Some(v) = result.get(name) {
+            local = local.with(name, TValue::from_serialize(v));
+        }
+    }
+    for (name, spec) in &step.spec.outputs {
+        let v = shared
+            .req
+            .templates
+            .render_str(spec.template(), &local)
+            .map_err(|e| format!("output `{name}`: {e}"))?;
+        if spec.secret() {
+            match v.as_str() {
+                Some(s) => shared.req.redactor.add(s),
+                None => shared.req.redactor.add(&v.to_string()),
+            }
+        }
+        values.insert(name.clone(), v);
+    }
+    Ok(values)
+}
+
+/// An item key as text (`north`, `3`): how keys are compared across steps.
+fn key_text(key: &serde_json::Value) -> String {
+    match key {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The scope of one item of a `foreach` step.
+fn item_scope(scope: &Scope, item: &serde_json::Value, index: usize) -> Scope {
+    scope
+        .with("item", TValue::from_serialize(item))
+        .with("item_index", TValue::from(index))
+}
+
+/// A `foreach` step: the list, then each item through [`run_once`] (its own `if:`,
+/// retries and timeout), `concurrency` at a time. Every item runs whatever the others do;
+/// their statuses become the step's `items` output (kept in the run history), their
+/// tables one table with an `item` column. An input table that has an `item` column (made
+/// by an earlier `foreach` over the same keys) is split: each item sees its own rows.
+async fn run_foreach(
+    shared: &Shared,
+    i: usize,
+    observer: &Arc<dyn Observer>,
+    scope: &Scope,
+    foreach: &crate::model::Foreach,
+) -> Result<Option<(StepOutput, u32, bool)>, (Status, String)> {
+    use futures_util::StreamExt;
+    let step = &shared.req.plan.steps[i];
+    let id = step.id.as_str();
+    let templates = &shared.req.templates;
+    let fail = |m: String| (Status::Failed, m);
+    let items = match templates
+        .render_str(foreach.items(), scope)
+        .map_err(|e| fail(format!("`foreach:` {e}")))?
+    {
+        serde_json::Value::Array(a) => a,
+        serde_json::Value::Null => Vec::new(),
+        other => {
+            return Err(fail(format!(
+                "`foreach:` must give a list, not {}",
+                match other {
+                    serde_json::Value::Object(_) => "a mapping",
+                    serde_json::Value::String(_) => "a string",
+                    serde_json::Value::Number(_) => "a number",
+                    _ => "a boolean",
+                }
+            )))
+        }
+    };
+    let mut keys = Vec::with_capacity(items.len());
+    for (n, item) in items.iter().enumerate() {
+        let key = match foreach.key() {
+            Some(t) => templates
+                .render_str(t, &item_scope(scope, item, n))
+                .map_err(|e| fail(format!("`foreach.key` of item {n}: {e}")))?,
+            None => match item {
+                serde_json::Value::String(_) | serde_json::Value::Number(_) => item.clone(),
+                _ => serde_json::Value::from(n),
+            },
+        };
+        if let Some(j) = keys.iter().position(|k| k == &key) {
+            return Err(fail(format!(
+                "`foreach`: items {j} and {n} have the same key `{}`; give each a distinct `key`",
+                key_text(&key)
+            )));
+        }
+        keys.push(key);
+    }
+    let concurrency = foreach.concurrency();
+    shared.log(
+        Some(id),
+        Level::Info,
+        format!(
+            "{} items, {} at a time",
+            items.len(),
+            concurrency.min(items.len().max(1))
+        ),
+    );
+    let base_inputs: IndexMap<String, Table> = {
+        let tables = shared.tables.lock().unwrap();
+        step.spec
+            .input
+            .iter()
+            .chain(step.spec.inputs.iter())
+            .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
+            .collect()
+    };
+    let total = items.len();
+    // A hand-driven FuturesUnordered (no stream-combinator closures: their borrowed
+    // captures defeat the `Send` proof of the spawned step task).
+    let mut pending = items.iter().enumerate();
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    let mut done: Vec<ItemOutcome> = Vec::with_capacity(total);
+    loop {
+        while running.len() < concurrency {
+            match pending.next() {
+                Some((n, item)) => running.push(run_item(
+                    shared,
+                    i,
+                    observer,
+                    scope,
+                    item,
+                    n,
+                    &keys[n],
+                    &base_inputs,
+                )),
+                None => break,
+            }
+        }
+        let Some(outcome) = running.next().await else {
+            break;
+        };
+        let (n, result, _, clock) = &outcome;
+        let (level, what) = match result {
+            Ok(Some((out, _))) => {
+                let rows = out
+                    .table
+                    .as_ref()
+                    .map(|t| format!(", {} rows", t.rows()))
+                    .unwrap_or_default();
+                (Level::Info, format!("succeeded{rows}"))
+            }
+            Ok(None) => (Level::Info, "skipped (its `if:` is false)".to_string()),
+            Err((Status::Skipped, why)) => (Level::Info, format!("skipped ({why})")),
+            Err((status, e)) => (Level::Error, format!("{}: {e}", status.label())),
+        };
+        shared.log(
+            Some(id),
+            level,
+            format!(
+                "item {}/{total} ({}) {what} in {}",
+                n + 1,
+                key_text(&keys[*n]),
+                crate::duration::human(clock.elapsed())
+            ),
+        );
+        done.push(outcome);
+    }
+    done.sort_by_key(|(n, ..)| *n);
+
+    let mut statuses = Vec::with_capacity(total);
+    let mut parts = Vec::new();
+    let mut per_output: IndexMap<String, Vec<serde_json::Value>> = IndexMap::new();
+    let (mut succeeded, mut failed, mut skipped, mut cancelled) = (0u64, 0u64, 0u64, false);
+    let mut failures = Vec::new();
+    let mut warnings = Vec::new();
+    let mut max_attempts = 0;
+    for (n, result, attempts, clock) in done {
+        let key = keys[n].clone();
+        max_attempts = max_attempts.max(attempts);
+        let mut entry = serde_json::json!({
+            "key": key,
+            "attempts": attempts,
+            "duration_ms": clock.elapsed().as_millis() as u64,
+        });
+        match result {
+            Ok(Some((out, used))) => {
+                max_attempts = max_attempts.max(used);
+                succeeded += 1;
+                entry["attempts"] = used.into();
+                entry["status"] = if out.warnings.is_empty() {
+                    "succeeded"
+                } else {
+                    "warning"
+                }
+                .into();
+                warnings.extend(
+                    out.warnings
+                        .iter()
+                        .map(|w| format!("item {}: {w}", key_text(&key))),
+                );
+                for (name, v) in &out.outputs {
+                    per_output
+                        .entry(name.clone())
+                        .or_default()
+                        .resize(n, serde_json::Value::Null);
+                    per_output[name].push(v.clone());
+                }
+                entry["outputs"] = serde_json::Value::Object(out.outputs);
+                if let Some(t) = out.table {
+                    entry["rows"] = t.rows().into();
+                    parts.push((key, t));
+                }
+            }
+            Ok(None) => {
+                skipped += 1;
+                entry["status"] = "skipped".into();
+            }
+            Err((Status::Skipped, why)) => {
+                skipped += 1;
+                entry["status"] = "skipped".into();
+                entry["reason"] = why.into();
+            }
+            Err((status, e)) => {
+                if status == Status::Cancelled {
+                    cancelled = true;
+                }
+                failed += 1;
+                entry["status"] = status.as_str().into();
+                let e = shared.req.redactor.redact(&e);
+                failures.push(format!("item {}: {e}", key_text(&key)));
+                entry["error"] = e.into();
+            }
+        }
+        statuses.push(entry);
+    }
+    shared.item_ok.lock().unwrap().insert(
+        id.to_string(),
+        statuses
+            .iter()
+            .map(|e| {
+                let ok = matches!(e["status"].as_str(), Some("succeeded" | "warning"));
+                (key_text(&e["key"]), ok)
+            })
+            .collect(),
+    );
+    if cancelled {
+        return Err((Status::Cancelled, "cancelled".to_string()));
+    }
+    if total > 0 && skipped as usize == total {
+        return Ok(None);
+    }
+    let table = if parts.is_empty() {
+        None
+    } else {
+        match &shared.req.plan.table_ops {
+            Some(ops) => Some(
+                ops.combine(parts)
+                    .map_err(|e| fail(format!("combining the items' tables: {e}")))?,
+            ),
+            None => None,
+        }
+    };
+    if failed > 0 && foreach.on_item_failure() == crate::model::OnItemFailure::Fail {
+        return Err(fail(format!(
+            "{failed} of {total} items failed: {}",
+            failures.join("; ")
+        )));
+    }
+    if failed > 0 {
+        warnings.push(format!(
+            "{failed} of {total} items failed: {}",
+            failures.join("; ")
+        ));
+    }
+    let mut outputs = serde_json::Map::new();
+    for (name, mut values) in per_output {
+        values.resize(total, serde_json::Value::Null);
+        outputs.insert(name, serde_json::Value::Array(values));
+    }
+    outputs.insert("items".into(), serde_json::Value::Array(statuses.clone()));
+    outputs.insert("succeeded".into(), succeeded.into());
+    outputs.insert("failed".into(), failed.into());
+    outputs.insert("skipped".into(), skipped.into());
+    Ok(Some((
+        StepOutput {
+            outputs,
+            result: serde_json::json!({ "items": statuses }),
+            table,
+            warnings,
+        },
+        max_attempts.max(1),
+        true,
+    )))
+}
+
+type ItemOutcome = (
+    usize,
+    Result<Option<(StepOutput, u32)>, (Status, String)>,
+    u32,
+    Instant,
+);
+
+/// One item of a `foreach` step: its own slice of split inputs, [`run_once`], its derived
+/// outputs.
+#[allow(clippy::too_many_arguments)]
+async fn run_item(
+    shared: &Shared,
+    i: usize,
+    observer: &Arc<dyn Observer>,
+    scope: &Scope,
+    item: &serde_json::Value,
+    n: usize,
+    key: &serde_json::Value,
+    base_inputs: &IndexMap<String, Table>,
+) -> ItemOutcome {
+    let clock = Instant::now();
+    let s = item_scope(scope, item, n);
+    let mut attempts = 0;
+    let mut inputs = IndexMap::new();
+    // An item that failed in the `foreach` that made an input has nothing to work on.
+    let failed_upstream = {
+        let ok = shared.item_ok.lock().unwrap();
+        base_inputs
+            .keys()
+            .find(|name| ok.get(*name).and_then(|m| m.get(&key_text(key))) == Some(&false))
+            .cloned()
+    };
+    if let Some(name) = failed_upstream {
+        return (
+            n,
+            Err((Status::Skipped, format!("item failed upstream in `{name}`"))),
+            0,
+            clock,
+        );
+    }
+    for (name, table) in base_inputs {
+        let own = match &shared.req.plan.table_ops {
+            Some(ops) => ops.rows_of_item(table, key),
+            None => Ok(None),
+        };
+        match own {
+            Ok(t) => {
+                inputs.insert(name.clone(), t.unwrap_or_else(|| table.clone()));
+            }
+            Err(e) => {
+                return (
+                    n,
+                    Err((Status::Failed, format!("input `{name}`: {e}"))),
+                    0,
+                    clock,
+                );
+            }
+        }
+    }
+    let result = match run_once(shared, i, observer, &s, Some(inputs), &mut attempts).await {
+        Ok(Some((mut out, used))) => match derived_outputs(shared, i, &s, &out.result) {
+            Ok(derived) => {
+                out.outputs.extend(derived);
+                Ok(Some((out, used)))
+            }
+            Err(e) => Err((Status::Failed, e)),
+        },
+        other => other,
+    };
+    (n, result, attempts, clock)
+}
+
+/// One step (or one item of a `foreach` step): `if:`, rendering, attempts with retries and
+/// timeouts. `Ok(None)` = skipped by its `if:`.
+async fn run_once(
+    shared: &Shared,
+    i: usize,
+    observer: &Arc<dyn Observer>,
+    scope: &Scope,
+    item_inputs: Option<IndexMap<String, Table>>,
+    attempts_used: &mut u32,
+) -> Result<Option<(StepOutput, u32)>, (Status, String)> {
+    let step = &shared.req.plan.steps[i];
+    let id = step.id.as_str();
+    let redactor = &shared.req.redactor;
+    let templates = &shared.req.templates;
+    let scope = scope.clone();
+    // `if:`
+    if let Some(cond) = &step.spec.condition {
+        let go = match cond {
+            crate::model::Condition::Bool(b) => *b,
+            crate::model::Condition::Template(t) => templates
+                .truthy(t, &scope)
+                .map_err(|e| (Status::Failed, format!("`if:` {e}")))?,
+        };
+        if !go {
+            return Ok(None);
+        }
+    }
+    let config = render_config(templates, &step.config, &scope, &step.info.deferred).map_err(
+        |(pos, e)| {
+            (
+                Status::Failed,
+                format!("template at line {}: {e}", pos.line),
+            )
+        },
+    )?;
+    let connection = match &step.spec.connection {
+        None => None,
+        Some(name) => {
+            Some(render_connection(shared, name, &scope, 0).map_err(|e| (Status::Failed, e))?)
+        }
+    };
+    let inputs: IndexMap<String, Table> = match item_inputs {
+        Some(inputs) => inputs,
+        None => {
+            let tables = shared.tables.lock().unwrap();
+            step.spec
+                .input
+                .iter()
+                .chain(step.spec.inputs.iter())
+                .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
+                .collect()
+        }
+    };
+    let timeout = step.spec.timeout.as_ref().and_then(|t| t.parse().ok());
+    let (attempts, backoff, max_backoff) = match &step.spec.retry {
+        Some(r) => (
+            r.attempts.max(1),
+            r.backoff
+                .as_ref()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(Duration::from_secs(1)),
+            r.max_backoff
+                .as_ref()
+                .and_then(|b| b.parse().ok())
+                .unwrap_or(Duration::from_secs(60)),
+        ),
+        None => (1, Duration::from_secs(1), Duration::from_secs(60)),
+    };
+    let parent = if step.spec.always {
+        shared.req.hard_cancel.clone()
+    } else {
+        shared.req.cancel.clone()
+    };
+    let mut attempt = 1;
+    loop {
+        shared.req.observer.event(&RunEvent::StepStarted {
+            step: id.to_string(),
+            attempt,
+            at: Utc::now(),
+        });
+        let token = parent.child_token();
+        let mut ctx = StepContext::new(
+            id,
+            shared.req.run_id,
+            observer.clone(),
+            redactor.clone(),
+            shared.req.run_dir.clone(),
+            shared.pipeline_dir.clone(),
+        );
+        ctx.attempt = attempt;
+        ctx.pipeline = shared.req.plan.name.clone();
+        ctx.history = shared.req.history.clone();
+        ctx.inputs = inputs.clone();
+        ctx.connection = connection.clone();
+        ctx.cancel = token.clone();
+        ctx.evaluator = Some((shared.req.templates.clone(), scope.clone()));
+        let result = match (step.kind.run)(config.clone(), ctx) {
+            Err(e) => Err(e),
+            Ok(mut fut) => {
+                let sleeper = async {
+                    match timeout {
+                        Some(t) => tokio::time::sleep(t).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = &mut fut => r,
+                    _ = sleeper => {
+                        token.cancel();
+                        let _ = tokio::time::timeout(CANCEL_GRACE, &mut fut).await;
+                        Err(StepError::retryable(format!("timed out after {}", crate::duration::human(timeout.unwrap_or_default()))))
+                    }
+                    _ = parent.cancelled() => {
+                        let _ = tokio::time::timeout(CANCEL_GRACE, &mut fut).await;
+                        return Err((Status::Cancelled, "cancelled".to_string()));
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(out) => return Ok(Some((out, attempt))),
+            Err(e) if e.retryable && attempt < attempts && !parent.is_cancelled() => {
+                let base = backoff
+                    .saturating_mul(1u32 << (attempt - 1).min(20))
+                    .min(max_backoff);
+                let half = base / 2;
+                let delay = half + half.mul_f64(rand::random::<f64>());
+                let msg = redactor.redact(&e.message);
+                shared.req.observer.event(&RunEvent::StepRetrying {
+                    step: id.to_string(),
+                    attempt,
+                    error: msg.clone(),
+                    delay_ms: delay.as_millis() as u64,
+                });
+                shared.log(
+                    Some(id),
+                    Level::Warning,
+                    format!(
+                        "attempt {attempt} of {attempts} failed: {msg}; retrying in {}",
+                        crate::duration::human(delay)
+                    ),
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = parent.cancelled() => return Err((Status::Cancelled, "cancelled".to_string())),
+                }
+                attempt += 1;
+            }
+            Err(e) => {
+                *attempts_used = attempt;
+                let what = if attempt > 1 {
+                    format!(" (after {attempt} attempts)")
+                } else {
+                    String::new()
+                };
+                return Err((Status::Failed, format!("{}{what}", e.message)));
+            }
+        }
+    }
 }
 
 /// A connection rendered for a step. A `credentials: <name>` field naming another connection
@@ -682,6 +1120,13 @@ pub fn preview(
     plan.steps
         .iter()
         .map(|s| {
+            // A `foreach` step is shown for a placeholder item.
+            let scope = match &s.spec.foreach {
+                Some(_) => scope
+                    .with("item", TValue::from("<item>"))
+                    .with("item_index", TValue::from(0)),
+                None => scope.clone(),
+            };
             let rendered = templates
                 .render_node(&s.config, &scope)
                 .map(|n| redactor.redact_json(&n.to_json()))

@@ -39,7 +39,8 @@ const FLUSH_EVERY: Duration = Duration::from_millis(50);
 const MAX_BATCH: usize = 2000;
 
 /// Schema migrations; `PRAGMA user_version` is the number applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE integrations (
     name        TEXT PRIMARY KEY,
     description TEXT,
@@ -87,7 +88,38 @@ CREATE TABLE logs (
     file        TEXT
 );
 CREATE INDEX logs_by_run ON logs(run_id, id);
-"#];
+"#,
+    r#"
+ALTER TABLE step_runs ADD COLUMN kind TEXT;
+"#,
+];
+
+/// The run history as steps see it ([`crate::step::HistoryView`]): each question opens
+/// the database afresh, so it can be shared between tasks and never holds a lock.
+///
+/// With the running run's writer, a question first waits for the events sent so far to be
+/// committed, so the steps that finished earlier in this run count too.
+#[derive(Debug, Clone)]
+pub struct HistoryReader {
+    pub state_dir: PathBuf,
+    pub writer: Option<std::sync::Arc<HistoryWriter>>,
+}
+
+impl crate::step::HistoryView for HistoryReader {
+    fn rows_since(
+        &self,
+        pipeline: &str,
+        step_type: &str,
+        since: DateTime<Utc>,
+    ) -> std::result::Result<u64, String> {
+        if let Some(w) = &self.writer {
+            w.flush();
+        }
+        Store::open(&self.state_dir)
+            .and_then(|s| s.rows_since(pipeline, step_type, since))
+            .map_err(|e| format!("run history: {e:#}"))
+    }
+}
 
 /// Who drives a run: `pipe run` (its process is watched, see [`Store::mark_abandoned`]) or
 /// an outside script through `pipe runs start/log/finish` (never marked abandoned).
@@ -560,6 +592,18 @@ impl Store {
     }
 
     /// A run's current status (cheaper than [`Store::get_run`], for polling).
+    /// The rows handled by steps of type `kind` in `pipeline`'s runs that finished at or
+    /// after `since` (a connector's "records in the last hour" for its heartbeat).
+    pub fn rows_since(&self, pipeline: &str, kind: &str, since: DateTime<Utc>) -> Result<u64> {
+        let n: i64 = self.conn.query_row(
+            r#"SELECT COALESCE(SUM(s."rows"), 0) FROM step_runs s JOIN runs r ON r.id = s.run_id
+               WHERE r.pipeline = ?1 AND s.kind = ?2 AND s.finished_at >= ?3"#,
+            params![pipeline, kind, ts(since)],
+            |r| r.get(0),
+        )?;
+        Ok(n.max(0) as u64)
+    }
+
     pub fn run_status(&self, id: i64) -> Result<Option<Status>> {
         let s: Option<String> = retry(|| {
             Ok(self
@@ -792,9 +836,10 @@ fn record_step_finished(c: &Connection, run_id: i64, s: &StepRecord) -> Result<(
     };
     c.prepare_cached(
         r#"INSERT INTO step_runs(run_id, step, status, attempts, started_at, finished_at,
-                                duration_ms, "rows", error, outputs)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                                duration_ms, "rows", error, outputs, kind)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, NULLIF(?11, ''))
            ON CONFLICT(run_id, step) DO UPDATE SET
+               kind = COALESCE(excluded.kind, step_runs.kind),
                status = excluded.status,
                attempts = excluded.attempts,
                started_at = COALESCE(excluded.started_at, step_runs.started_at),
@@ -814,7 +859,8 @@ fn record_step_finished(c: &Connection, run_id: i64, s: &StepRecord) -> Result<(
         to_i64(s.duration_ms),
         s.rows.map(to_i64),
         s.error,
-        outputs
+        outputs,
+        s.kind
     ])?;
     Ok(())
 }
@@ -1262,6 +1308,7 @@ mod tests {
 
         obs.event(&RunEvent::StepFinished(StepRecord {
             step: "extract".into(),
+            kind: "http.extract".into(),
             status: Status::Succeeded,
             attempts: 2,
             started_at: Some(t0),
@@ -1273,6 +1320,7 @@ mod tests {
         }));
         obs.event(&RunEvent::StepFinished(StepRecord {
             step: "load".into(),
+            kind: "bigquery.load".into(),
             status: Status::Failed,
             attempts: 1,
             started_at: None,
@@ -1284,6 +1332,7 @@ mod tests {
         }));
         obs.event(&RunEvent::StepFinished(StepRecord {
             step: "report".into(),
+            kind: "log".into(),
             status: Status::Skipped,
             attempts: 0,
             started_at: None,

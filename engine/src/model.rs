@@ -130,6 +130,10 @@ pub struct StepSpec {
     /// `steps.<id>.<name>`.
     #[serde(default)]
     pub outputs: IndexMap<String, OutputSpec>,
+    /// Fan-out: run the step once per item of a list (`"{{ steps.list.items }}"`), with
+    /// `item` and `item_index` in its templates.
+    #[serde(default)]
+    pub foreach: Option<Foreach>,
     /// The step type's own config.
     #[serde(default, rename = "with")]
     #[schemars(with = "Option<serde_json::Value>")]
@@ -176,6 +180,82 @@ impl OutputSpec {
         matches!(self, OutputSpec::Full(OutputFull { secret: true, .. }))
     }
 }
+
+/// `foreach:` — a template giving the list, or the full form.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(
+    untagged,
+    expecting = "a template giving a list, or a mapping with `items`"
+)]
+pub enum Foreach {
+    Items(String),
+    Full(ForeachFull),
+}
+
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForeachFull {
+    /// A template giving the list of items (`"{{ steps.list.items }}"`).
+    pub items: String,
+    /// Each item's key: recorded with its status and in the combined table's `item`
+    /// column (a template over `item`, such as `"{{ item.id }}"`; default: the item itself
+    /// when it is a string or number, else its 0-based position).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// How many items run at once (default 4).
+    #[serde(default)]
+    pub concurrency: Option<u32>,
+    /// `fail` (default): the step fails after all items ran when any failed; `warn`: it ends
+    /// with status `warning` and the table of the items that succeeded.
+    #[serde(default)]
+    pub on_item_failure: OnItemFailure,
+}
+
+/// What a failed item does to its `foreach` step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnItemFailure {
+    /// The step fails once every item has run.
+    #[default]
+    Fail,
+    /// The step ends with status `warning`.
+    Warn,
+}
+
+impl Foreach {
+    pub fn items(&self) -> &str {
+        match self {
+            Foreach::Items(t) => t,
+            Foreach::Full(f) => &f.items,
+        }
+    }
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Foreach::Items(_) => None,
+            Foreach::Full(f) => f.key.as_deref(),
+        }
+    }
+    pub fn concurrency(&self) -> usize {
+        match self {
+            Foreach::Full(ForeachFull {
+                concurrency: Some(c),
+                ..
+            }) => (*c).max(1) as usize,
+            _ => 4,
+        }
+    }
+    pub fn on_item_failure(&self) -> OnItemFailure {
+        match self {
+            Foreach::Items(_) => OnItemFailure::Fail,
+            Foreach::Full(f) => f.on_item_failure,
+        }
+    }
+}
+
+/// The names a `foreach` step's templates see besides params/steps/run.
+pub const ITEM_LOCALS: &[&str] = &["item", "item_index"];
+/// The outputs every `foreach` step sets.
+pub const FOREACH_OUTPUTS: &[&str] = &["items", "succeeded", "failed", "skipped"];
 
 /// Retries with exponential backoff and jitter.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]

@@ -39,6 +39,8 @@ pub struct Plan {
     /// In a topological order (file order among independent steps).
     pub steps: Vec<PlanStep>,
     pub graph: DiGraph<String, ()>,
+    /// How `foreach` steps combine their items' tables (from the registry).
+    pub table_ops: Option<std::sync::Arc<dyn crate::step::TableOps>>,
 }
 
 impl Plan {

@@ -47,6 +47,19 @@ pub struct StaticInfo {
     /// perhaps many times, with [`StepContext::evaluate`] (a wait condition over each poll's
     /// values). The executor leaves them unrendered.
     pub deferred: Vec<String>,
+    /// Warnings about the config that `pipe validate` reports at the field's position
+    /// (a template inside a SQL string literal, dynamic SQL).
+    pub lints: Vec<Lint>,
+}
+
+/// A step type's warning about its own config, found before running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lint {
+    /// Dotted path of the field, relative to `with:` (`query`, `auth.password`).
+    pub field: String,
+    /// A warning code of [`crate::diag::Code`] (`"W002"`).
+    pub code: &'static str,
+    pub message: String,
 }
 
 /// What a step returns.
@@ -109,6 +122,11 @@ pub struct StepContext {
     pub run_dir: PathBuf,
     /// The folder of the pipeline file (relative paths in configs start here).
     pub pipeline_dir: PathBuf,
+    /// The pipeline's name (`pipeline:`).
+    pub pipeline: String,
+    /// Read access to the run history (a heartbeat's record counts); `None` in unit tests
+    /// that give none.
+    pub history: Option<Arc<dyn HistoryView>>,
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) evaluator: Option<(Arc<crate::template::Templates>, crate::template::Scope)>,
 }
@@ -132,6 +150,8 @@ impl StepContext {
             redactor,
             run_dir,
             pipeline_dir,
+            pipeline: String::new(),
+            history: None,
             observer,
             evaluator: None,
         }
@@ -217,6 +237,30 @@ impl StepContext {
     }
 }
 
+/// Table work the engine needs for `foreach` without knowing what a table is inside (the
+/// `steps` crate implements it with Polars).
+pub trait TableOps: Send + Sync {
+    /// The items' tables as one: columns unioned (missing values null), an `item` column
+    /// holding each row's item key first.
+    fn combine(&self, parts: Vec<(serde_json::Value, Table)>) -> Result<Table, String>;
+    /// The rows of `table` whose `item` column equals `key`, without that column; `None`
+    /// when the table has no `item` column.
+    fn rows_of_item(&self, table: &Table, key: &serde_json::Value)
+        -> Result<Option<Table>, String>;
+}
+
+/// What steps may ask the run history.
+pub trait HistoryView: Send + Sync {
+    /// The rows handled by finished steps of type `step_type` (`carol.send`) in
+    /// `pipeline`'s runs since `since`.
+    fn rows_since(
+        &self,
+        pipeline: &str,
+        step_type: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<u64, String>;
+}
+
 /// A step type's config and behaviour.
 #[async_trait]
 pub trait StepConfig: DeserializeOwned + JsonSchema + Send + Sync + 'static {
@@ -284,6 +328,8 @@ impl StepKind {
 #[derive(Clone, Default)]
 pub struct Registry {
     kinds: IndexMap<&'static str, StepKind>,
+    /// How `foreach` combines and splits tables.
+    pub table_ops: Option<Arc<dyn TableOps>>,
 }
 
 impl Registry {

@@ -347,6 +347,27 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
                 }
             },
         };
+        let info = if spec.foreach.is_some() {
+            let mut info = info;
+            if let Some(outs) = &mut info.outputs {
+                outs.extend(crate::model::FOREACH_OUTPUTS.iter().map(|s| s.to_string()));
+            }
+            if let Some(crate::model::Foreach::Full(crate::model::ForeachFull {
+                concurrency: Some(0),
+                ..
+            })) = &spec.foreach
+            {
+                let f = node.get("foreach").unwrap_or(&node);
+                d.push(
+                    f.get("concurrency").map(|n| n.pos).unwrap_or(f.pos),
+                    Code::InvalidValue,
+                    "foreach.concurrency must be at least 1",
+                );
+            }
+            info
+        } else {
+            info
+        };
         if let Some(retry) = &spec.retry {
             let rnode = node.get("retry").unwrap_or(&node);
             if retry.attempts == 0 {
@@ -380,6 +401,20 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
                     format!("unknown connection `{c}`{hint}"),
                 );
             }
+        }
+        for lint in &info.lints {
+            let mut n = Some(&config);
+            for p in lint.field.split('.') {
+                n = n.and_then(|x| x.get(p));
+            }
+            let pos = n.map(|n| n.pos).unwrap_or(config.pos);
+            let code = Code::parse(lint.code).unwrap_or_else(|| {
+                panic!(
+                    "step type `{}` reports an unknown code {}",
+                    spec.kind, lint.code
+                )
+            });
+            d.push(pos, code, format!("step `{id}`: {}", lint.message));
         }
         for field in &info.secret_fields {
             let path: Vec<&str> = field.split('.').collect();
@@ -508,8 +543,34 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
                 dep(name, &mut edges);
             }
         }
-        // Templates in the envelope and in `with:`.
-        let locals: Vec<String> = p.info.locals.clone();
+        // Templates in the envelope and in `with:`. A `foreach` step's templates also see
+        // `item` and `item_index`; its list itself does not.
+        let mut locals: Vec<String> = p.info.locals.clone();
+        let mut found_steps = BTreeSet::new();
+        if let Some(f) = p.node.get("foreach") {
+            let refs = Refs {
+                params: &param_specs,
+                ids: &ids,
+                outputs: &outputs_of,
+                locals: &locals,
+                self_id: &p.id,
+            };
+            match f.get("items") {
+                Some(items) => found_steps.extend(check_templates(items, &refs, &mut d)),
+                None => found_steps.extend(check_templates(f, &refs, &mut d)),
+            }
+            locals.extend(crate::model::ITEM_LOCALS.iter().map(|s| s.to_string()));
+            if let Some(key) = f.get("key") {
+                let refs = Refs {
+                    params: &param_specs,
+                    ids: &ids,
+                    outputs: &outputs_of,
+                    locals: &locals,
+                    self_id: &p.id,
+                };
+                found_steps.extend(check_templates(key, &refs, &mut d));
+            }
+        }
         let refs = Refs {
             params: &param_specs,
             ids: &ids,
@@ -517,7 +578,6 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             locals: &locals,
             self_id: &p.id,
         };
-        let mut found_steps = BTreeSet::new();
         if let Some(cond) = p.node.get("if") {
             found_steps.extend(check_templates(cond, &refs, &mut d));
         }
@@ -628,6 +688,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         sandbox: doc.sandbox.unwrap_or_default(),
         steps,
         graph,
+        table_ops: registry.table_ops.clone(),
     };
     Outcome {
         diagnostics: finish(d),

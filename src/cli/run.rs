@@ -194,6 +194,10 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
             observer,
             cancel: cancel.clone(),
             hard_cancel,
+            history: Some(Arc::new(engine::history::HistoryReader {
+                state_dir: state_dir.to_path_buf(),
+                writer: Some(writer.clone()),
+            })),
         })
         .await;
         signals.abort();
@@ -410,8 +414,9 @@ fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
                 .iter()
                 .map(|s| {
                     serde_json::json!({
-                        "id": s.step, "status": s.status, "attempts": s.attempts,
+                        "id": s.step, "type": s.kind, "status": s.status, "attempts": s.attempts,
                         "duration_ms": s.duration_ms, "rows": s.rows, "error": s.error,
+                        "outputs": s.outputs,
                     })
                 })
                 .collect();
@@ -653,7 +658,8 @@ impl Observer for Progress {
 /// `secret()`/`env()` the values of its `sandbox:` block. A pipeline written for production
 /// runs unchanged and offline.
 ///
-/// Connections map by type (`google_service_account` → the Google fake); an `http`
+/// Connections map by type (`google_service_account` → the Google fake, `carol` → the
+/// Carol fake, a database → the demo SQLite database); an `http`
 /// connection names its stand-in with `sandbox: <service>` (an http connection without one
 /// would reach the real network, so it is refused).
 async fn attach_sandbox(
@@ -671,7 +677,9 @@ async fn attach_sandbox(
         .await
         .map_err(|e| format!("cannot start the local fakes: {e:#}"))?;
     let values = fakes.values();
-    for (name, spec) in &plan.connections {
+    let names: Vec<String> = plan.connections.keys().cloned().collect();
+    for name in &names {
+        let spec = &plan.connections[name];
         let stand_in = spec.fields.get("sandbox").and_then(|v| v.as_str());
         let borrows_key = spec
             .fields
@@ -698,7 +706,7 @@ async fn attach_sandbox(
             }
             (_, Some(other)) => {
                 return Err(format!(
-                    "connection `{name}` names an unknown stand-in `sandbox: {other}` (known: tiflux, google, bigquery)"
+                    "connection `{name}` names an unknown stand-in `sandbox: {other}` (known: tiflux, qockpit, google, bigquery, carol)"
                 ))
             }
             ("http", None) => {

@@ -21,6 +21,7 @@ use engine::step::{Registry, StepKind};
 /// Every step type `pipe` knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();
+    r.table_ops = Some(std::sync::Arc::new(table::FrameOps));
     r.register(StepKind::of::<exec::Exec>());
     r.register(StepKind::of::<log::Log>());
     r.register(StepKind::of::<sheets::SheetsRead>());

@@ -184,6 +184,7 @@ impl StepConfig for SheetsRead {
             secret_fields: Vec::new(),
             locals: vec!["values".into()],
             deferred: vec!["wait.until".into()],
+            ..StaticInfo::default()
         }
     }
 

@@ -4,7 +4,7 @@
 //! Polars; steps put a `DataFrame` in with [`table`] and take it out with [`frame`].
 
 use engine::step::{Table, TableData};
-use polars::prelude::DataFrame;
+use polars::prelude::*;
 use std::any::Any;
 use std::sync::Arc;
 
@@ -29,4 +29,96 @@ pub fn table(df: DataFrame) -> Table {
 /// The `DataFrame` inside a table (every table in pipe is one).
 pub fn frame(t: &Table) -> Option<&DataFrame> {
     t.as_any().downcast_ref::<Frame>().map(|f| &f.0)
+}
+
+/// `foreach` over Polars tables: combine the items' tables, split an input by item.
+#[derive(Debug, Default)]
+pub struct FrameOps;
+
+/// The name of the column a `foreach` step adds to its combined table.
+pub const ITEM_COLUMN: &str = "item";
+
+fn key_series(key: &serde_json::Value, len: usize, as_text: bool) -> Column {
+    match key {
+        serde_json::Value::Number(n) if !as_text && n.is_i64() => {
+            Column::new_scalar(ITEM_COLUMN.into(), Scalar::from(n.as_i64().unwrap()), len)
+        }
+        other => {
+            let text = match other {
+                serde_json::Value::String(s) => s.clone(),
+                v => v.to_string(),
+            };
+            Column::new_scalar(
+                ITEM_COLUMN.into(),
+                Scalar::from(PlSmallStr::from(text)),
+                len,
+            )
+        }
+    }
+}
+
+impl engine::step::TableOps for FrameOps {
+    fn combine(&self, parts: Vec<(serde_json::Value, Table)>) -> Result<Table, String> {
+        // The `item` column is an integer when every key is one, else text.
+        let as_text = !parts.iter().all(|(k, _)| k.as_i64().is_some());
+        // Columns unioned in first-seen order; each column's type is its first one's.
+        let mut schema: Vec<(PlSmallStr, DataType)> = Vec::new();
+        for (_, t) in &parts {
+            let df = frame(t).ok_or("not a table")?;
+            for c in df.get_columns() {
+                if c.name().as_str() != ITEM_COLUMN && !schema.iter().any(|(n, _)| n == c.name()) {
+                    schema.push((c.name().clone(), c.dtype().clone()));
+                }
+            }
+        }
+        let mut out: Option<DataFrame> = None;
+        for (key, t) in &parts {
+            let df = frame(t).ok_or("not a table")?;
+            let h = df.height();
+            let mut cols = vec![key_series(key, h, as_text)];
+            for (name, dtype) in &schema {
+                cols.push(match df.column(name) {
+                    Ok(c) if c.dtype() == dtype => c.clone(),
+                    Ok(c) => c.cast(dtype).map_err(|e| {
+                        format!(
+                            "column `{name}` is {} in item {key} but {dtype} before: {e}",
+                            c.dtype()
+                        )
+                    })?,
+                    Err(_) => Column::full_null(name.clone(), h, dtype),
+                });
+            }
+            let part = DataFrame::new(cols).map_err(|e| e.to_string())?;
+            match &mut out {
+                None => out = Some(part),
+                Some(acc) => {
+                    acc.vstack_mut_owned(part).map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let mut df = out.ok_or("no tables to combine")?;
+        df.rechunk_mut();
+        Ok(table(df))
+    }
+
+    fn rows_of_item(&self, t: &Table, key: &serde_json::Value) -> Result<Option<Table>, String> {
+        let df = frame(t).ok_or("not a table")?;
+        let Ok(col) = df.column(ITEM_COLUMN) else {
+            return Ok(None);
+        };
+        let wanted = match key {
+            serde_json::Value::String(s) => s.clone(),
+            v => v.to_string(),
+        };
+        let text = col.cast(&DataType::String).map_err(|e| e.to_string())?;
+        let mask = text
+            .str()
+            .map_err(|e| e.to_string())?
+            .equal(wanted.as_str());
+        let own = df
+            .filter(&mask)
+            .and_then(|d| d.drop(ITEM_COLUMN))
+            .map_err(|e| e.to_string())?;
+        Ok(Some(table(own)))
+    }
 }
