@@ -654,6 +654,9 @@ impl Observer for Progress {
     }
 }
 
+/// Connection types that `--sandbox` replaces with the demo SQLite database.
+const SQL_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "sqlserver", "odbc"];
+
 /// `--sandbox`: start the local fakes, point the pipeline's connections at them and give
 /// `secret()`/`env()` the values of its `sandbox:` block. A pipeline written for production
 /// runs unchanged and offline.
@@ -680,6 +683,24 @@ async fn attach_sandbox(
     let names: Vec<String> = plan.connections.keys().cloned().collect();
     for name in &names {
         let spec = &plan.connections[name];
+        // A database connection becomes the demo SQLite database, whatever its server.
+        if SQL_TYPES.contains(&spec.kind.as_str()) {
+            let path = fakes.demo_db().display().to_string();
+            let node = plan
+                .connection_nodes
+                .get_mut(name)
+                .expect("every connection has its node");
+            let pos = node.pos;
+            let s =
+                |t: &str| engine::yaml::Node::new(pos, engine::yaml::Value::String(t.to_string()));
+            node.value =
+                engine::yaml::Value::Map(vec![(s("type"), s("sqlite")), (s("path"), s(&path))]);
+            let spec = plan.connections.get_mut(name).expect("listed");
+            spec.kind = "sqlite".to_string();
+            spec.fields.clear();
+            spec.fields.insert("path".into(), path.into());
+            continue;
+        }
         let stand_in = spec.fields.get("sandbox").and_then(|v| v.as_str());
         let borrows_key = spec
             .fields
@@ -687,6 +708,18 @@ async fn attach_sandbox(
             .is_some_and(|c| c.is_string());
         let fields: Vec<(&str, String)> = match (spec.kind.as_str(), stand_in) {
             (_, Some("tiflux")) => vec![("base_url", fakes.tiflux_url())],
+            (_, Some("qockpit")) => vec![(
+                "base_url",
+                format!(
+                    "{}/{}",
+                    fakes.qockpit_url(),
+                    values["qockpit"]["domain"].as_str().unwrap_or_default()
+                ),
+            )],
+            ("carol", None | Some("carol")) => ["url", "tenant", "organization", "connector_id"]
+                .into_iter()
+                .map(|f| (f, values["carol"][f].as_str().unwrap_or_default().to_string()))
+                .collect(),
             ("google_service_account", None | Some("google")) => vec![
                 ("key_file", fakes.key_file().display().to_string()),
                 ("sheets_base_url", format!("{}/", fakes.google_url())),
