@@ -38,6 +38,11 @@ pub(crate) const ENDPOINTS: &[&str] = &[
     "qockpit_ping",
     "qockpit_integrations",
     "qockpit_results",
+    "carol_token",
+    "carol_send",
+    "carol_schema",
+    "carol_delete",
+    "carol_heartbeat",
 ];
 
 /// Whether a rule for `rule` applies to a request counted under `endpoint`.
@@ -64,6 +69,7 @@ fn endpoint_of(method: &Method, path: &str) -> Option<&'static str> {
             Some("bigquery_jobs")
         }
         (_, p) if p.starts_with("/bigquery/v2/") => Some("bigquery"),
+        (m, p) if crate::carol::endpoint_of(m, p).is_some() => crate::carol::endpoint_of(m, p),
         (_, p) => crate::qockpit::endpoint_of(p),
     }
 }
@@ -97,7 +103,7 @@ fn request_key(endpoint: &str, req: &axum::http::request::Parts, body: &Bytes) -
         {
             "job".to_string()
         }
-        "sheets" | "bigquery" | "bigquery_jobs" | "bigquery_upload" => {
+        "sheets" | "bigquery" | "bigquery_jobs" | "bigquery_upload" | "carol_send" => {
             format!("{} {}", req.method, req.uri.path())
         }
         // A result is "the same request" when it re-sends the same period.
@@ -128,6 +134,8 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
     let (parts, body) = req.into_parts();
     let limit = if endpoint == "bigquery_upload" {
         crate::bigquery::MAX_UPLOAD_BODY
+    } else if endpoint == "carol_send" {
+        crate::carol::max_body(&shared.opts)
     } else {
         64 << 20
     };
@@ -266,6 +274,7 @@ pub(crate) fn error(endpoint: &str, status: StatusCode, code: &str, message: &st
             };
             crate::qockpit::detail(status, message)
         }
+        e if e.starts_with("carol_") => crate::carol::carol_error(status, message, None),
         "token" => {
             let code = if status == StatusCode::UNAUTHORIZED {
                 "invalid_client"

@@ -21,6 +21,7 @@
 //! the socket (see [`server`]).
 
 mod bigquery;
+mod carol;
 mod demo_db;
 mod faults;
 mod google;
@@ -39,6 +40,10 @@ use std::sync::{Arc, Mutex};
 use tokio::task::JoinHandle;
 
 pub use bigquery::{list_tables, TableSummary};
+pub use carol::{
+    CarolStats, DEFAULT_SENDING_LIMIT as CAROL_DEFAULT_SENDING_LIMIT,
+    MAX_SENDING_LIMIT as CAROL_MAX_SENDING_LIMIT,
+};
 
 /// How the fakes behave. Every field has a default; `PIPE_SANDBOX` may set any subset.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -66,6 +71,11 @@ pub struct Options {
     /// BigQuery `jobs.get` / `getQueryResults` report a new job PENDING, then RUNNING, for
     /// this many polls before DONE (0: DONE at once), to exercise pollers.
     pub bigquery_job_polls: u32,
+    /// Carol: `expires_in` of the access tokens the fake issues, in seconds.
+    pub carol_token_ttl_s: u64,
+    /// Carol: the sending limit (`GET /api/v3/staging/sendingLimit`) in bytes; a send body
+    /// above it (as received, compressed) is answered 413.
+    pub carol_sending_limit_bytes: u64,
 }
 
 impl Default for Options {
@@ -80,6 +90,8 @@ impl Default for Options {
             dir: None,
             state_dir: None,
             bigquery_job_polls: 0,
+            carol_token_ttl_s: 3600,
+            carol_sending_limit_bytes: carol::DEFAULT_SENDING_LIMIT,
         }
     }
 }
@@ -161,6 +173,9 @@ pub struct Stats {
     /// Media bytes received by BigQuery load uploads (multipart and resumable).
     #[serde(default)]
     pub bytes_uploaded: u64,
+    /// What the Carol fake received.
+    #[serde(default)]
+    pub carol: CarolStats,
 }
 
 /// Counters behind [`Stats`].
@@ -200,6 +215,7 @@ pub(crate) struct Shared {
     pub tiflux: tiflux::Sessions,
     pub google: google::Store,
     pub bigquery: bigquery::Store,
+    pub carol: carol::Store,
     pub qockpit: qockpit::Platform,
     pub counters: Mutex<Counters>,
     /// (endpoint, request key) → attempts so far.
@@ -235,6 +251,7 @@ impl Shared {
                 .bigquery
                 .bytes_uploaded
                 .load(std::sync::atomic::Ordering::Relaxed),
+            carol: self.carol.stats(),
         }
     }
 
@@ -287,6 +304,7 @@ pub struct Sandbox {
     shared: Arc<Shared>,
     tiflux_url: String,
     google_url: String,
+    carol_url: String,
     qockpit_url: String,
     demo_db: PathBuf,
     key_file: PathBuf,
@@ -320,6 +338,10 @@ impl Sandbox {
             qockpit_listener.local_addr()?,
             qockpit::BASE_PATH
         );
+        let carol_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the Carol fake")?;
+        let carol_url = format!("http://{}", carol_listener.local_addr()?);
         let tiflux_url = format!("http://{}", tiflux_listener.local_addr()?);
         let google_url = format!("http://{}", google_listener.local_addr()?);
         let token_uri = format!("{google_url}/token");
@@ -382,6 +404,7 @@ impl Sandbox {
             tiflux: tiflux::Sessions::default(),
             google: google::Store::new(&otp_sheet)?,
             bigquery,
+            carol: carol::Store::new(seed, opts.carol_token_ttl_s, opts.carol_sending_limit_bytes),
             qockpit: qockpit::Platform::new(seed),
             counters: Mutex::new(Counters::default()),
             attempts: Mutex::new(HashMap::new()),
@@ -399,6 +422,7 @@ impl Sandbox {
                 google_listener,
                 google::router(shared.clone()),
             )),
+            tokio::spawn(server::serve(carol_listener, carol::router(shared.clone()))),
             tokio::spawn(server::serve(
                 qockpit_listener,
                 qockpit::router(shared.clone()),
@@ -408,6 +432,7 @@ impl Sandbox {
             shared,
             tiflux_url,
             google_url,
+            carol_url,
             qockpit_url,
             demo_db,
             key_file,
@@ -489,6 +514,16 @@ impl Sandbox {
                 "upload_url": self.upload_url(),
                 "project": self.shared.bigquery.project,
             },
+            "carol": {
+                "url": self.carol_url,
+                "tenant": self.shared.carol.tenant,
+                "organization": self.shared.carol.organization,
+                "connector_id": self.shared.carol.connector_id,
+                "connector_name": self.shared.carol.connector_name,
+                "username": self.shared.carol.username,
+                "password": self.shared.carol.password,
+                "api_key": self.shared.carol.api_key,
+            },
             "qockpit": {
                 "base_endpoint": self.qockpit_url,
                 "domain": self.shared.qockpit.domain,
@@ -498,6 +533,31 @@ impl Sandbox {
                 "path": self.demo_db.display().to_string(),
             },
         })
+    }
+
+    /// `http://127.0.0.1:PORT`: the Carol fake (`/api/...`, `GET /__sandbox/carol`).
+    pub fn carol_url(&self) -> String {
+        self.carol_url.clone()
+    }
+
+    /// The records the Carol fake holds in a staging table (first-insertion order).
+    pub fn carol_records(&self, table: &str) -> Vec<serde_json::Value> {
+        self.shared.carol.records(table)
+    }
+
+    /// A Carol staging table's schema as stored.
+    pub fn carol_schema(&self, table: &str) -> Option<serde_json::Value> {
+        self.shared.carol.schema(table)
+    }
+
+    /// The last heartbeat the Carol fake received for a connector.
+    pub fn carol_heartbeat(&self, connector_id: &str) -> Option<serde_json::Value> {
+        self.shared.carol.heartbeat(connector_id)
+    }
+
+    /// Expire every Carol access token now (to exercise refresh).
+    pub fn carol_expire_tokens(&self) {
+        self.shared.carol.expire_tokens()
     }
 
     /// What the fakes received so far.

@@ -8,6 +8,7 @@
 //! Adding a step type = one module + one line in [`registry`].
 
 pub mod bigquery;
+pub mod carol;
 pub mod exec;
 pub mod files;
 pub mod http;
@@ -31,6 +32,10 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<files::FileWrite>());
     r.register(StepKind::of::<transform::Transform>());
     r.register(StepKind::of::<bigquery::BigQueryLoad>());
+    r.register(StepKind::of::<carol::CarolSchema>());
+    r.register(StepKind::of::<carol::CarolSend>());
+    r.register(StepKind::of::<carol::CarolDelete>());
+    r.register(StepKind::of::<carol::CarolHeartbeat>());
     r
 }
 
@@ -51,6 +56,10 @@ mod tests {
                 "file.write",
                 "transform",
                 "bigquery.load",
+                "carol.schema",
+                "carol.send",
+                "carol.delete",
+                "carol.heartbeat",
             ]
         );
         let mut g = schemars::SchemaGenerator::default();

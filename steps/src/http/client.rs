@@ -137,6 +137,9 @@ pub enum Body {
     Json(Value),
     Form(Vec<(String, String)>),
     Text(String),
+    /// Bytes sent as they are (`http.send`'s JSON batches, gzipped or not; the caller sets
+    /// `Content-Type` and `Content-Encoding`).
+    Bytes(Vec<u8>),
 }
 
 /// Retries and timeouts of one step.
@@ -560,6 +563,7 @@ impl<'a> Sender<'a> {
                 Body::Json(v) => rb.json(v),
                 Body::Form(f) => rb.form(f),
                 Body::Text(t) => rb.body(t.clone()),
+                Body::Bytes(b) => rb.body(b.clone()),
             };
             let mut token_used = None;
             if let Some(auth) = &p.auth {

@@ -9,6 +9,7 @@
 //!   backoff and `Retry-After`, cancellation, secrets taught to the redactor;
 //! * [`auth`] — basic, bearer, API key and OAuth2 (with a process-wide token cache);
 //! * [`request`] — the `http.request` step;
+//! * [`send`] — the `http.send` step: a table's rows to an API as JSON, in batches;
 //! * [`extract`] — the `http.extract` step: pagination strategies, stop rules, concurrent
 //!   fetching of addressable pages reassembled in order, rate limits;
 //! * [`records`] — JSON records into typed Polars columns, page by page.
@@ -18,9 +19,11 @@ pub mod client;
 pub mod extract;
 pub mod records;
 pub mod request;
+pub mod send;
 
 pub use extract::HttpExtract;
 pub use request::HttpRequest;
+pub use send::HttpSend;
 
 #[cfg(test)]
 pub(crate) mod testutil;
