@@ -62,12 +62,19 @@ pub(crate) const INTEGRATIONS: [Integration; 3] = [
     },
 ];
 
+/// The rows last sent for one integration and period, and how often it was sent.
+#[derive(Default)]
+struct Received {
+    rows: Vec<Value>,
+    posts: u64,
+}
+
 /// The platform's credentials (from the seed) and what it received.
 pub(crate) struct Platform {
     pub domain: String,
     pub api_token: String,
-    /// integration id → period → (rows, posts of that period).
-    results: Mutex<BTreeMap<u64, BTreeMap<String, (Vec<Value>, u64)>>>,
+    /// integration id → period → what was received.
+    results: Mutex<BTreeMap<u64, BTreeMap<String, Received>>>,
 }
 
 impl Platform {
@@ -89,10 +96,10 @@ impl Platform {
         let mut out = Map::new();
         for (id, periods) in r.iter() {
             let mut p = Map::new();
-            for (period, (rows, posts)) in periods {
+            for (period, r) in periods {
                 p.insert(
                     period.clone(),
-                    json!({"rows": rows, "received": rows.len(), "posts": posts}),
+                    json!({"rows": r.rows, "received": r.rows.len(), "posts": r.posts}),
                 );
             }
             out.insert(id.to_string(), Value::Object(p));
@@ -263,8 +270,8 @@ async fn results(
     {
         let mut r = shared.qockpit.results.lock().unwrap();
         let slot = r.entry(id).or_default().entry(period).or_default();
-        slot.0 = rows;
-        slot.1 += 1;
+        slot.rows = rows;
+        slot.posts += 1;
     }
     (StatusCode::CREATED, Json(json!({"received": received}))).into_response()
 }

@@ -32,6 +32,7 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<files::FileWrite>());
     r.register(StepKind::of::<transform::Transform>());
     r.register(StepKind::of::<bigquery::BigQueryLoad>());
+    r.register(StepKind::of::<http::HttpSend>());
     r.register(StepKind::of::<carol::CarolSchema>());
     r.register(StepKind::of::<carol::CarolSend>());
     r.register(StepKind::of::<carol::CarolDelete>());
@@ -56,6 +57,7 @@ mod tests {
                 "file.write",
                 "transform",
                 "bigquery.load",
+                "http.send",
                 "carol.schema",
                 "carol.send",
                 "carol.delete",
