@@ -12,4 +12,5 @@ mod history;
 mod redaction;
 mod sandbox;
 mod schema;
+mod sql;
 mod validate;

@@ -14,6 +14,7 @@ pub mod files;
 pub mod http;
 pub mod log;
 pub mod sheets;
+pub mod sql;
 pub mod table;
 pub mod transform;
 
@@ -32,6 +33,8 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<files::FileWrite>());
     r.register(StepKind::of::<transform::Transform>());
     r.register(StepKind::of::<bigquery::BigQueryLoad>());
+    r.register(StepKind::of::<sql::SqlQuery>());
+    r.register(StepKind::of::<sql::SqlWrite>());
     r.register(StepKind::of::<http::HttpSend>());
     r.register(StepKind::of::<carol::CarolSchema>());
     r.register(StepKind::of::<carol::CarolSend>());
@@ -57,6 +60,8 @@ mod tests {
                 "file.write",
                 "transform",
                 "bigquery.load",
+                "sql.query",
+                "sql.write",
                 "http.send",
                 "carol.schema",
                 "carol.send",
