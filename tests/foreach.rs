@@ -3,7 +3,7 @@
 //! kept in the run history, a failing item losing none of the others, and a second
 //! `foreach` over the same keys seeing only its own item's rows.
 
-use crate::util::{history, Env};
+use crate::util::{history, step, Env};
 
 fn write_inputs(env: &Env) {
     env.write("in/north.csv", "id,amount\n1,10\n2,20\n");
@@ -11,14 +11,6 @@ fn write_inputs(env: &Env) {
     env.write("in/east.csv", "id,amount\n4,40\n5,50\n6,60\n");
 }
 
-fn step<'a>(v: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {v}"))
-}
 
 fn pipeline(on_failure: &str) -> String {
     PIPELINE.replace("ON_FAILURE", on_failure)

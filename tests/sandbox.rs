@@ -1,7 +1,7 @@
 //! The headline extraction, offline: `pipe run pipelines/tiflux.yaml --sandbox` against the
 //! local fakes (two-factor login through the OTP sheet, paged tickets, logout).
 
-use crate::util::{repo_root, Env};
+use crate::util::{repo_root, step, Env};
 
 fn tiflux() -> String {
     repo_root()
@@ -10,14 +10,6 @@ fn tiflux() -> String {
         .to_string()
 }
 
-fn step<'a>(v: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
-    v["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no step {id} in {v}"))
-}
 
 /// The fake BigQuery's tables under a state dir, as `pipe sandbox tables --format json` lists them.
 fn tables(env: &Env) -> Vec<serde_json::Value> {

@@ -3,12 +3,14 @@
 
 mod util;
 
+mod carol;
 mod cli;
 mod exec;
 mod executor;
 mod fidelity;
 mod foreach;
 mod history;
+mod qockpit;
 mod redaction;
 mod sandbox;
 mod schema;

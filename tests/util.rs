@@ -164,3 +164,13 @@ pub fn percent_encode(text: &str) -> String {
         })
         .collect()
 }
+
+/// A step of `pipe run --format json`'s summary, by id.
+pub fn step<'a>(v: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("no step {id} in {v}"))
+}

@@ -18,6 +18,8 @@ pub struct Pos {
 pub enum Severity {
     Error,
     Warning,
+    /// Worth knowing, never a failure (not even with `--deny-warnings`).
+    Note,
 }
 
 impl fmt::Display for Severity {
@@ -25,11 +27,12 @@ impl fmt::Display for Severity {
         f.write_str(match self {
             Severity::Error => "error",
             Severity::Warning => "warning",
+            Severity::Note => "note",
         })
     }
 }
 
-/// The stable diagnostic codes. `E0xx` are errors, `W0xx` warnings.
+/// The stable diagnostic codes. `E0xx` are errors, `W0xx` warnings, `N0xx` notes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Code {
     /// The file is not valid YAML.
@@ -78,7 +81,7 @@ pub enum Code {
     LiteralSecret,
     /// A template inside a quoted SQL string literal (it is bound as a parameter).
     TemplateInSqlLiteral,
-    /// `query_text` runs SQL produced at run time, as given.
+    /// `query_text` runs SQL produced at run time, as given (a note).
     DynamicSql,
 }
 
@@ -135,12 +138,14 @@ impl Code {
             Code::Io => "E021",
             Code::LiteralSecret => "W001",
             Code::TemplateInSqlLiteral => "W002",
-            Code::DynamicSql => "W003",
+            Code::DynamicSql => "N001",
         }
     }
 
     pub fn severity(self) -> Severity {
-        if self.as_str().starts_with('W') {
+        if self.as_str().starts_with('N') {
+            Severity::Note
+        } else if self.as_str().starts_with('W') {
             Severity::Warning
         } else {
             Severity::Error

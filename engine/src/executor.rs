@@ -569,6 +569,11 @@ async fn run_foreach(
         keys.push(key);
     }
     let concurrency = foreach.concurrency();
+    shared.req.observer.event(&RunEvent::StepStarted {
+        step: id.to_string(),
+        attempt: 1,
+        at: Utc::now(),
+    });
     shared.log(
         Some(id),
         Level::Info,
@@ -912,12 +917,16 @@ async fn run_once(
         shared.req.cancel.clone()
     };
     let mut attempt = 1;
+    // A `foreach` step announces itself once (its items log their own rows).
+    let one_item = step.spec.foreach.is_some();
     loop {
-        shared.req.observer.event(&RunEvent::StepStarted {
-            step: id.to_string(),
-            attempt,
-            at: Utc::now(),
-        });
+        if !one_item {
+            shared.req.observer.event(&RunEvent::StepStarted {
+                step: id.to_string(),
+                attempt,
+                at: Utc::now(),
+            });
+        }
         let token = parent.child_token();
         let mut ctx = StepContext::new(
             id,

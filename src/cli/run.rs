@@ -205,9 +205,12 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
     });
     progress.stop();
     // What the fakes saw (requests, logins, logouts), for the summary.
-    let sandbox_stats = fakes
-        .as_ref()
-        .map(|f| serde_json::to_value(f.stats()).unwrap_or_default());
+    // What the fakes received, for the summary (tests and curious users read it there).
+    let sandbox_stats = fakes.as_ref().map(|f| {
+        let mut v = serde_json::to_value(f.stats()).unwrap_or_default();
+        v["qockpit_results"] = f.qockpit_results();
+        v
+    });
     if let Some(fakes) = fakes {
         runtime.block_on(fakes.shutdown());
     }

@@ -76,14 +76,23 @@ pub fn main(args: ValidateArgs) -> i32 {
         .flat_map(|o| o.diagnostics)
         .collect();
     all.sort();
-    let errors = all.iter().filter(|d| d.severity == Severity::Error).count();
-    let warnings = all.len() - errors;
+    let count = |s: Severity| all.iter().filter(|d| d.severity == s).count();
+    let (errors, warnings, notes) = (
+        count(Severity::Error),
+        count(Severity::Warning),
+        count(Severity::Note),
+    );
+    let totals = if notes > 0 {
+        format!("{errors} errors, {warnings} warnings, {notes} notes")
+    } else {
+        format!("{errors} errors, {warnings} warnings")
+    };
     match args.format {
         DiagFormat::Text => {
             for d in &all {
                 println!("{d}");
             }
-            println!("{errors} errors, {warnings} warnings");
+            println!("{totals}");
         }
         DiagFormat::Json => println!(
             "{}",
@@ -91,10 +100,10 @@ pub fn main(args: ValidateArgs) -> i32 {
         ),
         DiagFormat::Github => {
             for d in &all {
-                let level = if d.severity == Severity::Error {
-                    "error"
-                } else {
-                    "warning"
+                let level = match d.severity {
+                    Severity::Error => "error",
+                    Severity::Warning => "warning",
+                    Severity::Note => "notice",
                 };
                 println!(
                     "::{level} file={},line={},col={},title={}::{}",
@@ -108,7 +117,7 @@ pub fn main(args: ValidateArgs) -> i32 {
                         .replace('\n', "%0A")
                 );
             }
-            println!("{errors} errors, {warnings} warnings");
+            println!("{totals}");
         }
     }
     if errors > 0 || (args.deny_warnings && warnings > 0) {
