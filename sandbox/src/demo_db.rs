@@ -14,7 +14,9 @@
 //! - `atendimentos(id, aberto_em, fechado_em, canal, cliente_id, status)` — support tickets
 //!   over the same months; the newest ones may still be open (`fechado_em` null);
 //! - `emitente(cod_emitente, cgc, nome_emit, cidade, atualizado_em)` — 500 issuers (a TOTVS
-//!   Datasul table) with valid CNPJs, the source of the Carol staging pipeline.
+//!   Datasul table) with valid CNPJs, the source of the Carol staging pipeline;
+//! - `emitente_excluidos(cod_emitente, excluido_em)` — the ERP's deletion log: 12 issuers
+//!   deleted one every 36 hours before the anchor.
 //!
 //! The file is written under a temporary name in one transaction with prepared statements
 //! (tens of milliseconds) and renamed into place, so a reader never sees half of it.
@@ -32,7 +34,10 @@ const FIRST_YEAR: i32 = 2018;
 /// Customers.
 const CLIENTES: u64 = 300;
 /// Issuers (Carol's `emitente`).
-const EMITENTES: u64 = 500;
+pub(crate) const EMITENTES: u64 = 500;
+/// Issuers deleted before the anchor (`emitente_excluidos`: codes after the last issuer,
+/// one every 36 hours going back).
+pub(crate) const DELETED_EMITENTES: u64 = 12;
 
 const FILIAIS: [&str; 4] = ["Campinas", "Curitiba", "Recife", "São Paulo"];
 const CANAIS: [&str; 4] = ["telefone", "e-mail", "chat", "whatsapp"];
@@ -114,6 +119,10 @@ CREATE TABLE emitente (
     nome_emit TEXT NOT NULL,
     cidade TEXT NOT NULL,
     atualizado_em TEXT NOT NULL
+);
+CREATE TABLE emitente_excluidos (
+    cod_emitente INTEGER PRIMARY KEY,
+    excluido_em TEXT NOT NULL
 );
 ";
 
@@ -229,6 +238,18 @@ fn fill(conn: &mut Connection, seed: u64, anchor: DateTime<Utc>) -> rusqlite::Re
                 nome,
                 cidade,
                 updated.format("%Y-%m-%dT%H:%M:%S").to_string()
+            ])?;
+        }
+    }
+    // The ERP's deletion log (a trigger keeps it): issuers deleted every day and a half
+    // before the anchor, the newest first.
+    {
+        let mut gone = tx.prepare("INSERT INTO emitente_excluidos VALUES (?1, ?2)")?;
+        for k in 1..=DELETED_EMITENTES {
+            let at = anchor - Duration::hours(36 * k as i64);
+            gone.execute(params![
+                EMITENTES + k,
+                at.format("%Y-%m-%dT%H:%M:%S").to_string()
             ])?;
         }
     }
