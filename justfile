@@ -24,6 +24,7 @@ bench:
     cargo bench --bench engine
     cargo bench --bench extract
     cargo bench --bench load
+    cargo bench --bench sql
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:
