@@ -25,6 +25,7 @@ bench:
     cargo bench --bench extract
     cargo bench --bench load
     cargo bench --bench sql
+    cargo bench --bench carol
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:

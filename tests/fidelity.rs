@@ -301,3 +301,157 @@ fn exports_are_unquoted() {
     assert_eq!(unquote("'a b'"), "a b");
     assert_eq!(unquote(r"'a b'\''c'"), "a b'c");
 }
+
+/// A TLS front for the Carol fake (pycarol only speaks https): a self-signed certificate
+/// for 127.0.0.1 made with `openssl`, a rustls acceptor on 127.0.0.1:0, each connection
+/// piped to the fake. Returns the port and the certificate's path (REQUESTS_CA_BUNDLE).
+async fn carol_tls_front(backend: String, dir: &std::path::Path) -> (u16, PathBuf) {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = (dir.join("carol-cert.pem"), dir.join("carol-key.pem"));
+    let out = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl (the tests need it)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let certs = vec![CertificateDer::from_pem_file(&cert).expect("certificate PEM")];
+    let key = PrivateKeyDer::from_pem_file(&key).expect("key PEM");
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .expect("TLS config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(&backend).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, cert)
+}
+
+/// TOTVS's pycarol against the Carol fake, behind a TLS front: password and API-key
+/// logins, the tenant, schemas created from records, gzip batch sends ("intake" with the
+/// batch summary), upserts, an uncompressed DataFrame send, a token refresh, a drop; then
+/// the Rust side checks what the fake stored.
+#[test]
+fn official_pycarol_client_accepts_the_carol_fake() {
+    let python = python();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let env = Env::new();
+    let sbx = rt
+        .block_on(sandbox::Sandbox::start(sandbox::Options {
+            tickets: 1,
+            ..Default::default()
+        }))
+        .expect("start the sandbox");
+    let backend = sbx.carol_url().trim_start_matches("http://").to_string();
+    let (port, cert) = rt.block_on(carol_tls_front(backend, env.path()));
+    let v = sbx.values();
+    let c = &v["carol"];
+    let s = |k: &str| c[k].as_str().expect(k).to_string();
+    let tmp = env.path().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let child = Command::new(&python)
+        .arg(repo_root().join("tests/python/carol_fidelity.py"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("NO_PROXY", "127.0.0.1,localhost")
+        .env("no_proxy", "127.0.0.1,localhost")
+        .env("REQUESTS_CA_BUNDLE", &cert)
+        .env("SSL_CERT_FILE", &cert)
+        // pycarol caches tokens under the temp dir: a fresh one per run.
+        .env("TMPDIR", &tmp)
+        .env("CAROL_HOST", "127.0.0.1")
+        .env("CAROL_PORT", port.to_string())
+        .env("CAROL_TENANT", s("tenant"))
+        .env("CAROL_ORGANIZATION", s("organization"))
+        .env("CAROL_CONNECTOR_ID", s("connector_id"))
+        .env("CAROL_USER", s("username"))
+        .env("CAROL_PASSWORD", s("password"))
+        .env("CAROL_API_KEY", s("api_key"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {} ({e})", python.display()));
+    let out = wait_with_deadline(child, Duration::from_secs(180));
+    assert_eq!(
+        out.code(),
+        0,
+        "pycarol disagrees with the Carol fake\nstdout:\n{}\nstderr:\n{}",
+        out.stdout(),
+        out.stderr()
+    );
+    assert_checks(
+        &out.json(),
+        &[
+            "password_login_and_current_tenant",
+            "wrong_password_is_rejected",
+            "create_schema_from_records",
+            "send_gzip_records_in_a_batch",
+            "send_upserts_by_crosswalk",
+            "send_a_dataframe_uncompressed",
+            "api_key_login_sends",
+            "send_to_a_table_without_schema_fails",
+            "expired_token_is_refreshed",
+            "drop_staging",
+        ],
+    );
+    let records = sbx.carol_records("fidelity");
+    let ids: Vec<i64> = records.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids, vec![1, 2, 3, 4, 5, 6, 7], "{records:?}");
+    assert_eq!(records[1]["name"], serde_json::json!("Bruno Souza"));
+    assert_eq!(records[5]["name"], serde_json::json!("Fábio"));
+    let stats = sbx.stats().carol;
+    assert!(
+        stats.gzip_requests >= 5,
+        "gzip bodies: {stats:?}\n{}",
+        out.stderr()
+    );
+    assert!(sbx.carol_schema("scratch").is_none());
+    // Every send of pycarol ended with a batch summary that matches what arrived.
+    let summaries = sbx.carol_batch_summaries();
+    assert!(summaries.len() >= 5, "{summaries:?}");
+    assert!(
+        summaries
+            .iter()
+            .all(|s| s["matches"] == serde_json::json!(true)),
+        "{summaries:?}"
+    );
+    drop(sbx);
+    drop(rt);
+}

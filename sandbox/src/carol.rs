@@ -57,6 +57,8 @@ pub struct CarolStats {
     pub send_requests: u64,
     /// Send bodies as received (compressed when gzip), summed.
     pub bytes_received: u64,
+    /// Send requests whose body came gzip (`Content-Encoding: gzip`).
+    pub gzip_requests: u64,
     /// Send bodies after gunzip, summed.
     pub bytes_raw: u64,
     /// The largest send body as received.
@@ -92,7 +94,6 @@ struct Table {
 struct Batch {
     records: u64,
     requests: u64,
-    summary: Option<Value>,
 }
 
 #[derive(Default)]
@@ -103,6 +104,8 @@ struct Inner {
     tables: BTreeMap<String, Table>,
     heartbeats: HashMap<String, Value>,
     batches: BTreeMap<String, Batch>,
+    /// Closed batches: each summary next to what was received.
+    summaries: Vec<Value>,
 }
 
 /// The fake's tenant, credentials and state.
@@ -123,6 +126,7 @@ pub(crate) struct Store {
     send_requests: AtomicU64,
     bytes_received: AtomicU64,
     bytes_raw: AtomicU64,
+    gzip_requests: AtomicU64,
     max_body: AtomicU64,
     records_received: AtomicU64,
     too_large: AtomicU64,
@@ -158,6 +162,7 @@ impl Store {
             send_requests: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             bytes_raw: AtomicU64::new(0),
+            gzip_requests: AtomicU64::new(0),
             max_body: AtomicU64::new(0),
             records_received: AtomicU64::new(0),
             too_large: AtomicU64::new(0),
@@ -178,6 +183,7 @@ impl Store {
             send_requests: g(&self.send_requests),
             bytes_received: g(&self.bytes_received),
             bytes_raw: g(&self.bytes_raw),
+            gzip_requests: g(&self.gzip_requests),
             max_body_bytes: g(&self.max_body),
             records_received: g(&self.records_received),
             records_stored: stored,
@@ -207,6 +213,12 @@ impl Store {
     pub fn schema(&self, table: &str) -> Option<Value> {
         let inner = self.inner.lock().unwrap();
         inner.tables.get(table).map(|t| t.schema.clone())
+    }
+
+    /// Batch summaries received (`POST /api/v3/staging/batch/{id}/summary`), each with what
+    /// the fake received under that batch id and whether the two match.
+    pub fn summaries(&self) -> Vec<Value> {
+        self.inner.lock().unwrap().summaries.clone()
     }
 
     /// The last heartbeat of a connector.
@@ -258,7 +270,7 @@ impl Store {
             .map(|(id, b)| {
                 (
                     id.clone(),
-                    json!({"records": b.records, "requests": b.requests, "summary": b.summary}),
+                    json!({"records": b.records, "requests": b.requests}),
                 )
             })
             .collect();
@@ -267,6 +279,7 @@ impl Store {
             "tables": tables,
             "heartbeats": inner.heartbeats,
             "batches": batches,
+            "summaries": inner.summaries,
         })
     }
 }
@@ -898,6 +911,7 @@ async fn send(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
     let raw: Vec<u8> = if gzip {
+        c.gzip_requests.fetch_add(1, Ordering::Relaxed);
         let mut out = Vec::with_capacity(body.len() * 6);
         if let Err(e) = flate2::read::MultiGzDecoder::new(&body[..]).read_to_end(&mut out) {
             return Err(bad(&format!("Invalid gzip body: {e}"), None));
@@ -994,19 +1008,19 @@ async fn batch_summary(
             Some("totalRecords"),
         ));
     };
+    // pycarol names a batch `{tenant}-pycarol-{unix seconds}`: two sends in one second
+    // share the id. A summary closes what was received under the id so far.
     let mut inner = shared.carol.inner.lock().unwrap();
-    let b = inner.batches.entry(batch.clone()).or_default();
-    if b.records != records || b.requests != requests {
-        return Err(bad(
-            &format!(
-                "Batch {batch}: the summary says {records} records in {requests} requests, \
-                 Carol received {} in {}",
-                b.records, b.requests
-            ),
-            Some("totalRecords"),
-        ));
-    }
-    b.summary = Some(summary);
+    let open = inner.batches.remove(&batch).unwrap_or_default();
+    let matches = open.records == records && open.requests == requests;
+    let closed = json!({
+        "batchId": batch,
+        "summary": summary,
+        "receivedRecords": open.records,
+        "receivedRequests": open.requests,
+        "matches": matches,
+    });
+    inner.summaries.push(closed.clone());
     Ok(Json(json!({"batchId": batch, "totalRecords": records, "totalRequests": requests, "status": "RECEIVED"})).into_response())
 }
 

@@ -555,6 +555,12 @@ impl Sandbox {
         self.shared.carol.heartbeat(connector_id)
     }
 
+    /// The Carol batch summaries received, each with what arrived under its batch id and
+    /// `matches` (newer pycarol's intake sends end with one).
+    pub fn carol_batch_summaries(&self) -> Vec<serde_json::Value> {
+        self.shared.carol.summaries()
+    }
+
     /// Expire every Carol access token now (to exercise refresh).
     pub fn carol_expire_tokens(&self) {
         self.shared.carol.expire_tokens()
