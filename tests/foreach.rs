@@ -11,7 +11,6 @@ fn write_inputs(env: &Env) {
     env.write("in/east.csv", "id,amount\n4,40\n5,50\n6,60\n");
 }
 
-
 fn pipeline(on_failure: &str) -> String {
     PIPELINE.replace("ON_FAILURE", on_failure)
 }

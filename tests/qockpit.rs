@@ -16,7 +16,14 @@ fn qockpit() -> String {
 fn run(env: &Env, extra: &[&str]) -> crate::util::Out {
     let fakes = env.path().join("fakes");
     let pipeline = qockpit();
-    let mut args = vec!["run", pipeline.as_str(), "--sandbox", "--format", "json", "-q"];
+    let mut args = vec![
+        "run",
+        pipeline.as_str(),
+        "--sandbox",
+        "--format",
+        "json",
+        "-q",
+    ];
     args.extend_from_slice(extra);
     crate::util::Out(
         env.cmd()
@@ -68,7 +75,10 @@ fn the_kpi_pipeline_sends_each_integrations_result_for_the_month() {
         .unwrap()
         .map(|r| r.unwrap())
         .collect();
-    assert!(!expected.is_empty(), "the demo database has sales in 2019-01");
+    assert!(
+        !expected.is_empty(),
+        "the demo database has sales in 2019-01"
+    );
     let rows = received["1"]["2019-01"]["rows"]
         .as_array()
         .unwrap_or_else(|| panic!("integration 1 received nothing for 2019-01: {received}"));
@@ -98,7 +108,10 @@ fn the_kpi_pipeline_sends_each_integrations_result_for_the_month() {
         .map(|r| r["chamados"].as_i64().unwrap())
         .sum();
     assert_eq!(by_channel, opened);
-    assert!(received["3"]["2019-01"]["rows"][0]["tma_horas"].is_number(), "{received}");
+    assert!(
+        received["3"]["2019-01"]["rows"][0]["tma_horas"].is_number(),
+        "{received}"
+    );
     for id in ["1", "2", "3"] {
         assert_eq!(received[id]["2019-01"]["posts"], 1, "{received}");
     }
@@ -106,7 +119,10 @@ fn the_kpi_pipeline_sends_each_integrations_result_for_the_month() {
     // Every statement was logged, with its bound values.
     let logs = env.run(&["runs", "logs", &v["run_id"].to_string()]);
     let text = logs.stdout();
-    assert!(text.contains("FROM vendas WHERE dt >= ? AND dt < ?"), "{text}");
+    assert!(
+        text.contains("FROM vendas WHERE dt >= ? AND dt < ?"),
+        "{text}"
+    );
     assert!(text.contains("['2019-01-01', '2019-02-01']"), "{text}");
 }
 
@@ -132,7 +148,11 @@ fn check_true_only_tests_the_connections() {
     assert_eq!(step(&v, "self_test")["status"], "succeeded");
     assert_eq!(step(&v, "integrations")["status"], "skipped");
     assert_eq!(step(&v, "send")["status"], "skipped");
-    assert_eq!(v["sandbox"]["qockpit_results"], serde_json::json!({}), "{v}");
+    assert_eq!(
+        v["sandbox"]["qockpit_results"],
+        serde_json::json!({}),
+        "{v}"
+    );
 }
 
 #[test]

@@ -240,6 +240,33 @@ impl Store {
         }
     }
 
+    /// Start with a staging table already holding `records` (the previous sync of a
+    /// connector), as if an earlier run had created `schema` and sent them.
+    pub(crate) fn preload(
+        &self,
+        table: &str,
+        schema: Value,
+        crosswalk: Vec<String>,
+        records: &[Value],
+    ) {
+        let mut stored = IndexMap::new();
+        for r in records {
+            if let (Some(key), Ok(raw)) =
+                (key_of(r, &crosswalk), RawValue::from_string(r.to_string()))
+            {
+                stored.insert(key, raw);
+            }
+        }
+        self.inner.lock().unwrap().tables.insert(
+            table.to_string(),
+            Table {
+                schema,
+                crosswalk,
+                records: stored,
+            },
+        );
+    }
+
     /// The whole state as JSON (`GET /__sandbox/carol`).
     pub fn dump(&self, with_records: bool) -> Value {
         let stats = self.stats();
@@ -452,6 +479,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .fallback(|| async { carol_error(StatusCode::NOT_FOUND, "Resource not found", None) })
         .layer(middleware::from_fn_with_state(shared.clone(), faults::gate))
         .layer(middleware::from_fn_with_state(shared.clone(), count))
+        // The fault gate already bounds bodies (above the sending limit, so the handler can
+        // answer 413 in Carol's shape); axum's own 2 MB default would cut sends short.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(shared)
 }
 

@@ -256,6 +256,39 @@ fn fill(conn: &mut Connection, seed: u64, anchor: DateTime<Utc>) -> rusqlite::Re
     tx.commit()
 }
 
+/// How long before the anchor the Carol fake's previous sync of `emitente` happened: the
+/// issuers deleted since then (4 of the deletion log) are still in Carol.
+const LAST_CAROL_SYNC_HOURS: i64 = 156;
+
+/// The records Carol holds from the previous sync of `emitente` (with the field names of
+/// `pipelines/carol-staging.yaml`): every issuer, plus those the ERP deleted since.
+pub(crate) fn previous_carol_sync(
+    path: &Path,
+    anchor: DateTime<Utc>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let since = (anchor - Duration::hours(LAST_CAROL_SYNC_HOURS))
+        .format("%Y-%m-%dT%H:%M:%S")
+        .to_string();
+    let mut stmt = conn.prepare(
+        "SELECT cod_emitente, cgc, nome_emit, cidade, atualizado_em FROM emitente
+         UNION ALL
+         SELECT cod_emitente, '00000000000000', 'EMITENTE EXCLUIDO ' || cod_emitente, '', excluido_em
+         FROM emitente_excluidos WHERE excluido_em >= ?1
+         ORDER BY 1",
+    )?;
+    let rows = stmt.query_map([since], |r| {
+        Ok(serde_json::json!({
+            "cod-emitente": r.get::<_, i64>(0)?,
+            "cgc": r.get::<_, String>(1)?,
+            "nome-emit": r.get::<_, String>(2)?,
+            "cidade": r.get::<_, String>(3)?,
+            "atualizado-em": r.get::<_, String>(4)?,
+        }))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// A valid CNPJ (14 digits, no punctuation) from 12 base digits taken from `h`.
 pub(crate) fn cnpj(h: u64) -> String {
     let mut d: Vec<u32> = format!("{:08}0001", h % 100_000_000)

@@ -413,6 +413,28 @@ impl Sandbox {
             opts,
         });
 
+        // Carol holds the previous sync of the demo ERP's issuers (staging table `emitente`).
+        let previous = demo_db::previous_carol_sync(&demo_db, shared.opts.anchor)
+            .context("reading the demo database")?;
+        shared.carol.preload(
+            "emitente",
+            serde_json::json!({
+                "mdmStagingType": "emitente",
+                "mdmFlexible": "false",
+                "mdmExportData": "false",
+                "mdmStagingMapping": {"properties": {
+                    "cod-emitente": {"type": "integer"},
+                    "cgc": {"type": "string"},
+                    "nome-emit": {"type": "string"},
+                    "cidade": {"type": "string"},
+                    "atualizado-em": {"type": "string"},
+                }},
+                "mdmCrosswalkTemplate": {"mdmCrossreference": {"emitente": ["cod-emitente"]}},
+            }),
+            vec!["cod-emitente".to_string()],
+            &previous,
+        );
+
         let servers = vec![
             tokio::spawn(server::serve(
                 tiflux_listener,
@@ -543,6 +565,12 @@ impl Sandbox {
     /// The records the Carol fake holds in a staging table (first-insertion order).
     pub fn carol_records(&self, table: &str) -> Vec<serde_json::Value> {
         self.shared.carol.records(table)
+    }
+
+    /// The Carol fake's whole state (tables with schema, crosswalk and record count, or
+    /// the records too; batches; stats), as `GET /__sandbox/carol` gives it.
+    pub fn carol_state(&self, with_records: bool) -> serde_json::Value {
+        self.shared.carol.dump(with_records)
     }
 
     /// A Carol staging table's schema as stored.

@@ -209,6 +209,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
     let sandbox_stats = fakes.as_ref().map(|f| {
         let mut v = serde_json::to_value(f.stats()).unwrap_or_default();
         v["qockpit_results"] = f.qockpit_results();
+        v["carol_state"] = f.carol_state(false);
         v
     });
     if let Some(fakes) = fakes {
