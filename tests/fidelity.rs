@@ -225,11 +225,20 @@ fn official_google_clients_accept_the_fakes() {
 fn official_bigquery_client_accepts_the_fake() {
     python(); // fail before starting anything when the venv is missing
     let served = Served::start(&["--tickets", "10"]);
-    assert!(
-        served.exports.contains_key("BIGQUERY_PROJECT"),
-        "no export BIGQUERY_PROJECT: {:?}",
-        served.exports
-    );
+    for name in [
+        "BIGQUERY_PROJECT",
+        "QOCKPIT_BASE_ENDPOINT",
+        "QOCKPIT_API_TOKEN",
+        "CAROL_URL",
+        "CAROL_API_KEY",
+        "DEMO_DB",
+    ] {
+        assert!(
+            served.exports.contains_key(name),
+            "no export {name}: {:?}",
+            served.exports
+        );
+    }
     let summary = run_script(&served, "bigquery_fidelity.py");
     assert_checks(
         &summary,

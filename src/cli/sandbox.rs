@@ -167,6 +167,18 @@ pub fn main_in(args: SandboxCommand, state_dir: &Path) -> i32 {
             fakes.upload_url(),
             s(&v["bigquery"]["project"])
         ));
+        out.push_str(&format!(
+            "qockpit  {}/{}  (ping, integrations?type=kpi, integrations/ID/results)\n",
+            fakes.qockpit_url(),
+            s(&v["qockpit"]["domain"])
+        ));
+        out.push_str(&format!(
+            "carol  {}  (tenant {}, connector {})\n",
+            fakes.carol_url(),
+            s(&v["carol"]["tenant"]),
+            s(&v["carol"]["connector_id"])
+        ));
+        out.push_str(&format!("demo database  {}\n", fakes.demo_db().display()));
         out.push_str(&format!("key file  {key_file}\n"));
         out.push_str(&format!("stats   {}/__sandbox/stats\n", fakes.tiflux_url()));
         for (name, value) in [
@@ -177,6 +189,14 @@ pub fn main_in(args: SandboxCommand, state_dir: &Path) -> i32 {
             ("GOOGLE_APPLICATION_CREDENTIALS", key_file.clone()),
             ("BIGQUERY_URL", fakes.bigquery_url()),
             ("BIGQUERY_PROJECT", s(&v["bigquery"]["project"])),
+            ("QOCKPIT_BASE_ENDPOINT", fakes.qockpit_url()),
+            ("QOCKPIT_DOMAIN", s(&v["qockpit"]["domain"])),
+            ("QOCKPIT_API_TOKEN", s(&v["qockpit"]["api_token"])),
+            ("CAROL_URL", fakes.carol_url()),
+            ("CAROL_TENANT", s(&v["carol"]["tenant"])),
+            ("CAROL_CONNECTOR_ID", s(&v["carol"]["connector_id"])),
+            ("CAROL_API_KEY", s(&v["carol"]["api_key"])),
+            ("DEMO_DB", fakes.demo_db().display().to_string()),
         ] {
             out.push_str(&format!("export {name}={}\n", shell_quote(&value)));
         }
