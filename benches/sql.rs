@@ -63,9 +63,11 @@ fn main() {
         "DROP TABLE IF EXISTS {TABLE}; \
          CREATE TABLE {TABLE} (id bigint, amount numeric(12,2), created timestamptz, name text, flag bool); \
          INSERT INTO {TABLE} SELECT g, (g % 100000) / 100.0, timestamptz '2024-01-01 00:00:00+00' + g * interval '1 second', \
-           'customer ' || g, g % 3 = 0 FROM generate_series(1, {ROWS}) g; \
-         VACUUM ANALYZE {TABLE};"
-    )]);
+           'customer ' || g, g % 3 = 0 FROM generate_series(1, {ROWS}) g;"
+        ),
+        "-c",
+        &format!("VACUUM ANALYZE {TABLE}"),
+    ]);
 
     let copy: Vec<Duration> = (0..REPEATS)
         .map(|_| {
