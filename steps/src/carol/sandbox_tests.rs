@@ -442,6 +442,34 @@ async fn the_fake_speaks_carols_wire() {
         .await
         .unwrap();
     assert_eq!(big.status(), 413);
+    // Bodies above axum's 2 MB default reach the handler (here: no schema, so Carol's 400).
+    let sbx3 = fake(8 << 20, 3600, vec![]).await;
+    let v3 = sbx3.values();
+    let records: Vec<Value> = (0..40_000)
+        .map(|i| json!({"id": i, "text": "x".repeat(60)}))
+        .collect();
+    let three_mb = serde_json::to_vec(&records).unwrap();
+    assert!(three_mb.len() > 3 << 20);
+    let resp = http
+        .post(format!("{}/api/v2/staging/tables/x1", sbx3.carol_url()))
+        .header("x-auth-key", v3["carol"]["api_key"].as_str().unwrap())
+        .header(
+            "x-auth-connectorid",
+            v3["carol"]["connector_id"].as_str().unwrap(),
+        )
+        .body(three_mb)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert!(
+        err["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("has no schema"),
+        "{err}"
+    );
     let dump: Value = http
         .get(format!("{}/__sandbox/carol", sbx2.carol_url()))
         .send()
