@@ -41,6 +41,7 @@ enum Command {
 
 fn main() {
     cli::install_panic_hook();
+    steps::init_crypto();
     let cli = Cli::parse();
     let state_dir = cli.state_dir.unwrap_or_else(|| PathBuf::from(".pipe"));
     let code = match cli.command {

@@ -151,8 +151,10 @@ fn every_pipeline_in_the_repo_is_valid() {
         repo_root().join("pipelines").to_str().unwrap(),
     ]);
     out.expect_code(0);
+    // Notes (N001: the QOCKPIT pipeline runs the platform's SQL) are fine.
+    let last = out.stdout().lines().last().unwrap_or_default().to_string();
     assert!(
-        out.stdout().ends_with("0 errors, 0 warnings\n"),
+        last == "0 errors, 0 warnings" || last.starts_with("0 errors, 0 warnings, "),
         "{}",
         out.stdout()
     );

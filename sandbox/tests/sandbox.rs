@@ -120,7 +120,8 @@ async fn tickets(sb: &Sandbox, auth: &str, query: &str) -> reqwest::Response {
 #[tokio::test]
 async fn login_otp_tickets_logout() {
     let sb = Sandbox::start(Options {
-        otp_delay_ms: 150,
+        // Long enough that a loaded machine still reads the sheet before the OTP lands.
+        otp_delay_ms: 1500,
         ..Options::default()
     })
     .await
@@ -162,7 +163,7 @@ async fn login_otp_tickets_logout() {
     let sheet = v["sheets"]["otp_spreadsheet"].as_str().unwrap().to_string();
     let (_, body) = read_range(&sb, &gt, &sheet, "OTP!A2:B2").await;
     assert!(body.get("values").is_none(), "{body}");
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1800)).await;
     let (_, body) = read_range(&sb, &gt, &sheet, "OTP!A2:B2").await;
     assert_eq!(body["range"], "OTP!A2:B2");
     let otp = body["values"][0][0].as_str().unwrap().to_string();

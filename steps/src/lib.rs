@@ -20,6 +20,13 @@ pub mod transform;
 
 use engine::step::{Registry, StepKind};
 
+/// Make ring rustls's process-wide crypto provider. Two are compiled in (tiberius's
+/// tokio-rustls brings aws-lc-rs), and then rustls will not guess: code that builds a TLS
+/// config with the default provider (hyper-rustls under yup-oauth2) would panic. Idempotent.
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Every step type `pipe` knows.
 pub fn registry() -> Registry {
     let mut r = Registry::new();

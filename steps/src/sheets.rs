@@ -647,6 +647,7 @@ pub(crate) fn connector() -> Connector {
     static CONNECTOR: OnceLock<Connector> = OnceLock::new();
     CONNECTOR
         .get_or_init(|| {
+            crate::init_crypto();
             let builder = match HttpsConnectorBuilder::new().with_native_roots() {
                 Ok(b) => b,
                 Err(_) => HttpsConnectorBuilder::new().with_webpki_roots(),
