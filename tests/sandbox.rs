@@ -10,7 +10,6 @@ fn tiflux() -> String {
         .to_string()
 }
 
-
 /// The fake BigQuery's tables under a state dir, as `pipe sandbox tables --format json` lists them.
 fn tables(env: &Env) -> Vec<serde_json::Value> {
     let out = env.run(&["sandbox", "tables", "--format", "json"]);
