@@ -298,6 +298,29 @@ async fn merge_upserts_on_every_backend() {
 }
 
 #[tokio::test]
+async fn mysql_merge_into_a_table_without_a_unique_key_adds_one() {
+    let t = T::my();
+    let tb = unique("mymerge");
+    t.exec(&[
+        &format!("CREATE TABLE {tb} (id bigint, name varchar(20), amount double)"),
+        &format!("INSERT INTO {tb} VALUES (1, 'a', 1.5)"),
+    ])
+    .await;
+    let w = json!({"table": tb, "mode": "merge", "keys": ["id"]});
+    t.write(people(&[1, 2], &["A", "b"]), w.clone())
+        .await
+        .unwrap();
+    t.write(people(&[2], &["B"]), w).await.unwrap();
+    let (df, _) = t
+        .query(json!({"query": format!("SELECT name FROM {tb} ORDER BY id")}))
+        .await
+        .unwrap();
+    let names: Vec<String> = (0..df.height()).map(|r| cell(&df, "name", r)).collect();
+    assert_eq!(names, ["\"A\"", "\"B\""]);
+    assert!(t.logs().join("\n").contains("ADD UNIQUE KEY"));
+}
+
+#[tokio::test]
 async fn replace_failure_leaves_the_old_table() {
     // PostgreSQL: text cannot hold a NUL byte; the failing row comes after others were
     // inserted, so the drop, create and first inserts are rolled back.

@@ -445,6 +445,11 @@ impl StepConfig for SqlWrite {
                 .await
                 .map_err(fail)?;
         }
+        if !ddl_in_tx && exists && spec.mode == WriteMode::Merge {
+            mysql_unique_key(session.as_mut(), &ctx, &mut log, spec)
+                .await
+                .map_err(fail)?;
+        }
         session.begin().await.map_err(fail)?;
         let body = write_rows(
             session.as_mut(),
@@ -534,6 +539,57 @@ fn check_keys(spec: &WriteSpec, df: &DataFrame) -> Result<(), StepError> {
         }
     }
     Ok(())
+}
+
+/// MySQL's upsert needs a unique key on `keys`: add one when the existing table has none
+/// (before the transaction: MySQL's DDL commits).
+async fn mysql_unique_key(
+    s: &mut dyn Session,
+    ctx: &StepContext,
+    log: &mut Log,
+    spec: &WriteSpec,
+) -> Result<(), String> {
+    let (schema, name) = match spec.table.rsplit_once('.') {
+        Some((sc, n)) => (Val::Text(sc.to_string()), n.to_string()),
+        None => (Val::Null, spec.table.clone()),
+    };
+    let q = Statement {
+        sql: "SELECT index_name, GROUP_CONCAT(column_name ORDER BY seq_in_index SEPARATOR ',') AS cols \
+              FROM information_schema.statistics WHERE table_schema = COALESCE(?, DATABASE()) \
+              AND table_name = ? AND non_unique = 0 GROUP BY index_name"
+            .into(),
+        values: vec![schema, Val::Text(name.clone())],
+    };
+    let df = s.query(&q, 1000).await?;
+    let mut want: Vec<String> = spec.keys.iter().map(|k| k.to_ascii_lowercase()).collect();
+    want.sort();
+    let cols = df.column("cols").map_err(|e| e.to_string())?;
+    for r in 0..df.height() {
+        let text = match cols.get(r).map_err(|e| e.to_string())? {
+            AnyValue::String(c) => c.to_string(),
+            AnyValue::StringOwned(c) => c.to_string(),
+            AnyValue::Binary(b) => String::from_utf8_lossy(b).into_owned(),
+            AnyValue::BinaryOwned(b) => String::from_utf8_lossy(&b).into_owned(),
+            _ => continue,
+        };
+        let mut have: Vec<String> = text.split(',').map(|x| x.to_ascii_lowercase()).collect();
+        have.sort();
+        if have == want {
+            return Ok(());
+        }
+    }
+    let keys = spec
+        .keys
+        .iter()
+        .map(|k| quote(Backend::Mysql, k))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "ALTER TABLE {} ADD UNIQUE KEY {} ({keys})",
+        quote(Backend::Mysql, &spec.table),
+        quote(Backend::Mysql, &format!("{name}__pipe_keys"))
+    );
+    run(s, ctx, log, &plain(&sql)).await.map(|_| ())
 }
 
 /// Statement shapes run, for the log.
