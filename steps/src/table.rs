@@ -79,7 +79,7 @@ impl engine::step::TableOps for FrameOps {
             for (name, dtype) in &schema {
                 cols.push(match df.column(name) {
                     Ok(c) if c.dtype() == dtype => c.clone(),
-                    Ok(c) => c.cast(dtype).map_err(|e| {
+                    Ok(c) => c.strict_cast(dtype).map_err(|e| {
                         format!(
                             "column `{name}` is {} in item {key} but {dtype} before: {e}",
                             c.dtype()
@@ -120,5 +120,52 @@ impl engine::step::TableOps for FrameOps {
             .and_then(|d| d.drop(ITEM_COLUMN))
             .map_err(|e| e.to_string())?;
         Ok(Some(table(own)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use engine::step::TableOps;
+    use serde_json::json;
+
+    fn t(df: DataFrame) -> Table {
+        table(df)
+    }
+
+    #[test]
+    fn combine_unions_columns_and_splits_back_by_key() {
+        let a = t(df!("id" => [1i64, 2], "amount" => [10i64, 20]).unwrap());
+        let b = t(df!("id" => [3i64], "region" => ["S"]).unwrap());
+        let all = FrameOps
+            .combine(vec![(json!(7), a), (json!(8), b)])
+            .unwrap();
+        let df = frame(&all).unwrap();
+        assert_eq!(
+            df.get_column_names_str(),
+            ["item", "id", "amount", "region"]
+        );
+        assert_eq!(df.column("item").unwrap().dtype(), &DataType::Int64);
+        assert_eq!(df.column("amount").unwrap().null_count(), 1);
+        let eight = FrameOps.rows_of_item(&all, &json!(8)).unwrap().unwrap();
+        let eight = frame(&eight).unwrap();
+        assert_eq!(eight.height(), 1);
+        assert_eq!(eight.get_column_names_str(), ["id", "amount", "region"]);
+        // Text keys too; a table without an item column is not split.
+        let x = t(df!("v" => [1i64]).unwrap());
+        assert!(FrameOps.rows_of_item(&x, &json!("a")).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_column_that_cannot_take_the_first_items_type_fails_naming_the_item() {
+        let a = t(df!("amount" => [10i64]).unwrap());
+        let b = t(df!("amount" => ["ten"]).unwrap());
+        let err = FrameOps
+            .combine(vec![(json!("north"), a), (json!("south"), b)])
+            .unwrap_err();
+        assert!(
+            err.contains("column `amount`") && err.contains("south"),
+            "{err}"
+        );
     }
 }
