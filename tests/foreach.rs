@@ -120,12 +120,11 @@ fn foreach_runs_each_item_and_combines_their_tables() {
     assert_eq!(kind, "file.read");
 }
 
-#[test]
-fn a_failing_item_fails_the_step_only_after_every_item_ran() {
-    let env = Env::new();
-    write_inputs(&env);
-    let p = env.write("p.yaml", &pipeline("fail"));
-    let out = env.run(&[
+/// The pipeline over north, missing (no such file) and east.
+fn run_with_a_missing_region(env: &Env, on_failure: &str) -> crate::util::Out {
+    write_inputs(env);
+    let p = env.write("p.yaml", &pipeline(on_failure));
+    env.run(&[
         "run",
         p.to_str().unwrap(),
         "--format",
@@ -133,7 +132,13 @@ fn a_failing_item_fails_the_step_only_after_every_item_ran() {
         "-q",
         "--param",
         "regions=north,missing,east",
-    ]);
+    ])
+}
+
+#[test]
+fn a_failing_item_fails_the_step_only_after_every_item_ran() {
+    let env = Env::new();
+    let out = run_with_a_missing_region(&env, "fail");
     out.expect_code(1);
     let v = out.json();
     let read = step(&v, "read");
@@ -159,17 +164,7 @@ fn a_failing_item_fails_the_step_only_after_every_item_ran() {
 #[test]
 fn on_item_failure_warn_keeps_the_items_that_succeeded() {
     let env = Env::new();
-    write_inputs(&env);
-    let p = env.write("p.yaml", &pipeline("warn"));
-    let out = env.run(&[
-        "run",
-        p.to_str().unwrap(),
-        "--format",
-        "json",
-        "-q",
-        "--param",
-        "regions=north,missing,east",
-    ]);
+    let out = run_with_a_missing_region(&env, "warn");
     out.expect_code(0);
     let v = out.json();
     let read = step(&v, "read");

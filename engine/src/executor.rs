@@ -105,6 +105,16 @@ impl Shared {
             file: None,
         }));
     }
+    /// The tables step `i` reads (`input`, then `inputs`), by producing step.
+    fn inputs_of(&self, i: usize) -> IndexMap<String, Table> {
+        let spec = &self.req.plan.steps[i].spec;
+        let tables = self.tables.lock().unwrap();
+        spec.input
+            .iter()
+            .chain(spec.inputs.iter())
+            .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
+            .collect()
+    }
     /// Make a step's value visible to later templates.
     fn publish(&self, id: &str, value: serde_json::Value) {
         self.steps
@@ -583,15 +593,7 @@ async fn run_foreach(
             concurrency.min(items.len().max(1))
         ),
     );
-    let base_inputs: IndexMap<String, Table> = {
-        let tables = shared.tables.lock().unwrap();
-        step.spec
-            .input
-            .iter()
-            .chain(step.spec.inputs.iter())
-            .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
-            .collect()
-    };
+    let base_inputs = shared.inputs_of(i);
     let total = items.len();
     // A hand-driven FuturesUnordered (no stream-combinator closures: their borrowed
     // captures defeat the `Send` proof of the spawned step task).
@@ -884,18 +886,7 @@ async fn run_once(
             Some(render_connection(shared, name, &scope, 0).map_err(|e| (Status::Failed, e))?)
         }
     };
-    let inputs: IndexMap<String, Table> = match item_inputs {
-        Some(inputs) => inputs,
-        None => {
-            let tables = shared.tables.lock().unwrap();
-            step.spec
-                .input
-                .iter()
-                .chain(step.spec.inputs.iter())
-                .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
-                .collect()
-        }
-    };
+    let inputs = item_inputs.unwrap_or_else(|| shared.inputs_of(i));
     let timeout = step.spec.timeout.as_ref().and_then(|t| t.parse().ok());
     let (attempts, backoff, max_backoff) = match &step.spec.retry {
         Some(r) => (

@@ -547,37 +547,22 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         // `item` and `item_index`; its list itself does not.
         let mut locals: Vec<String> = p.info.locals.clone();
         let mut found_steps = BTreeSet::new();
-        if let Some(f) = p.node.get("foreach") {
-            let refs = Refs {
-                params: &param_specs,
-                ids: &ids,
-                outputs: &outputs_of,
-                locals: &locals,
-                self_id: &p.id,
-            };
-            match f.get("items") {
-                Some(items) => found_steps.extend(check_templates(items, &refs, &mut d)),
-                None => found_steps.extend(check_templates(f, &refs, &mut d)),
-            }
-            locals.extend(crate::model::ITEM_LOCALS.iter().map(|s| s.to_string()));
-            if let Some(key) = f.get("key") {
-                let refs = Refs {
-                    params: &param_specs,
-                    ids: &ids,
-                    outputs: &outputs_of,
-                    locals: &locals,
-                    self_id: &p.id,
-                };
-                found_steps.extend(check_templates(key, &refs, &mut d));
-            }
-        }
-        let refs = Refs {
+        let base = Refs {
             params: &param_specs,
             ids: &ids,
             outputs: &outputs_of,
-            locals: &locals,
+            locals: &[],
             self_id: &p.id,
         };
+        if let Some(f) = p.node.get("foreach") {
+            let list = f.get("items").unwrap_or(f);
+            found_steps.extend(check_templates(list, &base.with_locals(&locals), &mut d));
+            locals.extend(crate::model::ITEM_LOCALS.iter().map(|s| s.to_string()));
+            if let Some(key) = f.get("key") {
+                found_steps.extend(check_templates(key, &base.with_locals(&locals), &mut d));
+            }
+        }
+        let refs = base.with_locals(&locals);
         if let Some(cond) = p.node.get("if") {
             found_steps.extend(check_templates(cond, &refs, &mut d));
         }
@@ -805,6 +790,20 @@ struct Refs<'a> {
 }
 
 impl<'a> Refs<'a> {
+    /// The same references with other local names.
+    fn with_locals<'b>(&self, locals: &'b [String]) -> Refs<'b>
+    where
+        'a: 'b,
+    {
+        Refs {
+            params: self.params,
+            ids: self.ids,
+            outputs: self.outputs,
+            locals,
+            self_id: self.self_id,
+        }
+    }
+
     fn plain(params: &'a IndexMap<String, ParamSpec>) -> Refs<'a> {
         static EMPTY_IDS: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
             std::sync::OnceLock::new();
