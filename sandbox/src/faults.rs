@@ -143,13 +143,18 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
         Ok(b) => b,
         Err(_) => return (StatusCode::BAD_REQUEST, "unreadable request body").into_response(),
     };
-    if endpoint == "tickets" && shared.opts.latency_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(shared.opts.latency_ms)).await;
-    }
     let chosen = choose(&shared, endpoint, &parts, &bytes).await;
+    // `latency_ms` is the tickets endpoint's response time, as a real server's: the page is
+    // built while the clock runs and the response leaves `latency_ms` after the request
+    // (after latency faults, which add to it). Building it after the wait would add the
+    // fake's own CPU to every page's wait, which a real API does not.
+    let deadline = (endpoint == "tickets" && shared.opts.latency_ms > 0)
+        .then(|| tokio::time::Instant::now() + Duration::from_millis(shared.opts.latency_ms));
     let kill = parts.extensions.get::<Kill>().cloned();
     let mut req = Request::from_parts(parts, Body::from(bytes));
-    match chosen {
+    // The connection a `Reset` fault drops (once the latency has passed).
+    let mut reset = None;
+    let response = match chosen {
         None => next.run(req).await,
         Some(FaultKind::JobError { reason, message }) => {
             req.extensions_mut()
@@ -198,14 +203,32 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
             "invalid_token",
         ),
         Some(FaultKind::Reset) => {
-            if let Some(k) = kill {
-                k.kill();
-            }
+            reset = kill;
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
         }
         Some(FaultKind::Truncate) => truncate(next.run(req).await).await,
         Some(FaultKind::SlowBody { ms }) => slow(next.run(req).await, ms).await,
         Some(FaultKind::Latency { .. }) => unreachable!("latency faults are applied in choose"),
+    };
+    if let Some(at) = deadline {
+        sleep_until_precisely(at).await;
+    }
+    if let Some(k) = reset {
+        k.kill();
+    }
+    response
+}
+
+/// Wait until `at`, to a fraction of a millisecond. tokio's timer works in whole
+/// milliseconds and rounds up (a 20 ms sleep took 20.5–21.5 ms), so the last 2 ms are slept
+/// on a blocking thread, whose sleep is precise: `latency_ms` means what it says.
+async fn sleep_until_precisely(at: tokio::time::Instant) {
+    if let Some(coarse) = at.checked_sub(Duration::from_millis(2)) {
+        tokio::time::sleep_until(coarse).await;
+    }
+    let rest = at.saturating_duration_since(tokio::time::Instant::now());
+    if !rest.is_zero() {
+        let _ = tokio::task::spawn_blocking(move || std::thread::sleep(rest)).await;
     }
 }
 

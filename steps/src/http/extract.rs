@@ -298,40 +298,111 @@ struct Fetcher<'a> {
     sender: Sender<'a>,
 }
 
-/// What collects them (in page order).
+/// What collects them (in page order). Pages are counted here as they arrive; their records
+/// go, in page order, to the column builders on a thread of their own ([`Builder`]), so
+/// parsing a page never delays the next request: at concurrency 1 page n+1 is on the wire
+/// while page n is parsed, at concurrency N a slot is refilled as soon as its page lands.
 struct Sink<'a> {
     ctx: &'a StepContext,
-    shape: Shape,
-    columns: Columns,
+    builder: Builder,
     pages: u64,
     bytes: u64,
+    /// Records handed to the builders (counted on arrival, so the stop rules need not wait
+    /// for the parse).
+    records: u64,
     total: Option<u64>,
+}
+
+/// The column builders, fed through a bounded channel by a blocking task: at most `depth`
+/// pages wait there (memory stays a few pages whatever the run's length).
+struct Builder {
+    tx: Option<tokio::sync::mpsc::Sender<Records>>,
+    task: Option<tokio::task::JoinHandle<Result<Built, BuildError>>>,
+}
+
+/// The finished table and its column names (in order).
+struct Built {
+    df: polars::prelude::DataFrame,
+    columns: Vec<String>,
+}
+
+enum BuildError {
+    /// A page whose body is not JSON.
+    NotJson(Box<Reply>, serde_json::Error),
+    /// Polars refused the columns.
+    Table(String),
+}
+
+impl Builder {
+    fn start(shape: Shape, depth: usize) -> Builder {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Records>(depth.max(1));
+        let task = tokio::task::spawn_blocking(move || {
+            let mut columns = Columns::new();
+            while let Some(records) = rx.blocking_recv() {
+                match records {
+                    Records::Parsed(records) => {
+                        for r in &records {
+                            columns.push_value(r, &shape);
+                        }
+                    }
+                    Records::Raw { reply, .. } => {
+                        if let Err(e) = columns.push_json_array(&reply.body, &shape) {
+                            return Err(BuildError::NotJson(reply, e));
+                        }
+                    }
+                }
+            }
+            let names = columns.names();
+            let df = columns
+                .finish()
+                .map_err(|e| BuildError::Table(e.to_string()))?;
+            Ok(Built { df, columns: names })
+        });
+        Builder {
+            tx: Some(tx),
+            task: Some(task),
+        }
+    }
 }
 
 impl Sink<'_> {
     /// Append a page's records (the page was counted when it arrived).
-    fn emit(&mut self, page: Page) -> Result<(), StepError> {
-        match page.records {
-            Records::Parsed(records) => {
-                for r in &records {
-                    self.columns.push_value(r, &self.shape);
-                }
-            }
-            Records::Raw { reply, .. } => {
-                if let Err(e) = self.columns.push_json_array(&reply.body, &self.shape) {
-                    return Err(not_json(self.ctx, &reply, &e));
-                }
-            }
+    async fn emit(&mut self, page: Page) -> Result<(), StepError> {
+        self.records += page.records.len() as u64;
+        let sent = match &self.builder.tx {
+            Some(tx) => tx.send(page.records).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The builders stopped on a bad page: their error is the step's.
+            return Err(match self.finish().await {
+                Err(e) => e,
+                Ok(_) => StepError::fatal("the column builders stopped early"),
+            });
         }
-        self.ctx.progress(&[
-            ("pages", self.pages),
-            ("records", self.columns.rows() as u64),
-        ]);
+        self.ctx
+            .progress(&[("pages", self.pages), ("records", self.records)]);
         Ok(())
     }
 
     fn records(&self) -> u64 {
-        self.columns.rows() as u64
+        self.records
+    }
+
+    /// Wait for the builders to take the last page and build the table.
+    async fn finish(&mut self) -> Result<Built, StepError> {
+        self.builder.tx = None;
+        let Some(task) = self.builder.task.take() else {
+            return Err(StepError::fatal("the table was already built"));
+        };
+        match task.await {
+            Ok(Ok(built)) => Ok(built),
+            Ok(Err(BuildError::NotJson(reply, e))) => Err(not_json(self.ctx, &reply, &e)),
+            Ok(Err(BuildError::Table(e))) => {
+                Err(StepError::fatal(format!("building the table: {e}")))
+            }
+            Err(e) => Err(StepError::fatal(format!("building the table: {e}"))),
+        }
     }
 }
 
@@ -529,7 +600,7 @@ impl Fetcher<'_> {
             let n = page.records.len();
             let (has_more, cursor, next_url) =
                 (page.has_more, page.cursor.clone(), page.next_url.clone());
-            sink.emit(page)?;
+            sink.emit(page).await?;
             if n == 0
                 || self.short(n)
                 || has_more == Some(false)
@@ -612,7 +683,7 @@ impl Fetcher<'_> {
                 let Some(page) = done.remove(&next_emit) else {
                     break;
                 };
-                sink.emit(page)?;
+                sink.emit(page).await?;
                 next_emit += 1;
                 if sink.total.is_some_and(|t| sink.records() >= t) {
                     end = end.min(next_emit);
@@ -726,27 +797,30 @@ impl StepConfig for HttpExtract {
             ctx: &ctx,
             sender: Sender::new(&ctx, &prep, Limiter::new(window)),
         };
+        let slots = match self.paginate.kind {
+            PageType::Offset | PageType::Page => self.paginate.concurrency.unwrap_or(1),
+            _ => 1,
+        };
         let mut sink = Sink {
             ctx: &ctx,
-            shape: Shape {
-                flatten: self.flatten,
-                separator: self.separator.clone(),
-            },
-            columns: Columns::new(),
+            builder: Builder::start(
+                Shape {
+                    flatten: self.flatten,
+                    separator: self.separator.clone(),
+                },
+                slots + 1,
+            ),
             pages: 0,
             bytes: 0,
+            records: 0,
             total: None,
         };
         match self.paginate.kind {
             PageType::Offset | PageType::Page => fetcher.addressable(&mut sink).await?,
             _ => fetcher.sequential(&mut sink).await?,
         }
-        let records = sink.records();
-        let columns = sink.columns.names();
-        let df = sink
-            .columns
-            .finish()
-            .map_err(|e| StepError::fatal(format!("building the table: {e}")))?;
+        let Built { df, columns } = sink.finish().await?;
+        let records = df.height() as u64;
         let retries = fetcher.sender.retries.load(Ordering::Relaxed);
         let elapsed_ms = started.elapsed().as_millis() as u64;
         let mut warnings = Vec::new();

@@ -66,8 +66,54 @@ enum Col {
     Bool(Vec<Option<bool>>),
     Int(Vec<Option<i64>>),
     Float(Vec<Option<f64>>),
-    Str(Vec<Option<String>>),
+    Str(Strs),
     Struct(Box<Columns>, Vec<bool>),
+}
+
+/// A string column: its text in one buffer (no allocation per value: a table of tickets has
+/// millions of strings), and its values as UTC microseconds for as long as every value is a
+/// timestamp with an offset, parsed as each value arrives (on the builders' thread, while
+/// later pages are in flight) rather than all at the end.
+#[derive(Debug)]
+struct Strs {
+    text: String,
+    /// Where each value ends in `text` (a null is empty there).
+    ends: Vec<usize>,
+    valid: Vec<bool>,
+    stamps: Option<Vec<Option<i64>>>,
+}
+
+impl Strs {
+    fn nulls(n: usize) -> Strs {
+        Strs {
+            text: String::new(),
+            ends: vec![0; n],
+            valid: vec![false; n],
+            stamps: Some(vec![None; n]),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.valid[i].then(|| &self.text[start..self.ends[i]])
+    }
+
+    fn push(&mut self, s: Option<&str>) {
+        if let Some(stamps) = &mut self.stamps {
+            match s.map(parse_timestamp) {
+                None => stamps.push(None),
+                Some(Some(t)) => stamps.push(Some(t)),
+                Some(None) => self.stamps = None,
+            }
+        }
+        self.valid.push(s.is_some());
+        self.text.push_str(s.unwrap_or_default());
+        self.ends.push(self.text.len());
+    }
 }
 
 fn text(v: &Value) -> String {
@@ -110,7 +156,10 @@ impl Col {
             Col::Bool(v) => v[i].map(Value::Bool).unwrap_or(Value::Null),
             Col::Int(v) => v[i].map(Value::from).unwrap_or(Value::Null),
             Col::Float(v) => v[i].map(Value::from).unwrap_or(Value::Null),
-            Col::Str(v) => v[i].clone().map(Value::String).unwrap_or(Value::Null),
+            Col::Str(v) => v
+                .get(i)
+                .map(|s| Value::String(s.to_owned()))
+                .unwrap_or(Value::Null),
             Col::Struct(c, valid) => {
                 if !valid[i] {
                     return Value::Null;
@@ -131,12 +180,13 @@ impl Col {
             return;
         }
         let n = self.len();
-        let v = (0..n)
-            .map(|i| match self.value_at(i) {
-                Value::Null => None,
-                other => Some(text(&other)),
-            })
-            .collect();
+        let mut v = Strs::nulls(0);
+        for i in 0..n {
+            match self.value_at(i) {
+                Value::Null => v.push(None),
+                other => v.push(Some(&text(&other))),
+            }
+        }
         *self = Col::Str(v);
     }
 
@@ -187,7 +237,7 @@ impl Col {
             Value::String(s) => self.push_str(s),
             Value::Array(_) => {
                 if let Col::Null(_) = self {
-                    *self = Col::Str(vec![None; n]);
+                    *self = Col::Str(Strs::nulls(n));
                 }
                 self.widen_to_strings();
                 self.push_text(v.to_string());
@@ -210,12 +260,14 @@ impl Col {
 
     fn push_str(&mut self, s: &str) {
         if let Col::Null(n) = *self {
-            *self = Col::Str(vec![None; n]);
+            *self = Col::Str(Strs::nulls(n));
         }
         if !matches!(self, Col::Str(_)) {
             self.widen_to_strings();
         }
-        self.push_text(s.to_owned());
+        if let Col::Str(v) = self {
+            v.push(Some(s));
+        }
     }
 
     /// A column of only nulls becomes a struct column (of null rows).
@@ -231,7 +283,7 @@ impl Col {
 
     fn push_text(&mut self, s: String) {
         if let Col::Str(v) = self {
-            v.push(Some(s));
+            v.push(Some(&s));
         }
     }
 
@@ -242,11 +294,13 @@ impl Col {
             Col::Bool(v) => Series::new(name, v),
             Col::Int(v) => Series::new(name, v),
             Col::Float(v) => Series::new(name, v),
-            Col::Str(v) => match timestamps(&v) {
+            // Every non-null value a timestamp, and at least one: a datetime column.
+            Col::Str(mut v) => match v.stamps.take().filter(|t| t.iter().any(Option::is_some)) {
                 Some(micros) => Int64Chunked::new(name, micros)
                     .into_datetime(TimeUnit::Microseconds, Some(TimeZone::UTC))
                     .into_series(),
-                None => Series::new(name, v),
+                None => StringChunked::from_iter_options(name, (0..v.len()).map(|i| v.get(i)))
+                    .into_series(),
             },
             Col::Struct(c, valid) => {
                 let fields = c.into_series()?;
@@ -352,22 +406,6 @@ fn fast_timestamp(b: &[u8]) -> Option<i64> {
     let days = era * 146_097 + doe - 719_468;
     let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
     Some(secs * 1_000_000 + nanos / 1000)
-}
-
-/// Every non-null value is a timestamp (and there is one): their UTC microseconds.
-fn timestamps(v: &[Option<String>]) -> Option<Vec<Option<i64>>> {
-    let mut any = false;
-    let mut out = Vec::with_capacity(v.len());
-    for x in v {
-        match x {
-            None => out.push(None),
-            Some(s) => {
-                out.push(Some(parse_timestamp(s)?));
-                any = true;
-            }
-        }
-    }
-    any.then_some(out)
 }
 
 impl Columns {
