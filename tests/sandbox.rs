@@ -350,3 +350,31 @@ fn an_http_connection_without_a_stand_in_is_refused_under_sandbox() {
         out.stderr()
     );
 }
+
+/// Every pipeline in `pipelines/` runs offline with `--sandbox` and succeeds (the fakes'
+/// defaults: 1,000 tickets; the OTP after 300 ms).
+#[test]
+fn every_pipeline_in_the_repo_runs_with_sandbox() {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(repo_root().join("pipelines")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            names.push(path);
+        }
+    }
+    names.sort();
+    assert!(names.len() >= 4, "{names:?}");
+    for path in names {
+        let env = Env::new();
+        let out = env.run(&[
+            "run",
+            path.to_str().unwrap(),
+            "--sandbox",
+            "--format",
+            "json",
+            "-q",
+        ]);
+        let v = out.json();
+        assert_eq!(v["status"], "succeeded", "{}: {v}", path.display());
+    }
+}
