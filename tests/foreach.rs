@@ -238,3 +238,14 @@ steps:
         "`foreach:` must give a list, not a string"
     );
 }
+
+#[test]
+fn dry_run_shows_a_foreach_step_for_a_placeholder_item() {
+    let env = Env::new();
+    let p = env.write("p.yaml", &pipeline("fail"));
+    let out = env.run(&["run", p.to_str().unwrap(), "--dry-run"]);
+    out.expect_code(0);
+    let text = out.stdout() + &out.stderr();
+    assert!(text.contains("\"path\": \"in/<item>.csv\""), "{text}");
+    assert!(text.contains("\"path\": \"out/<item>.csv\""), "{text}");
+}

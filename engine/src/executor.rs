@@ -1123,7 +1123,7 @@ pub fn preview(
             // A `foreach` step is shown for a placeholder item.
             let scope = match &s.spec.foreach {
                 Some(_) => scope
-                    .with("item", TValue::from("<item>"))
+                    .with("item", crate::template::placeholder("item"))
                     .with("item_index", TValue::from(0)),
                 None => scope.clone(),
             };

@@ -594,6 +594,12 @@ impl Object for PlaceholderSteps {
     }
 }
 
+/// A placeholder for a value not known before the run (`item` of a `foreach` step in a
+/// dry run): renders as `<name>`, and `name.x` as `<name.x>`.
+pub fn placeholder(name: &str) -> Value {
+    Value::from_object(Placeholder(name.to_string()))
+}
+
 /// A value not known before the run; renders as `<path>`, any attribute is a deeper placeholder.
 #[derive(Debug)]
 struct Placeholder(String);
