@@ -42,16 +42,16 @@ fn python() -> PathBuf {
 
 /// A running `pipe sandbox serve`; SIGTERM (then SIGKILL) when dropped, so a failing
 /// test does not leave it behind.
-struct Served {
+pub(crate) struct Served {
     child: Child,
     /// The `export NAME=VALUE` lines, unquoted.
-    exports: HashMap<String, String>,
+    pub(crate) exports: HashMap<String, String>,
     /// The Google fake's base URL (`http://127.0.0.1:PORT`).
     google_url: String,
 }
 
 impl Served {
-    fn start(args: &[&str]) -> Served {
+    pub(crate) fn start(args: &[&str]) -> Served {
         let mut child = Command::new(pipe_bin())
             .args(["sandbox", "serve"])
             .args(args)

@@ -401,3 +401,48 @@ steps:
     }
     c.assert_absent(&[MASKED, SET]);
 }
+
+/// The Carol connector key and the QOCKPIT platform token (the sandbox's, which `pipe
+/// sandbox serve` prints for the same seed) appear nowhere: not in what the two pipelines
+/// print, not in any byte of the state directory (history, logs, outputs).
+#[test]
+fn carol_and_qockpit_credentials_never_reach_output_or_state() {
+    let served = crate::fidelity::Served::start(&[]);
+    let secrets: Vec<String> = ["CAROL_API_KEY", "QOCKPIT_API_TOKEN"]
+        .iter()
+        .map(|n| served.exports[*n].clone())
+        .collect();
+    drop(served);
+    assert!(secrets.iter().all(|s| s.len() >= 16), "{secrets:?}");
+    let env = Env::new();
+    let mut printed: Vec<(String, Vec<u8>)> = Vec::new();
+    for (run_id, pipeline) in [("1", "carol-staging.yaml"), ("2", "qockpit-kpi.yaml")] {
+        let path = crate::util::repo_root().join("pipelines").join(pipeline);
+        let out = env
+            .cmd()
+            .args(["run", path.to_str().unwrap(), "--sandbox", "-v"])
+            .env("PIPE_SANDBOX", "{}")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{pipeline}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        printed.push((format!("{pipeline} stdout"), out.stdout));
+        printed.push((format!("{pipeline} stderr"), out.stderr));
+        let logs = env.run(&["runs", "logs", run_id]);
+        assert!(
+            logs.code() == 0 && !logs.0.stdout.is_empty(),
+            "{pipeline}: no log rows"
+        );
+        printed.push((format!("{pipeline} runs logs"), logs.0.stdout));
+    }
+    files_under(&env.state(), &mut printed);
+    assert!(printed.len() > 6, "the state dir has files");
+    for (what, bytes) in &printed {
+        for s in &secrets {
+            assert!(!contains(bytes, s), "a credential leaked into {what}");
+        }
+    }
+}
