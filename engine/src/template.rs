@@ -87,6 +87,12 @@ pub fn references(src: &str) -> Result<BTreeSet<String>, String> {
         }
         return Ok(set);
     }
+    // Next most common: text with several simple `{{ … }}` tags (`{{ a.b }}-{{ c }}`,
+    // `{{ params.days > 2 }}`). Most such texts are unique (they name their step), so the
+    // cache below would not help them.
+    if let Some(set) = simple_tags(src) {
+        return Ok(set);
+    }
     thread_local! {
         static CACHE: std::cell::RefCell<std::collections::HashMap<String, Result<BTreeSet<String>, String>>> =
             Default::default();
@@ -115,6 +121,74 @@ fn lone_path(src: &str) -> Option<&str> {
                 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         });
     ok.then_some(inner)
+}
+
+/// Words that make a tag more than a path: such tags go to minijinja.
+const KEYWORDS: &[&str] = &[
+    "and", "or", "not", "in", "is", "if", "else", "for", "true", "false", "none", "True", "False",
+    "None",
+];
+
+/// A dotted path of identifiers (`a.b.c`), none of them a keyword.
+fn simple_path(s: &str) -> bool {
+    !s.is_empty()
+        && s.split('.').all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !KEYWORDS.contains(&part)
+        })
+}
+
+/// The references of a text whose tags are all `{{ path }}` or `{{ path OP integer }}`
+/// (OP one of `> < >= <= == != * + / %`), with no `{%`, `{#` or whitespace control;
+/// `None` for anything else (minijinja then decides).
+fn simple_tags(src: &str) -> Option<BTreeSet<String>> {
+    let mut set = BTreeSet::new();
+    let mut rest = src;
+    let mut tags = 0;
+    loop {
+        let Some(open) = rest.find("{{") else {
+            if rest.contains("{%") || rest.contains("{#") || rest.contains("}}") {
+                return None;
+            }
+            break;
+        };
+        let text = &rest[..open];
+        if text.contains("{%") || text.contains("{#") || text.contains("}}") {
+            return None;
+        }
+        let after = &rest[open + 2..];
+        let close = after.find("}}")?;
+        let inner = &after[..close];
+        if inner.contains('{') {
+            return None;
+        }
+        let mut words = inner.split_ascii_whitespace();
+        let path = words.next()?;
+        if !simple_path(path) {
+            return None;
+        }
+        match (words.next(), words.next(), words.next()) {
+            (None, _, _) => {}
+            (Some(op), Some(n), None)
+                if matches!(
+                    op,
+                    ">" | "<" | ">=" | "<=" | "==" | "!=" | "*" | "+" | "/" | "%"
+                ) && n.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                // `{{a>1}}` and friends (no spaces) fall to minijinja: `path` checked above.
+            }
+            _ => return None,
+        }
+        let first = path.split('.').next().unwrap_or_default();
+        if !NOT_VARIABLES.contains(&first) {
+            set.insert(path.to_string());
+        }
+        tags += 1;
+        rest = &after[close + 2..];
+    }
+    (tags > 0).then_some(set)
 }
 
 fn compile_references(src: &str) -> Result<BTreeSet<String>, String> {
@@ -1090,6 +1164,46 @@ mod tests {
 
     fn set(items: &[&str]) -> BTreeSet<String> {
         items.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn simple_tags_agree_with_minijinja() {
+        let taken = [
+            "s1: {{ params.days }} days of {{ params.region }} ({{ params.period.first_day }} to {{ params.period.last_day }}); prev {{ steps.s0.total }}",
+            "{{ params.days > 3 }}",
+            "{{ params.days * 12 }}",
+            "{{ params.region }}-{{ run.id }}",
+            "x {{ now }} {{ loop.index }} {{ item_index % 2 }}",
+            "{{a.b}}{{ c }}",
+            "{ {{ x }} }",
+            "{{ x }}}",
+        ];
+        for src in taken {
+            let fast = simple_tags(src).unwrap_or_else(|| panic!("not simple: {src}"));
+            assert_eq!(Ok(fast), compile_references(src), "{src}");
+        }
+        let left = [
+            "{{ x - 1 }}",
+            "{{- x }}",
+            "{{ x -}}",
+            "{{ x | upper }}",
+            "{{ not x }}",
+            "{{ x and y }}",
+            "{{ x in y }}",
+            "{{ x }} {% if y %}z{% endif %}",
+            "{# c #}{{ x }}",
+            "{{ x }} }} y",
+            "{{ x",
+            "{{ x > 'a' }}",
+            "{{ {'a': 1} }}",
+            "{{{ x }}",
+            "{{ x > 1 > 2 }}",
+            "{{ }}",
+            "no tags",
+        ];
+        for src in left {
+            assert_eq!(simple_tags(src), None, "{src}");
+        }
     }
 
     fn rt() -> Runtime {

@@ -151,12 +151,28 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             plan: None,
         };
     }
+    // The steps are most of the document and `Raw` copies what it keeps: read the document
+    // with each step value stood in for by a null at its position, then move the steps in.
+    let mut root = root;
+    let mut step_values = take_values(&mut root, "steps");
     let Some(mut doc) = from_map_tolerant::<PipelineDoc>(&root, Mode::Check, &mut d) else {
         return Outcome {
             diagnostics: finish(d),
             plan: None,
         };
     };
+    let root = root;
+    let mut cursor = 0;
+    for (id, raw) in doc.steps.iter_mut() {
+        let found = (cursor..step_values.len())
+            .chain(0..cursor)
+            .find(|&i| step_values[i].0 == *id);
+        if let Some(i) = found {
+            raw.0 = std::mem::replace(&mut step_values[i].1, Node::null(raw.0.pos));
+            cursor = i + 1;
+        }
+    }
+    drop(step_values);
 
     if !doc
         .pipeline
@@ -311,10 +327,18 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             broken.insert(id.clone());
             continue;
         }
+        // `with:` is moved out for the same reason, an empty mapping standing in for it (a
+        // null would read as no `with:`); nothing below looks at the step's `with` entry.
+        let mut node = node;
+        let with = take_entry(&mut node, "with");
         let Some(mut spec) = from_map_tolerant::<StepSpec>(&node, Mode::Check, &mut d) else {
             broken.insert(id.clone());
             continue;
         };
+        let node = node;
+        if let (Some(with), Some(raw)) = (with, spec.config.as_mut()) {
+            raw.0 = with;
+        }
         let config = spec
             .config
             .take()
@@ -679,6 +703,39 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         diagnostics: finish(d),
         plan: Some(plan),
     }
+}
+
+/// The values of the mapping under `key` (by key), each replaced by a null at its position.
+fn take_values(root: &mut Node, key: &str) -> Vec<(String, Node)> {
+    let Some(Node {
+        value: Value::Map(entries),
+        ..
+    }) = root.get_path_mut(key)
+    else {
+        return Vec::new();
+    };
+    entries
+        .iter_mut()
+        .filter_map(|(k, v)| {
+            let name = k.key_str()?.to_string();
+            let pos = v.pos;
+            Some((name, std::mem::replace(v, Node::null(pos))))
+        })
+        .collect()
+}
+
+/// The value under `key` of a mapping, replaced by an empty mapping at its position; `None`
+/// (and nothing replaced) when there is no such key or its value is null.
+fn take_entry(node: &mut Node, key: &str) -> Option<Node> {
+    let Value::Map(entries) = &mut node.value else {
+        return None;
+    };
+    let (_, v) = entries.iter_mut().find(|(k, _)| k.key_str() == Some(key))?;
+    if matches!(v.value, Value::Null) {
+        return None;
+    }
+    let pos = v.pos;
+    Some(std::mem::replace(v, Node::new(pos, Value::Map(vec![]))))
 }
 
 fn finish(d: Diags) -> Vec<Diagnostic> {

@@ -167,31 +167,37 @@ pub enum PathSeg {
 
 /// Resolve a plain scalar by the YAML 1.2 core schema.
 pub fn resolve_plain(s: &str) -> Value {
-    match s {
-        "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
-        "true" | "True" | "TRUE" => return Value::Bool(true),
-        "false" | "False" | "FALSE" => return Value::Bool(false),
-        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => {
-            return Value::Float(f64::INFINITY)
-        }
-        "-.inf" | "-.Inf" | "-.INF" => return Value::Float(f64::NEG_INFINITY),
-        ".nan" | ".NaN" | ".NAN" => return Value::Float(f64::NAN),
-        _ => {}
+    resolve_plain_inner(s).unwrap_or_else(|| Value::String(s.to_string()))
+}
+
+/// [`resolve_plain`] for anything but a string (`None`: the scalar is the string itself).
+fn resolve_plain_inner(s: &str) -> Option<Value> {
+    let special = match s {
+        "" | "~" | "null" | "Null" | "NULL" => Some(Value::Null),
+        "true" | "True" | "TRUE" => Some(Value::Bool(true)),
+        "false" | "False" | "FALSE" => Some(Value::Bool(false)),
+        ".inf" | ".Inf" | ".INF" | "+.inf" | "+.Inf" | "+.INF" => Some(Value::Float(f64::INFINITY)),
+        "-.inf" | "-.Inf" | "-.INF" => Some(Value::Float(f64::NEG_INFINITY)),
+        ".nan" | ".NaN" | ".NAN" => Some(Value::Float(f64::NAN)),
+        _ => None,
+    };
+    if special.is_some() {
+        return special;
     }
     let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
     if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
         if let Ok(i) = s.parse::<i64>() {
-            return Value::Int(i);
+            return Some(Value::Int(i));
         }
     }
     if let Some(hex) = s.strip_prefix("0x") {
         if let Ok(i) = i64::from_str_radix(hex, 16) {
-            return Value::Int(i);
+            return Some(Value::Int(i));
         }
     }
     if let Some(oct) = s.strip_prefix("0o") {
         if let Ok(i) = i64::from_str_radix(oct, 8) {
-            return Value::Int(i);
+            return Some(Value::Int(i));
         }
     }
     let looks_float = digits
@@ -204,22 +210,54 @@ pub fn resolve_plain(s: &str) -> Value {
         && digits.bytes().any(|b| b.is_ascii_digit());
     if looks_float {
         if let Ok(f) = s.parse::<f64>() {
-            return Value::Float(f);
+            return Some(Value::Float(f));
         }
     }
-    Value::String(s.to_string())
+    None
 }
 
 enum Frame {
     Seq(Pos, Vec<Node>, usize),
-    /// Position, entries, the key waiting for its value, anchor, and the keys seen so far.
+    /// Position, entries, the key waiting for its value, anchor, and (for large mappings) an
+    /// index of the keys seen so far. Small mappings look their keys up in `entries`.
     Map(
         Pos,
         Vec<(Node, Node)>,
         Option<Node>,
         usize,
-        HashMap<String, Pos>,
+        Option<HashMap<String, Pos>>,
     ),
+}
+
+/// Mappings with at least this many keys index them in a hash map; smaller ones (almost all
+/// of a pipeline) compare against their entries, which costs no allocation.
+const KEY_INDEX_FROM: usize = 16;
+
+/// Where a key was first defined in this mapping, if it was.
+fn seen_key(
+    entries: &[(Node, Node)],
+    index: &Option<HashMap<String, Pos>>,
+    name: &str,
+) -> Option<Pos> {
+    match index {
+        Some(index) => index.get(name).copied(),
+        None => entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(k, _)| k.pos),
+    }
+}
+
+/// A scalar's node value: plain scalars resolved by the core schema, others strings. The
+/// text is moved, not copied, when the parser already owns it.
+fn scalar_value(s: std::borrow::Cow<'_, str>, style: ScalarStyle) -> Value {
+    if style != ScalarStyle::Plain {
+        return Value::String(s.into_owned());
+    }
+    match resolve_plain_inner(&s) {
+        Some(v) => v,
+        None => Value::String(s.into_owned()),
+    }
 }
 
 /// Parse one YAML document. Syntax errors end parsing (reported with their position);
@@ -263,12 +301,7 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 None
             }
             Event::Scalar(s, style, anchor, _tag) => {
-                let value = if style == ScalarStyle::Plain {
-                    resolve_plain(&s)
-                } else {
-                    Value::String(s.into_owned())
-                };
-                Some((Node::new(pos, value), anchor))
+                Some((Node::new(pos, scalar_value(s, style)), anchor))
             }
             Event::Alias(id) => match anchors.get(&id) {
                 Some(n) => Some((
@@ -288,7 +321,7 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 None
             }
             Event::MappingStart(anchor, _) => {
-                stack.push(Frame::Map(pos, Vec::new(), None, anchor, HashMap::new()));
+                stack.push(Frame::Map(pos, Vec::new(), None, anchor, None));
                 None
             }
             Event::SequenceEnd => match stack.pop() {
@@ -312,35 +345,45 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
             match stack.last_mut() {
                 None => root = Some(node),
                 Some(Frame::Seq(_, items, _)) => items.push(node),
-                Some(Frame::Map(_, entries, pending, _, seen)) => match pending.take() {
+                Some(Frame::Map(_, entries, pending, _, index)) => match pending.take() {
                     None => *pending = Some(node),
                     Some(key) => {
-                        let name = scalar_key(&key);
-                        if let Some(name) = &name {
-                            if let Some(&first) = seen.get(name) {
-                                diags.push(
-                                    key.pos,
-                                    Code::DuplicateKey,
-                                    format!(
-                                        "duplicate key `{name}` (first defined at line {}; this one is ignored)",
-                                        first.line
-                                    ),
-                                );
-                                continue;
-                            }
-                        }
-                        if let Some(name) = &name {
-                            seen.insert(name.clone(), key.pos);
-                        }
+                        let key_pos = key.pos;
                         // Keys are strings in this format: `1: x` is the key "1".
+                        let name = match key.value {
+                            Value::String(s) => Ok(s),
+                            Value::Int(i) => Ok(i.to_string()),
+                            Value::Bool(b) => Ok(b.to_string()),
+                            Value::Float(f) => Ok(f.to_string()),
+                            Value::Null => Ok("null".to_string()),
+                            other => Err(other),
+                        };
                         let key = match name {
-                            Some(n)
-                                if n != "<<"
-                                    || !matches!(node.value, Value::Map(_) | Value::Seq(_)) =>
-                            {
-                                Node::new(key.pos, Value::String(n))
+                            Ok(name) => {
+                                if let Some(first) = seen_key(entries, index, &name) {
+                                    diags.push(
+                                        key_pos,
+                                        Code::DuplicateKey,
+                                        format!(
+                                            "duplicate key `{name}` (first defined at line {}; this one is ignored)",
+                                            first.line
+                                        ),
+                                    );
+                                    continue;
+                                }
+                                if let Some(index) = index {
+                                    index.insert(name.clone(), key_pos);
+                                } else if entries.len() + 1 >= KEY_INDEX_FROM {
+                                    let mut built: HashMap<String, Pos> = entries
+                                        .iter()
+                                        .filter_map(|(k, _)| Some((k.as_str()?.to_string(), k.pos)))
+                                        .collect();
+                                    built.insert(name.clone(), key_pos);
+                                    *index = Some(built);
+                                }
+                                Node::new(key_pos, Value::String(name))
                             }
-                            _ => key,
+                            Err(other) => Node::new(key_pos, other),
                         };
                         entries.push((key, node));
                     }
@@ -352,17 +395,6 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
         return Some(Node::null(Pos { line: 1, col: 1 }));
     }
     root
-}
-
-fn scalar_key(n: &Node) -> Option<String> {
-    match &n.value {
-        Value::String(s) => Some(s.clone()),
-        Value::Int(i) => Some(i.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        Value::Float(f) => Some(f.to_string()),
-        Value::Null => Some("null".into()),
-        _ => None,
-    }
 }
 
 /// YAML merge keys (`<<: *defaults`): entries of the merged mapping(s) that the mapping does not set itself.
@@ -419,6 +451,20 @@ mod tests {
         assert_eq!(d.items[0].code, Code::DuplicateKey);
         let n = parse("a: 1\na: 3\n", &mut Diags::new("x")).unwrap();
         assert_eq!(n.get("a").unwrap().value, Value::Int(1));
+    }
+
+    #[test]
+    fn duplicate_keys_in_a_large_mapping_are_reported_too() {
+        let mut text: String = (0..40).map(|i| format!("k{i}: {i}\n")).collect();
+        text.push_str("k3: x\nk39: y\n1: a\n\"1\": b\n");
+        let mut d = Diags::new("x.yaml");
+        let n = parse(&text, &mut d).unwrap();
+        let lines: Vec<usize> = d.items.iter().map(|i| i.line).collect();
+        assert_eq!(lines, [41, 42, 44]);
+        assert!(d.items[0].message.contains("first defined at line 4"));
+        assert_eq!(n.get("k3").unwrap().value, Value::Int(3));
+        assert_eq!(n.get("1").unwrap().value, Value::String("a".into()));
+        assert_eq!(n.as_map().unwrap().len(), 41);
     }
 
     #[test]
