@@ -216,13 +216,18 @@ fn resolve_plain_inner(s: &str) -> Option<Value> {
     None
 }
 
+/// An open collection. Its children wait on a stack shared by all open collections of its
+/// kind (from `start` on), so that each collection gets one allocation of its final size
+/// when it closes instead of a vector grown step by step.
 enum Frame {
-    Seq(Pos, Vec<Node>, usize),
-    /// Position, entries, the key waiting for its value, anchor, and (for large mappings) an
-    /// index of the keys seen so far. Small mappings look their keys up in `entries`.
+    /// Position, start of the items, anchor.
+    Seq(Pos, usize, usize),
+    /// Position, start of the entries, the key waiting for its value, anchor, and (for large
+    /// mappings) an index of the keys seen so far. Small mappings look their keys up in
+    /// their entries.
     Map(
         Pos,
-        Vec<(Node, Node)>,
+        usize,
         Option<Node>,
         usize,
         Option<HashMap<String, Pos>>,
@@ -264,6 +269,8 @@ fn scalar_value(s: std::borrow::Cow<'_, str>, style: ScalarStyle) -> Value {
 /// duplicate keys are reported and the first value is kept so that checking can go on.
 pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
     let mut stack: Vec<Frame> = Vec::new();
+    let mut items: Vec<Node> = Vec::new();
+    let mut entries: Vec<(Node, Node)> = Vec::new();
     let mut anchors: HashMap<usize, Node> = HashMap::new();
     let mut root: Option<Node> = None;
     let mut docs = 0;
@@ -317,22 +324,24 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 }
             },
             Event::SequenceStart(anchor, _) => {
-                stack.push(Frame::Seq(pos, Vec::new(), anchor));
+                stack.push(Frame::Seq(pos, items.len(), anchor));
                 None
             }
             Event::MappingStart(anchor, _) => {
-                stack.push(Frame::Map(pos, Vec::new(), None, anchor, None));
+                stack.push(Frame::Map(pos, entries.len(), None, anchor, None));
                 None
             }
             Event::SequenceEnd => match stack.pop() {
-                Some(Frame::Seq(p, items, anchor)) => {
-                    Some((Node::new(p, Value::Seq(items)), anchor))
-                }
+                Some(Frame::Seq(p, start, anchor)) => Some((
+                    Node::new(p, Value::Seq(items.drain(start..).collect())),
+                    anchor,
+                )),
                 _ => None,
             },
             Event::MappingEnd => match stack.pop() {
-                Some(Frame::Map(p, entries, _, anchor, _)) => {
-                    Some((Node::new(p, Value::Map(merge_keys(entries))), anchor))
+                Some(Frame::Map(p, start, _, anchor, _)) => {
+                    let own: Vec<(Node, Node)> = entries.drain(start..).collect();
+                    Some((Node::new(p, Value::Map(merge_keys(own))), anchor))
                 }
                 _ => None,
             },
@@ -344,8 +353,8 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
             }
             match stack.last_mut() {
                 None => root = Some(node),
-                Some(Frame::Seq(_, items, _)) => items.push(node),
-                Some(Frame::Map(_, entries, pending, _, index)) => match pending.take() {
+                Some(Frame::Seq(..)) => items.push(node),
+                Some(Frame::Map(_, start, pending, _, index)) => match pending.take() {
                     None => *pending = Some(node),
                     Some(key) => {
                         let key_pos = key.pos;
@@ -360,7 +369,7 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                         };
                         let key = match name {
                             Ok(name) => {
-                                if let Some(first) = seen_key(entries, index, &name) {
+                                if let Some(first) = seen_key(&entries[*start..], index, &name) {
                                     diags.push(
                                         key_pos,
                                         Code::DuplicateKey,
@@ -373,8 +382,8 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                                 }
                                 if let Some(index) = index {
                                     index.insert(name.clone(), key_pos);
-                                } else if entries.len() + 1 >= KEY_INDEX_FROM {
-                                    let mut built: HashMap<String, Pos> = entries
+                                } else if entries.len() - *start + 1 >= KEY_INDEX_FROM {
+                                    let mut built: HashMap<String, Pos> = entries[*start..]
                                         .iter()
                                         .filter_map(|(k, _)| Some((k.as_str()?.to_string(), k.pos)))
                                         .collect();
