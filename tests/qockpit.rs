@@ -37,14 +37,10 @@ fn run(env: &Env, extra: &[&str]) -> crate::util::Out {
     )
 }
 
+/// The demo database the run used (the fakes' folder was `env/fakes`).
 fn demo_db(env: &Env) -> rusqlite::Connection {
-    let dir = env.path().join("fakes");
-    let file = std::fs::read_dir(&dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "sqlite" || x == "db"))
-        .unwrap_or_else(|| panic!("no demo database in {}", dir.display()));
+    let file = env.path().join("fakes").join("demo.sqlite");
+    assert!(file.exists(), "no demo database at {}", file.display());
     rusqlite::Connection::open(file).unwrap()
 }
 

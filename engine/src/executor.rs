@@ -619,7 +619,7 @@ async fn run_foreach(
         let Some(outcome) = running.next().await else {
             break;
         };
-        let (n, result, _, clock) = &outcome;
+        let (n, result, _, took) = &outcome;
         let (level, what) = match result {
             Ok(Some((out, _))) => {
                 let rows = out
@@ -640,7 +640,7 @@ async fn run_foreach(
                 "item {}/{total} ({}) {what} in {}",
                 n + 1,
                 key_text(&keys[*n]),
-                crate::duration::human(clock.elapsed())
+                crate::duration::human(*took)
             ),
         );
         done.push(outcome);
@@ -654,13 +654,13 @@ async fn run_foreach(
     let mut failures = Vec::new();
     let mut warnings = Vec::new();
     let mut max_attempts = 0;
-    for (n, result, attempts, clock) in done {
+    for (n, result, attempts, took) in done {
         let key = keys[n].clone();
         max_attempts = max_attempts.max(attempts);
         let mut entry = serde_json::json!({
             "key": key,
             "attempts": attempts,
-            "duration_ms": clock.elapsed().as_millis() as u64,
+            "duration_ms": took.as_millis() as u64,
         });
         match result {
             Ok(Some((out, used))) => {
@@ -777,7 +777,7 @@ type ItemOutcome = (
     usize,
     Result<Option<(StepOutput, u32)>, (Status, String)>,
     u32,
-    Instant,
+    Duration, // how long the item took
 );
 
 /// One item of a `foreach` step: its own slice of split inputs, [`run_once`], its derived
@@ -810,7 +810,7 @@ async fn run_item(
             n,
             Err((Status::Skipped, format!("item failed upstream in `{name}`"))),
             0,
-            clock,
+            clock.elapsed(),
         );
     }
     for (name, table) in base_inputs {
@@ -827,7 +827,7 @@ async fn run_item(
                     n,
                     Err((Status::Failed, format!("input `{name}`: {e}"))),
                     0,
-                    clock,
+                    clock.elapsed(),
                 );
             }
         }
@@ -842,7 +842,7 @@ async fn run_item(
         },
         other => other,
     };
-    (n, result, attempts, clock)
+    (n, result, attempts, clock.elapsed())
 }
 
 /// One step (or one item of a `foreach` step): `if:`, rendering, attempts with retries and

@@ -93,16 +93,20 @@ impl StepConfig for CarolHeartbeat {
         let kind = self.step_type.as_deref().unwrap_or("carol.send");
         let now = Utc::now();
         let mut warnings = Vec::new();
-        let (hour, day) = match &ctx.history {
+        let (hour, day) = match ctx.history.clone() {
+            // SQLite reads (after the writer's flush) block: off the async threads.
             Some(h) => {
-                let count = |since| {
-                    h.rows_since(&ctx.pipeline, kind, since)
-                        .map_err(|e| StepError::retryable(format!("reading the run history: {e}")))
-                };
-                (
-                    count(now - chrono::Duration::hours(1))?,
-                    count(now - chrono::Duration::hours(24))?,
-                )
+                let (pipeline, kind) = (ctx.pipeline.clone(), kind.to_string());
+                tokio::task::spawn_blocking(move || -> Result<(u64, u64), String> {
+                    let count = |since| h.rows_since(&pipeline, &kind, since);
+                    Ok((
+                        count(now - chrono::Duration::hours(1))?,
+                        count(now - chrono::Duration::hours(24))?,
+                    ))
+                })
+                .await
+                .map_err(|e| StepError::fatal(format!("reading the run history: {e}")))?
+                .map_err(|e| StepError::retryable(format!("reading the run history: {e}")))?
             }
             None => {
                 warnings.push("no run history here: record counts reported as 0".to_string());
