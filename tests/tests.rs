@@ -9,6 +9,7 @@ mod exec;
 mod executor;
 mod fidelity;
 mod foreach;
+mod fresh_machine;
 mod history;
 mod qockpit;
 mod redaction;

@@ -58,13 +58,89 @@ pub async fn connect(spec: &Spec) -> Result<Box<dyn Session>, String> {
     let conn = tokio::task::spawn_blocking(move || {
         env()?
             .connect_with_connection_string(&cs, ConnectionOptions::default())
-            .map_err(|e| e.to_string())
+            .map_err(|e| explain_connect_error(&cs, &e.to_string()))
     })
     .await
     .map_err(|e| e.to_string())??;
     Ok(Box::new(Odbc {
         conn: Arc::new(Mutex::new(conn)),
     }))
+}
+
+/// The value of a connection string's `Driver=` (or `DSN=`) attribute, braces removed.
+fn attribute<'a>(cs: &'a str, key: &str) -> Option<&'a str> {
+    let mut rest = cs;
+    while !rest.is_empty() {
+        let (k, after) = rest.split_once('=')?;
+        let (value, next) = match after.strip_prefix('{') {
+            Some(braced) => {
+                let end = braced.find('}')?;
+                (&braced[..end], braced[end + 1..].trim_start_matches(';'))
+            }
+            None => match after.split_once(';') {
+                Some((v, n)) => (v, n),
+                None => (after, ""),
+            },
+        };
+        if k.trim().eq_ignore_ascii_case(key) {
+            return Some(value.trim());
+        }
+        rest = next;
+    }
+    None
+}
+
+/// The Debian package (or vendor download) that provides a well-known ODBC driver.
+fn driver_package(driver: &str) -> Option<&'static str> {
+    let d = driver.to_ascii_lowercase();
+    Some(if d.contains("postgres") {
+        "Debian's `odbc-postgresql` (apt-get install odbc-postgresql)"
+    } else if d.contains("mariadb") || d.contains("mysql") {
+        "Debian's `odbc-mariadb` (apt-get install odbc-mariadb)"
+    } else if d.contains("sqlite") {
+        "Debian's `libsqliteodbc` (apt-get install libsqliteodbc)"
+    } else if d.contains("freetds") {
+        "Debian's `tdsodbc` (apt-get install tdsodbc)"
+    } else if d.contains("sql server") {
+        "Microsoft's `msodbcsql18` package"
+    } else if d.contains("oracle") {
+        "Oracle Instant Client's ODBC package"
+    } else {
+        return None;
+    })
+}
+
+/// A connect failure, explained when the cause is a driver (or DSN) this machine lacks.
+///
+/// `pipe` carries its own driver manager (unixODBC, built in), but drivers are shared
+/// libraries registered in `odbcinst.ini` (`ODBCSYSINI`/`ODBCINSTINI` move it): when the
+/// driver a connection names is not registered, or its library is missing, say which one to
+/// install instead of unixODBC's "Data source name not found".
+fn explain_connect_error(cs: &str, error: &str) -> String {
+    let missing = error.contains("IM002")
+        || error.contains("Data source name not found")
+        || error.contains("Can't open lib")
+        || error.contains("file not found");
+    if !missing {
+        return error.to_string();
+    }
+    let registry = "not registered in /etc/odbcinst.ini or $ODBCSYSINI/odbcinst.ini";
+    match (attribute(cs, "driver"), attribute(cs, "dsn")) {
+        (Some(driver), _) => {
+            let install = driver_package(driver)
+                .map(|p| format!("install {p}"))
+                .unwrap_or_else(|| "install the vendor's ODBC driver for Linux".to_string());
+            format!(
+                "the ODBC driver `{driver}` is not installed on this machine ({registry}, or \
+                 its library is missing): {install}; unixODBC said: {error}"
+            )
+        }
+        (None, Some(dsn)) => format!(
+            "the ODBC data source `{dsn}` is not defined on this machine (no `[{dsn}]` in \
+             /etc/odbc.ini or ~/.odbc.ini), or its driver is not installed; unixODBC said: {error}"
+        ),
+        (None, None) => error.to_string(),
+    }
 }
 
 /// The table kind of an ODBC column type.
@@ -195,5 +271,32 @@ impl Session for Odbc {
             c.set_autocommit(true).map_err(|e| e.to_string())
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attributes_are_read_braced_or_plain_in_any_case() {
+        let cs = "driver={PostgreSQL Unicode};Server=h;PWD={a;b};DSN=x";
+        assert_eq!(attribute(cs, "Driver"), Some("PostgreSQL Unicode"));
+        assert_eq!(attribute(cs, "server"), Some("h"));
+        assert_eq!(attribute(cs, "pwd"), Some("a;b"));
+        assert_eq!(attribute(cs, "dsn"), Some("x"));
+        assert_eq!(attribute(cs, "uid"), None);
+    }
+
+    #[test]
+    fn a_missing_driver_names_the_package_to_install() {
+        let e = explain_connect_error(
+            "Driver={MariaDB Unicode};Server=h;",
+            "State: IM002, Native error: 0, Message: [unixODBC][Driver Manager]Data source name not found and no default driver specified",
+        );
+        assert!(e.contains("`MariaDB Unicode` is not installed"), "{e}");
+        assert!(e.contains("apt-get install odbc-mariadb"), "{e}");
+        let other = explain_connect_error("Driver={X};", "State: 08001, could not connect");
+        assert_eq!(other, "State: 08001, could not connect");
     }
 }
