@@ -93,12 +93,12 @@ fn text_format_is_path_line_col_and_a_count() {
 #[test]
 fn github_format_and_deny_warnings() {
     let env = Env::new();
-    let p = env.write("w.yaml", "pipeline: w\nconnections:\n  c: { type: http, token: abc123 }\nsteps:\n  a:\n    type: log\n    with: { message: hi }\n");
+    let p = env.write("w.yaml", "pipeline: w\nconnections:\n  c: { type: http, base_url: \"https://x\", auth: { type: bearer, token: abc123 } }\nsteps:\n  a:\n    type: log\n    with: { message: hi }\n");
     let out = env.run(&["validate", "--format", "github", p.to_str().unwrap()]);
     out.expect_code(0);
     assert!(
         out.stdout().contains(&format!(
-            "::warning file={},line=3,col=27,title=W001::",
+            "::warning file={},line=3,col=72,title=W001::",
             p.display()
         )),
         "{}",

@@ -45,7 +45,7 @@ pub enum Code {
     WrongType,
     /// A required key is missing.
     MissingKey,
-    /// `type:` names no registered step type.
+    /// `type:` names no registered step type (or connection type).
     UnknownStepType,
     /// `needs`/`input`/a template names a step that does not exist.
     UnknownStep,
@@ -164,7 +164,9 @@ impl Code {
             Code::UnknownKey => "a key the format does not know (with a did-you-mean)",
             Code::WrongType => "a value of the wrong type",
             Code::MissingKey => "a required key is missing",
-            Code::UnknownStepType => "`type:` names no step type (the known ones are listed)",
+            Code::UnknownStepType => {
+                "`type:` names no step or connection type (the known ones are listed)"
+            }
             Code::UnknownStep => "`needs`, `input` or a template names a step that does not exist",
             Code::NotATable => "`input` names a step that produces no table",
             Code::TemplateSyntax => "a template does not parse",

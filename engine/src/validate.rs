@@ -281,6 +281,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     let mut connection_nodes = IndexMap::new();
     for (name, raw) in &doc.connections {
         if let Some(spec) = from_node::<ConnectionSpec>(&raw.0, Mode::Check, &mut d) {
+            check_connection_kind(&spec.kind, &raw.0, registry, &mut d);
             literal_secrets(&raw.0, "", &format!("connection `{name}`"), &mut d);
             // `credentials: <name>` refers to another connection.
             if let Some(Value::String(other)) = raw.0.get("credentials").map(|n| &n.value) {
@@ -396,20 +397,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             .unwrap_or_else(|| Node::new(node.pos, Value::Map(vec![])));
         let info = match registry.get(&spec.kind) {
             None => {
-                let pos = node.get("type").map(|n| n.pos).unwrap_or(node.pos);
-                let known: Vec<&str> = registry.names().collect();
-                let hint = did_you_mean(&spec.kind, known.iter().copied())
-                    .map(|s| format!("did you mean `{s}`? "))
-                    .unwrap_or_default();
-                d.push(
-                    pos,
-                    Code::UnknownStepType,
-                    format!(
-                        "unknown step type `{}`; {hint}known types: {}",
-                        spec.kind,
-                        known.join(", ")
-                    ),
-                );
+                unknown_type("step", &spec.kind, &node, registry.names(), &mut d);
                 broken.insert(id.clone());
                 StaticInfo::default()
             }
@@ -753,6 +741,45 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         diagnostics: finish(d),
         plan: Some(plan),
     }
+}
+
+/// Check a connection against its registered kind: the type (E006), then its keys and
+/// values (E003/E004/E005) by the kind's config struct. A registry without connection kinds
+/// (the engine's own tests, which have no `steps` crate) checks nothing here.
+fn check_connection_kind(kind: &str, node: &Node, registry: &Registry, d: &mut Diags) {
+    let kinds = &registry.connections;
+    if kinds.is_empty() || is_template(kind) {
+        return;
+    }
+    match kinds.get(kind) {
+        Some(k) => {
+            (k.check)(node, d);
+        }
+        None => unknown_type("connection", kind, node, kinds.names(), d),
+    }
+}
+
+/// E006 at `node`'s `type:`: `kind` names no registered step or connection type.
+fn unknown_type<'a>(
+    what: &str,
+    kind: &str,
+    node: &Node,
+    known: impl Iterator<Item = &'a str>,
+    d: &mut Diags,
+) {
+    let pos = node.get("type").map(|n| n.pos).unwrap_or(node.pos);
+    let known: Vec<&str> = known.collect();
+    let hint = did_you_mean(kind, known.iter().copied())
+        .map(|s| format!("did you mean `{s}`? "))
+        .unwrap_or_default();
+    d.push(
+        pos,
+        Code::UnknownStepType,
+        format!(
+            "unknown {what} type `{kind}`; {hint}known types: {}",
+            known.join(", ")
+        ),
+    );
 }
 
 /// The values of the mapping under `key` (by key), each replaced by a null at its position.
