@@ -209,11 +209,12 @@ fn an_alias_bomb_is_a_located_syntax_error_in_bounded_memory() {
     assert!(text.len() < 700, "{}", text.len());
     let p = env.write("bomb.yaml", &text);
     let diags = hostile_diags(&env, p.to_str().unwrap());
-    // Aliases copy a: 10 nodes, b: 91, c: 820, d: 7381, e: 66430 each; after 9 of each up
-    // to `e` (74,979 nodes), the first alias of `f` would pass 100,000: line 7, column 8.
+    // Anchors and aliases copy a: 10 nodes, b: 91, c: 820, d: 7381, e: 66430; the anchors
+    // a to d and their 36 aliases copy 16,591, `e`'s nine aliases 66,429, and keeping `e`'s
+    // own copy would pass 100,000: the list anchored at line 6, column 7.
     assert_eq!(diags.len(), 1, "{diags:?}");
     assert_eq!(&diags[0].2, "E001", "{diags:?}");
-    assert_eq!((diags[0].0, diags[0].1), (7, 8), "{diags:?}");
+    assert_eq!((diags[0].0, diags[0].1), (6, 7), "{diags:?}");
     assert!(diags[0].3.contains("alias"), "{diags:?}");
 }
 

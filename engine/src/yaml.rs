@@ -8,7 +8,7 @@
 //!
 //! Hostile input is bounded here, before any tree exists: collections nest at most
 //! [`MAX_DEPTH`] deep (block and flow alike, so no later recursive walk — deserializing,
-//! rendering, dropping — can overflow the stack), and aliases may copy at most
+//! rendering, dropping — can overflow the stack), and anchors and aliases may copy at most
 //! [`MAX_ALIAS_NODES`] nodes in all (a "billion laughs" file of a few hundred bytes would
 //! otherwise expand to gigabytes). Both are syntax errors (E001) at the offending node.
 
@@ -243,8 +243,12 @@ enum Frame {
 /// How deep collections may nest (a pipeline needs about ten levels).
 pub const MAX_DEPTH: usize = 64;
 
-/// How many nodes all the aliases of one file may copy together.
+/// How many nodes the anchors and aliases of one file may copy together.
 pub const MAX_ALIAS_NODES: usize = 100_000;
+
+fn too_many_copies() -> String {
+    format!("anchors and aliases copy more than {MAX_ALIAS_NODES} nodes (an alias bomb?); this file is not read further")
+}
 
 /// The number of nodes in a tree (at most [`MAX_DEPTH`] deep, so the recursion is bounded).
 fn node_count(node: &Node) -> usize {
@@ -338,11 +342,7 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
             }
             Event::Alias(id) => match anchors.get(&id) {
                 Some((_, size)) if *size > alias_budget => {
-                    diags.push(
-                        pos,
-                        Code::YamlSyntax,
-                        format!("aliases expand to more than {MAX_ALIAS_NODES} nodes (an alias bomb?); this file is not read further"),
-                    );
+                    diags.push(pos, Code::YamlSyntax, too_many_copies());
                     return None;
                 }
                 Some((n, size)) => {
@@ -394,7 +394,13 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
         };
         if let Some((node, anchor)) = finished {
             if anchor != 0 {
+                // The anchor keeps a copy too: nested anchors copy what lies beneath each.
                 let size = node_count(&node);
+                if size > alias_budget {
+                    diags.push(node.pos, Code::YamlSyntax, too_many_copies());
+                    return None;
+                }
+                alias_budget -= size;
                 anchors.insert(anchor, (node.clone(), size));
             }
             match stack.last_mut() {
@@ -562,6 +568,20 @@ mod tests {
         let n = parse("a: &a [1, 2]\nb: [*a, *a]\n", &mut d).unwrap();
         assert_eq!(n.get("b").unwrap().as_seq().unwrap().len(), 2);
         assert!(d.items.is_empty());
+    }
+
+    #[test]
+    fn nested_anchors_count_their_copies_too() {
+        // Each anchor copies everything beneath it: 64 levels over a large list.
+        let big = vec!["x"; 5_000].join(", ");
+        let text = format!(
+            "{}[{big}]{}",
+            (0..60).map(|i| format!("&a{i} [")).collect::<String>(),
+            "]".repeat(60)
+        );
+        let mut d = Diags::new("x.yaml");
+        assert!(parse(&text, &mut d).is_none());
+        assert!(d.items[0].message.contains("alias bomb"), "{:?}", d.items);
     }
 
     #[test]
