@@ -45,7 +45,7 @@ pub enum Code {
     WrongType,
     /// A required key is missing.
     MissingKey,
-    /// `type:` names no registered step type.
+    /// `type:` names no registered step type (or connection type).
     UnknownStepType,
     /// `needs`/`input`/a template names a step that does not exist.
     UnknownStep,
@@ -77,6 +77,8 @@ pub enum Code {
     UnknownConnection,
     /// A file could not be read.
     Io,
+    /// A template applies a filter that does not exist.
+    UnknownFilter,
     /// A literal value in a secret field.
     LiteralSecret,
     /// A template inside a quoted SQL string literal (it is bound as a parameter).
@@ -108,6 +110,7 @@ impl Code {
         Code::InvalidValue,
         Code::UnknownConnection,
         Code::Io,
+        Code::UnknownFilter,
         Code::LiteralSecret,
         Code::TemplateInSqlLiteral,
         Code::DynamicSql,
@@ -136,6 +139,7 @@ impl Code {
             Code::InvalidValue => "E019",
             Code::UnknownConnection => "E020",
             Code::Io => "E021",
+            Code::UnknownFilter => "E022",
             Code::LiteralSecret => "W001",
             Code::TemplateInSqlLiteral => "W002",
             Code::DynamicSql => "N001",
@@ -160,7 +164,9 @@ impl Code {
             Code::UnknownKey => "a key the format does not know (with a did-you-mean)",
             Code::WrongType => "a value of the wrong type",
             Code::MissingKey => "a required key is missing",
-            Code::UnknownStepType => "`type:` names no step type (the known ones are listed)",
+            Code::UnknownStepType => {
+                "`type:` names no step or connection type (the known ones are listed)"
+            }
             Code::UnknownStep => "`needs`, `input` or a template names a step that does not exist",
             Code::NotATable => "`input` names a step that produces no table",
             Code::TemplateSyntax => "a template does not parse",
@@ -175,7 +181,8 @@ impl Code {
             Code::InvalidName => "a pipeline, step or param name breaks the naming rule",
             Code::InvalidValue => "a value outside its allowed range or set",
             Code::UnknownConnection => "`connection:` names a connection that is not declared",
-            Code::Io => "a file could not be read",
+            Code::Io => "a file could not be read (or is larger than 64 MB)",
+            Code::UnknownFilter => "a template uses a filter that does not exist (with a did-you-mean)",
             Code::LiteralSecret => "a literal value in a secret field (use secret('NAME'))",
             Code::TemplateInSqlLiteral => {
                 "a template inside a quoted SQL literal (templates are bound as parameters: `= {{ x }}`, not `= '{{ x }}'`)"
@@ -243,12 +250,47 @@ impl Ord for Diagnostic {
     }
 }
 
+/// Text as one line of a terminal or CI log: control characters (CR, LF, ESC …) are shown
+/// escaped (`\n`), so a crafted key or file name cannot start a line of its own (a fake
+/// diagnostic, a `::error::` workflow command) or drive the terminal.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(' '),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// GitHub workflow-command escaping of a message (the data after `::`).
+pub fn github_data(text: &str) -> String {
+    text.replace('%', "%25")
+        .replace('\r', "%0D")
+        .replace('\n', "%0A")
+}
+
+/// GitHub workflow-command escaping of a property value (`file=`, `title=`).
+pub fn github_property(text: &str) -> String {
+    github_data(text).replace(':', "%3A").replace(',', "%2C")
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "{}:{}:{}: {}[{}]: {}",
-            self.file, self.line, self.column, self.severity, self.code, self.message
+            one_line(&self.file),
+            self.line,
+            self.column,
+            self.severity,
+            self.code,
+            one_line(&self.message)
         )
     }
 }
@@ -275,6 +317,18 @@ impl Diags {
     }
     pub fn has_errors(&self) -> bool {
         self.items.iter().any(|d| d.severity == Severity::Error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_escaping() {
+        assert_eq!(one_line("a\nb\r\u{1b}[2J\tc"), "a\\nb\\r\\u{1b}[2J c");
+        assert_eq!(github_data("50%\n::error::x"), "50%25%0A::error::x");
+        assert_eq!(github_property("a,b:c%\n"), "a%2Cb%3Ac%25%0A");
     }
 }
 

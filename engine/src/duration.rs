@@ -1,6 +1,31 @@
 //! Durations as people write them in pipelines: `500ms`, `30s`, `2m`, `1h30m`, `1d`.
+//!
+//! Every conversion is checked: a duration longer than [`MAX`] (`9223372036854775807d`,
+//! `1e308`) is an error at its value, never a panic in `Duration`'s arithmetic, and no
+//! accepted duration can overflow when it is added to the clock.
 
 use std::time::Duration;
+
+/// The longest duration a pipeline may give: 100 years. Longer ones are mistakes, and
+/// `Instant::now() + d` must not overflow for any accepted `d`.
+pub const MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// `secs` seconds as a duration, when it is a finite number from 0 to [`MAX`].
+pub fn from_secs(secs: f64) -> Result<Duration, String> {
+    if !(secs >= 0.0 && secs.is_finite()) {
+        return Err(format!(
+            "invalid duration {secs} (expected 0 or more seconds)"
+        ));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if d <= MAX => Ok(d),
+        _ => Err(too_long(&format!("{secs:e}s"))),
+    }
+}
+
+fn too_long(text: &str) -> String {
+    format!("duration `{text}` is too long (at most 100 years)")
+}
 
 /// Parse `500ms`, `30s`, `2m`, `1h`, `1d` and sums like `1h30m`. A bare number is seconds.
 pub fn parse(text: &str) -> Result<Duration, String> {
@@ -10,7 +35,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     }
     if let Ok(secs) = s.parse::<f64>() {
         if secs >= 0.0 && secs.is_finite() {
-            return Ok(Duration::from_secs_f64(secs));
+            return from_secs(secs).map_err(|_| too_long(s));
         }
     }
     let mut total = Duration::ZERO;
@@ -37,7 +62,11 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "d" | "day" | "days" => n * 86400.0,
             _ => return Err(bad(text)),
         };
-        total += Duration::from_secs_f64(secs);
+        total = from_secs(secs)
+            .ok()
+            .and_then(|d| total.checked_add(d))
+            .filter(|t| *t <= MAX)
+            .ok_or_else(|| too_long(s))?;
     }
     Ok(total)
 }
@@ -71,5 +100,24 @@ mod tests {
         assert_eq!(parse("5").unwrap(), Duration::from_secs(5));
         assert!(parse("soon").is_err());
         assert!(parse("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn huge_durations_are_errors_not_panics() {
+        for text in [
+            "9223372036854775807d",
+            "1e308",
+            "18446744073709551615s",
+            "18446744073709551615",
+            "99999999999999999999999999h",
+            "36600d",
+            "36000d36000d",
+        ] {
+            let e = parse(text).unwrap_err();
+            assert!(e.contains("too long"), "{text}: {e}");
+        }
+        assert!(from_secs(f64::MAX).is_err());
+        assert!(from_secs(-1.0).is_err());
+        assert_eq!(parse("36500d").unwrap(), MAX);
     }
 }

@@ -6,6 +6,7 @@
 //! built by the `steps` crate, and tables travel as opaque [`step::Table`] handles, so
 //! `engine` (and `pipe validate`) builds without Polars or any network client.
 
+pub mod connection;
 pub mod de;
 pub mod diag;
 pub mod duration;

@@ -282,10 +282,7 @@ pub enum DurationSpec {
 impl DurationSpec {
     pub fn parse(&self) -> Result<std::time::Duration, String> {
         match self {
-            DurationSpec::Seconds(s) if *s >= 0.0 && s.is_finite() => {
-                Ok(std::time::Duration::from_secs_f64(*s))
-            }
-            DurationSpec::Seconds(s) => Err(format!("invalid duration {s}")),
+            DurationSpec::Seconds(s) => crate::duration::from_secs(*s),
             DurationSpec::Text(t) => crate::duration::parse(t),
         }
     }

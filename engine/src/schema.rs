@@ -15,6 +15,11 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
         .kinds()
         .map(|k| (k.name, k.summary, (k.schema)(&mut g).to_value()))
         .collect();
+    let connections: Vec<(&str, &str, Value)> = registry
+        .connections
+        .kinds()
+        .map(|k| (k.name, k.summary, (k.schema)(&mut g).to_value()))
+        .collect();
     let mut root = g.root_schema_for::<PipelineDoc>().to_value();
     root["$id"] = json!("https://github.com/pipe-dev/pipe/schemas/pipeline.schema.json");
     let defs = root
@@ -22,16 +27,7 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
         .and_then(Value::as_object_mut)
         .expect("the document has definitions");
     if let Some(step) = defs.get_mut("StepSpec") {
-        let names: Vec<&str> = configs.iter().map(|c| c.0).collect();
-        let described: Vec<Value> = configs
-            .iter()
-            .map(|(n, s, _)| json!({ "const": n, "description": s }))
-            .collect();
-        step["properties"]["type"] = json!({
-            "description": "The step type.",
-            "enum": names,
-            "oneOf": described,
-        });
+        step["properties"]["type"] = typed_enum("The step type.", &configs);
         let rules: Vec<Value> = configs
             .iter()
             .map(|(name, _, schema)| {
@@ -43,7 +39,31 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             .collect();
         step["allOf"] = Value::Array(rules);
     }
+    // A connection is its kind's struct as a whole (`type` included).
+    if let (Some(conn), false) = (defs.get_mut("ConnectionSpec"), connections.is_empty()) {
+        conn["properties"]["type"] = typed_enum("The connection type.", &connections);
+        let rules: Vec<Value> = connections
+            .iter()
+            .map(|(name, _, schema)| {
+                json!({
+                    "if": { "properties": { "type": { "const": name } }, "required": ["type"] },
+                    "then": schema
+                })
+            })
+            .collect();
+        conn["allOf"] = Value::Array(rules);
+    }
     root
+}
+
+/// `type:` as one of the registered names, each described.
+fn typed_enum(description: &str, kinds: &[(&str, &str, Value)]) -> Value {
+    let names: Vec<&str> = kinds.iter().map(|c| c.0).collect();
+    let described: Vec<Value> = kinds
+        .iter()
+        .map(|(n, s, _)| json!({ "const": n, "description": s }))
+        .collect();
+    json!({ "description": description, "enum": names, "oneOf": described })
 }
 
 /// The README's step reference, from the same structs as the schema: one section per step

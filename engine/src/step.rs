@@ -330,6 +330,8 @@ pub struct Registry {
     kinds: IndexMap<&'static str, StepKind>,
     /// How `foreach` combines and splits tables.
     pub table_ops: Option<Arc<dyn TableOps>>,
+    /// The connection types (`connections:` entries are checked against them).
+    pub connections: crate::connection::Connections,
 }
 
 impl Registry {

@@ -207,6 +207,113 @@ fn compile_references(src: &str) -> Result<BTreeSet<String>, String> {
         .collect())
 }
 
+/// The filters a template applies (`{{ x | upper }}`, `{% filter upper %}`), read from its
+/// compiled code; `Err` on a syntax error. minijinja looks filters up only when it renders,
+/// so without this an unknown filter passes `pipe validate` and fails the run.
+pub fn filters(src: &str) -> Result<BTreeSet<String>, String> {
+    use minijinja::machinery::{get_compiled_template, Instruction, Instructions};
+    let mut found = BTreeSet::new();
+    if !src.contains('|') && !src.contains("filter") {
+        return Ok(found);
+    }
+    let fixed = fix_unary_minus(src);
+    let env = Environment::new();
+    let tmpl = env
+        .template_from_str(&fixed)
+        .map_err(|e| describe(&e, src))?;
+    let compiled = get_compiled_template(&tmpl);
+    let mut collect = |code: &Instructions| {
+        for i in 0..code.len() as u32 {
+            if let Some(Instruction::ApplyFilter(name, ..)) = code.get(i) {
+                found.insert(name.to_string());
+            }
+        }
+    };
+    collect(&compiled.instructions);
+    compiled.blocks.values().for_each(&mut collect);
+    Ok(found)
+}
+
+/// Whether templates of a run know the filter `name` (minijinja's built-ins and pipe's own;
+/// asked of the very environment runs use, so the answer cannot drift from it).
+pub fn is_filter(name: &str) -> bool {
+    static TEMPLATES: std::sync::OnceLock<Templates> = std::sync::OnceLock::new();
+    let templates = TEMPLATES.get_or_init(|| {
+        Templates::new(Runtime {
+            redactor: Redactor::new(),
+            tz: Tz::UTC,
+            logical_date: Utc::now(),
+            dry_run: true,
+            overrides: Overrides::default(),
+        })
+    });
+    let probe = format!("{{{{ none | {name} }}}}");
+    match templates.env.render_str(&probe, ()) {
+        Ok(_) => true,
+        Err(e) => e.kind() != ErrorKind::UnknownFilter && e.kind() != ErrorKind::SyntaxError,
+    }
+}
+
+/// Filter names for "did you mean" hints (the check itself is [`is_filter`]).
+pub const FILTER_NAMES: &[&str] = &[
+    "abs",
+    "attr",
+    "batch",
+    "bool",
+    "capitalize",
+    "chain",
+    "count",
+    "d",
+    "default",
+    "dictsort",
+    "e",
+    "escape",
+    "first",
+    "float",
+    "format",
+    "groupby",
+    "indent",
+    "int",
+    "items",
+    "join",
+    "last",
+    "length",
+    "lines",
+    "list",
+    "lower",
+    "map",
+    "max",
+    "min",
+    "pprint",
+    "reject",
+    "rejectattr",
+    "replace",
+    "reverse",
+    "round",
+    "safe",
+    "select",
+    "selectattr",
+    "slice",
+    "sort",
+    "split",
+    "string",
+    "sum",
+    "title",
+    "tojson",
+    "trim",
+    "unique",
+    "upper",
+    "urlencode",
+    "zip",
+    "add_days",
+    "add_months",
+    "month_start",
+    "month_end",
+    "parse",
+    "isoformat",
+    "to_timezone",
+];
+
 /// JSON -> template value (for params/steps maps).
 pub fn json_to_value(v: &serde_json::Value) -> Value {
     Value::from_serialize(v)
@@ -1233,6 +1340,28 @@ mod tests {
 
     fn render(src: &str) -> Result<serde_json::Value, String> {
         Templates::new(rt()).render_str(src, &scope())
+    }
+
+    #[test]
+    fn filters_are_read_from_the_compiled_template() {
+        assert_eq!(
+            filters("{{ x | upper | urlencode }}{% filter lower %}a{% endfilter %}").unwrap(),
+            set(&["lower", "upper", "urlencode"])
+        );
+        assert_eq!(filters("{{ a or b }}").unwrap(), set(&[]));
+        for name in FILTER_NAMES {
+            assert!(is_filter(name), "{name} is listed but unknown");
+        }
+        assert!(!is_filter("urlencod"));
+        assert!(!is_filter("no_such_filter"));
+        assert_eq!(
+            render("{{ 'a b&c' | urlencode }}").unwrap(),
+            json!("a%20b%26c")
+        );
+        assert_eq!(
+            render("{{ params.list | tojson }}").unwrap(),
+            json!("[{\"a\":1},{\"a\":2}]")
+        );
     }
 
     #[test]

@@ -67,22 +67,70 @@ pub struct Outcome {
     pub plan: Option<Plan>,
 }
 
+/// The largest pipeline file read (E021 beyond): a pipeline is a few kilobytes, and an
+/// endless source (a FIFO, `/dev/zero`) must not be read until memory runs out.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// A pipeline file's text: at most [`MAX_FILE_BYTES`], UTF-8. Problems are located: invalid UTF-8 at the line and column of its first byte.
+pub fn read_pipeline(path: &Path, d: &mut Diags) -> Option<String> {
+    use std::io::Read;
+    let start = Pos { line: 1, col: 1 };
+    let display = d.file.clone();
+    let mut bytes = Vec::new();
+    let read =
+        std::fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes));
+    if let Err(e) = read {
+        d.push(start, Code::Io, format!("cannot read {display}: {e}"));
+        return None;
+    }
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        d.push(
+            start,
+            Code::Io,
+            format!(
+                "{display} is larger than {} MB; a pipeline file is not read beyond that",
+                MAX_FILE_BYTES / (1024 * 1024)
+            ),
+        );
+        return None;
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let bad = e.utf8_error().valid_up_to();
+            let before = std::str::from_utf8(&bytes[..bad]).unwrap_or_default();
+            let line = before.matches('\n').count() + 1;
+            let col = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            d.push(
+                Pos { line, col },
+                Code::YamlSyntax,
+                format!(
+                    "invalid UTF-8 (byte 0x{:02x} at offset {bad}); a pipeline file is UTF-8 text",
+                    bytes[bad]
+                ),
+            );
+            return None;
+        }
+    };
+    Some(text)
+}
+
 /// Validate a file on disk. `display` is the path as the user should see it.
 pub fn validate_file(path: &Path, display: &str, registry: &Registry) -> Outcome {
-    match std::fs::read_to_string(path) {
-        Ok(text) => validate_text(&text, path, display, registry),
-        Err(e) => {
-            let mut d = Diags::new(display);
-            d.push(
-                Pos { line: 1, col: 1 },
-                Code::Io,
-                format!("cannot read {display}: {e}"),
-            );
-            Outcome {
-                diagnostics: d.items,
-                plan: None,
-            }
-        }
+    let mut d = Diags::new(display);
+    match read_pipeline(path, &mut d) {
+        Some(text) => validate_text(&text, path, display, registry),
+        None => Outcome {
+            diagnostics: finish(d),
+            plan: None,
+        },
     }
 }
 
@@ -131,6 +179,8 @@ fn is_ident(s: &str) -> bool {
 
 pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry) -> Outcome {
     let mut d = Diags::new(display);
+    // A byte-order mark (editors on Windows write one) is not part of the first key.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let Some(root) = yaml::parse(text, &mut d) else {
         return Outcome {
             diagnostics: finish(d),
@@ -231,6 +281,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     let mut connection_nodes = IndexMap::new();
     for (name, raw) in &doc.connections {
         if let Some(spec) = from_node::<ConnectionSpec>(&raw.0, Mode::Check, &mut d) {
+            check_connection_kind(&spec.kind, &raw.0, registry, &mut d);
             literal_secrets(&raw.0, "", &format!("connection `{name}`"), &mut d);
             // `credentials: <name>` refers to another connection.
             if let Some(Value::String(other)) = raw.0.get("credentials").map(|n| &n.value) {
@@ -346,20 +397,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
             .unwrap_or_else(|| Node::new(node.pos, Value::Map(vec![])));
         let info = match registry.get(&spec.kind) {
             None => {
-                let pos = node.get("type").map(|n| n.pos).unwrap_or(node.pos);
-                let known: Vec<&str> = registry.names().collect();
-                let hint = did_you_mean(&spec.kind, known.iter().copied())
-                    .map(|s| format!("did you mean `{s}`? "))
-                    .unwrap_or_default();
-                d.push(
-                    pos,
-                    Code::UnknownStepType,
-                    format!(
-                        "unknown step type `{}`; {hint}known types: {}",
-                        spec.kind,
-                        known.join(", ")
-                    ),
-                );
+                unknown_type("step", &spec.kind, &node, registry.names(), &mut d);
                 broken.insert(id.clone());
                 StaticInfo::default()
             }
@@ -705,6 +743,45 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     }
 }
 
+/// Check a connection against its registered kind: the type (E006), then its keys and
+/// values (E003/E004/E005) by the kind's config struct. A registry without connection kinds
+/// (the engine's own tests, which have no `steps` crate) checks nothing here.
+fn check_connection_kind(kind: &str, node: &Node, registry: &Registry, d: &mut Diags) {
+    let kinds = &registry.connections;
+    if kinds.is_empty() || is_template(kind) {
+        return;
+    }
+    match kinds.get(kind) {
+        Some(k) => {
+            (k.check)(node, d);
+        }
+        None => unknown_type("connection", kind, node, kinds.names(), d),
+    }
+}
+
+/// E006 at `node`'s `type:`: `kind` names no registered step or connection type.
+fn unknown_type<'a>(
+    what: &str,
+    kind: &str,
+    node: &Node,
+    known: impl Iterator<Item = &'a str>,
+    d: &mut Diags,
+) {
+    let pos = node.get("type").map(|n| n.pos).unwrap_or(node.pos);
+    let known: Vec<&str> = known.collect();
+    let hint = did_you_mean(kind, known.iter().copied())
+        .map(|s| format!("did you mean `{s}`? "))
+        .unwrap_or_default();
+    d.push(
+        pos,
+        Code::UnknownStepType,
+        format!(
+            "unknown {what} type `{kind}`; {hint}known types: {}",
+            known.join(", ")
+        ),
+    );
+}
+
 /// The values of the mapping under `key` (by key), each replaced by a null at its position.
 fn take_values(root: &mut Node, key: &str) -> Vec<(String, Node)> {
     let Some(Node {
@@ -892,6 +969,18 @@ fn check_templates(node: &Node, refs: &Refs, d: &mut Diags) -> BTreeSet<String> 
             Ok(paths) => {
                 for path in paths {
                     check_reference(&path, pos, refs, d, &mut steps);
+                }
+                for name in template::filters(s).unwrap_or_default() {
+                    if !template::is_filter(&name) {
+                        let hint = did_you_mean(&name, template::FILTER_NAMES.iter().copied())
+                            .map(|s| format!("; did you mean `{s}`?"))
+                            .unwrap_or_default();
+                        d.push(
+                            pos,
+                            Code::UnknownFilter,
+                            format!("unknown filter `{name}`{hint}"),
+                        );
+                    }
                 }
             }
         }

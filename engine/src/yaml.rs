@@ -5,6 +5,12 @@
 //! the node that causes them, and duplicate keys (which serde-based loaders silently
 //! overwrite) must be reported. Scalars are resolved with the YAML 1.2 core schema; quoted
 //! scalars stay strings.
+//!
+//! Hostile input is bounded here, before any tree exists: collections nest at most
+//! [`MAX_DEPTH`] deep (block and flow alike, so no later recursive walk — deserializing,
+//! rendering, dropping — can overflow the stack), and anchors and aliases may copy at most
+//! [`MAX_ALIAS_NODES`] nodes in all (a "billion laughs" file of a few hundred bytes would
+//! otherwise expand to gigabytes). Both are syntax errors (E001) at the offending node.
 
 use crate::diag::{Code, Diags, Pos};
 use saphyr_parser::{Event, Parser, ScalarStyle};
@@ -234,6 +240,28 @@ enum Frame {
     ),
 }
 
+/// How deep collections may nest (a pipeline needs about ten levels).
+pub const MAX_DEPTH: usize = 64;
+
+/// How many nodes the anchors and aliases of one file may copy together.
+pub const MAX_ALIAS_NODES: usize = 100_000;
+
+fn too_many_copies() -> String {
+    format!("anchors and aliases copy more than {MAX_ALIAS_NODES} nodes (an alias bomb?); this file is not read further")
+}
+
+/// The number of nodes in a tree (at most [`MAX_DEPTH`] deep, so the recursion is bounded).
+fn node_count(node: &Node) -> usize {
+    1 + match &node.value {
+        Value::Seq(items) => items.iter().map(node_count).sum(),
+        Value::Map(entries) => entries
+            .iter()
+            .map(|(k, v)| node_count(k) + node_count(v))
+            .sum(),
+        _ => 0,
+    }
+}
+
 /// Mappings with at least this many keys index them in a hash map; smaller ones (almost all
 /// of a pipeline) compare against their entries, which costs no allocation.
 const KEY_INDEX_FROM: usize = 16;
@@ -271,7 +299,9 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
     let mut stack: Vec<Frame> = Vec::new();
     let mut items: Vec<Node> = Vec::new();
     let mut entries: Vec<(Node, Node)> = Vec::new();
-    let mut anchors: HashMap<usize, Node> = HashMap::new();
+    // Each anchor's node and its node count (what one alias to it copies).
+    let mut anchors: HashMap<usize, (Node, usize)> = HashMap::new();
+    let mut alias_budget = MAX_ALIAS_NODES;
     let mut root: Option<Node> = None;
     let mut docs = 0;
     for item in Parser::new_from_str(text) {
@@ -311,18 +341,33 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
                 Some((Node::new(pos, scalar_value(s, style)), anchor))
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => Some((
-                    Node {
-                        pos,
-                        value: n.value.clone(),
-                    },
-                    0,
-                )),
+                Some((_, size)) if *size > alias_budget => {
+                    diags.push(pos, Code::YamlSyntax, too_many_copies());
+                    return None;
+                }
+                Some((n, size)) => {
+                    alias_budget -= size;
+                    Some((
+                        Node {
+                            pos,
+                            value: n.value.clone(),
+                        },
+                        0,
+                    ))
+                }
                 None => {
                     diags.push(pos, Code::YamlSyntax, "unknown alias");
                     Some((Node::null(pos), 0))
                 }
             },
+            Event::SequenceStart(..) | Event::MappingStart(..) if stack.len() >= MAX_DEPTH => {
+                diags.push(
+                    pos,
+                    Code::YamlSyntax,
+                    format!("lists and mappings nest more than {MAX_DEPTH} deep here; this file is not read further"),
+                );
+                return None;
+            }
             Event::SequenceStart(anchor, _) => {
                 stack.push(Frame::Seq(pos, items.len(), anchor));
                 None
@@ -349,7 +394,14 @@ pub fn parse(text: &str, diags: &mut Diags) -> Option<Node> {
         };
         if let Some((node, anchor)) = finished {
             if anchor != 0 {
-                anchors.insert(anchor, node.clone());
+                // The anchor keeps a copy too: nested anchors copy what lies beneath each.
+                let size = node_count(&node);
+                if size > alias_budget {
+                    diags.push(node.pos, Code::YamlSyntax, too_many_copies());
+                    return None;
+                }
+                alias_budget -= size;
+                anchors.insert(anchor, (node.clone(), size));
             }
             match stack.last_mut() {
                 None => root = Some(node),
@@ -492,6 +544,62 @@ mod tests {
         assert_eq!(resolve_plain("30s"), Value::String("30s".into()));
         assert_eq!(resolve_plain("2019-01"), Value::String("2019-01".into()));
         assert_eq!(resolve_plain("1e3"), Value::Float(1000.0));
+    }
+
+    #[test]
+    fn an_alias_bomb_stops_at_the_alias_that_exceeds_the_budget() {
+        let mut text = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (i, name) in ["b", "c", "d", "e", "f", "g", "h", "i"].iter().enumerate() {
+            let prev = ["a", "b", "c", "d", "e", "f", "g", "h"][i];
+            let list = vec![format!("*{prev}"); 10].join(", ");
+            text.push_str(&format!("{name}: &{name} [{list}]\n"));
+        }
+        let mut d = Diags::new("x.yaml");
+        assert!(parse(&text, &mut d).is_none());
+        assert_eq!(d.items.len(), 1, "{:?}", d.items);
+        assert_eq!(d.items[0].code, Code::YamlSyntax);
+        assert!(
+            d.items[0].message.contains("alias"),
+            "{}",
+            d.items[0].message
+        );
+        // Up to the budget, aliases are copies as before.
+        let mut d = Diags::new("x.yaml");
+        let n = parse("a: &a [1, 2]\nb: [*a, *a]\n", &mut d).unwrap();
+        assert_eq!(n.get("b").unwrap().as_seq().unwrap().len(), 2);
+        assert!(d.items.is_empty());
+    }
+
+    #[test]
+    fn nested_anchors_count_their_copies_too() {
+        // Each anchor copies everything beneath it: 64 levels over a large list.
+        let big = vec!["x"; 5_000].join(", ");
+        let text = format!(
+            "{}[{big}]{}",
+            (0..60).map(|i| format!("&a{i} [")).collect::<String>(),
+            "]".repeat(60)
+        );
+        let mut d = Diags::new("x.yaml");
+        assert!(parse(&text, &mut d).is_none());
+        assert!(d.items[0].message.contains("alias bomb"), "{:?}", d.items);
+    }
+
+    #[test]
+    fn nesting_is_limited_for_block_and_flow_collections() {
+        for text in [
+            "- ".repeat(100_000) + "x\n",
+            "[".repeat(100_000),
+            (0..MAX_DEPTH + 1)
+                .map(|i| format!("{}k:\n", "  ".repeat(i)))
+                .collect::<String>(),
+        ] {
+            let mut d = Diags::new("x.yaml");
+            assert!(parse(&text, &mut d).is_none());
+            assert_eq!(d.items[0].code, Code::YamlSyntax, "{:?}", d.items);
+        }
+        let ok = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        let mut d = Diags::new("x.yaml");
+        assert!(parse(&ok, &mut d).is_some(), "{:?}", d.items);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `pipe validate [PATH…]`: the CI gate. Every problem in every file, in one pass.
 
-use engine::diag::{Diagnostic, Severity};
+use engine::diag::{github_data, github_property, Diagnostic, Severity};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
@@ -22,12 +23,23 @@ pub enum DiagFormat {
     Github,
 }
 
-/// The pipeline files under the given paths: `.yaml`/`.yml` files, folders searched recursively.
+/// The pipeline files under the given paths: `.yaml`/`.yml` files, folders searched
+/// recursively (each folder once, however symlinks lead back to it). Finding none is an
+/// error: a mistyped path must not pass CI as "0 errors".
 pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     let mut files = Vec::new();
+    let mut seen = HashSet::new();
     for p in paths {
         if p.is_dir() {
-            walk(p, &mut files).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            let before = files.len();
+            walk(p, &mut files, &mut seen)
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            if files.len() == before {
+                return Err(format!(
+                    "{}: no pipeline files (*.yaml, *.yml) in this folder",
+                    p.display()
+                ));
+            }
         } else if p.exists() {
             files.push(p.clone());
         } else {
@@ -35,14 +47,22 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
         }
     }
     files.sort();
+    files.dedup();
     Ok(files)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
+fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> std::io::Result<()> {
+    // A folder reached again (a symlink to a parent) is not walked twice.
+    if !seen.insert(std::fs::canonicalize(dir)?) {
+        return Ok(());
+    }
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    entries.sort();
+    for path in entries {
         if path.is_dir() {
-            walk(&path, out)?;
+            walk(&path, out, seen)?;
         } else if matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml")
@@ -107,14 +127,11 @@ pub fn main(args: ValidateArgs) -> i32 {
                 };
                 println!(
                     "::{level} file={},line={},col={},title={}::{}",
-                    d.file,
+                    github_property(&d.file),
                     d.line,
                     d.column,
                     d.code,
-                    d.message
-                        .replace('%', "%25")
-                        .replace('\r', "%0D")
-                        .replace('\n', "%0A")
+                    github_data(&d.message)
                 );
             }
             println!("{totals}");

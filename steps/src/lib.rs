@@ -11,6 +11,8 @@ pub mod bigquery;
 pub mod carol;
 pub mod exec;
 pub mod files;
+#[cfg(test)]
+mod fuzz;
 pub mod http;
 pub mod log;
 pub mod sheets;
@@ -18,6 +20,7 @@ pub mod sql;
 pub mod table;
 pub mod transform;
 
+use engine::connection::ConnectionKind;
 use engine::step::{Registry, StepKind};
 
 /// Make ring rustls's process-wide crypto provider. Two are compiled in (tiberius's
@@ -47,11 +50,65 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<carol::CarolSend>());
     r.register(StepKind::of::<carol::CarolDelete>());
     r.register(StepKind::of::<carol::CarolHeartbeat>());
+    let c = &mut r.connections;
+    c.register(ConnectionKind::of::<http::client::Connection>(
+        "http",
+        "An HTTP API: base URL, headers and auth of the http.* steps",
+    ));
+    c.register(ConnectionKind::of::<sheets::GoogleConnection>(
+        "google_service_account",
+        "A Google service-account key (sheets.read; bigquery's `credentials`)",
+    ));
+    c.register(ConnectionKind::of::<bigquery::Connection>(
+        "bigquery",
+        "A BigQuery project (bigquery.load)",
+    ));
+    c.register(ConnectionKind::of::<carol::client::Connection>(
+        "carol",
+        "A TOTVS Carol tenant and connector (carol.* steps)",
+    ));
+    for name in [
+        "postgres",
+        "postgresql",
+        "mysql",
+        "mariadb",
+        "sqlite",
+        "sqlserver",
+        "mssql",
+        "odbc",
+    ] {
+        c.register(ConnectionKind::of::<sql::conn::Spec>(
+            name,
+            "A SQL database (sql.query, sql.write)",
+        ));
+    }
     r
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_connection_type_the_steps_read_is_registered() {
+        let r = super::registry();
+        assert_eq!(
+            r.connections.names().collect::<Vec<_>>(),
+            [
+                "http",
+                "google_service_account",
+                "bigquery",
+                "carol",
+                "postgres",
+                "postgresql",
+                "mysql",
+                "mariadb",
+                "sqlite",
+                "sqlserver",
+                "mssql",
+                "odbc",
+            ]
+        );
+    }
+
     #[test]
     fn registry_lists_every_step_with_a_described_schema() {
         let r = super::registry();

@@ -399,18 +399,30 @@ struct Reader {
     token_uri: String,
 }
 
-/// The `google_service_account` connection fields this step reads (others, for other step
-/// types, are ignored).
-#[derive(Debug, Deserialize)]
-struct GoogleConnection {
+/// The `google_service_account` connection (a service-account key for Google's APIs).
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GoogleConnection {
+    /// Always `google_service_account`.
     #[serde(rename = "type")]
     kind: String,
+    /// A path to the service-account key JSON (relative to the pipeline's folder).
     #[serde(default)]
     key_file: Option<String>,
+    /// The service-account key itself (JSON text or a mapping).
     #[serde(default)]
     key_json: Option<Value>,
+    /// The Sheets API's base URL (default `https://sheets.googleapis.com/`).
     #[serde(default)]
     sheets_base_url: Option<String>,
+    /// The local fake that `pipe run --sandbox` points this connection at (`google`).
+    #[serde(default)]
+    #[allow(dead_code)]
+    sandbox: Option<Value>,
+    /// What the connection is, for people.
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
 }
 
 impl Reader {

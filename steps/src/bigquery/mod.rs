@@ -231,28 +231,39 @@ impl LoadSpec {
 }
 
 /// The `bigquery` connection.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct Connection {
+#[schemars(rename = "BigQueryConnection")]
+pub struct Connection {
+    /// Always `bigquery`.
     #[serde(rename = "type")]
     kind: String,
+    /// The Google Cloud project (default: the key's `project_id`).
     #[serde(default)]
     project: Option<String>,
+    /// The dataset location (`US`, `southamerica-east1`), unless the step gives one.
     #[serde(default)]
     location: Option<String>,
+    /// The BigQuery API's base URL (default Google's).
     #[serde(default)]
     base_url: Option<String>,
+    /// The upload endpoint of load jobs (default Google's).
     #[serde(default)]
     upload_url: Option<String>,
+    /// The name of a `google_service_account` connection whose key to use.
     #[serde(default)]
     credentials: Option<Value>,
+    /// A path to the service-account key JSON (relative to the pipeline's folder).
     #[serde(default)]
     key_file: Option<String>,
+    /// The service-account key itself (JSON text or a mapping).
     #[serde(default)]
     key_json: Option<Value>,
+    /// The local fake that `pipe run --sandbox` points this connection at (`bigquery`).
     #[serde(default)]
     #[allow(dead_code)]
     sandbox: Option<Value>,
+    /// What the connection is, for people.
     #[serde(default)]
     #[allow(dead_code)]
     description: Option<String>,

@@ -24,8 +24,9 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const EXPIRY_MARGIN: Duration = Duration::from_secs(60);
 
 /// The rendered `carol` connection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "CarolConnection")]
 pub struct Connection {
     /// Always `carol`.
     #[serde(rename = "type", default)]

@@ -40,8 +40,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(250);
 const EXCERPT: usize = 300;
 
 /// The rendered `http` connection (`connections: {api: {type: http, base_url: …}}`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "HttpConnection")]
 pub struct Connection {
     /// Always `http` for these steps.
     #[serde(rename = "type", default)]
@@ -57,7 +58,7 @@ pub struct Connection {
     /// Timeout of one request (`30s`).
     #[serde(default)]
     pub timeout: Option<String>,
-    /// Used by `--sandbox` only.
+    /// The local fake that `pipe run --sandbox` points this connection at (`tiflux`, `qockpit`).
     #[serde(default)]
     pub sandbox: Option<Value>,
 }

@@ -32,23 +32,31 @@ impl Backend {
 }
 
 /// A SQL connection's fields, as rendered by the engine.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "SqlConnection")]
 pub struct Spec {
+    /// `postgres` (or `postgresql`), `mysql` (or `mariadb`), `sqlite`, `sqlserver` (or
+    /// `mssql`), `odbc`.
     #[serde(rename = "type")]
     pub kind: String,
     /// `postgres://user:pass@host:5432/db?sslmode=require`, `mysql://…`, `sqlite:///path` or
     /// a path; for `sqlserver` an ADO.NET string (`server=tcp:host,1433;user=…`).
     #[serde(default)]
     pub url: Option<String>,
+    /// The server's host name or address.
     #[serde(default)]
     pub host: Option<String>,
+    /// The server's port (default: the database's own).
     #[serde(default)]
     pub port: Option<u16>,
+    /// The user (also `username`).
     #[serde(default, alias = "username")]
     pub user: Option<String>,
+    /// The password (use `{{ secret('NAME') }}`).
     #[serde(default)]
     pub password: Option<String>,
+    /// The database to connect to.
     #[serde(default)]
     pub database: Option<String>,
     /// SQLite: the database file (relative to the pipeline's folder).
@@ -67,9 +75,12 @@ pub struct Spec {
     /// SQL Server: trust the server's certificate without checking it.
     #[serde(default)]
     pub trust_server_certificate: Option<bool>,
+    /// What the connection is, for people.
     #[serde(default)]
     #[allow(dead_code)]
     pub description: Option<String>,
+    /// Ignored by `pipe run --sandbox`, which replaces every SQL connection with the demo
+    /// SQLite database.
     #[serde(default)]
     #[allow(dead_code)]
     pub sandbox: Option<Value>,
