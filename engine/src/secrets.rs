@@ -49,7 +49,8 @@ struct Known {
     values: HashSet<String>,
     /// Regex alternatives with their shortest match, in bytes.
     patterns: Vec<(usize, String)>,
-    /// `patterns` as one expression; `None` while nothing is known.
+    /// `patterns` as one expression; `None` while nothing is known or until the next use
+    /// after a value was learnt (so learning many values at once compiles once).
     matcher: Option<Arc<Regex>>,
 }
 
@@ -111,7 +112,7 @@ impl Redactor {
         known
             .patterns
             .sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        known.matcher = Some(Arc::new(compile(&known.patterns)));
+        known.matcher = None;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -119,7 +120,17 @@ impl Redactor {
     }
 
     fn matcher(&self) -> Option<Arc<Regex>> {
-        self.inner.read().unwrap().matcher.clone()
+        {
+            let known = self.inner.read().unwrap();
+            if known.matcher.is_some() || known.patterns.is_empty() {
+                return known.matcher.clone();
+            }
+        }
+        let mut known = self.inner.write().unwrap();
+        if known.matcher.is_none() {
+            known.matcher = Some(Arc::new(compile(&known.patterns)));
+        }
+        known.matcher.clone()
     }
 
     pub fn redact(&self, text: &str) -> String {
