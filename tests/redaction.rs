@@ -7,16 +7,69 @@ use std::path::Path;
 const TOKEN: &str = "canary-5f2b9e1d-secret";
 const FILE_SECRET: &str = "canary-file-7c3a91e4-secret";
 
-/// The forms of a secret that must never appear: as is, base64 (standard and URL-safe) and
-/// percent-encoded.
+/// The forms of a secret that must never appear: as is, base64 (standard and URL-safe, alone
+/// and after a `user:` of each length modulo 3, as a script builds Basic auth), every way a
+/// URL can percent-encode it, and SQL-quoted.
 fn forms(secret: &str) -> Vec<String> {
     let mut v = vec![
         secret.to_string(),
         base64(secret.as_bytes(), false),
         base64(secret.as_bytes(), true),
         percent_encode(secret),
+        secret.replace('\'', "''"),
     ];
+    for user in ["a:", "ab:", "abc:"] {
+        for url_safe in [false, true] {
+            v.push(base64(format!("{user}{secret}").as_bytes(), url_safe));
+        }
+    }
+    v.extend(url_forms(secret));
+    v.sort();
     v.dedup();
+    v
+}
+
+/// The characters (besides ASCII letters and digits) that URL encoders leave as they are:
+/// strict, RFC 3986 unreserved, JavaScript's `encodeURIComponent`, HTML forms, a URL path,
+/// a URL's userinfo.
+const URL_KEEPS: &[&str] = &[
+    "",
+    "-_.~",
+    "-_.~!*'()",
+    "*-._",
+    "!$&'()*+,-./:;=@_~",
+    "!$&'()*+,-._~",
+];
+
+/// `secret` percent-encoded keeping `keep`, hex in `lower` or upper case, a space as `+`
+/// when `plus`.
+fn url_encode(secret: &str, keep: &str, lower: bool, plus: bool) -> String {
+    secret
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || keep.as_bytes().contains(&b) {
+                (b as char).to_string()
+            } else if b == b' ' && plus {
+                "+".to_string()
+            } else if lower {
+                format!("%{b:02x}")
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// Every URL encoding of `secret` ([`URL_KEEPS`] × hex case × space as `%20` or `+`).
+fn url_forms(secret: &str) -> Vec<String> {
+    let mut v = Vec::new();
+    for keep in URL_KEEPS {
+        for lower in [false, true] {
+            for plus in [false, true] {
+                v.push(url_encode(secret, keep, lower, plus));
+            }
+        }
+    }
     v
 }
 
@@ -40,6 +93,8 @@ fn files_under(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 struct Canary {
     env: Env,
     captured: Vec<(String, Vec<u8>)>,
+    /// More environment variables for every `pipe` command (secrets, encoded forms).
+    vars: Vec<(String, String)>,
 }
 
 impl Canary {
@@ -49,13 +104,20 @@ impl Canary {
         Canary {
             env,
             captured: Vec::new(),
+            vars: Vec::new(),
         }
+    }
+
+    fn var(&mut self, name: &str, value: &str) -> &mut Self {
+        self.vars.push((name.to_string(), value.to_string()));
+        self
     }
 
     fn run(&mut self, args: &[&str]) -> Out {
         let out = Out(self
             .env
             .cmd()
+            .envs(self.vars.iter().map(|(k, v)| (k, v)))
             .env("CANARY_TOKEN", TOKEN)
             .env(
                 "CANARY_FILE_FILE",
@@ -445,4 +507,293 @@ fn carol_and_qockpit_credentials_never_reach_output_or_state() {
             assert!(!contains(bytes, s), "a credential leaked into {what}");
         }
     }
+}
+
+/// The messages of a step's log rows, in order.
+fn messages_of(state: &Path, run_id: i64, step: &str) -> Vec<String> {
+    logs_of(state, run_id)
+        .into_iter()
+        .filter(|r| r.1.as_deref() == Some(step))
+        .map(|r| r.2)
+        .collect()
+}
+
+/// Run `pipeline` (JSON summary), then `runs show`/`runs logs`; the summary and run id.
+fn run_and_inspect(
+    c: &mut Canary,
+    name: &str,
+    pipeline: &str,
+    code: i32,
+) -> (serde_json::Value, i64) {
+    let p = c.env.write(name, pipeline);
+    let out = c.run(&["run", p.to_str().unwrap(), "--format", "json", "-v"]);
+    out.expect_code(code);
+    let summary = out.json();
+    let id = summary["run_id"].as_i64().unwrap();
+    c.inspect(id);
+    (summary, id)
+}
+
+/// A secret with every character a URL encoder treats differently.
+const URL_SECRET: &str = "Ur1-s_e.c~r*e!t=v@l ue";
+
+#[test]
+fn a_secret_in_a_url_query_path_or_userinfo_is_masked_in_every_encoding() {
+    let mut c = Canary::new();
+    c.var("URL_SECRET", URL_SECRET)
+        .var("LOWER", &url_encode(URL_SECRET, "", true, false))
+        .var("FORM", &url_encode(URL_SECRET, "*-._", false, true))
+        .var("JS", &url_encode(URL_SECRET, "-_.~!*'()", true, false));
+    let (summary, id) = run_and_inspect(
+        &mut c,
+        "urls.yaml",
+        r#"
+pipeline: urls
+concurrency: 1
+steps:
+  query:
+    type: http.request
+    with:
+      url: "http://127.0.0.1:9/q"
+      query: { key: "{{ secret('URL_SECRET') }}" }
+      retries: 0
+  path:
+    type: http.request
+    with: { url: "http://127.0.0.1:9/p/{{ secret('URL_SECRET') }}/x", retries: 0 }
+  userinfo:
+    type: http.request
+    with: { url: "http://me:{{ secret('URL_SECRET') }}@127.0.0.1:9/u", retries: 0 }
+  printed:
+    type: exec
+    with:
+      shell: true
+      command: |
+        for v in "$LOWER" "$FORM" "$JS"; do echo "url=http://h/?k=$v"; echo "::set-output name=v::$v"; done
+    outputs: { line: "{{ result.stdout_last_line }}" }
+"#,
+        1,
+    );
+    for step in ["query", "path", "userinfo"] {
+        let e = step_error(&summary, step);
+        assert!(e.contains("127.0.0.1:9"), "{step}: {e}");
+    }
+    assert!(
+        step_error(&summary, "path").contains("/p/***/x"),
+        "{summary}"
+    );
+    assert!(
+        step_error(&summary, "userinfo").contains("me:***@"),
+        "{summary}"
+    );
+    let rows = messages_of(&c.env.state(), id, "printed");
+    assert_eq!(
+        rows.iter().filter(|m| *m == "url=http://h/?k=***").count(),
+        3,
+        "{rows:?}"
+    );
+    c.assert_absent(&[URL_SECRET]);
+}
+
+#[test]
+fn a_secret_printed_before_the_step_that_calls_secret_is_masked() {
+    const CONN: &str = "conn-tok-4d9e2b7a1c";
+    let mut c = Canary::new();
+    c.var("CANARY_CONN", CONN);
+    let (_, id) = run_and_inspect(
+        &mut c,
+        "early.yaml",
+        r#"
+pipeline: early
+concurrency: 1
+connections:
+  api: { type: http, base_url: "http://127.0.0.1:9", auth: { type: bearer, token: "{{ env('CANARY_CONN') }}" } }
+steps:
+  early:
+    type: exec
+    with: { shell: true, command: 'echo "early token $CANARY_TOKEN"; echo "early conn $CANARY_CONN"' }
+  late:
+    type: log
+    needs: [early]
+    with: { message: "late {{ secret('CANARY_TOKEN') }}" }
+  call:
+    type: http.request
+    needs: [early]
+    connection: api
+    with: { path: /x, retries: 0 }
+"#,
+        1,
+    );
+    let rows = messages_of(&c.env.state(), id, "early");
+    for want in ["early token ***", "early conn ***"] {
+        assert!(rows.iter().any(|m| m == want), "{want:?} not in {rows:?}");
+    }
+    c.assert_absent(&[TOKEN, CONN]);
+}
+
+#[test]
+fn a_bound_sql_value_with_a_quote_is_masked_in_the_statement_log() {
+    const SQL_SECRET: &str = "it's-a-s3cret-quoted";
+    let mut c = Canary::new();
+    c.var("SQL_SECRET", SQL_SECRET);
+    let (_, id) = run_and_inspect(
+        &mut c,
+        "sqlq.yaml",
+        r#"
+pipeline: sqlq
+connections:
+  db: { type: sqlite, path: q.db }
+steps:
+  q:
+    type: sql.query
+    connection: db
+    with: { query: "SELECT 1 AS x WHERE 'a' <> {{ secret('SQL_SECRET') }}" }
+"#,
+        0,
+    );
+    let rows = messages_of(&c.env.state(), id, "q");
+    assert!(
+        rows.iter()
+            .any(|m| m.starts_with("query on ") && m.contains("'***'")),
+        "{rows:?}"
+    );
+    c.assert_absent(&[SQL_SECRET]);
+}
+
+#[test]
+fn dry_run_masks_auth_passwords_and_credential_headers() {
+    const PW: &str = "dry-pw-8c1f5a2e";
+    const BEARER: &str = "dry-bearer-6b0d3f9a";
+    const KEY: &str = "dry-key-2e7a4c1b";
+    let mut c = Canary::new();
+    c.var("DRY_PW", PW)
+        .var("DRY_BEARER", BEARER)
+        .var("DRY_KEY", KEY);
+    let p = c.env.write(
+        "dry.yaml",
+        r#"
+pipeline: dry
+steps:
+  call:
+    type: http.request
+    with:
+      url: "http://127.0.0.1:9/x"
+      retries: 0
+      headers: { Authorization: "Bearer {{ env('DRY_BEARER') }}", X-Api-Key: "{{ env('DRY_KEY') }}" }
+      auth: { type: basic, username: me, password: "{{ env('DRY_PW') }}" }
+"#,
+    );
+    let path = p.to_str().unwrap().to_string();
+    for format in ["text", "json"] {
+        let out = c.run(&["run", &path, "--dry-run", "--format", format]);
+        out.expect_code(0);
+        assert!(out.stdout().contains("***"), "{}", out.stdout());
+        assert!(out.stdout().contains("me"), "{}", out.stdout());
+    }
+    // The real run masks them too (and leaves a history to search).
+    let out = c.run(&["run", &path, "--format", "json"]);
+    out.expect_code(1);
+    c.inspect(out.json()["run_id"].as_i64().unwrap());
+    c.assert_absent(&[PW, BEARER, KEY]);
+}
+
+#[test]
+fn a_secret_straddling_the_split_of_a_long_exec_line_is_masked() {
+    let mut c = Canary::new();
+    // 1 MiB rows: the secret starts 5 bytes before the split.
+    let (_, id) = run_and_inspect(
+        &mut c,
+        "long.yaml",
+        r#"
+pipeline: long
+steps:
+  long:
+    type: exec
+    with:
+      shell: true
+      command: 'head -c 1048571 /dev/zero | tr "\0" a; printf "%s\n" "$T"'
+      env: { T: "{{ secret('CANARY_TOKEN') }}" }
+"#,
+        0,
+    );
+    let rows = messages_of(&c.env.state(), id, "long");
+    let text: String = rows.concat();
+    assert!(
+        rows.len() >= 2,
+        "the line was not split: {} rows",
+        rows.len()
+    );
+    assert!(
+        text.ends_with("***"),
+        "{}",
+        &text[text.len().saturating_sub(80)..]
+    );
+    assert!(!text.contains(TOKEN), "the secret is in the rows");
+    c.assert_absent(&[TOKEN]);
+}
+
+#[test]
+fn file_command_refuses_proc_sys_and_dev() {
+    let mut c = Canary::new();
+    let (summary, id) = run_and_inspect(
+        &mut c,
+        "attach.yaml",
+        r#"
+pipeline: attach
+steps:
+  attach:
+    type: exec
+    with:
+      shell: true
+      command: |
+        echo "::file::/proc/self/environ"
+        ln -s /proc/self/environ env-link
+        echo "::file::env-link"
+        echo ok > report.txt
+        echo "::file::report.txt"
+"#,
+        0,
+    );
+    assert_eq!(
+        crate::util::step(&summary, "attach")["status"],
+        "warning",
+        "{summary}"
+    );
+    let rows = messages_of(&c.env.state(), id, "attach");
+    for path in ["/proc/self/environ", "env-link"] {
+        assert!(
+            rows.iter()
+                .any(|m| m.starts_with(&format!("file {path}: cannot attach"))
+                    && m.contains("/proc")),
+            "{path} not refused: {rows:?}"
+        );
+    }
+    assert!(rows.iter().any(|m| m == "file report.txt"), "{rows:?}");
+    c.assert_absent(&[TOKEN]);
+}
+
+#[test]
+fn base64_of_user_colon_secret_built_by_a_script_is_masked() {
+    let mut c = Canary::new();
+    let (_, id) = run_and_inspect(
+        &mut c,
+        "basic.yaml",
+        r#"
+pipeline: basic
+steps:
+  basic:
+    type: exec
+    with:
+      shell: true
+      command: |
+        printf '%s' "a:$T" | base64
+        echo "Authorization: Basic $(printf '%s' "ab:$T" | base64)"
+        printf '%s' "abc:$T" | base64 | tr '+/' '-_' | tr -d '='
+      env: { T: "{{ secret('CANARY_TOKEN') }}" }
+"#,
+        0,
+    );
+    let rows = messages_of(&c.env.state(), id, "basic");
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|m| m.contains("***")), "{rows:?}");
+    c.assert_absent(&[TOKEN]);
 }

@@ -141,6 +141,7 @@ pub async fn execute(req: RunRequest) -> RunResult {
         pipeline_dir,
         req,
     });
+    learn_secrets_up_front(&shared);
     let semaphore = Arc::new(Semaphore::new(shared.req.concurrency.max(1)));
 
     let mut board = Board::new(&plan);
@@ -1029,6 +1030,59 @@ fn render_connection(
     Ok(json)
 }
 
+/// Before the first step starts, learn every secret the pipeline names literally
+/// (`secret('API_TOKEN')` in any step's `with:`, `if:`, `outputs:`, `foreach:` or any
+/// connection) and every secret field of the connections that render without a step's
+/// output, so a step that prints one before the step that calls `secret()` runs is masked.
+/// A secret that is not set, or a connection that needs a step's output, is left to the
+/// step that uses it: it fails (or is learnt) there, as it would without this.
+fn learn_secrets_up_front(shared: &Shared) {
+    use crate::model::{Condition, Foreach};
+    fn strings<'a>(node: &'a crate::yaml::Node, out: &mut Vec<&'a str>) {
+        match &node.value {
+            crate::yaml::Value::String(s) => out.push(s),
+            crate::yaml::Value::Seq(items) => items.iter().for_each(|n| strings(n, out)),
+            crate::yaml::Value::Map(entries) => entries.iter().for_each(|(_, v)| strings(v, out)),
+            _ => {}
+        }
+    }
+    let plan = &shared.req.plan;
+    let mut templates: Vec<&str> = Vec::new();
+    for node in plan.connection_nodes.values() {
+        strings(node, &mut templates);
+    }
+    for step in &plan.steps {
+        strings(&step.config, &mut templates);
+        if let Some(Condition::Template(t)) = &step.spec.condition {
+            templates.push(t);
+        }
+        templates.extend(step.spec.outputs.values().map(|o| o.template()));
+        match &step.spec.foreach {
+            Some(Foreach::Items(t)) => templates.push(t),
+            Some(Foreach::Full(f)) => templates.extend(
+                [Some(&f.items), f.key.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            ),
+            None => {}
+        }
+    }
+    let names: std::collections::BTreeSet<String> = templates
+        .iter()
+        .flat_map(|t| crate::secrets::literal_secret_names(t))
+        .collect();
+    let scope = shared.scope();
+    for name in names {
+        // `secret()` learns the value it returns; an unset one is an error here, ignored.
+        let call = format!("{{{{ secret({}) }}}}", serde_json::Value::String(name));
+        let _ = shared.req.templates.render_str(&call, &scope);
+    }
+    for name in plan.connection_nodes.keys() {
+        let _ = render_connection(shared, name, &scope, 0);
+    }
+}
+
 fn learn_secret_fields(v: &serde_json::Value, redactor: &Redactor) {
     if let Some(fields) = v.as_object() {
         for (field, value) in fields {
@@ -1129,11 +1183,21 @@ pub fn preview(
             };
             let rendered = templates
                 .render_node(&s.config, &scope)
-                .map(|n| redactor.redact_json(&n.to_json()))
-                .map_err(|(pos, e)| {
-                    redactor.redact(&format!("template at line {}: {e}", pos.line))
-                });
+                .map(|n| n.to_json())
+                .map_err(|(pos, e)| format!("template at line {}: {e}", pos.line));
+            if let Ok(json) = &rendered {
+                crate::secrets::learn_step_credentials(json, redactor);
+            }
             (s.id.clone(), s.kind.name.to_string(), rendered)
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        // Masked once every step's credentials are known: one step's may show in another.
+        .map(|(id, kind, rendered)| {
+            let rendered = rendered
+                .map(|json| redactor.redact_json(&json))
+                .map_err(|e| redactor.redact(&e));
+            (id, kind, rendered)
         })
         .collect()
 }

@@ -2,7 +2,8 @@
 //!
 //! * Every stdout line becomes an `info` row and every stderr line an `error` row, in real
 //!   time (both pipes are drained continuously, lines are decoded as lossy UTF-8; a line
-//!   longer than 1 MiB is split into several rows).
+//!   longer than 1 MiB is split into several rows, never through a secret: the split moves
+//!   to the secret's start, so each row is masked whole).
 //! * Workflow commands on stdout (as in GitHub Actions) talk to `pipe`:
 //!   - `::set-output name=NAME::VALUE` sets output `NAME` (the row says only
 //!     `set output NAME`: the value may be secret and is never logged);
@@ -43,6 +44,12 @@ use tokio::process::Command;
 
 /// Longest line kept as one row; longer lines are split.
 const MAX_LINE: usize = 1 << 20;
+/// How far past [`MAX_LINE`] a long line is read before it is split, so that a secret
+/// (in any of its masked forms) up to this long that straddles the split is seen whole.
+const SPLIT_LOOKAHEAD: usize = 64 * 1024;
+/// Where `::file::` never copies from: the kernel's views of processes (their environment),
+/// of the system and of devices.
+const UNATTACHABLE: &[&str] = &["/proc", "/sys", "/dev"];
 /// How much of stdout and stderr the result object keeps (the end).
 const TAIL: usize = 64 * 1024;
 /// How often the progress counters are reported, at most.
@@ -229,14 +236,14 @@ async fn run(cfg: Exec, ctx: StepContext) -> Result<StepOutput, StepError> {
         }
     };
     let read_stdout = async {
-        let mut lines = Lines::new(BufReader::with_capacity(64 * 1024, stdout));
+        let mut lines = Lines::new(BufReader::with_capacity(64 * 1024, stdout), &ctx.redactor);
         while let Some(line) = lines.next().await {
             shared.lines_stdout.fetch_add(1, Ordering::Relaxed);
             on_stdout_line(&ctx, &workdir, &shared, line).await;
         }
     };
     let read_stderr = async {
-        let mut lines = Lines::new(BufReader::with_capacity(64 * 1024, stderr));
+        let mut lines = Lines::new(BufReader::with_capacity(64 * 1024, stderr), &ctx.redactor);
         while let Some(line) = lines.next().await {
             shared.lines_stderr.fetch_add(1, Ordering::Relaxed);
             ctx.log(Level::Error, &line);
@@ -465,12 +472,24 @@ async fn on_stdout_line(ctx: &StepContext, workdir: &Path, shared: &Shared, line
 
 /// Copy `src` into `run_dir` (created when missing) without overwriting an earlier file of
 /// the same name: `report.csv`, `report-2.csv` …. Returns the file name and the copy's path.
+/// A file under [`UNATTACHABLE`] (after symlinks are resolved) is refused.
 async fn attach(src: &Path, run_dir: &Path) -> std::io::Result<(String, PathBuf)> {
     let name = src
         .file_name()
         .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file name"))?
         .to_string_lossy()
         .into_owned();
+    // Copy the resolved path, so a symlink swapped after the check cannot point elsewhere.
+    let src = &tokio::fs::canonicalize(src).await?;
+    if let Some(root) = UNATTACHABLE.iter().find(|r| src.starts_with(r)) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is under {root}, which is never attached (it may hold the environment or device data)",
+                src.display()
+            ),
+        ));
+    }
     if !tokio::fs::metadata(src).await?.is_file() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -496,6 +515,23 @@ async fn attach(src: &Path, run_dir: &Path) -> std::io::Result<(String, PathBuf)
     Ok((name, dest))
 }
 
+/// How many bytes at the end of `b` are the start of a UTF-8 character cut off (0-3).
+fn incomplete_utf8_tail(b: &[u8]) -> usize {
+    for back in 1..=b.len().min(3) {
+        let byte = b[b.len() - back];
+        if byte & 0xC0 != 0x80 {
+            let width = match byte {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            return if width > back { back } else { 0 };
+        }
+    }
+    0
+}
+
 /// Append a line to a tail buffer that keeps the last [`TAIL`] bytes (amortized: trimmed
 /// when it reaches twice that, on a char boundary).
 fn push_tail(tail: &mut String, line: &str) {
@@ -516,24 +552,59 @@ fn trim_tail(tail: &mut String) {
     }
 }
 
-/// Lines of a pipe, as lossy UTF-8 without the line ending, split at [`MAX_LINE`] bytes.
+/// Lines of a pipe, as lossy UTF-8 without the line ending, split at [`MAX_LINE`] bytes
+/// (earlier when a secret straddles that point: see [`Lines::split_long`]).
 struct Lines<R> {
     reader: R,
     buf: Vec<u8>,
     eof: bool,
+    /// `buf` holds the rest of a long line whose newline was already read.
+    line_ended: bool,
+    redactor: engine::secrets::Redactor,
 }
 
 impl<R: AsyncBufRead + Unpin> Lines<R> {
-    fn new(reader: R) -> Self {
+    fn new(reader: R, redactor: &engine::secrets::Redactor) -> Self {
         Lines {
             reader,
             buf: Vec::new(),
             eof: false,
+            line_ended: false,
+            redactor: redactor.clone(),
         }
+    }
+
+    /// The first row of a line longer than [`MAX_LINE`] (the buffer holds
+    /// [`SPLIT_LOOKAHEAD`] more bytes): cut at `MAX_LINE`, or before a secret that would
+    /// straddle the cut, so each row holds the secret whole and is masked. The rest stays
+    /// in the buffer.
+    fn split_long(&mut self) -> String {
+        let incomplete = incomplete_utf8_tail(&self.buf);
+        let tail = self.buf.split_off(self.buf.len() - incomplete);
+        let text = String::from_utf8_lossy(&self.buf).into_owned();
+        let mut cut = self.redactor.safe_split(&text, MAX_LINE);
+        if cut == 0 {
+            cut = text.len().min(MAX_LINE);
+            while !text.is_char_boundary(cut) {
+                cut += 1;
+            }
+        }
+        self.buf = text.as_bytes()[cut..].to_vec();
+        self.buf.extend_from_slice(&tail);
+        let mut row = text;
+        row.truncate(cut);
+        row
     }
 
     async fn next(&mut self) -> Option<String> {
         loop {
+            if self.buf.len() > MAX_LINE && (self.line_ended || self.eof) {
+                return Some(self.split_long());
+            }
+            if self.line_ended {
+                self.line_ended = false;
+                return Some(self.take());
+            }
             if self.eof {
                 return (!self.buf.is_empty()).then(|| self.take());
             }
@@ -551,15 +622,16 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
             }
             let newline = avail.iter().position(|&b| b == b'\n');
             let end = newline.unwrap_or(avail.len());
-            let n = end.min(MAX_LINE - self.buf.len());
+            let n = end.min(MAX_LINE + SPLIT_LOOKAHEAD - self.buf.len());
             self.buf.extend_from_slice(&avail[..n]);
             if newline == Some(n) {
                 self.reader.consume(n + 1);
-                return Some(self.take());
+                self.line_ended = true;
+                continue;
             }
             self.reader.consume(n);
-            if self.buf.len() >= MAX_LINE {
-                return Some(self.take());
+            if self.buf.len() >= MAX_LINE + SPLIT_LOOKAHEAD {
+                return Some(self.split_long());
             }
         }
     }
@@ -833,13 +905,72 @@ mod tests {
         rt.block_on(async {
             let mut data = vec![b'x'; MAX_LINE + 10];
             data.extend_from_slice(b"\nok\r\n\xffz");
-            let mut lines = Lines::new(BufReader::with_capacity(4096, &data[..]));
+            let mut lines = Lines::new(BufReader::with_capacity(4096, &data[..]), &Redactor::new());
             assert_eq!(lines.next().await.unwrap().len(), MAX_LINE);
             assert_eq!(lines.next().await.unwrap(), "x".repeat(10));
             assert_eq!(lines.next().await.unwrap(), "ok");
             assert_eq!(lines.next().await.unwrap(), "\u{fffd}z");
             assert_eq!(lines.next().await, None);
         });
+    }
+
+    #[test]
+    fn a_long_line_is_never_split_through_a_secret() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let r = Redactor::new();
+            r.add("s3cret-token-value");
+            // The secret starts 5 bytes before the split; a 3-byte char straddles a later one.
+            let mut data = vec![b'x'; MAX_LINE - 5];
+            data.extend_from_slice(b"s3cret-token-value");
+            data.extend(vec![b'y'; MAX_LINE - 14]);
+            data.extend_from_slice("\u{20ac}z\nok".as_bytes());
+            let mut lines = Lines::new(BufReader::with_capacity(4096, &data[..]), &r);
+            let mut rows = Vec::new();
+            while let Some(row) = lines.next().await {
+                rows.push(row);
+            }
+            assert_eq!(
+                rows.len(),
+                4,
+                "{:?}",
+                rows.iter().map(|r| r.len()).collect::<Vec<_>>()
+            );
+            assert_eq!(rows[0], "x".repeat(MAX_LINE - 5));
+            assert!(rows[1].starts_with("s3cret-token-value"));
+            assert_eq!(r.redact(&rows[1])[..4], *"***y");
+            assert!(rows[1].len() <= MAX_LINE && rows[1].is_char_boundary(rows[1].len()));
+            assert_eq!(
+                rows[1..3].concat(),
+                format!("s3cret-token-value{}\u{20ac}z", "y".repeat(MAX_LINE - 14))
+            );
+            assert_eq!(rows[3], "ok");
+        });
+    }
+
+    #[tokio::test]
+    async fn file_command_refuses_proc_sys_and_dev() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        std::os::unix::fs::symlink("/proc/self/environ", dir.path().join("env")).unwrap();
+        for src in [
+            "/proc/self/environ",
+            "/proc/self/status",
+            "/dev/null",
+            "/sys/kernel",
+        ] {
+            let e = attach(Path::new(src), &run_dir).await.unwrap_err();
+            assert!(
+                e.to_string().contains("never attached")
+                    || e.kind() == std::io::ErrorKind::NotFound,
+                "{src}: {e}"
+            );
+        }
+        let e = attach(&dir.path().join("env"), &run_dir).await.unwrap_err();
+        assert!(e.to_string().contains("is under /proc"), "{e}");
+        assert!(!run_dir.exists());
     }
 
     fn gone_or_zombie(pid: u32) -> bool {

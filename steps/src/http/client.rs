@@ -175,13 +175,7 @@ pub struct Target<'a> {
     pub max_wait: Option<&'a str>,
 }
 
-/// A header name that carries a credential (its value is redacted).
-fn secret_header(name: &str) -> bool {
-    let n = name.to_ascii_lowercase();
-    ["auth", "token", "key", "secret", "cookie", "password"]
-        .iter()
-        .any(|w| n.contains(w))
-}
+use engine::secrets::is_secret_header as secret_header;
 
 /// Teach the redactor an `Authorization`-style value and, for `Scheme credentials`, the
 /// credentials alone.
@@ -373,10 +367,15 @@ impl Reply {
     }
 }
 
-/// The URL without its query (which may hold API keys), for messages.
+/// The URL as messages show it: without its query (which may hold API keys) and with a
+/// userinfo password as `***`. Every URL in an error goes through here (a reqwest error's
+/// own URL is dropped with `without_url`); the redactor then masks the rest.
 pub fn without_query(url: &url::Url) -> String {
     let mut u = url.clone();
     u.set_query(None);
+    if u.password().is_some() {
+        let _ = u.set_password(Some(engine::secrets::MASK));
+    }
     u.to_string()
 }
 
@@ -587,7 +586,7 @@ impl<'a> Sender<'a> {
                 Err(e) => {
                     let msg = ctx
                         .redactor
-                        .redact(&format!("{shown}: {}", error_chain(&e)));
+                        .redact(&format!("{shown}: {}", error_chain(&e.without_url())));
                     if attempt < p.policy.retries {
                         attempt += 1;
                         self.retries.fetch_add(1, Ordering::Relaxed);

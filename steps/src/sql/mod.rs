@@ -262,7 +262,7 @@ impl StepConfig for SqlQuery {
         }
         let st = params::compile(&pieces, style, &spec.params, |t| ctx.evaluate(t, &[]))
             .map_err(StepError::fatal)?;
-        let shown = st.shown(style);
+        let shown = st.shown(style, &ctx.redactor);
         if spec.query_text.is_some() {
             ctx.log(
                 Level::Info,

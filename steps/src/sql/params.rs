@@ -8,6 +8,7 @@
 //! caller then writes each backend's placeholder (`$1`, `?`, `@P1`) where a value goes.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use engine::secrets::Redactor;
 use indexmap::IndexMap;
 use serde_json::Value;
 
@@ -60,17 +61,19 @@ impl Val {
         })
     }
 
-    /// For the log: strings quoted and cut at 200 characters.
-    pub fn shown(&self) -> String {
+    /// For the log: strings masked, then cut at 200 characters and quoted — in that order,
+    /// so neither the quoting (`it''s`) nor the cut can hide a secret from the redactor.
+    pub fn shown(&self, redactor: &Redactor) -> String {
         match self {
             Val::Null => "NULL".into(),
             Val::Bytes(b) => format!("<{} bytes>", b.len()),
             Val::Text(s) => {
+                let s = redactor.redact(s);
                 let cut: String = s.chars().take(200).collect();
                 let more = if cut.len() < s.len() { "…" } else { "" };
                 format!("'{}{more}'", cut.replace('\'', "''"))
             }
-            v => v.text().unwrap_or_default(),
+            v => redactor.redact(&v.text().unwrap_or_default()),
         }
     }
 }
@@ -248,8 +251,8 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// `SQL [$1 = 'x', $2 = 3]` for the log.
-    pub fn shown(&self, style: Style) -> String {
+    /// `SQL [$1 = 'x', $2 = 3]` for the log, every value masked before it is quoted.
+    pub fn shown(&self, style: Style, redactor: &Redactor) -> String {
         if self.values.is_empty() {
             return self.sql.clone();
         }
@@ -258,8 +261,8 @@ impl Statement {
             .iter()
             .enumerate()
             .map(|(k, v)| match style {
-                Style::Question => v.shown(),
-                _ => format!("{} = {}", style.placeholder(k + 1), v.shown()),
+                Style::Question => v.shown(redactor),
+                _ => format!("{} = {}", style.placeholder(k + 1), v.shown(redactor)),
             })
             .collect();
         format!("{} [{}]", self.sql, vals.join(", "))
@@ -397,5 +400,21 @@ mod tests {
         let (pieces, p) = scan("select {{ env('A', 'b') }} as x", true, &[]);
         assert!(p.is_empty());
         assert_eq!(pieces[1], Piece::Template("{{ env('A', 'b') }}".into()));
+    }
+
+    #[test]
+    fn logged_values_are_masked_before_they_are_quoted_or_cut() {
+        let r = Redactor::new();
+        r.add("it's-a-secret");
+        let long = format!("{}it's-a-secret", "x".repeat(195));
+        let st = Statement {
+            sql: "SELECT $1, $2".into(),
+            values: vec![Val::Text("it's-a-secret".into()), Val::Text(long)],
+        };
+        let shown = st.shown(Style::Dollar, &r);
+        assert_eq!(
+            shown,
+            format!("SELECT $1, $2 [$1 = '***', $2 = '{}***']", "x".repeat(195))
+        );
     }
 }
