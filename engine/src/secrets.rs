@@ -350,6 +350,11 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
             serde_json::Value::Object(inner) if key == "headers" => {
                 for (name, v) in inner {
                     if let (true, Some(v)) = (is_secret_header(name), v.as_str()) {
+                        if only_placeholders(v) {
+                            // `Bearer <steps.session.token>`: an output not known yet,
+                            // nothing to hide, and the plan shows where it goes.
+                            continue;
+                        }
                         redactor.add(v);
                         if let Some((_, credential)) = v.trim().split_once(' ') {
                             redactor.add(credential.trim());
@@ -374,6 +379,32 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
             _ => {}
         }
     }
+}
+
+/// Whether a dry-run value holds nothing but an auth scheme word and placeholders of outputs
+/// not known before running (`<steps.login.token>`, `<item.key>`).
+fn only_placeholders(value: &str) -> bool {
+    let mut rest = value.trim();
+    if let Some((scheme, credential)) = rest.split_once(' ') {
+        if scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            rest = credential.trim();
+        }
+    }
+    let mut saw_placeholder = false;
+    while let Some(start) = rest.find("<steps.").or_else(|| rest.find("<item")) {
+        if !rest[..start].trim().is_empty() {
+            return false;
+        }
+        let Some(end) = rest[start..].find('>') else {
+            return false;
+        };
+        saw_placeholder = true;
+        rest = &rest[start + end + 1..];
+    }
+    saw_placeholder && rest.trim().is_empty()
 }
 
 /// The names of the `secret('NAME')` / `secret("NAME")` calls with a literal name in a
@@ -419,6 +450,16 @@ pub fn lookup_secret(name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn placeholders_of_unknown_outputs_are_not_credentials() {
+        assert!(only_placeholders("Bearer <steps.session.token>"));
+        assert!(only_placeholders("<item.key>"));
+        assert!(!only_placeholders("Bearer s3cr3t"));
+        assert!(!only_placeholders("Bearer s3cr3t<steps.a.b>"));
+        assert!(!only_placeholders("Bearer"));
+    }
+
     use super::*;
 
     #[test]
