@@ -320,18 +320,6 @@ impl Diags {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn output_escaping() {
-        assert_eq!(one_line("a\nb\r\u{1b}[2J\tc"), "a\\nb\\r\\u{1b}[2J c");
-        assert_eq!(github_data("50%\n::error::x"), "50%25%0A::error::x");
-        assert_eq!(github_property("a,b:c%\n"), "a%2Cb%3Ac%25%0A");
-    }
-}
-
 /// "did you mean `x`?" for the closest candidate, when one is close enough.
 pub fn did_you_mean<'a>(
     word: &str,
@@ -343,4 +331,16 @@ pub fn did_you_mean<'a>(
         .filter(|(score, _)| *score > 0.8)
         .max_by(|a, b| a.0.total_cmp(&b.0).then_with(|| b.1.cmp(a.1)))
         .map(|(_, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_escaping() {
+        assert_eq!(one_line("a\nb\r\u{1b}[2J\tc"), "a\\nb\\r\\u{1b}[2J c");
+        assert_eq!(github_data("50%\n::error::x"), "50%25%0A::error::x");
+        assert_eq!(github_property("a,b:c%\n"), "a%2Cb%3Ac%25%0A");
+    }
 }

@@ -405,6 +405,7 @@ struct Reader {
 pub struct GoogleConnection {
     /// Always `google_service_account`.
     #[serde(rename = "type")]
+    #[allow(dead_code)]
     kind: String,
     /// A path to the service-account key JSON (relative to the pipeline's folder).
     #[serde(default)]
@@ -432,17 +433,18 @@ impl Reader {
                 "sheets.read needs a connection of type `{CONNECTION_TYPE}` (`connection: <name>` on the step)"
             ))
         })?;
+        // The type first: another kind's keys are not this kind's mistakes.
+        let kind = conn.get("type").and_then(Value::as_str).unwrap_or_default();
+        if kind != CONNECTION_TYPE {
+            return Err(StepError::fatal(format!(
+                "sheets.read needs a connection of type `{CONNECTION_TYPE}`, not `{kind}`"
+            )));
+        }
         let conn: GoogleConnection = serde_json::from_value(conn.clone()).map_err(|e| {
             StepError::fatal(format!(
                 "the step's connection is not a valid `{CONNECTION_TYPE}` connection: {e}"
             ))
         })?;
-        if conn.kind != CONNECTION_TYPE {
-            return Err(StepError::fatal(format!(
-                "sheets.read needs a connection of type `{CONNECTION_TYPE}`, not `{}`",
-                conn.kind
-            )));
-        }
         let key = load_key(&conn, &ctx.pipeline_dir)?;
         ctx.redactor.add(&key.private_key);
         let client_email = key.client_email.clone();
