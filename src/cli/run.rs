@@ -659,7 +659,7 @@ impl Observer for Progress {
 }
 
 /// Connection types that `--sandbox` replaces with the demo SQLite database.
-const SQL_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "sqlserver", "odbc"];
+const SQL_TYPES: &[&str] = steps::sql::conn::CONNECTION_TYPES;
 
 /// `--sandbox`: start the local fakes, point the pipeline's connections at them and give
 /// `secret()`/`env()` the values of its `sandbox:` block. A pipeline written for production

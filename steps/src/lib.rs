@@ -67,16 +67,7 @@ pub fn registry() -> Registry {
         "carol",
         "A TOTVS Carol tenant and connector (carol.* steps)",
     ));
-    for name in [
-        "postgres",
-        "postgresql",
-        "mysql",
-        "mariadb",
-        "sqlite",
-        "sqlserver",
-        "mssql",
-        "odbc",
-    ] {
+    for &name in sql::conn::CONNECTION_TYPES {
         c.register(ConnectionKind::of::<sql::conn::Spec>(
             name,
             "A SQL database (sql.query, sql.write)",

@@ -6,6 +6,19 @@
 //! attempted, so no error, log row or output can show it.
 
 use engine::step::{StepContext, StepError};
+
+/// Every connection `type:` a SQL step accepts (aliases included): the connection registry
+/// and `--sandbox` (which points each at the demo database) both read this list.
+pub const CONNECTION_TYPES: &[&str] = &[
+    "postgres",
+    "postgresql",
+    "mysql",
+    "mariadb",
+    "sqlite",
+    "sqlserver",
+    "mssql",
+    "odbc",
+];
 use serde::Deserialize;
 use serde_json::Value;
 
