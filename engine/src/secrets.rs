@@ -335,9 +335,17 @@ pub fn is_secret_header(name: &str) -> bool {
 /// an `auth`'s `value` (an API key), and the values of credential headers (`Authorization`,
 /// `X-Api-Key`), with the credentials after an `Authorization` scheme on their own. So
 /// `--dry-run` masks what a real run masks.
+/// A value holding a dry run's placeholder (`<steps.login.token>`, `<item>`) is not a
+/// credential yet (and masking it would hide what the dry run shows).
 pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
     let Some(fields) = config.as_object() else {
         return;
+    };
+    let known = |v: &str| !v.contains("<steps.") && !v.contains("<item");
+    let learn = |v: &str| {
+        if known(v) {
+            redactor.add(v)
+        }
     };
     for (key, value) in fields {
         match value {
@@ -345,14 +353,14 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
                 if crate::validate::is_secret_field(key)
                     && !key.to_ascii_lowercase().ends_with("url") =>
             {
-                redactor.add(s)
+                learn(s)
             }
             serde_json::Value::Object(inner) if key == "headers" => {
                 for (name, v) in inner {
                     if let (true, Some(v)) = (is_secret_header(name), v.as_str()) {
-                        redactor.add(v);
+                        learn(v);
                         if let Some((_, credential)) = v.trim().split_once(' ') {
-                            redactor.add(credential.trim());
+                            learn(credential.trim());
                         }
                     }
                 }
@@ -360,13 +368,15 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
             serde_json::Value::Object(inner) => {
                 if key == "auth" {
                     if let Some(v) = inner.get("value").and_then(|v| v.as_str()) {
-                        redactor.add(v);
+                        learn(v);
                     }
                     if let (Some(user), Some(pw)) = (
                         inner.get("username").and_then(|v| v.as_str()),
                         inner.get("password").and_then(|v| v.as_str()),
                     ) {
-                        redactor.add_basic_auth(user, pw);
+                        if known(pw) {
+                            redactor.add_basic_auth(user, pw);
+                        }
                     }
                 }
                 learn_step_credentials(value, redactor);
@@ -504,6 +514,26 @@ mod tests {
         r.add("token");
         assert_eq!(r.redact("a token-and-more b token"), "a *** b ***");
         assert_eq!(format!("{r:?}"), "Redactor(2 values)");
+    }
+
+    #[test]
+    fn learns_a_steps_credentials_but_not_dry_run_placeholders() {
+        let r = Redactor::new();
+        learn_step_credentials(
+            &serde_json::json!({
+                "url": "http://h/x",
+                "headers": {"Authorization": "Bearer bearer-123", "X-Api-Key": "key-456", "Accept": "text/csv",
+                            "X-Token": "<steps.login.token>"},
+                "auth": {"type": "oauth2", "token_url": "http://h/token", "client_secret": "cs-789",
+                         "username": "me", "password": "pw-000"},
+                "nested": {"auth": {"type": "api_key", "name": "k", "value": "val-111"}},
+            }),
+            &r,
+        );
+        assert_eq!(
+            r.redact("bearer-123 key-456 cs-789 pw-000 val-111 text/csv http://h/token me <steps.login.token>"),
+            "*** *** *** *** *** text/csv http://h/token me <steps.login.token>"
+        );
     }
 
     #[test]
