@@ -335,9 +335,17 @@ pub fn is_secret_header(name: &str) -> bool {
 /// an `auth`'s `value` (an API key), and the values of credential headers (`Authorization`,
 /// `X-Api-Key`), with the credentials after an `Authorization` scheme on their own. So
 /// `--dry-run` masks what a real run masks.
+/// A value holding a dry run's placeholder (`<steps.login.token>`, `<item>`) is not a
+/// credential yet (and masking it would hide what the dry run shows).
 pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
     let Some(fields) = config.as_object() else {
         return;
+    };
+    let known = |v: &str| !v.contains("<steps.") && !v.contains("<item");
+    let learn = |v: &str| {
+        if known(v) {
+            redactor.add(v)
+        }
     };
     for (key, value) in fields {
         match value {
@@ -345,19 +353,14 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
                 if crate::validate::is_secret_field(key)
                     && !key.to_ascii_lowercase().ends_with("url") =>
             {
-                redactor.add(s)
+                learn(s)
             }
             serde_json::Value::Object(inner) if key == "headers" => {
                 for (name, v) in inner {
                     if let (true, Some(v)) = (is_secret_header(name), v.as_str()) {
-                        if only_placeholders(v) {
-                            // `Bearer <steps.session.token>`: an output not known yet,
-                            // nothing to hide, and the plan shows where it goes.
-                            continue;
-                        }
-                        redactor.add(v);
+                        learn(v);
                         if let Some((_, credential)) = v.trim().split_once(' ') {
-                            redactor.add(credential.trim());
+                            learn(credential.trim());
                         }
                     }
                 }
@@ -365,13 +368,15 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
             serde_json::Value::Object(inner) => {
                 if key == "auth" {
                     if let Some(v) = inner.get("value").and_then(|v| v.as_str()) {
-                        redactor.add(v);
+                        learn(v);
                     }
                     if let (Some(user), Some(pw)) = (
                         inner.get("username").and_then(|v| v.as_str()),
                         inner.get("password").and_then(|v| v.as_str()),
                     ) {
-                        redactor.add_basic_auth(user, pw);
+                        if known(pw) {
+                            redactor.add_basic_auth(user, pw);
+                        }
                     }
                 }
                 learn_step_credentials(value, redactor);
@@ -379,32 +384,6 @@ pub fn learn_step_credentials(config: &serde_json::Value, redactor: &Redactor) {
             _ => {}
         }
     }
-}
-
-/// Whether a dry-run value holds nothing but an auth scheme word and placeholders of outputs
-/// not known before running (`<steps.login.token>`, `<item.key>`).
-fn only_placeholders(value: &str) -> bool {
-    let mut rest = value.trim();
-    if let Some((scheme, credential)) = rest.split_once(' ') {
-        if scheme
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            rest = credential.trim();
-        }
-    }
-    let mut saw_placeholder = false;
-    while let Some(start) = rest.find("<steps.").or_else(|| rest.find("<item")) {
-        if !rest[..start].trim().is_empty() {
-            return false;
-        }
-        let Some(end) = rest[start..].find('>') else {
-            return false;
-        };
-        saw_placeholder = true;
-        rest = &rest[start + end + 1..];
-    }
-    saw_placeholder && rest.trim().is_empty()
 }
 
 /// The names of the `secret('NAME')` / `secret("NAME")` calls with a literal name in a
@@ -450,15 +429,6 @@ pub fn lookup_secret(name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-
-    #[test]
-    fn placeholders_of_unknown_outputs_are_not_credentials() {
-        assert!(only_placeholders("Bearer <steps.session.token>"));
-        assert!(only_placeholders("<item.key>"));
-        assert!(!only_placeholders("Bearer s3cr3t"));
-        assert!(!only_placeholders("Bearer s3cr3t<steps.a.b>"));
-        assert!(!only_placeholders("Bearer"));
-    }
 
     use super::*;
 
@@ -545,6 +515,26 @@ mod tests {
         r.add("token");
         assert_eq!(r.redact("a token-and-more b token"), "a *** b ***");
         assert_eq!(format!("{r:?}"), "Redactor(2 values)");
+    }
+
+    #[test]
+    fn learns_a_steps_credentials_but_not_dry_run_placeholders() {
+        let r = Redactor::new();
+        learn_step_credentials(
+            &serde_json::json!({
+                "url": "http://h/x",
+                "headers": {"Authorization": "Bearer bearer-123", "X-Api-Key": "key-456", "Accept": "text/csv",
+                            "X-Token": "<steps.login.token>"},
+                "auth": {"type": "oauth2", "token_url": "http://h/token", "client_secret": "cs-789",
+                         "username": "me", "password": "pw-000"},
+                "nested": {"auth": {"type": "api_key", "name": "k", "value": "val-111"}},
+            }),
+            &r,
+        );
+        assert_eq!(
+            r.redact("bearer-123 key-456 cs-789 pw-000 val-111 text/csv http://h/token me <steps.login.token>"),
+            "*** *** *** *** *** text/csv http://h/token me <steps.login.token>"
+        );
     }
 
     #[test]

@@ -598,15 +598,21 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
 
     async fn next(&mut self) -> Option<String> {
         loop {
-            if self.buf.len() > MAX_LINE && (self.line_ended || self.eof) {
-                return Some(self.split_long());
-            }
-            if self.line_ended {
+            if self.line_ended || (self.eof && !self.buf.is_empty()) {
+                if self.buf.len() > MAX_LINE {
+                    return Some(self.split_long());
+                }
+                let row = self.take();
+                if row.len() > MAX_LINE {
+                    // Invalid UTF-8, decoded lossily, grew past the limit: split the text.
+                    self.buf = row.into_bytes();
+                    return Some(self.split_long());
+                }
                 self.line_ended = false;
-                return Some(self.take());
+                return Some(row);
             }
             if self.eof {
-                return (!self.buf.is_empty()).then(|| self.take());
+                return None;
             }
             let avail = match self.reader.fill_buf().await {
                 Ok(a) => a,
@@ -622,7 +628,8 @@ impl<R: AsyncBufRead + Unpin> Lines<R> {
             }
             let newline = avail.iter().position(|&b| b == b'\n');
             let end = newline.unwrap_or(avail.len());
-            let n = end.min(MAX_LINE + SPLIT_LOOKAHEAD - self.buf.len());
+            // (Saturating: invalid UTF-8 decoded lossily can leave more than that after a split.)
+            let n = end.min((MAX_LINE + SPLIT_LOOKAHEAD).saturating_sub(self.buf.len()));
             self.buf.extend_from_slice(&avail[..n]);
             if newline == Some(n) {
                 self.reader.consume(n + 1);
@@ -947,6 +954,29 @@ mod tests {
                 format!("s3cret-token-value{}\u{20ac}z", "y".repeat(MAX_LINE - 14))
             );
             assert_eq!(rows[3], "ok");
+        });
+    }
+
+    #[test]
+    fn long_invalid_utf8_lines_split_into_bounded_rows() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut data = vec![0xff; 2 * MAX_LINE];
+            data.extend_from_slice(b"\nok");
+            let mut lines = Lines::new(BufReader::with_capacity(4096, &data[..]), &Redactor::new());
+            let mut rows = Vec::new();
+            while let Some(row) = lines.next().await {
+                rows.push(row);
+            }
+            assert_eq!(rows.last().map(String::as_str), Some("ok"));
+            assert!(rows.iter().all(|r| r.len() <= MAX_LINE));
+            let replaced: usize = rows
+                .iter()
+                .map(|r| r.chars().filter(|c| *c == '\u{fffd}').count())
+                .sum();
+            assert_eq!(replaced, 2 * MAX_LINE);
         });
     }
 
