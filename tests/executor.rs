@@ -593,3 +593,69 @@ steps:
         .unwrap();
     assert_eq!(status, "failed");
 }
+
+#[test]
+fn sigterm_during_a_big_file_read_exits_within_seconds_of_the_summary() {
+    let env = Env::new();
+    // About 10 MB of CSV: parsing it takes a debug build a minute or more.
+    let mut csv = String::from("id,name,amount,day\n");
+    for i in 0..300_000u32 {
+        csv.push_str(&format!(
+            "{i},name-{},{}.{:02},2024-03-{:02}\n",
+            i % 977,
+            i / 3,
+            i % 100,
+            i % 28 + 1
+        ));
+    }
+    env.write("big.csv", &csv);
+    let p = env.write(
+        "p.yaml",
+        "pipeline: big\nsteps:\n  read:\n    type: file.read\n    with: { path: big.csv }\n  teardown:\n    type: exec\n    always: true\n    needs: [read]\n    with: { command: touch, args: [torn-down] }\n",
+    );
+    let child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the read is under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let db = env.state().join("history.sqlite");
+        let running = db.exists()
+            && history(&env.state())
+                .query_row(
+                    "select count(*) from step_runs where step = 'read' and status = 'running'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap_or(0)
+                > 0;
+        if running {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the read never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // The deadline is a hang guard; the bound below is the point.
+    let out = crate::util::wait_with_deadline(child, Duration::from_secs(300));
+    let took = signalled.elapsed();
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(status_of(&v, "read"), "cancelled", "{v}");
+    assert_eq!(status_of(&v, "teardown"), "succeeded", "{v}");
+    assert!(
+        took < Duration::from_secs(20),
+        "pipe took {took:?} to exit after SIGTERM (the parse held it)"
+    );
+    let status: String = history(&env.state())
+        .query_row("select status from runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(status, "cancelled");
+}

@@ -1114,6 +1114,10 @@ async fn attempt_once(
         };
         match result {
             Ok(out) => return Ok(Some((out, attempt))),
+            // The step noticed the cancellation before the executor did.
+            Err(_) if parent.is_cancelled() => {
+                return Err((Status::Cancelled, "cancelled".to_string()))
+            }
             Err(e) if e.retryable && attempt < attempts && !parent.is_cancelled() => {
                 let base = backoff
                     .saturating_mul(1u32 << (attempt - 1).min(20))
