@@ -196,3 +196,61 @@ fn kill_9_of_pipe_takes_its_exec_child_with_it() {
     }
     assert!(!survived, "the exec child (pid {child}) outlived pipe");
 }
+
+#[test]
+fn hundreds_of_megabytes_of_output_keep_pipe_small() {
+    let env = Env::new();
+    // 300 MB of 100-byte lines, as fast as `yes` makes them.
+    let p = env.write(
+        "p.yaml",
+        "pipeline: flood\nsteps:\n  flood:\n    type: exec\n    with: { command: sh, args: ['-c', 'yes xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx | head -c 300000000'] }\n",
+    );
+    let mut child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--format", "json", "-q"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The peak resident size (VmHWM only grows), read until the process ends; the
+    // deadline is a hang guard.
+    let deadline = Instant::now() + Duration::from_secs(400);
+    let mut peak_kb = 0u64;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{}/status", child.id())) {
+            if let Some(kb) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            {
+                peak_kb = peak_kb.max(kb);
+            }
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if peak_kb > 1_000_000 || Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("pipe grew to {peak_kb} kB or ran past the deadline");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        peak_kb < 200_000,
+        "pipe peaked at {peak_kb} kB for 300 MB of output"
+    );
+    let db = history(&env.state());
+    let stored: i64 = db
+        .query_row(
+            "select coalesce(sum(length(message)), 0) from logs where step = 'flood'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        stored < 17 << 20,
+        "{stored} bytes of log stored in the database"
+    );
+}
