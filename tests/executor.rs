@@ -1,7 +1,7 @@
 //! Executor semantics through `pipe run`: ordering, concurrency, retry, timeout, skip,
 //! teardown after failure and after Ctrl-C, outputs between steps, params.
 
-use crate::util::{history, Env};
+use crate::util::{history, Env, Out};
 use std::time::{Duration, Instant};
 
 fn steps_of(v: &serde_json::Value) -> Vec<(String, String, u64)> {
@@ -438,4 +438,224 @@ fn graph_prints_mermaid_and_dot() {
     assert!(out.stdout().contains("b -.-> c"), "{}", out.stdout());
     let out = env.run(&["graph", p.to_str().unwrap(), "--format", "dot"]);
     assert!(out.stdout().contains("\"a\" -> \"b\";"), "{}", out.stdout());
+}
+
+/// A teardown step and what the run recorded, for the tests of failures inside a step.
+fn run_with_teardown(env: &Env, step: &str, params: &[&str]) -> serde_json::Value {
+    let p = env.write(
+        "p.yaml",
+        &format!(
+            r#"
+pipeline: broken
+params:
+  m: {{ type: month, default: "2026-01" }}
+  t: {{ type: number, default: 1 }}
+steps:
+{step}
+  after:
+    type: log
+    needs: [broken]
+    with: {{ message: never }}
+  teardown:
+    type: exec
+    always: true
+    needs: [after]
+    with: {{ command: touch, args: [torn-down] }}
+"#
+        ),
+    );
+    let mut args = vec!["run", p.to_str().unwrap(), "--format", "json"];
+    for p in params {
+        args.extend(["--param", p]);
+    }
+    let out = env.run(&args);
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(v["status"], "failed", "{v}");
+    assert_eq!(status_of(&v, "broken"), "failed", "{v}");
+    assert_eq!(status_of(&v, "after"), "skipped", "{v}");
+    assert_eq!(status_of(&v, "teardown"), "succeeded", "{v}");
+    assert!(env.path().join("torn-down").exists(), "teardown never ran");
+    let db = history(&env.state());
+    let (status, error): (String, String) = db
+        .query_row("select status, error from runs", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(status, "failed");
+    assert!(error.starts_with("step `broken` failed"), "{error}");
+    v
+}
+
+fn step_error(v: &serde_json::Value, id: &str) -> String {
+    crate::util::step(v, id)["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn calendar_arithmetic_out_of_range_is_a_template_error_and_teardown_runs() {
+    let env = Env::new();
+    let v = run_with_teardown(
+        &env,
+        "  broken:\n    type: log\n    with: { message: \"{{ params.m | add_months(100000000) }}\" }",
+        &[],
+    );
+    let e = step_error(&v, "broken");
+    assert!(e.contains("add_months: date out of range"), "{e}");
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn a_timeout_too_long_from_a_param_is_the_steps_error_and_teardown_runs() {
+    let env = Env::new();
+    let v = run_with_teardown(
+        &env,
+        "  broken:\n    type: exec\n    timeout: \"{{ params.t }}\"\n    with: { command: 'true' }",
+        &["t=1e20"],
+    );
+    let e = step_error(&v, "broken");
+    assert!(
+        e.contains("`timeout`: invalid duration") && e.contains("at most 100 years"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+}
+
+#[test]
+fn a_timeout_from_a_param_applies() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        "pipeline: slow\nparams:\n  t: { type: string, default: 300ms }\nsteps:\n  slow:\n    type: exec\n    timeout: \"{{ params.t }}\"\n    with: { command: sleep, args: ['30'] }\n",
+    );
+    let child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Only a hang guard: the 30 s sleep is killed after 300 ms.
+    let out = crate::util::wait_with_deadline(child, Duration::from_secs(25));
+    out.expect_code(1);
+    let e = step_error(&out.json(), "slow");
+    assert!(e.contains("timed out after 300ms"), "{e}");
+}
+
+#[test]
+fn a_panic_inside_a_step_fails_that_step_and_the_run_goes_on_to_its_teardown() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        r#"
+pipeline: panicky
+steps:
+  broken:
+    type: log
+    with: { message: hello }
+  fine:
+    type: log
+    with: { message: fine }
+  after:
+    type: log
+    needs: [broken]
+    with: { message: never }
+  teardown:
+    type: exec
+    always: true
+    needs: [after, fine]
+    with: { command: touch, args: [torn-down] }
+"#,
+    );
+    let out = Out(env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--format", "json"])
+        .env("PIPE_DEBUG_PANIC_IN_STEP", "broken")
+        .output()
+        .unwrap());
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(status_of(&v, "broken"), "failed", "{v}");
+    assert_eq!(status_of(&v, "fine"), "succeeded", "{v}");
+    assert_eq!(status_of(&v, "after"), "skipped", "{v}");
+    assert_eq!(status_of(&v, "teardown"), "succeeded", "{v}");
+    assert!(env.path().join("torn-down").exists(), "teardown never ran");
+    let e = step_error(&v, "broken");
+    assert!(
+        e.contains("panicked") && e.contains("PIPE_DEBUG_PANIC_IN_STEP asked for a panic here"),
+        "{e}"
+    );
+    let db = history(&env.state());
+    let status: String = db
+        .query_row("select status from runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(status, "failed");
+}
+
+#[test]
+fn sigterm_during_a_big_file_read_exits_within_seconds_of_the_summary() {
+    let env = Env::new();
+    // About 10 MB of CSV: parsing it takes a debug build a minute or more.
+    let mut csv = String::from("id,name,amount,day\n");
+    for i in 0..300_000u32 {
+        csv.push_str(&format!(
+            "{i},name-{},{}.{:02},2024-03-{:02}\n",
+            i % 977,
+            i / 3,
+            i % 100,
+            i % 28 + 1
+        ));
+    }
+    env.write("big.csv", &csv);
+    let p = env.write(
+        "p.yaml",
+        "pipeline: big\nsteps:\n  read:\n    type: file.read\n    with: { path: big.csv }\n  teardown:\n    type: exec\n    always: true\n    needs: [read]\n    with: { command: touch, args: [torn-down] }\n",
+    );
+    let child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the read is under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let db = env.state().join("history.sqlite");
+        let running = db.exists()
+            && history(&env.state())
+                .query_row(
+                    "select count(*) from step_runs where step = 'read' and status = 'running'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap_or(0)
+                > 0;
+        if running {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the read never started");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = Instant::now();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    // The deadline is a hang guard; the bound below is the point.
+    let out = crate::util::wait_with_deadline(child, Duration::from_secs(300));
+    let took = signalled.elapsed();
+    out.expect_code(1);
+    let v = out.json();
+    assert_eq!(v["status"], "cancelled", "{v}");
+    assert_eq!(status_of(&v, "read"), "cancelled", "{v}");
+    assert_eq!(status_of(&v, "teardown"), "succeeded", "{v}");
+    assert!(
+        took < Duration::from_secs(20),
+        "pipe took {took:?} to exit after SIGTERM (the parse held it)"
+    );
+    let status: String = history(&env.state())
+        .query_row("select status from runs", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(status, "cancelled");
 }

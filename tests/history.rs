@@ -455,3 +455,60 @@ fn two_runs_log_loops_at_once_lose_nothing() {
         assert_eq!(got, want);
     }
 }
+
+#[test]
+fn a_steps_log_past_the_limit_goes_to_a_file_and_one_row_says_so() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        "pipeline: chatty\nsteps:\n  chatty:\n    type: exec\n    with: { command: seq, args: ['1', '20000'] }\n  quiet:\n    type: log\n    needs: [chatty]\n    with: { message: still stored }\n",
+    );
+    let out = env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--format", "json", "-q"])
+        .env("PIPE_LOG_LIMIT", "10000")
+        .output()
+        .unwrap();
+    crate::util::Out(out).expect_code(0);
+    let db = history(&env.state());
+    let rows: Vec<(String, String, Option<String>)> = db
+        .prepare("select level, message, file from logs where step = 'chatty' order by id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let (last, stored) = rows.split_last().unwrap();
+    let stored_bytes: usize = stored.iter().map(|(_, m, _)| m.len()).sum();
+    assert!(stored_bytes <= 10_000, "{stored_bytes} bytes stored");
+    assert_eq!(last.0, "warning", "{last:?}");
+    assert!(
+        last.1.contains("log rows")
+            && last.1.contains("not stored here")
+            && last.1.contains("PIPE_LOG_LIMIT"),
+        "{last:?}"
+    );
+    let file = last.2.as_deref().expect("the rest is attached");
+    assert!(file.contains("runs/1/"), "{file}");
+    // Nothing is lost: the stored rows and the file's lines are every number, in order.
+    let mut numbers: Vec<u32> = stored
+        .iter()
+        .filter_map(|(_, m, _)| m.parse().ok())
+        .collect();
+    numbers.extend(
+        std::fs::read_to_string(file)
+            .unwrap()
+            .lines()
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u32>().unwrap()),
+    );
+    assert_eq!(numbers, (1..=20_000).collect::<Vec<_>>());
+    // Other steps keep their own allowance.
+    let quiet: i64 = db
+        .query_row(
+            "select count(*) from logs where step = 'quiet' and message = 'still stored'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(quiet, 1);
+}

@@ -15,9 +15,11 @@ use crate::status::Status;
 use crate::step::{StepContext, StepError, StepOutput, Table};
 use crate::template::{Scope, Templates};
 use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
 use indexmap::IndexMap;
 use minijinja::value::{Enumerator, Object, Value as TValue};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -162,7 +164,13 @@ pub async fn execute(req: RunRequest) -> RunResult {
                             .acquire_owned()
                             .await
                             .expect("semaphore is never closed");
-                        let record = run_step(&shared, i).await;
+                        // A panic anywhere in the step (a bug) fails that step only: the run
+                        // goes on to its teardown steps and records itself.
+                        let record =
+                            match AssertUnwindSafe(run_step(&shared, i)).catch_unwind().await {
+                                Ok(record) => record,
+                                Err(payload) => panicked(&shared, i, &panic_message(&*payload)),
+                            };
                         (i, record)
                     });
                 }
@@ -345,6 +353,51 @@ fn not_run(shared: &Shared, i: usize, status: Status, why: &str) -> StepRecord {
     record
 }
 
+/// Debug builds only: a step whose id this variable names panics when it starts, so that
+/// the tests of the real binary can see what a panic inside a step does.
+const DEBUG_PANIC_VAR: &str = "PIPE_DEBUG_PANIC_IN_STEP";
+
+fn debug_panic_requested(step: &str) -> bool {
+    cfg!(debug_assertions) && std::env::var(DEBUG_PANIC_VAR).is_ok_and(|v| v == step)
+}
+
+/// What a caught panic says (its payload is a `&str` or a `String` when it has a message).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_string())
+}
+
+/// The error of a step in which pipe panicked.
+fn panic_error(message: &str) -> String {
+    format!("pipe panicked in this step (a bug in pipe; please report it): {message}")
+}
+
+/// The record of a step whose task panicked outside the step's own code (the bookkeeping
+/// around it): failed, with the panic's message.
+fn panicked(shared: &Shared, i: usize, message: &str) -> StepRecord {
+    let id = &shared.req.plan.steps[i].id;
+    let error = shared.req.redactor.redact(&panic_error(message));
+    let now = Utc::now();
+    let record = StepRecord {
+        step: id.clone(),
+        kind: shared.req.plan.steps[i].spec.kind.clone(),
+        status: Status::Failed,
+        attempts: 1,
+        started_at: Some(now),
+        finished_at: Some(now),
+        duration_ms: 0,
+        rows: None,
+        error: Some(error.clone()),
+        outputs: serde_json::Value::Object(Default::default()),
+    };
+    shared.log(Some(id), Level::Error, format!("failed: {error}"));
+    shared.publish(id, serde_json::Value::Object(builtins(&record)));
+    record
+}
+
 async fn run_step(shared: &Shared, i: usize) -> StepRecord {
     let step = &shared.req.plan.steps[i];
     let id = step.id.as_str();
@@ -373,11 +426,13 @@ async fn run_step(shared: &Shared, i: usize) -> StepRecord {
         .values()
         .any(|o| o.secret())
         .then(|| Arc::new(Holding::new(shared.req.observer.clone())));
-    let observer: Arc<dyn Observer> = match &holding {
+    let inner: Arc<dyn Observer> = match &holding {
         Some(h) => h.clone(),
         None => shared.req.observer.clone(),
     };
-    let record = run_attempts(shared, i, &observer, record, scope, clock).await;
+    let warned = Arc::new(WarningRows::new(inner));
+    let observer: Arc<dyn Observer> = warned.clone();
+    let record = run_attempts(shared, i, &observer, &warned, record, scope, clock).await;
     if let Some(h) = holding {
         h.release(redactor);
     }
@@ -388,6 +443,7 @@ async fn run_attempts(
     shared: &Shared,
     i: usize,
     observer: &Arc<dyn Observer>,
+    warned: &WarningRows,
     mut record: StepRecord,
     scope: Scope,
     clock: Instant,
@@ -400,7 +456,7 @@ async fn run_attempts(
         None => run_once(shared, i, observer, &scope, None, &mut record.attempts)
             .await
             .map(|o| o.map(|(out, n)| (out, n, false))),
-        Some(foreach) => run_foreach(shared, i, observer, &scope, foreach).await,
+        Some(foreach) => run_foreach(shared, i, observer, warned, &scope, foreach).await,
     };
 
     let finished = Utc::now();
@@ -431,8 +487,11 @@ async fn run_attempts(
             } else {
                 Status::Warning
             };
+            // Steps log most warnings as they happen; the others get a row now.
             for w in &out.warnings {
-                shared.log(Some(id), Level::Warning, w.clone());
+                if !warned.logged(w, redactor) {
+                    shared.log(Some(id), Level::Warning, w.clone());
+                }
             }
             let mut values = out.outputs.clone();
             // Derived outputs: templates over the result object (a `foreach` step did
@@ -534,6 +593,7 @@ async fn run_foreach(
     shared: &Shared,
     i: usize,
     observer: &Arc<dyn Observer>,
+    warned: &WarningRows,
     scope: &Scope,
     foreach: &crate::model::Foreach,
 ) -> Result<Option<(StepOutput, u32, bool)>, (Status, String)> {
@@ -560,7 +620,10 @@ async fn run_foreach(
             )))
         }
     };
-    let mut keys = Vec::with_capacity(items.len());
+    let mut keys: Vec<serde_json::Value> = Vec::with_capacity(items.len());
+    // The items seen so far by key text (how keys are compared across steps), so that
+    // finding a repeated key costs one look-up per item, not a scan of the earlier ones.
+    let mut by_text: HashMap<String, Vec<usize>> = HashMap::with_capacity(items.len());
     for (n, item) in items.iter().enumerate() {
         let key = match foreach.key() {
             Some(t) => templates
@@ -571,12 +634,14 @@ async fn run_foreach(
                 _ => serde_json::Value::from(n),
             },
         };
-        if let Some(j) = keys.iter().position(|k| k == &key) {
+        let same_text = by_text.entry(key_text(&key)).or_default();
+        if let Some(&j) = same_text.iter().find(|&&j| keys[j] == key) {
             return Err(fail(format!(
                 "`foreach`: items {j} and {n} have the same key `{}`; give each a distinct `key`",
                 key_text(&key)
             )));
         }
+        same_text.push(n);
         keys.push(key);
     }
     let concurrency = foreach.concurrency();
@@ -674,11 +739,14 @@ async fn run_foreach(
                     "warning"
                 }
                 .into();
-                warnings.extend(
-                    out.warnings
-                        .iter()
-                        .map(|w| format!("item {}: {w}", key_text(&key))),
-                );
+                for w in &out.warnings {
+                    let summary = format!("item {}: {w}", key_text(&key));
+                    // The item logged it already: its summary needs no row of its own.
+                    if warned.logged(w, &shared.req.redactor) {
+                        warned.note(&summary);
+                    }
+                    warnings.push(summary);
+                }
                 for (name, v) in &out.outputs {
                     per_output
                         .entry(name.clone())
@@ -847,7 +915,8 @@ async fn run_item(
 }
 
 /// One step (or one item of a `foreach` step): `if:`, rendering, attempts with retries and
-/// timeouts. `Ok(None)` = skipped by its `if:`.
+/// timeouts. `Ok(None)` = skipped by its `if:`. A panic inside (a bug in pipe or in a
+/// library) is this step's (or item's) failure, with the panic's message.
 async fn run_once(
     shared: &Shared,
     i: usize,
@@ -855,6 +924,80 @@ async fn run_once(
     scope: &Scope,
     item_inputs: Option<IndexMap<String, Table>>,
     attempts_used: &mut u32,
+) -> Result<Option<(StepOutput, u32)>, (Status, String)> {
+    let attempts = std::sync::atomic::AtomicU32::new(0);
+    let outcome = AssertUnwindSafe(attempt_once(
+        shared,
+        i,
+        observer,
+        scope,
+        item_inputs,
+        &attempts,
+    ))
+    .catch_unwind()
+    .await;
+    *attempts_used = attempts.load(std::sync::atomic::Ordering::Relaxed);
+    outcome.unwrap_or_else(|payload| {
+        *attempts_used = (*attempts_used).max(1);
+        Err((Status::Failed, panic_error(&panic_message(&*payload))))
+    })
+}
+
+/// A duration of the step envelope (`timeout`, `retry.backoff` …) at run time: a template
+/// is rendered first; a number is seconds. Too long or negative is the step's error, never
+/// a panic in `Duration`'s arithmetic.
+fn envelope_duration(
+    templates: &Templates,
+    scope: &Scope,
+    field: &str,
+    spec: &crate::model::DurationSpec,
+) -> Result<Duration, (Status, String)> {
+    use crate::model::DurationSpec;
+    let fail = |e: String| (Status::Failed, format!("`{field}`: {e}"));
+    let value = match spec {
+        DurationSpec::Text(t) if crate::template::is_template(t) => {
+            templates.render_str(t, scope).map_err(fail)?
+        }
+        DurationSpec::Text(t) => serde_json::Value::String(t.clone()),
+        DurationSpec::Seconds(s) => serde_json::json!(s),
+    };
+    match &value {
+        serde_json::Value::Number(n) => {
+            let secs = n.as_f64().unwrap_or(f64::NAN);
+            seconds(secs).ok_or_else(|| {
+                fail(format!(
+                    "invalid duration {n} (expected 0 or more seconds, at most 100 years)"
+                ))
+            })
+        }
+        serde_json::Value::String(t) => match t.trim().parse::<f64>() {
+            Ok(secs) => seconds(secs).ok_or_else(|| {
+                fail(format!(
+                    "invalid duration `{t}` (expected 0 or more seconds, at most 100 years)"
+                ))
+            }),
+            Err(_) => crate::duration::parse(t).map_err(fail),
+        },
+        other => Err(fail(format!(
+            "expected a duration such as 30s, 2m or 1h, got `{other}`"
+        ))),
+    }
+}
+
+/// `secs` as a duration when it is a finite number from 0 to 100 years (longer ones are
+/// mistakes, and the clock plus any accepted duration must not overflow).
+fn seconds(secs: f64) -> Option<Duration> {
+    const MAX_SECS: f64 = 100.0 * 365.0 * 86_400.0;
+    (secs.is_finite() && (0.0..=MAX_SECS).contains(&secs)).then(|| Duration::from_secs_f64(secs))
+}
+
+async fn attempt_once(
+    shared: &Shared,
+    i: usize,
+    observer: &Arc<dyn Observer>,
+    scope: &Scope,
+    item_inputs: Option<IndexMap<String, Table>>,
+    attempts_used: &std::sync::atomic::AtomicU32,
 ) -> Result<Option<(StepOutput, u32)>, (Status, String)> {
     let step = &shared.req.plan.steps[i];
     let id = step.id.as_str();
@@ -888,17 +1031,16 @@ async fn run_once(
         }
     };
     let inputs = item_inputs.unwrap_or_else(|| shared.inputs_of(i));
-    let timeout = step.spec.timeout.as_ref().and_then(|t| t.parse().ok());
+    let duration = |field: &str, spec: Option<&crate::model::DurationSpec>| {
+        spec.map(|d| envelope_duration(templates, &scope, field, d))
+            .transpose()
+    };
+    let timeout = duration("timeout", step.spec.timeout.as_ref())?;
     let (attempts, backoff, max_backoff) = match &step.spec.retry {
         Some(r) => (
             r.attempts.max(1),
-            r.backoff
-                .as_ref()
-                .and_then(|b| b.parse().ok())
-                .unwrap_or(Duration::from_secs(1)),
-            r.max_backoff
-                .as_ref()
-                .and_then(|b| b.parse().ok())
+            duration("retry.backoff", r.backoff.as_ref())?.unwrap_or(Duration::from_secs(1)),
+            duration("retry.max_backoff", r.max_backoff.as_ref())?
                 .unwrap_or(Duration::from_secs(60)),
         ),
         None => (1, Duration::from_secs(1), Duration::from_secs(60)),
@@ -937,7 +1079,20 @@ async fn run_once(
         ctx.evaluator = Some((shared.req.templates.clone(), scope.clone()));
         let result = match (step.kind.run)(config.clone(), ctx) {
             Err(e) => Err(e),
-            Ok(mut fut) => {
+            Ok(fut) => {
+                let panic_here = debug_panic_requested(id);
+                let fut = Box::pin(async move {
+                    if panic_here {
+                        panic!("{DEBUG_PANIC_VAR} asked for a panic here");
+                    }
+                    fut.await
+                });
+                // A panic in the step's own code fails this attempt (not retried: it is a bug).
+                let mut fut = AssertUnwindSafe(fut).catch_unwind().map(|r| {
+                    r.unwrap_or_else(|payload| {
+                        Err(StepError::fatal(panic_error(&panic_message(&*payload))))
+                    })
+                });
                 let sleeper = async {
                     match timeout {
                         Some(t) => tokio::time::sleep(t).await,
@@ -960,6 +1115,10 @@ async fn run_once(
         };
         match result {
             Ok(out) => return Ok(Some((out, attempt))),
+            // The step noticed the cancellation before the executor did.
+            Err(_) if parent.is_cancelled() => {
+                return Err((Status::Cancelled, "cancelled".to_string()))
+            }
             Err(e) if e.retryable && attempt < attempts && !parent.is_cancelled() => {
                 let base = backoff
                     .saturating_mul(1u32 << (attempt - 1).min(20))
@@ -988,7 +1147,7 @@ async fn run_once(
                 attempt += 1;
             }
             Err(e) => {
-                *attempts_used = attempt;
+                attempts_used.store(attempt, std::sync::atomic::Ordering::Relaxed);
                 let what = if attempt > 1 {
                     format!(" (after {attempt} attempts)")
                 } else {
@@ -1122,6 +1281,52 @@ fn render_config(
         }
     }
     Ok(rendered)
+}
+
+/// Remembers the warning rows a step wrote, so that the executor does not write its
+/// [`StepOutput::warnings`] a second time: steps log a warning when it happens (so it sits
+/// in its place among the other rows) and also return it, which makes the status `warning`.
+struct WarningRows {
+    inner: Arc<dyn Observer>,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl WarningRows {
+    /// Remembered messages at most (a step writing more warning rows than this may see a
+    /// few of them twice, rather than pipe growing without bound).
+    const CAPACITY: usize = 10_000;
+
+    fn new(inner: Arc<dyn Observer>) -> Self {
+        WarningRows {
+            inner,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn note(&self, message: &str) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() < Self::CAPACITY {
+            seen.insert(message.to_string());
+        }
+    }
+
+    /// Whether the step already wrote a warning row saying `warning` (as it was redacted
+    /// then, or as it is now).
+    fn logged(&self, warning: &str, redactor: &Redactor) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.contains(warning) || seen.contains(&redactor.redact(warning))
+    }
+}
+
+impl Observer for WarningRows {
+    fn event(&self, event: &RunEvent) {
+        if let RunEvent::Log(rec) = event {
+            if rec.level == Level::Warning {
+                self.note(&rec.message);
+            }
+        }
+        self.inner.event(event);
+    }
 }
 
 /// Holds a step's log rows until [`Holding::release`]; other events pass straight through.

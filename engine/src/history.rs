@@ -37,6 +37,18 @@ const BUSY_RETRIES: u32 = 10;
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// …and never puts more than this many events in one transaction.
 const MAX_BATCH: usize = 2000;
+/// The most event bytes waiting for the writer thread: a step producing log rows faster
+/// than they are committed then waits (an exec step stops reading its child's output, and
+/// the pipe's buffer makes the child wait in turn) instead of pipe's memory growing.
+const MAX_QUEUED_BYTES: usize = 8 << 20;
+/// What one queued event counts for besides its text.
+const EVENT_OVERHEAD: usize = 256;
+/// The log text stored in the database per step (and for the run's own rows), unless
+/// `PIPE_LOG_LIMIT` (bytes) says otherwise; the rows past it go to a file in the run's folder
+/// (`log-<step>.txt`) and one row says so.
+pub const DEFAULT_LOG_LIMIT: u64 = 16 << 20;
+/// The variable that overrides [`DEFAULT_LOG_LIMIT`].
+pub const LOG_LIMIT_VAR: &str = "PIPE_LOG_LIMIT";
 
 /// Schema migrations; `PRAGMA user_version` is the number applied.
 const MIGRATIONS: &[&str] = &[
@@ -971,8 +983,195 @@ fn owner_alive(pid: Option<i64>, start: Option<&str>) -> bool {
 }
 
 enum Msg {
-    Event(Box<RunEvent>),
+    /// An event and the bytes it holds of the queue's budget.
+    Event(Box<RunEvent>, usize),
     Flush(Sender<()>),
+}
+
+/// How many bytes of events are queued for the writer thread, with a wait for room.
+#[derive(Default)]
+struct Budget {
+    state: Mutex<BudgetState>,
+    freed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct BudgetState {
+    queued: usize,
+    /// The writer thread has ended: nobody frees room any more, so nobody waits.
+    closed: bool,
+}
+
+impl Budget {
+    /// Wait until `n` more bytes fit (an event larger than the whole budget waits for an
+    /// empty queue), then count them.
+    fn take(&self, n: usize) {
+        let mut st = lock(&self.state);
+        while !st.closed && st.queued > 0 && st.queued + n > MAX_QUEUED_BYTES {
+            st = self.freed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.queued += n;
+    }
+    fn give(&self, n: usize) {
+        let mut st = lock(&self.state);
+        st.queued = st.queued.saturating_sub(n);
+        self.freed.notify_all();
+    }
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.freed.notify_all();
+    }
+}
+
+/// Closes the budget when the writer thread ends, however it ends (a panic included).
+struct CloseOnDrop(std::sync::Arc<Budget>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// The bytes an event holds of the queue's budget.
+fn event_bytes(e: &RunEvent) -> usize {
+    EVENT_OVERHEAD
+        + match e {
+            RunEvent::Log(rec) => {
+                rec.message.len() + rec.description.as_ref().map_or(0, String::len)
+            }
+            RunEvent::StepFinished(s) => s.error.as_ref().map_or(0, String::len),
+            RunEvent::StepRetrying { error, .. } => error.len(),
+            RunEvent::RunFinished { error, .. } => error.as_ref().map_or(0, String::len),
+            _ => 0,
+        }
+}
+
+/// The per-step cap on stored log text: rows past it are appended to `log-<step>.txt` in
+/// the run's folder, and when the step finishes (or the run, for rows of no step) one row
+/// says how many rows and bytes went there, with that file attached.
+struct LogCap {
+    limit: u64,
+    run_dir: PathBuf,
+    steps: std::collections::HashMap<Option<String>, StepLog>,
+}
+
+#[derive(Default)]
+struct StepLog {
+    stored: u64,
+    spilled_rows: u64,
+    spilled_bytes: u64,
+    file: Option<std::io::BufWriter<fs::File>>,
+    path: PathBuf,
+}
+
+impl LogCap {
+    fn new(run_dir: PathBuf) -> LogCap {
+        let limit = std::env::var(LOG_LIMIT_VAR)
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(DEFAULT_LOG_LIMIT);
+        LogCap {
+            limit,
+            run_dir,
+            steps: Default::default(),
+        }
+    }
+
+    /// The events to store for `e`: itself, nothing (a row past the cap, now in the file),
+    /// or the summary row of a capped step followed by `e`.
+    fn admit(&mut self, e: RunEvent, out: &mut Vec<RunEvent>) {
+        match &e {
+            RunEvent::Log(rec) if rec.file.is_none() => {
+                let n =
+                    (rec.message.len() + rec.description.as_ref().map_or(0, String::len)) as u64;
+                let log = self.steps.entry(rec.step.clone()).or_default();
+                if log.spilled_rows == 0 && log.stored + n <= self.limit {
+                    log.stored += n;
+                    out.push(e);
+                    return;
+                }
+                if log.file.is_none() {
+                    let name = format!("log-{}.txt", rec.step.as_deref().unwrap_or("run"));
+                    log.path = self.run_dir.join(name);
+                    log.file = fs::create_dir_all(&self.run_dir)
+                        .and_then(|_| {
+                            fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(&log.path)
+                        })
+                        .ok()
+                        .map(std::io::BufWriter::new);
+                }
+                if let Some(f) = log.file.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{} {} {}", ts(rec.time), rec.level, rec.message);
+                    if let Some(d) = &rec.description {
+                        let _ = writeln!(f, "    {d}");
+                    }
+                }
+                log.spilled_rows += 1;
+                log.spilled_bytes += n;
+            }
+            RunEvent::StepFinished(s) => {
+                self.summarise(Some(s.step.clone()), out);
+                out.push(e);
+            }
+            RunEvent::RunFinished { .. } => {
+                let steps: Vec<Option<String>> = self.steps.keys().cloned().collect();
+                for step in steps {
+                    self.summarise(step, out);
+                }
+                out.push(e);
+            }
+            _ => out.push(e),
+        }
+    }
+
+    /// Close a capped step's file and add the row that points at it.
+    fn summarise(&mut self, step: Option<String>, out: &mut Vec<RunEvent>) {
+        let Some(log) = self.steps.get_mut(&step) else {
+            return;
+        };
+        if log.spilled_rows == 0 {
+            return;
+        }
+        let stored = log.file.take().map(|mut f| {
+            use std::io::Write;
+            f.flush().is_ok()
+        });
+        let (rows, bytes) = (log.spilled_rows, log.spilled_bytes);
+        log.spilled_rows = 0;
+        log.spilled_bytes = 0;
+        log.stored = self.limit; // later rows of the step go on to a new file
+        let whose = if step.is_some() {
+            "this step's"
+        } else {
+            "the run's"
+        };
+        let message = if stored == Some(true) {
+            format!(
+                "{rows} more log rows ({bytes} bytes) of {whose} log are not stored here: \
+                 the limit is {} bytes a step ({LOG_LIMIT_VAR}); they are in the attached file",
+                self.limit
+            )
+        } else {
+            format!(
+                "{rows} more log rows ({bytes} bytes) of {whose} log were dropped: the limit \
+                 is {} bytes a step ({LOG_LIMIT_VAR}) and {} could not be written",
+                self.limit,
+                log.path.display()
+            )
+        };
+        out.push(RunEvent::Log(LogRecord {
+            time: Utc::now(),
+            level: Level::Warning,
+            step,
+            message,
+            description: None,
+            file: (stored == Some(true)).then(|| log.path.to_string_lossy().into_owned()),
+        }));
+    }
 }
 
 /// The executor's observer: records a run's events from a background thread with its own
@@ -984,6 +1183,7 @@ enum Msg {
 pub struct HistoryWriter {
     run_id: i64,
     tx: Mutex<Option<Sender<Msg>>>,
+    budget: std::sync::Arc<Budget>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
@@ -997,13 +1197,19 @@ impl HistoryWriter {
     pub fn start(state_dir: &Path, run_id: i64) -> Result<HistoryWriter> {
         let store = Store::open(state_dir)?;
         let (tx, rx) = mpsc::channel();
+        let budget = std::sync::Arc::new(Budget::default());
+        let closer = CloseOnDrop(budget.clone());
         let thread = std::thread::Builder::new()
             .name(format!("pipe-history-{run_id}"))
-            .spawn(move || writer_loop(store, run_id, rx))
+            .spawn(move || {
+                let _closer = closer;
+                writer_loop(store, run_id, rx, &_closer.0)
+            })
             .context("cannot start the run history writer")?;
         Ok(HistoryWriter {
             run_id,
             tx: Mutex::new(Some(tx)),
+            budget,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -1053,8 +1259,14 @@ impl Observer for HistoryWriter {
         if matches!(event, RunEvent::Progress { .. }) {
             return;
         }
-        if let Some(tx) = lock(&self.tx).as_ref() {
-            let _ = tx.send(Msg::Event(Box::new(event.clone())));
+        let n = event_bytes(event);
+        // Outside the sender's lock: waiting for room must not hold up `flush` or `close`.
+        self.budget.take(n);
+        let sent = lock(&self.tx)
+            .as_ref()
+            .is_some_and(|tx| tx.send(Msg::Event(Box::new(event.clone()), n)).is_ok());
+        if !sent {
+            self.budget.give(n);
         }
     }
 }
@@ -1063,12 +1275,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn writer_loop(store: Store, run_id: i64, rx: Receiver<Msg>) -> Result<()> {
+fn writer_loop(store: Store, run_id: i64, rx: Receiver<Msg>, budget: &Budget) -> Result<()> {
     let mut first_error: Option<anyhow::Error> = None;
     let mut batch: Vec<RunEvent> = Vec::new();
     let mut acks: Vec<Sender<()>> = Vec::new();
-    let take = |msg: Msg, batch: &mut Vec<RunEvent>, acks: &mut Vec<Sender<()>>| match msg {
-        Msg::Event(e) => batch.push(*e),
+    let mut cap = LogCap::new(store.run_dir(run_id));
+    // The budget bytes of the events taken since the last commit.
+    let held = std::cell::Cell::new(0);
+    let mut take = |msg: Msg, batch: &mut Vec<RunEvent>, acks: &mut Vec<Sender<()>>| match msg {
+        Msg::Event(e, n) => {
+            held.set(held.get() + n);
+            cap.admit(*e, batch);
+        }
         Msg::Flush(ack) => acks.push(ack),
     };
     while let Ok(msg) = rx.recv() {
@@ -1091,6 +1309,7 @@ fn writer_loop(store: Store, run_id: i64, rx: Receiver<Msg>) -> Result<()> {
             }
             batch.clear();
         }
+        budget.give(held.replace(0));
         for ack in acks.drain(..) {
             let _ = ack.send(());
         }

@@ -217,7 +217,10 @@ pub fn template_value(
     let v = check_value(spec, v)?;
     let today = logical_date.with_timezone(&tz).date_naive();
     Ok(match (spec.kind, v.as_str()) {
-        (ParamType::Month, Some("MA")) => MonthValue::of(today).add(-1).to_value(),
+        (ParamType::Month, Some("MA")) => MonthValue::of(today)
+            .add(-1)
+            .ok_or("the month before the logical date is out of range")?
+            .to_value(),
         (ParamType::Month, Some(s)) => parse_month(s)
             .ok_or_else(|| format!("bad month `{s}`"))?
             .to_value(),

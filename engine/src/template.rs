@@ -829,13 +829,12 @@ impl MonthValue {
             month: d.month(),
         }
     }
-    /// The month `n` months later (earlier if negative).
-    pub fn add(&self, n: i64) -> MonthValue {
-        let idx = self.year as i64 * 12 + (self.month as i64 - 1) + n;
-        MonthValue {
-            year: idx.div_euclid(12) as i32,
-            month: idx.rem_euclid(12) as u32 + 1,
-        }
+    /// The month `n` months later (earlier if negative); `None` past the calendar's range
+    /// (chrono's years ±262,142).
+    pub fn add(&self, n: i64) -> Option<MonthValue> {
+        let idx = (i64::from(self.year) * 12 + (i64::from(self.month) - 1)).checked_add(n)?;
+        let year = i32::try_from(idx.div_euclid(12)).ok()?;
+        MonthValue::new(year, idx.rem_euclid(12) as u32 + 1)
     }
     /// As a template value.
     pub fn to_value(self) -> Value {
@@ -913,7 +912,11 @@ where
 
 fn month_end(d: NaiveDate) -> NaiveDate {
     let first = d.with_day(1).expect("day 1 exists");
-    first + Months::new(1) - Days::new(1)
+    // Only the calendar's last month has no next one: its end is the last day there is.
+    first
+        .checked_add_months(Months::new(1))
+        .and_then(|next| next.pred_opt())
+        .unwrap_or(NaiveDate::MAX)
 }
 
 fn err(msg: String) -> Error {
@@ -958,18 +961,23 @@ pub(crate) fn parse_month(s: &str) -> Option<MonthValue> {
 }
 
 /// Interpret local wall time in `tz`: ambiguous times take the earlier instant, times in a gap
-/// move forward by the gap (as the clock would).
-fn localize(tz: Tz, naive: NaiveDateTime) -> DateTime<Tz> {
+/// move forward by the gap (as the clock would). `None` at the edges of the calendar, where
+/// the instant is out of chrono's range.
+fn localize(tz: Tz, naive: NaiveDateTime) -> Option<DateTime<Tz>> {
     match tz.from_local_datetime(&naive) {
-        chrono::LocalResult::Single(d) => d,
-        chrono::LocalResult::Ambiguous(a, _) => a,
+        chrono::LocalResult::Single(d) => Some(d),
+        chrono::LocalResult::Ambiguous(a, _) => Some(a),
         chrono::LocalResult::None => {
-            let before = tz
-                .offset_from_utc_datetime(&(naive - chrono::Duration::hours(24)))
-                .fix();
-            tz.from_utc_datetime(&(naive - before))
+            let day_before = naive.checked_sub_signed(chrono::TimeDelta::hours(24))?;
+            let before = tz.offset_from_utc_datetime(&day_before).fix();
+            let utc = naive.checked_sub_offset(before)?;
+            Some(tz.from_utc_datetime(&utc))
         }
     }
+}
+
+fn out_of_range(func: &str) -> Error {
+    err(format!("{func}: date out of range"))
 }
 
 impl When {
@@ -1002,7 +1010,9 @@ impl When {
             "%Y-%m-%d %H:%M",
         ] {
             if let Ok(n) = NaiveDateTime::parse_from_str(s, fmt) {
-                return Ok(When::Zoned(localize(default_tz, n)));
+                if let Some(d) = localize(default_tz, n) {
+                    return Ok(When::Zoned(d));
+                }
             }
         }
         Err(bad())
@@ -1049,10 +1059,10 @@ impl When {
                         .ok_or_else(overflow)?,
                 )
             }
-            When::Zoned(d) => When::Zoned(localize(
-                d.timezone(),
-                f(d.naive_local()).ok_or_else(overflow)?,
-            )),
+            When::Zoned(d) => When::Zoned(
+                localize(d.timezone(), f(d.naive_local()).ok_or_else(overflow)?)
+                    .ok_or_else(overflow)?,
+            ),
         })
     }
 }
@@ -1073,7 +1083,10 @@ fn add_days(v: Value, n: i64, tz: Tz) -> Result<Value, Error> {
 fn add_months(v: Value, n: i64, tz: Tz) -> Result<Value, Error> {
     let w = When::of("add_months", &v, tz)?;
     if let When::Month(m) = w {
-        return Ok(m.add(n).to_value());
+        return m
+            .add(n)
+            .map(MonthValue::to_value)
+            .ok_or_else(|| out_of_range("add_months"));
     }
     let step = Months::new(
         u32::try_from(n.unsigned_abs())
@@ -1130,7 +1143,8 @@ fn parse_with(
             Some(name) => parse_tz("parse", &name)?,
             None => default_tz,
         };
-        return Ok(Value::from_object(Zoned(localize(tz, n))));
+        let d = localize(tz, n).ok_or_else(|| out_of_range("parse"))?;
+        return Ok(Value::from_object(Zoned(d)));
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, &fmt_str) {
         return Ok(Value::from(d.to_string()));
@@ -1253,8 +1267,10 @@ fn register(env: &mut Environment<'static>, rt: &Runtime) {
     let f = move |v: Value, zone: String| {
         let target = parse_tz("to_timezone", &zone)?;
         let d = match When::of("to_timezone", &v, tz)? {
-            When::Date(d) => localize(target, d.and_time(NaiveTime::MIN)),
-            When::Month(m) => localize(target, m.first_day().and_time(NaiveTime::MIN)),
+            When::Date(d) => localize(target, d.and_time(NaiveTime::MIN))
+                .ok_or_else(|| out_of_range("to_timezone"))?,
+            When::Month(m) => localize(target, m.first_day().and_time(NaiveTime::MIN))
+                .ok_or_else(|| out_of_range("to_timezone"))?,
             When::Fixed(d) => d.with_timezone(&target),
             When::Zoned(d) => d.with_timezone(&target),
         };
@@ -1565,6 +1581,37 @@ mod tests {
         assert!(e.contains("add_days") && e.contains("`soon`"), "{e}");
         let e = render("{{ now('Mars/Base') }}").unwrap_err();
         assert!(e.contains("Mars/Base"), "{e}");
+    }
+
+    #[test]
+    fn calendar_arithmetic_out_of_range_is_an_error_not_a_panic() {
+        let t = Templates::new(rt());
+        let s = scope().with("m", MonthValue::new(2025, 12).unwrap().to_value());
+        for src in [
+            "{{ m | add_months(100000000) }}",
+            "{{ m | add_months(-100000000) }}",
+            "{{ m | add_months(9223372036854775807) }}",
+            "{{ '2024-01-31' | add_months(100000000) }}",
+            "{{ '2024-01-31' | add_days(9223372036854775807) }}",
+            "{{ '2024-01-31' | add_days(-9223372036854775807) }}",
+            "{{ '2018-11-03T12:00:00-03:00' | to_timezone('America/Sao_Paulo') | add_days(100000000) }}",
+            "{{ '2018-11-03T12:00:00-03:00' | add_months(-4000000) }}",
+        ] {
+            let e = t.render_str(src, &s).unwrap_err();
+            assert!(e.contains("out of range") || e.contains("too large"), "{src}: {e}");
+        }
+        // The calendar's last month has an end.
+        assert_eq!(
+            t.render_str("{{ '+262142-12-05' | month_end }}", &s).ok(),
+            None,
+            "not a YYYY-MM-DD date"
+        );
+        assert_eq!(month_end(NaiveDate::MAX), NaiveDate::MAX);
+        assert_eq!(MonthValue::new(262142, 12).unwrap().add(1), None);
+        assert_eq!(MonthValue::new(2025, 12).unwrap().add(i64::MAX), None);
+        assert!(localize(Tz::UTC, NaiveDateTime::MAX).is_some());
+        let gap_at_min = localize("America/Sao_Paulo".parse().unwrap(), NaiveDateTime::MIN);
+        let _ = gap_at_min; // no panic either way
     }
 
     #[test]

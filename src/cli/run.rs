@@ -19,6 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// After the summary, how long blocking work left by cancelled steps may take to stop.
+const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
 #[derive(clap::Args)]
 pub struct RunArgs {
     /// The pipeline file.
@@ -232,6 +235,10 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         sandbox: sandbox_stats,
     };
     print_summary(&summary, args.format, state_dir);
+    // The history is closed and the summary printed: blocking work a cancelled step left
+    // behind (a big file still being parsed) gets a moment to see its cancellation, and
+    // is then dropped with the process instead of holding it for minutes.
+    runtime.shutdown_timeout(BLOCKING_GRACE);
     if result.status.is_success() {
         0
     } else {

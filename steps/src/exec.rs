@@ -24,7 +24,8 @@
 //! * The child runs in its own process group. On cancel (Ctrl-C, timeout) the group gets
 //!   SIGTERM, then SIGKILL 3 s later; when the step's future is dropped, SIGKILL at once.
 //!   Processes left in the group after the program exits (`cmd &` without `wait`) are killed
-//!   too — a daemon meant to outlive the step must leave the group (`setsid`).
+//!   too — a daemon meant to outlive the step must leave the group (`setsid`). If `pipe`
+//!   itself dies (even by `kill -9`), the child gets SIGKILL (Linux's parent-death signal).
 
 use async_trait::async_trait;
 use engine::events::Level;
@@ -147,6 +148,39 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Make the child get SIGKILL when `pipe` dies, even by `kill -9` (which runs no cleanup),
+/// instead of running on as an orphan. Linux sends the signal when the *thread* that
+/// spawned the child ends; steps run on tokio's worker threads, which live as long as the
+/// run. Only the direct child is covered: processes it starts itself leave with it only if
+/// they watch their parent (a shell that `exec`s its last command has none).
+fn die_with_pipe(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the forked child before exec and calls only
+        // async-signal-safe functions (prctl, getppid); it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // pipe died between the fork and the prctl: the signal will not come.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::other("pipe exited"));
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// What the output readers collect.
 #[derive(Default)]
 struct Collected {
@@ -205,6 +239,7 @@ async fn run(cfg: Exec, ctx: StepContext) -> Result<StepOutput, StepError> {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    die_with_pipe(&mut cmd);
 
     let mut child = cmd.spawn().map_err(|e| {
         StepError::fatal(format!(

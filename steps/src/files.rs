@@ -588,7 +588,7 @@ impl StepConfig for FileRead {
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
         let dir = ctx.pipeline_dir.clone();
         let cancel = ctx.cancel.clone();
-        let (df, files) = tokio::task::spawn_blocking(move || {
+        let reading = tokio::task::spawn_blocking(move || {
             let files = matching_files(&dir, &self.path)?;
             let mut frames = Vec::with_capacity(files.len());
             for f in &files {
@@ -598,10 +598,16 @@ impl StepConfig for FileRead {
                 frames.push((f.clone(), read_file(f, self.format)?));
             }
             Ok((concat_frames(frames)?, files))
-        })
-        .await
-        .map_err(|e| StepError::fatal(format!("file.read panicked: {e}")))?
-        .map_err(|e| StepError::fatal(ctx.redactor.redact(&e)))?;
+        });
+        // A parse cannot be interrupted inside one file: on cancellation the step returns at
+        // once and leaves the parse to end with the process (`pipe run` does not wait for it).
+        let read = tokio::select! {
+            r = reading => r,
+            _ = ctx.cancel.cancelled() => return Err(StepError::fatal("cancelled")),
+        };
+        let (df, files) = read
+            .map_err(|e| StepError::fatal(format!("file.read panicked: {e}")))?
+            .map_err(|e| StepError::fatal(ctx.redactor.redact(&e)))?;
         let rows = df.height() as u64;
         let files: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
         ctx.log(
