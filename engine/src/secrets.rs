@@ -429,7 +429,6 @@ pub fn lookup_secret(name: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
 
     #[test]
