@@ -74,6 +74,11 @@ pub struct HttpRequest {
     /// step.
     #[serde(default)]
     pub max_wait: Option<String>,
+    /// The largest response body read: a number of bytes or a size such as `50MB`, `1GiB`
+    /// (default `512MiB`). A larger (or endless) body fails the step.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::http::send::size_schema")]
+    pub max_body: Option<String>,
 }
 
 /// `auth.<field>` paths that hold secrets, when `auth` is set.
@@ -111,6 +116,7 @@ impl StepConfig for HttpRequest {
             timeout: self.timeout.as_deref(),
             retries: self.retries,
             max_wait: self.max_wait.as_deref(),
+            max_body: self.max_body.as_deref(),
         }
         .prepare(&ctx)?;
         let body = match (self.json, self.form, self.body) {

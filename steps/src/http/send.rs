@@ -80,7 +80,7 @@ pub struct Batch {
     pub bytes: Option<String>,
 }
 
-fn size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": ["string", "integer"]})
 }
 
@@ -154,6 +154,11 @@ pub struct HttpSend {
     /// batch.
     #[serde(default)]
     pub max_wait: Option<String>,
+    /// The largest response body read: a number of bytes or a size such as `50MB`, `1GiB`
+    /// (default `512MiB`). A larger (or endless) body fails the step.
+    #[serde(default)]
+    #[schemars(schema_with = "size_schema")]
+    pub max_body: Option<String>,
 }
 
 /// `5MB`, `512KB`, `1MiB`, `1000000` → bytes (decimal units are powers of 1000).
@@ -533,6 +538,7 @@ impl StepConfig for HttpSend {
             timeout: self.timeout.as_deref(),
             retries: self.retries,
             max_wait: self.max_wait.as_deref(),
+            max_body: self.max_body.as_deref(),
         }
         .prepare(&ctx)?;
         if !prep.headers.contains_key(CONTENT_TYPE) {
