@@ -372,3 +372,59 @@ steps:
         "templated values are left to the run: {got:?}"
     );
 }
+
+#[test]
+fn validate_names_the_http_steps_own_mistakes_at_their_keys() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        r#"pipeline: checked
+connections:
+  api: { type: http, base_url: "https://example.com" }
+steps:
+  both:
+    type: http.request
+    connection: api
+    with:
+      url: https://example.com/x
+      path: /x
+      max_body: lots
+      json: { a: 1 }
+      form: { b: 2 }
+  send:
+    type: http.send
+    connection: api
+    input: both
+    with:
+      path: /y
+      batch: { rows: 0 }
+      timeout: "{{ params.nothing }}"
+"#,
+    );
+    let out = env.run(&["validate", "--format", "json", p.to_str().unwrap()]);
+    let got: Vec<(u64, u64, String)> = out
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["line"].as_u64().unwrap(),
+                d["column"].as_u64().unwrap(),
+                d["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for (line, col, text) in [
+        (10, 7, "set either `url` or `path`"),
+        (11, 7, "`max_body`"),
+        (13, 7, "at most one of `json`, `form` and `body`"),
+        (20, 16, "`batch.rows` must be at least 1"),
+    ] {
+        assert!(
+            got.iter()
+                .any(|(l, c, m)| *l == line && *c == col && m.contains(text)),
+            "expected {line}:{col} `{text}` in {got:?}"
+        );
+    }
+}

@@ -25,7 +25,7 @@
 
 use super::auth::Auth;
 use engine::events::Level;
-use engine::step::{StepContext, StepError};
+use engine::step::{Problem, StepContext, StepError};
 use indexmap::IndexMap;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
@@ -218,6 +218,30 @@ pub fn join(base: &str, path: &str) -> String {
 }
 
 impl Target<'_> {
+    /// What is wrong with the target fields on their own (see
+    /// [`engine::step::StepConfig::problems`]): checked by `pipe validate` and before a run.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if self.url.is_some() && self.path.is_some() {
+            out.push(Problem::at("path", "set either `url` or `path`, not both"));
+        }
+        if Method::from_bytes(self.method.trim().to_ascii_uppercase().as_bytes()).is_err() {
+            out.push(Problem::at(
+                "method",
+                format!("invalid HTTP method `{}`", self.method),
+            ));
+        }
+        for (key, text) in [("timeout", self.timeout), ("max_wait", self.max_wait)] {
+            if let Some(Err(e)) = text.map(engine::duration::parse) {
+                out.push(Problem::at(key, format!("`{key}`: {e}")));
+            }
+        }
+        if let Some(Err(e)) = self.max_body.map(super::send::parse_size) {
+            out.push(Problem::at("max_body", format!("`max_body`: {e}")));
+        }
+        out
+    }
+
     /// Resolve URL, headers, auth and policy; register every secret with the redactor.
     pub fn prepare(&self, ctx: &StepContext) -> Result<Prepared, StepError> {
         let conn = Connection::from_ctx(ctx)?;
@@ -915,4 +939,74 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::testutil::{ctx, Collect};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_429_halves_the_in_flight_limit_once_per_burst_and_successes_grow_it_back() {
+        let obs = Arc::new(Collect::default());
+        let c = ctx(&obs, None);
+        let limiter = Limiter::new(None).with_concurrency(8);
+        let first = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        let second = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        assert_eq!(first.limit, 8);
+        limiter.throttled(&first);
+        // The second 429 of the same burst (sent before the halving) does not halve again.
+        limiter.throttled(&second);
+        assert_eq!(limiter.in_flight_limit(), 4);
+        drop((first, second));
+        let third = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        limiter.throttled(&third);
+        assert_eq!(limiter.in_flight_limit(), 2);
+        drop(third);
+        limiter.succeeded();
+        assert_eq!(limiter.in_flight_limit(), 2);
+        limiter.succeeded();
+        assert_eq!(limiter.in_flight_limit(), 3, "one more after `limit` successes");
+        for _ in 0..100 {
+            limiter.succeeded();
+        }
+        assert_eq!(limiter.in_flight_limit(), 8, "never above the configured concurrency");
+    }
+
+    #[tokio::test]
+    async fn only_the_limit_may_be_in_flight() {
+        let obs = Arc::new(Collect::default());
+        let c = ctx(&obs, None);
+        let limiter = Limiter::new(None).with_concurrency(2);
+        let a = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        let b = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        let third = limiter.acquire(&c, DEFAULT_MAX_WAIT);
+        tokio::pin!(third);
+        assert!(
+            futures::poll!(third.as_mut()).is_pending(),
+            "a third request waits for a place"
+        );
+        drop(a);
+        let c3 = third.await.unwrap();
+        drop((b, c3));
+    }
+
+    #[tokio::test]
+    async fn a_closed_gate_beyond_max_wait_fails_and_a_past_deadline_is_open() {
+        let obs = Arc::new(Collect::default());
+        let c = ctx(&obs, None);
+        let limiter = Limiter::new(None);
+        limiter.close_until(Instant::now() + Duration::from_secs(120));
+        let err = limiter
+            .acquire(&c, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("a wait beyond max_wait fails");
+        assert!(err.message.contains("longer than max_wait"), "{}", err.message);
+        let limiter = Limiter::new(None);
+        limiter.close_until(Instant::now());
+        assert!(limiter.gate_wait().is_none());
+        assert!(limiter.acquire(&c, DEFAULT_MAX_WAIT).await.is_ok());
+    }
 }

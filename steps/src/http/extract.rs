@@ -842,6 +842,22 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 impl HttpExtract {
+    /// The target fields, for [`Target::prepare`] and [`Target::problems`].
+    fn target(&self) -> Target<'_> {
+        Target {
+            method: &self.method,
+            url: self.url.as_deref(),
+            path: self.path.as_deref(),
+            query: &self.query,
+            headers: &self.headers,
+            auth: self.auth.as_ref(),
+            timeout: self.timeout.as_deref(),
+            retries: self.retries,
+            max_wait: self.max_wait.as_deref(),
+            max_body: self.max_body.as_deref(),
+        }
+    }
+
     /// The pagination settings that belong together (see [`StepConfig::problems`]).
     fn paginate_problems(&self) -> Vec<Problem> {
         let p = &self.paginate;
@@ -983,7 +999,17 @@ impl StepConfig for HttpExtract {
     const RESULT_NAME: &'static str = "result";
 
     fn problems(&self) -> Vec<Problem> {
-        self.paginate_problems()
+        let mut out = self.target().problems();
+        out.extend(self.paginate_problems());
+        if let Some(r) = &self.rate_limit {
+            if let Err(e) = engine::duration::parse(&r.per) {
+                out.push(Problem::at(
+                    "rate_limit.per",
+                    format!("`rate_limit.per`: {e}"),
+                ));
+            }
+        }
+        out
     }
 
     fn static_info(&self) -> StaticInfo {
@@ -1001,19 +1027,7 @@ impl StepConfig for HttpExtract {
 
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
         let started = Instant::now();
-        let prep = Target {
-            method: &self.method,
-            url: self.url.as_deref(),
-            path: self.path.as_deref(),
-            query: &self.query,
-            headers: &self.headers,
-            auth: self.auth.as_ref(),
-            timeout: self.timeout.as_deref(),
-            retries: self.retries,
-            max_wait: self.max_wait.as_deref(),
-            max_body: self.max_body.as_deref(),
-        }
-        .prepare(&ctx)?;
+        let prep = self.target().prepare(&ctx)?;
         let window = match &self.rate_limit {
             Some(r) => Some((
                 r.requests as usize,

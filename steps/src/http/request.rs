@@ -13,7 +13,7 @@
 use super::auth::{Auth, SECRET_FIELDS};
 use super::client::{Body, Limiter, Sender, Target};
 use async_trait::async_trait;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -89,24 +89,10 @@ pub(crate) fn auth_secret_fields(auth: Option<&Auth>) -> Vec<String> {
     SECRET_FIELDS.iter().map(|f| format!("auth.{f}")).collect()
 }
 
-#[async_trait]
-impl StepConfig for HttpRequest {
-    const TYPE: &'static str = "http.request";
-    const SUMMARY: &'static str =
-        "Send one HTTP request; the response (status, headers, JSON, body) is the result object `response`";
-    const RESULT_NAME: &'static str = "response";
-
-    fn static_info(&self) -> StaticInfo {
-        StaticInfo {
-            produces_table: false,
-            outputs: Some(vec!["status".into(), "elapsed_ms".into()]),
-            secret_fields: auth_secret_fields(self.auth.as_ref()),
-            ..StaticInfo::default()
-        }
-    }
-
-    async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
-        let prep = Target {
+impl HttpRequest {
+    /// The target fields, for [`Target::prepare`] and [`Target::problems`].
+    fn target(&self) -> Target<'_> {
+        Target {
             method: &self.method,
             url: self.url.as_deref(),
             path: self.path.as_deref(),
@@ -118,7 +104,43 @@ impl StepConfig for HttpRequest {
             max_wait: self.max_wait.as_deref(),
             max_body: self.max_body.as_deref(),
         }
-        .prepare(&ctx)?;
+    }
+}
+
+#[async_trait]
+impl StepConfig for HttpRequest {
+    const TYPE: &'static str = "http.request";
+    const SUMMARY: &'static str =
+        "Send one HTTP request; the response (status, headers, JSON, body) is the result object `response`";
+    const RESULT_NAME: &'static str = "response";
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = self.target().problems();
+        let bodies = [
+            ("json", self.json.is_some()),
+            ("form", self.form.is_some()),
+            ("body", self.body.is_some()),
+        ];
+        if let Some((second, _)) = bodies.iter().filter(|(_, set)| *set).nth(1) {
+            out.push(Problem::at(
+                second,
+                "set at most one of `json`, `form` and `body`",
+            ));
+        }
+        out
+    }
+
+    fn static_info(&self) -> StaticInfo {
+        StaticInfo {
+            produces_table: false,
+            outputs: Some(vec!["status".into(), "elapsed_ms".into()]),
+            secret_fields: auth_secret_fields(self.auth.as_ref()),
+            ..StaticInfo::default()
+        }
+    }
+
+    async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
+        let prep = self.target().prepare(&ctx)?;
         let body = match (self.json, self.form, self.body) {
             (None, None, None) => Body::None,
             (Some(j), None, None) => Body::Json(j),

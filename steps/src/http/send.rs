@@ -24,7 +24,7 @@ use super::client::{Body, Limiter, Reply, Sender, Target};
 use super::request::auth_secret_fields;
 use async_trait::async_trait;
 use engine::events::Level;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use indexmap::IndexMap;
 use polars::prelude::*;
 use reqwest::header::{HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
@@ -484,11 +484,53 @@ fn rows_label(r: &std::ops::Range<usize>) -> String {
     }
 }
 
+impl HttpSend {
+    /// The target fields, for [`Target::prepare`] and [`Target::problems`].
+    fn target(&self) -> Target<'_> {
+        Target {
+            method: &self.method,
+            url: self.url.as_deref(),
+            path: self.path.as_deref(),
+            query: &self.query,
+            headers: &self.headers,
+            auth: self.auth.as_ref(),
+            timeout: self.timeout.as_deref(),
+            retries: self.retries,
+            max_wait: self.max_wait.as_deref(),
+            max_body: self.max_body.as_deref(),
+        }
+    }
+}
+
 #[async_trait]
 impl StepConfig for HttpSend {
     const TYPE: &'static str = "http.send";
     const SUMMARY: &'static str =
         "Send the input table's rows to an API as JSON, in batches bounded by rows and bytes (envelope, gzip, retries per batch)";
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = self.target().problems();
+        match Envelope::new(self.body.as_ref()) {
+            Err(e) => out.push(Problem::at("body", e)),
+            Ok(env) => match self.batch.rows {
+                Some(0) => out.push(Problem::at("batch.rows", "`batch.rows` must be at least 1")),
+                Some(n) if env.single && n > 1 => out.push(
+                    Problem::at(
+                        "batch.rows",
+                        format!(
+                            "`body` uses \"{ROW_MARKER}\" (one row per request): `batch.rows` must be 1 or unset"
+                        ),
+                    )
+                    .given(&["body"]),
+                ),
+                _ => {}
+            },
+        }
+        if let Some(Err(e)) = self.batch.bytes.as_deref().map(parse_size) {
+            out.push(Problem::at("batch.bytes", format!("`batch.bytes`: {e}")));
+        }
+        out
+    }
 
     fn static_info(&self) -> StaticInfo {
         StaticInfo {
@@ -528,19 +570,7 @@ impl StepConfig for HttpSend {
             }
             None => DEFAULT_BYTES,
         };
-        let mut prep = Target {
-            method: &self.method,
-            url: self.url.as_deref(),
-            path: self.path.as_deref(),
-            query: &self.query,
-            headers: &self.headers,
-            auth: self.auth.as_ref(),
-            timeout: self.timeout.as_deref(),
-            retries: self.retries,
-            max_wait: self.max_wait.as_deref(),
-            max_body: self.max_body.as_deref(),
-        }
-        .prepare(&ctx)?;
+        let mut prep = self.target().prepare(&ctx)?;
         if !prep.headers.contains_key(CONTENT_TYPE) {
             prep.headers
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
