@@ -188,6 +188,26 @@ pub struct Target<'a> {
     pub max_body: Option<&'a str>,
 }
 
+/// The [`Target`] of a step config whose target fields have the usual names (`method`,
+/// `url`, `path`, `query`, `headers`, `auth`, `timeout`, `retries`, `max_wait`, `max_body`).
+macro_rules! target_of {
+    ($cfg:expr) => {
+        $crate::http::client::Target {
+            method: &$cfg.method,
+            url: $cfg.url.as_deref(),
+            path: $cfg.path.as_deref(),
+            query: &$cfg.query,
+            headers: &$cfg.headers,
+            auth: $cfg.auth.as_ref(),
+            timeout: $cfg.timeout.as_deref(),
+            retries: $cfg.retries,
+            max_wait: $cfg.max_wait.as_deref(),
+            max_body: $cfg.max_body.as_deref(),
+        }
+    };
+}
+pub(crate) use target_of;
+
 /// A header name that carries a credential (its value is redacted).
 fn secret_header(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
@@ -967,11 +987,19 @@ mod tests {
         limiter.succeeded();
         assert_eq!(limiter.in_flight_limit(), 2);
         limiter.succeeded();
-        assert_eq!(limiter.in_flight_limit(), 3, "one more after `limit` successes");
+        assert_eq!(
+            limiter.in_flight_limit(),
+            3,
+            "one more after `limit` successes"
+        );
         for _ in 0..100 {
             limiter.succeeded();
         }
-        assert_eq!(limiter.in_flight_limit(), 8, "never above the configured concurrency");
+        assert_eq!(
+            limiter.in_flight_limit(),
+            8,
+            "never above the configured concurrency"
+        );
     }
 
     #[tokio::test]
@@ -1003,7 +1031,11 @@ mod tests {
             .await
             .err()
             .expect("a wait beyond max_wait fails");
-        assert!(err.message.contains("longer than max_wait"), "{}", err.message);
+        assert!(
+            err.message.contains("longer than max_wait"),
+            "{}",
+            err.message
+        );
         let limiter = Limiter::new(None);
         limiter.close_until(Instant::now());
         assert!(limiter.gate_wait().is_none());

@@ -487,18 +487,7 @@ fn rows_label(r: &std::ops::Range<usize>) -> String {
 impl HttpSend {
     /// The target fields, for [`Target::prepare`] and [`Target::problems`].
     fn target(&self) -> Target<'_> {
-        Target {
-            method: &self.method,
-            url: self.url.as_deref(),
-            path: self.path.as_deref(),
-            query: &self.query,
-            headers: &self.headers,
-            auth: self.auth.as_ref(),
-            timeout: self.timeout.as_deref(),
-            retries: self.retries,
-            max_wait: self.max_wait.as_deref(),
-            max_body: self.max_body.as_deref(),
-        }
+        super::client::target_of!(self)
     }
 }
 
