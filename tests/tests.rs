@@ -7,6 +7,7 @@ mod carol;
 mod cli;
 mod exec;
 mod executor;
+mod extract;
 mod fidelity;
 mod foreach;
 mod fresh_machine;

@@ -62,6 +62,68 @@ pub struct Lint {
     pub message: String,
 }
 
+/// A step config's problem with itself — settings that need each other, values out of
+/// range — reported by [`StepConfig::problems`]. `pipe validate` shows it at the key's line
+/// and column; a run refuses the rendered config with it. One list, so a config that
+/// validates does not fail at run time for a reason validate could have named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted path of the key the message points at, relative to `with:`
+    /// (`paginate.size`). A missing key points at the deepest one present.
+    pub field: String,
+    /// Other keys (dotted) the verdict depends on: when one of them, or `field`, holds a
+    /// template, validate cannot know its value and leaves the check to the run.
+    pub depends_on: Vec<String>,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn at(field: &str, message: impl Into<String>) -> Self {
+        Problem {
+            field: field.to_string(),
+            depends_on: Vec::new(),
+            message: message.into(),
+        }
+    }
+
+    /// The verdict also depends on these keys.
+    pub fn given(mut self, fields: &[&str]) -> Self {
+        self.depends_on.extend(fields.iter().map(|f| f.to_string()));
+        self
+    }
+}
+
+/// Where `dotted` (relative to `node`) is: the position of its key, or of the deepest key
+/// present; and whether a template stands at it or above it.
+fn locate(node: &Node, dotted: &str) -> (crate::diag::Pos, bool) {
+    let templated = |n: &Node| matches!(&n.value, crate::yaml::Value::String(s) if crate::template::is_template(s));
+    let mut cur = node;
+    let mut pos = node.pos;
+    let mut is_template = templated(node);
+    for seg in dotted.split('.').filter(|s| !s.is_empty()) {
+        match cur.entry(seg) {
+            Some((k, v)) => {
+                pos = k.pos;
+                cur = v;
+                is_template |= templated(v);
+            }
+            None => break,
+        }
+    }
+    (pos, is_template)
+}
+
+/// Report a config's problems at their keys, leaving templated ones to the run.
+fn report_problems(problems: &[Problem], node: &Node, diags: &mut Diags) {
+    for p in problems {
+        let (pos, templated) = locate(node, &p.field);
+        if templated || p.depends_on.iter().any(|f| locate(node, f).1) {
+            continue;
+        }
+        diags.push(pos, crate::diag::Code::InvalidValue, p.message.clone());
+    }
+}
+
 /// What a step returns.
 #[derive(Debug, Default)]
 pub struct StepOutput {
@@ -276,6 +338,14 @@ pub trait StepConfig: DeserializeOwned + JsonSchema + Send + Sync + 'static {
         StaticInfo::default()
     }
 
+    /// What is wrong with the config on its own (see [`Problem`]). Called by `pipe validate`
+    /// on the unrendered config and by the run on the rendered one, before
+    /// [`StepConfig::run`]. Templated scalars arrive here as zero, false or the template
+    /// text in validation: name the keys a verdict rests on, so they are skipped then.
+    fn problems(&self) -> Vec<Problem> {
+        Vec::new()
+    }
+
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError>;
 }
 
@@ -303,12 +373,26 @@ impl StepKind {
             result_name: C::RESULT_NAME,
             schema: |g| g.subschema_for::<C>(),
             check: |node, diags| {
-                de::from_node::<C>(node, Mode::Check, diags).map(|c| c.static_info())
+                let config = de::from_node::<C>(node, Mode::Check, diags)?;
+                report_problems(&config.problems(), node, diags);
+                Some(config.static_info())
             },
             run: |node, ctx| {
                 let mut diags = Diags::new(&ctx.step_id);
                 match de::from_node::<C>(&node, Mode::Run, &mut diags) {
-                    Some(config) => Ok(Box::pin(config.run(ctx))),
+                    Some(config) => {
+                        let problems = config.problems();
+                        if !problems.is_empty() {
+                            return Err(StepError::fatal(
+                                problems
+                                    .iter()
+                                    .map(|p| p.message.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join("; "),
+                            ));
+                        }
+                        Ok(Box::pin(config.run(ctx)))
+                    }
                     None => Err(StepError::fatal(format!(
                         "invalid configuration after rendering templates: {}",
                         diags

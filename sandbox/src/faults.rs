@@ -14,7 +14,7 @@
 //! rides on it (as a request extension) into the handler, whose job then fails.
 
 use crate::server::Kill;
-use crate::{hash, hash_str, unit, FaultKind, Shared};
+use crate::{hash, hash_str, unit, FaultKind, Paging, Shared};
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
@@ -114,15 +114,44 @@ fn request_key(endpoint: &str, req: &axum::http::request::Parts, body: &Bytes) -
     }
 }
 
-/// The tickets page a request asks for (`offset`, default 1).
-fn page_of(req: &axum::http::request::Parts) -> u32 {
+/// The tickets page a request asks for, 1-based (see [`crate::Fault::page`]).
+fn page_of(req: &axum::http::request::Parts, paging: Paging) -> u32 {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(req.uri.query().unwrap_or("")).unwrap_or_default();
-    pairs
-        .iter()
-        .find(|(k, _)| k == "offset")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(1)
+    let get = |name: &str| {
+        pairs
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let limit = get("limit")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(20)
+        .max(1);
+    let page = match paging {
+        Paging::Page => get("offset").and_then(|v| v.parse().ok()).unwrap_or(1),
+        Paging::Offset => {
+            get("offset")
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                / limit
+                + 1
+        }
+        Paging::Cursor => get("cursor")
+            .and_then(crate::tiflux::parse_cursor)
+            .map_or(1, |(page, _)| page),
+        Paging::Stripe => get("starting_after")
+            .and_then(crate::tiflux::skip_after)
+            .map_or(1, |skip| skip as u64 / limit + 1),
+    };
+    u32::try_from(page).unwrap_or(u32::MAX)
+}
+
+/// A tickets page the handler must serve short (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PageFault {
+    /// The most tickets the page may hold.
+    pub records: usize,
 }
 
 /// The middleware.
@@ -150,6 +179,11 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
     // fake's own CPU to every page's wait, which a real API does not.
     let deadline = (endpoint == "tickets" && shared.opts.latency_ms > 0)
         .then(|| tokio::time::Instant::now() + Duration::from_millis(shared.opts.latency_ms));
+    if endpoint == "tickets" {
+        if let Some(seconds) = shared.over_rate_limit() {
+            return rate_limited(endpoint, HeaderValue::from(seconds));
+        }
+    }
     let kill = parts.extensions.get::<Kill>().cloned();
     let mut req = Request::from_parts(parts, Body::from(bytes));
     // The connection a `Reset` fault drops (once the latency has passed).
@@ -161,6 +195,15 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
                 .insert(crate::bigquery::JobError { reason, message });
             next.run(req).await
         }
+        Some(kind @ (FaultKind::EmptyPage | FaultKind::ShortPage { .. })) => {
+            let records = match kind {
+                FaultKind::ShortPage { records } => records,
+                _ => 0,
+            };
+            req.extensions_mut().insert(PageFault { records });
+            next.run(req).await
+        }
+        Some(FaultKind::OversizedBody { bytes }) => oversized(bytes),
         Some(FaultKind::Status { code }) => {
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             error(
@@ -171,30 +214,12 @@ pub(crate) async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: 
             )
         }
         Some(FaultKind::RetryAfterSeconds { seconds }) => {
-            let mut r = error(
-                endpoint,
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "rate limit exceeded",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-            r
+            rate_limited(endpoint, HeaderValue::from(seconds))
         }
         Some(FaultKind::RetryAfterDate { seconds }) => {
-            let mut r = error(
-                endpoint,
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                "rate limit exceeded",
-            );
             let at = chrono::Utc::now() + chrono::Duration::seconds(seconds as i64);
             let date = at.format("%a, %d %b %Y %H:%M:%S GMT").to_string();
-            r.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from_str(&date).expect("ascii date"),
-            );
-            r
+            rate_limited(endpoint, HeaderValue::from_str(&date).expect("ascii date"))
         }
         Some(FaultKind::Unauthorized) => error(
             endpoint,
@@ -254,7 +279,7 @@ async fn choose(
         *n += 1;
         *n
     };
-    let page = page_of(parts);
+    let page = page_of(parts, shared.opts.tickets_api.paging);
     for (i, f) in shared.opts.faults.iter().enumerate() {
         if !rule_matches(&f.endpoint, endpoint)
             || f.page.is_some_and(|p| endpoint != "tickets" || p != page)
@@ -269,6 +294,12 @@ async fn choose(
         if f.rate < 1.0 && unit(h) >= f.rate {
             continue;
         }
+        // A page fault needs a page.
+        if matches!(f.kind, FaultKind::EmptyPage | FaultKind::ShortPage { .. })
+            && endpoint != "tickets"
+        {
+            continue;
+        }
         // A job error needs a job: only requests that create one (POSTs) take it.
         if matches!(f.kind, FaultKind::JobError { .. })
             && (parts.method != Method::POST || key != "job")
@@ -281,6 +312,18 @@ async fn choose(
         }
     }
     None
+}
+
+/// A 429 in the endpoint's error shape with this `Retry-After`.
+fn rate_limited(endpoint: &str, retry_after: HeaderValue) -> Response {
+    let mut r = error(
+        endpoint,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        "rate limit exceeded",
+    );
+    r.headers_mut().insert(header::RETRY_AFTER, retry_after);
+    r
 }
 
 /// An error in the endpoint family's own shape.
@@ -353,6 +396,42 @@ async fn truncate(resp: Response) -> Response {
         }
     });
     Response::from_parts(parts, Body::from_stream(stream))
+}
+
+/// A 200 with a JSON list of `bytes` bytes (`[{"n":0},{"n":0},…]`), produced chunk by chunk
+/// (the fake holds one chunk, whatever the size) and sent without a `Content-Length`.
+fn oversized(bytes: u64) -> Response {
+    const CHUNK: usize = 64 << 10;
+    const ITEM: &[u8] = br#"{"n":0},"#;
+    let chunk = Bytes::from(ITEM.repeat(CHUNK / ITEM.len()));
+    let stream = futures_util::stream::unfold(0u64, move |sent| {
+        let chunk = chunk.clone();
+        async move {
+            if sent >= bytes {
+                return None;
+            }
+            let next = if sent == 0 {
+                Bytes::from_static(b"[")
+            } else if sent + chunk.len() as u64 + 8 >= bytes {
+                Bytes::from_static(br#"{"n":0}]"#)
+            } else {
+                chunk
+            };
+            let len = next.len() as u64;
+            let done = if next.ends_with(b"]") {
+                bytes
+            } else {
+                sent + len
+            };
+            Some((Ok::<Bytes, std::io::Error>(next), done))
+        }
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// Send the body in about ten chunks, `ms` apart.

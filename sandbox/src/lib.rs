@@ -76,6 +76,48 @@ pub struct Options {
     /// Carol: the sending limit (`GET /api/v3/staging/sendingLimit`) in bytes; a send body
     /// above it (as received, compressed) is answered 413.
     pub carol_sending_limit_bytes: u64,
+    /// How `/api/v2/tickets` pages, and the habits of hostile APIs it may take on (default:
+    /// the Tiflux contract).
+    pub tickets_api: TicketsApi,
+}
+
+/// How `/api/v2/tickets` pages and which hostile habits it has (all off by default).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TicketsApi {
+    pub paging: Paging,
+    /// Serve at most this many tickets a page whatever `limit` asks, without saying so
+    /// (GitHub clamps `per_page` to 100).
+    pub max_page_size: Option<usize>,
+    /// A fixed-window rate limit: beyond `requests` in a window of `window_ms` (windows
+    /// count from the fake's start), 429 with `Retry-After` (whole seconds to the
+    /// window's end).
+    pub rate_limit: Option<WindowLimit>,
+}
+
+/// How the tickets endpoint addresses pages. Every style sends `X-Total-Items`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Paging {
+    /// Tiflux: `offset` is the 1-based page number, `limit` its size; the body is the list.
+    #[default]
+    Page,
+    /// `offset` is the number of tickets to skip; the body is the list.
+    Offset,
+    /// `cursor` is the previous page's `next_cursor` (none: the first page); the body is
+    /// `{"data": [...], "next_cursor": "..." | null}`.
+    Cursor,
+    /// Stripe: `starting_after` is the `ticket_number` of the previous page's last ticket;
+    /// the body is `{"object": "list", "data": [...], "has_more": bool}`.
+    Stripe,
+}
+
+/// At most `requests` per `window_ms`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowLimit {
+    pub requests: u64,
+    pub window_ms: u64,
 }
 
 impl Default for Options {
@@ -92,6 +134,7 @@ impl Default for Options {
             bigquery_job_polls: 0,
             carol_token_ttl_s: 3600,
             carol_sending_limit_bytes: carol::DEFAULT_SENDING_LIMIT,
+            tickets_api: TicketsApi::default(),
         }
     }
 }
@@ -124,7 +167,8 @@ pub struct Fault {
     /// same requests fail on every run.
     #[serde(default = "one")]
     pub rate: f64,
-    /// Only this tickets page (its `offset`).
+    /// Only this tickets page: its `offset` (page number) in the Tiflux style; in the other
+    /// [`Paging`] styles the page number it would have (the cursor's page; skip / limit + 1).
     #[serde(default)]
     pub page: Option<u32>,
     /// Only the first N attempts of each matching request key.
@@ -152,6 +196,14 @@ pub enum FaultKind {
     Latency { ms: u64 },
     /// 401 `invalid_token` (in the endpoint's error shape).
     Unauthorized,
+    /// Tickets: the page holds no tickets but carries on (the next cursor, `has_more`,
+    /// the total as if it were full), as APIs that filter after paging do.
+    EmptyPage,
+    /// Tickets: the page holds only its first `records` tickets and carries on right after
+    /// them (the next cursor / `has_more` follow the tickets actually sent).
+    ShortPage { records: usize },
+    /// A 200 whose JSON list body is `bytes` long, streamed without a `Content-Length`.
+    OversizedBody { bytes: u64 },
     /// BigQuery: the next matching load or query job ends DONE with this `errorResult`
     /// (jobs.query answers with this error). Use with `times: 1` for "the next job".
     JobError { reason: String, message: String },
@@ -176,6 +228,9 @@ pub struct Stats {
     /// What the Carol fake received.
     #[serde(default)]
     pub carol: CarolStats,
+    /// Tickets requests answered 429 by `tickets_api.rate_limit`.
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 /// Counters behind [`Stats`].
@@ -186,6 +241,9 @@ pub(crate) struct Counters {
     max_in_flight: BTreeMap<String, u64>,
     logins: u64,
     logouts: u64,
+    rate_limited: u64,
+    /// `tickets_api.rate_limit`: (window number, requests in it).
+    window: (u64, u64),
 }
 
 /// Decrements the in-flight count of an endpoint when the request is done.
@@ -222,6 +280,8 @@ pub(crate) struct Shared {
     pub attempts: Mutex<HashMap<(String, String), u32>>,
     pub background: Mutex<Vec<JoinHandle<()>>>,
     pub login_count: AtomicU64,
+    /// When the server started (`tickets_api.rate_limit` windows count from here).
+    pub started: std::time::Instant,
 }
 
 impl Shared {
@@ -252,7 +312,28 @@ impl Shared {
                 .bytes_uploaded
                 .load(std::sync::atomic::Ordering::Relaxed),
             carol: self.carol.stats(),
+            rate_limited: c.rate_limited,
         }
+    }
+
+    /// `tickets_api.rate_limit`: `None` when the request is within the window's budget,
+    /// else the seconds to the window's end (the request is counted as rate limited).
+    pub(crate) fn over_rate_limit(&self) -> Option<u64> {
+        let limit = self.opts.tickets_api.rate_limit?;
+        let window_ms = limit.window_ms.max(1);
+        let elapsed = self.started.elapsed().as_millis() as u64;
+        let window = elapsed / window_ms;
+        let mut c = self.counters.lock().unwrap();
+        if c.window.0 != window {
+            c.window = (window, 0);
+        }
+        c.window.1 += 1;
+        if c.window.1 <= limit.requests {
+            return None;
+        }
+        c.rate_limited += 1;
+        let left_ms = (window + 1) * window_ms - elapsed;
+        Some(left_ms.div_ceil(1000).max(1))
     }
 
     pub(crate) fn count_login(&self) {
@@ -410,6 +491,7 @@ impl Sandbox {
             attempts: Mutex::new(HashMap::new()),
             background: Mutex::new(Vec::new()),
             login_count: AtomicU64::new(0),
+            started: std::time::Instant::now(),
             opts,
         });
 

@@ -29,7 +29,7 @@ const T_REOPEN: u64 = 13;
 const T_TITLE: u64 = 14;
 
 /// The first ticket's number.
-const FIRST_NUMBER: u64 = 10_001;
+pub(crate) const FIRST_NUMBER: u64 = 10_001;
 
 /// (id, name, area id, area name, desk index, titles)
 type Service = (
@@ -377,8 +377,9 @@ impl Generator {
                 .is_none_or(|ids| ids.contains(&c.client_id()))
     }
 
-    /// The total number of matching tickets and the indices of page `page` (1-based).
-    pub fn page(&self, q: &Query, page: usize, limit: usize) -> (usize, Vec<usize>) {
+    /// The total number of matching tickets and the indices of `limit` of them after the
+    /// first `skip`.
+    pub fn slice(&self, q: &Query, skip: usize, limit: usize) -> (usize, Vec<usize>) {
         let (lo, hi) = if q.by_solved {
             (0, self.n)
         } else {
@@ -388,7 +389,6 @@ impl Generator {
                 .map_or(self.n, |e| self.lower_bound(e.saturating_add(1)));
             (lo, hi.max(lo))
         };
-        let skip = (page - 1).saturating_mul(limit);
         let plain = q.filter == Filter::All
             && !q.by_solved
             && q.desk_ids.is_none()

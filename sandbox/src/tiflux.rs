@@ -8,7 +8,7 @@
 
 use crate::faults::{self, error};
 use crate::tickets::{self, Filter, Query};
-use crate::{hash, random_token, Shared};
+use crate::{hash, random_token, Paging, Shared};
 use axum::body::{Body, Bytes};
 use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -257,17 +257,34 @@ fn parse_ids(name: &str, value: &str) -> Result<Vec<u64>, Response> {
     Ok(ids)
 }
 
+/// A `cursor` of [`Paging::Cursor`]: `c<page>_<skip>` → (page number, tickets to skip).
+/// The page number makes every cursor of a walk distinct, even one that does not advance.
+pub(crate) fn parse_cursor(text: &str) -> Option<(u64, usize)> {
+    let (page, skip) = text.strip_prefix('c')?.split_once('_')?;
+    Some((page.parse().ok()?, skip.parse().ok()?))
+}
+
+/// The tickets to skip after `starting_after=<ticket_number>` ([`Paging::Stripe`]).
+pub(crate) fn skip_after(text: &str) -> Option<usize> {
+    let n: u64 = text.trim().parse().ok()?;
+    usize::try_from(n.checked_sub(tickets::FIRST_NUMBER)? + 1).ok()
+}
+
 async fn list_tickets(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
+    fault: Option<axum::Extension<faults::PageFault>>,
     RawQuery(query): RawQuery,
 ) -> Response {
+    let api = &shared.opts.tickets_api;
     if shared.tiflux.valid(&headers).is_none() {
         return error("tickets", StatusCode::UNAUTHORIZED, "invalid_token", "");
     }
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or("")).unwrap_or_default();
     let (mut page, mut limit) = (1usize, 20usize);
+    let mut skip: Option<usize> = None;
+    let mut cursor_page = 1u64;
     let mut q = Query {
         filter: Filter::All,
         by_solved: false,
@@ -278,9 +295,26 @@ async fn list_tickets(
     };
     for (k, v) in &pairs {
         match k.as_str() {
-            "offset" => match v.parse::<usize>() {
+            "offset" if api.paging == Paging::Offset => match v.parse::<usize>() {
+                Ok(s) => skip = Some(s),
+                _ => {
+                    return unprocessable("offset must be a number of tickets to skip (0, 1, ...)")
+                }
+            },
+            "offset" if api.paging == Paging::Page => match v.parse::<usize>() {
                 Ok(p) if p >= 1 => page = p,
                 _ => return unprocessable("offset must be a page number (1, 2, ...)"),
+            },
+            "cursor" if api.paging == Paging::Cursor => match parse_cursor(v) {
+                Some((p, s)) => {
+                    cursor_page = p;
+                    skip = Some(s);
+                }
+                None => return unprocessable("cursor is not one this API gave out"),
+            },
+            "starting_after" if api.paging == Paging::Stripe => match skip_after(v) {
+                Some(s) => skip = Some(s),
+                None => return unprocessable("starting_after must be a ticket_number"),
             },
             "limit" => match v.parse::<usize>() {
                 Ok(l) if (1..=200).contains(&l) => limit = l,
@@ -330,7 +364,16 @@ async fn list_tickets(
             _ => {}
         }
     }
-    let (total, indices) = shared.tickets.page(&q, page, limit);
+    // A clamping API serves fewer than asked, without saying so; a page fault fewer still.
+    let served = api
+        .max_page_size
+        .map_or(limit, |m| limit.min(m.max(1)))
+        .min(fault.map_or(usize::MAX, |f| f.records));
+    let skip = skip.unwrap_or_else(|| {
+        (page - 1).saturating_mul(api.max_page_size.map_or(limit, |m| limit.min(m.max(1))))
+    });
+    let (total, indices) = shared.tickets.slice(&q, skip, served);
+    let after = skip + indices.len();
     // About 1.1 KB a ticket: one allocation for the page, tickets serialized straight in.
     let mut body = Vec::with_capacity(2 + indices.len() * 1280);
     body.push(b'[');
@@ -341,6 +384,24 @@ async fn list_tickets(
         shared.tickets.write_ticket(*i, &mut body);
     }
     body.push(b']');
+    let body = match api.paging {
+        Paging::Page | Paging::Offset => body,
+        Paging::Cursor => {
+            let next = (after < total).then(|| format!("c{}_{after}", cursor_page + 1));
+            let mut b = b"{\"data\":".to_vec();
+            b.extend_from_slice(&body);
+            b.extend_from_slice(b",\"next_cursor\":");
+            b.extend_from_slice(json!(next).to_string().as_bytes());
+            b.push(b'}');
+            b
+        }
+        Paging::Stripe => {
+            let mut b = b"{\"object\":\"list\",\"data\":".to_vec();
+            b.extend_from_slice(&body);
+            b.extend_from_slice(format!(",\"has_more\":{}}}", after < total).as_bytes());
+            b
+        }
+    };
 
     let now = Utc::now().timestamp();
     let minute = now.div_euclid(60);

@@ -358,8 +358,8 @@ impl Auth {
         Ok(Token {
             access: parsed.access_token,
             expires_at: expires_in
-                .filter(|s| *s >= 0.0 && s.is_finite())
-                .map(|s| Instant::now() + Duration::from_secs_f64(s)),
+                .and_then(super::client::server_delay)
+                .map(|d| Instant::now() + d),
             refresh: parsed.refresh_token.or_else(|| refresh.map(str::to_string)),
         })
     }

@@ -10,13 +10,22 @@
 //! the whole step again (for an extraction, every page); a retry here repeats one request, so
 //! page 37 of 40 failing once with a 503 costs one request, not 37.
 //!
+//! Rate limits are the step's, not one request's: a 429 (or any `Retry-After`, or
+//! `RateLimit-Remaining: 0`) closes a gate that every request of the step passes before it
+//! is sent, so no request leaves before the server's deadline; with several requests in
+//! flight the step also halves how many it keeps in flight and grows back one at a time
+//! (see [`Limiter`]). Open, the gate costs one atomic load per request.
+//!
+//! Bodies are read up to `max_body` (default 512 MiB): an endless or oversized response
+//! fails the step instead of growing the process without bound.
+//!
 //! Secrets: every credential the client sends or receives (the connection's and step's auth,
 //! `Authorization` headers both ways, OAuth2 tokens, API keys) is taught to the run's
 //! redactor before the request leaves, so no log row, error or output can show it.
 
 use super::auth::Auth;
 use engine::events::Level;
-use engine::step::{StepContext, StepError};
+use engine::step::{Problem, StepContext, StepError};
 use indexmap::IndexMap;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, RETRY_AFTER};
 use reqwest::{Method, StatusCode};
@@ -24,7 +33,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -34,6 +43,8 @@ pub const DEFAULT_RETRIES: u32 = 3;
 pub const DEFAULT_MAX_WAIT: Duration = Duration::from_secs(60);
 /// Default timeout of one request.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default largest response body: more than any real API page, less than a crash.
+pub const DEFAULT_MAX_BODY: u64 = 512 << 20;
 /// First backoff step; it doubles on each retry.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// How much of a body an error message quotes.
@@ -149,6 +160,8 @@ pub struct Policy {
     pub retries: u32,
     pub max_wait: Duration,
     pub timeout: Duration,
+    /// The largest response body read, in bytes.
+    pub max_body: u64,
 }
 
 /// The request a step's config describes, resolved against its connection.
@@ -173,9 +186,30 @@ pub struct Target<'a> {
     pub timeout: Option<&'a str>,
     pub retries: Option<u32>,
     pub max_wait: Option<&'a str>,
+    pub max_body: Option<&'a str>,
 }
 
 use engine::secrets::is_secret_header as secret_header;
+
+/// The [`Target`] of a step config whose target fields have the usual names (`method`,
+/// `url`, `path`, `query`, `headers`, `auth`, `timeout`, `retries`, `max_wait`, `max_body`).
+macro_rules! target_of {
+    ($cfg:expr) => {
+        $crate::http::client::Target {
+            method: &$cfg.method,
+            url: $cfg.url.as_deref(),
+            path: $cfg.path.as_deref(),
+            query: &$cfg.query,
+            headers: &$cfg.headers,
+            auth: $cfg.auth.as_ref(),
+            timeout: $cfg.timeout.as_deref(),
+            retries: $cfg.retries,
+            max_wait: $cfg.max_wait.as_deref(),
+            max_body: $cfg.max_body.as_deref(),
+        }
+    };
+}
+pub(crate) use target_of;
 
 /// Teach the redactor an `Authorization`-style value and, for `Scheme credentials`, the
 /// credentials alone.
@@ -199,6 +233,30 @@ pub fn join(base: &str, path: &str) -> String {
 }
 
 impl Target<'_> {
+    /// What is wrong with the target fields on their own (see
+    /// [`engine::step::StepConfig::problems`]): checked by `pipe validate` and before a run.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if self.url.is_some() && self.path.is_some() {
+            out.push(Problem::at("path", "set either `url` or `path`, not both"));
+        }
+        if Method::from_bytes(self.method.trim().to_ascii_uppercase().as_bytes()).is_err() {
+            out.push(Problem::at(
+                "method",
+                format!("invalid HTTP method `{}`", self.method),
+            ));
+        }
+        for (key, text) in [("timeout", self.timeout), ("max_wait", self.max_wait)] {
+            if let Some(Err(e)) = text.map(engine::duration::parse) {
+                out.push(Problem::at(key, format!("`{key}`: {e}")));
+            }
+        }
+        if let Some(Err(e)) = self.max_body.map(super::send::parse_size) {
+            out.push(Problem::at("max_body", format!("`max_body`: {e}")));
+        }
+        out
+    }
+
     /// Resolve URL, headers, auth and policy; register every secret with the redactor.
     pub fn prepare(&self, ctx: &StepContext) -> Result<Prepared, StepError> {
         let conn = Connection::from_ctx(ctx)?;
@@ -288,6 +346,11 @@ impl Target<'_> {
             retries: self.retries.unwrap_or(DEFAULT_RETRIES),
             max_wait: duration("max_wait", self.max_wait, DEFAULT_MAX_WAIT)?,
             timeout,
+            max_body: match self.max_body {
+                None => DEFAULT_MAX_BODY,
+                Some(t) => super::send::parse_size(t)
+                    .map_err(|e| StepError::fatal(format!("`max_body`: {e}")))?,
+            },
         };
         Ok(Prepared {
             method,
@@ -383,16 +446,31 @@ fn retryable_status(s: StatusCode) -> bool {
     s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS
 }
 
+/// The longest delay a server's answer can ask for: anything longer (`Retry-After: 1e300`)
+/// is this, so deadline arithmetic cannot overflow; it is far beyond any `max_wait`.
+pub const LONGEST_SERVER_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Seconds a server sent as a delay: none when negative or not a number, capped at
+/// [`LONGEST_SERVER_DELAY`].
+pub fn server_delay(secs: f64) -> Option<Duration> {
+    (secs >= 0.0 && !secs.is_nan()).then(|| {
+        Duration::try_from_secs_f64(secs)
+            .unwrap_or(LONGEST_SERVER_DELAY)
+            .min(LONGEST_SERVER_DELAY)
+    })
+}
+
 /// `Retry-After`: delay seconds or an HTTP-date.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs >= 0.0 && secs.is_finite()).then(|| Duration::from_secs_f64(secs));
+        return server_delay(secs);
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(
         at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(LONGEST_SERVER_DELAY),
     )
 }
 
@@ -409,18 +487,19 @@ pub fn reset_delay(v: &str) -> Option<Duration> {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .ok()?
                 .as_secs_f64();
-            return Some(Duration::from_secs_f64((n - now).max(0.0)));
+            return server_delay((n - now).max(0.0));
         }
-        return Some(Duration::from_secs_f64(n));
+        return server_delay(n);
     }
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(v) {
         let ms = (t.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_milliseconds();
-        return Some(Duration::from_millis(ms.max(0) as u64));
+        return Some(Duration::from_millis(ms.max(0) as u64).min(LONGEST_SERVER_DELAY));
     }
     let at = httpdate::parse_http_date(v).ok()?;
     Some(
         at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(LONGEST_SERVER_DELAY),
     )
 }
 
@@ -436,63 +515,235 @@ fn backoff(n: u32, cap: Duration) -> Duration {
     (base + jitter).min(cap)
 }
 
-/// A request-rate limit shared by the requests of one step: at most `requests` starts per
-/// `per`, and a pause until `RateLimit-Reset` once `RateLimit-Remaining` reaches 0.
-#[derive(Debug, Default)]
+/// What every request of one step passes before it is sent:
+///
+/// * the gate: closed until a server's deadline (`Retry-After` of a 429 or 503,
+///   `RateLimit-Reset` once `RateLimit-Remaining` reaches 0, or the backoff of a 429 that
+///   names none). An atomic deadline, so the open gate costs one load;
+/// * the configured window (`rate_limit: {requests, per}`): at most `requests` starts per
+///   `per`;
+/// * adaptive concurrency, for steps with several requests in flight: a 429 halves how many
+///   may be in flight (once per burst: the 429s of requests sent before the last halving do
+///   not halve again); each run of that many successes lets one more in, up to the
+///   configured concurrency.
+#[derive(Debug)]
 pub struct Limiter {
     window: Option<(usize, Duration)>,
-    state: Mutex<LimitState>,
+    starts: Mutex<VecDeque<Instant>>,
+    epoch: Instant,
+    /// Nanoseconds after `epoch` before which no request is sent (0: open).
+    closed_until: AtomicU64,
+    concurrency: Concurrency,
 }
 
-#[derive(Debug, Default)]
-struct LimitState {
-    starts: VecDeque<Instant>,
-    blocked_until: Option<Instant>,
+#[derive(Debug)]
+struct Concurrency {
+    /// The configured concurrency (1: one request at a time, nothing to adapt).
+    max: usize,
+    /// Requests allowed in flight now.
+    limit: AtomicUsize,
+    active: AtomicUsize,
+    /// Successes since the limit last changed.
+    successes: AtomicUsize,
+    /// Bumped by each halving.
+    generation: AtomicU64,
+    wake: tokio::sync::Notify,
+}
+
+/// A request's place in flight; dropping it frees the place.
+pub struct Permit<'a> {
+    limiter: &'a Limiter,
+    counted: bool,
+    generation: u64,
+    /// The in-flight limit when the request was sent (1: it was alone).
+    limit: usize,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.counted {
+            let c = &self.limiter.concurrency;
+            c.active.fetch_sub(1, Ordering::AcqRel);
+            c.wake.notify_waiters();
+        }
+    }
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Limiter::new(None)
+    }
 }
 
 impl Limiter {
     pub fn new(window: Option<(usize, Duration)>) -> Self {
         Limiter {
             window: window.filter(|(n, _)| *n > 0),
-            state: Mutex::default(),
+            starts: Mutex::default(),
+            epoch: Instant::now(),
+            closed_until: AtomicU64::new(0),
+            concurrency: Concurrency {
+                max: 1,
+                limit: AtomicUsize::new(1),
+                active: AtomicUsize::new(0),
+                successes: AtomicUsize::new(0),
+                generation: AtomicU64::new(0),
+                wake: tokio::sync::Notify::new(),
+            },
         }
     }
 
-    /// Wait for a free slot.
-    async fn acquire(&self, ctx: &StepContext, max_wait: Duration) -> Result<(), StepError> {
+    /// Up to `n` requests in flight at once (what the step's `concurrency` allows).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        let n = n.max(1);
+        self.concurrency.max = n;
+        self.concurrency.limit = AtomicUsize::new(n);
+        self
+    }
+
+    /// How many requests may be in flight now.
+    pub fn in_flight_limit(&self) -> usize {
+        self.concurrency.limit.load(Ordering::Acquire)
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    /// Close the gate until `until` (a later deadline already set stays).
+    pub fn close_until(&self, until: Instant) {
+        self.closed_until
+            .fetch_max(self.nanos(until).max(1), Ordering::AcqRel);
+    }
+
+    /// How long the gate stays closed.
+    fn gate_wait(&self) -> Option<Duration> {
+        let until = self.closed_until.load(Ordering::Acquire);
+        if until == 0 {
+            return None;
+        }
+        let now = self.nanos(Instant::now());
+        (now < until).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Wait for a place in flight, the gate to be open and a slot of the window.
+    pub async fn acquire(
+        &self,
+        ctx: &StepContext,
+        max_wait: Duration,
+    ) -> Result<Permit<'_>, StepError> {
+        let permit = self.place(ctx).await?;
         loop {
-            let wait = {
-                let mut st = self.state.lock().unwrap();
-                let now = Instant::now();
-                match st.blocked_until {
-                    Some(t) if t > now => t - now,
-                    _ => match self.window {
-                        None => return Ok(()),
-                        Some((n, per)) => {
-                            while st
-                                .starts
-                                .front()
-                                .is_some_and(|s| now.duration_since(*s) >= per)
-                            {
-                                st.starts.pop_front();
-                            }
-                            if st.starts.len() < n {
-                                st.starts.push_back(now);
-                                return Ok(());
-                            }
-                            (st.starts[0] + per).saturating_duration_since(now)
-                        }
-                    },
+            if let Some(wait) = self.gate_wait() {
+                if wait > max_wait {
+                    return Err(StepError::fatal(format!(
+                        "the API asks to wait {} (Retry-After or RateLimit-Reset), longer than max_wait {}",
+                        engine::duration::human(wait),
+                        engine::duration::human(max_wait)
+                    )));
                 }
-            };
-            if wait > max_wait {
-                return Err(StepError::fatal(format!(
-                    "the API's rate limit asks to wait {} (RateLimit-Reset), longer than max_wait {}",
-                    engine::duration::human(wait),
-                    engine::duration::human(max_wait)
-                )));
+                sleep(ctx, wait.max(Duration::from_millis(1))).await?;
+                continue;
             }
+            let Some((n, per)) = self.window else {
+                return Ok(permit);
+            };
+            let wait = {
+                let mut starts = self.starts.lock().unwrap();
+                let now = Instant::now();
+                while starts
+                    .front()
+                    .is_some_and(|s| now.duration_since(*s) >= per)
+                {
+                    starts.pop_front();
+                }
+                if starts.len() < n {
+                    starts.push_back(now);
+                    return Ok(permit);
+                }
+                (starts[0] + per).saturating_duration_since(now)
+            };
             sleep(ctx, wait.max(Duration::from_millis(1))).await?;
+        }
+    }
+
+    /// A place among the requests in flight.
+    async fn place(&self, ctx: &StepContext) -> Result<Permit<'_>, StepError> {
+        let c = &self.concurrency;
+        let generation = c.generation.load(Ordering::Acquire);
+        if c.max <= 1 {
+            return Ok(Permit {
+                limiter: self,
+                counted: false,
+                generation,
+                limit: 1,
+            });
+        }
+        loop {
+            let wake = c.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            let limit = c.limit.load(Ordering::Acquire);
+            let active = c.active.load(Ordering::Acquire);
+            if active < limit
+                && c.active
+                    .compare_exchange(active, active + 1, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Ok(Permit {
+                    limiter: self,
+                    counted: true,
+                    generation: c.generation.load(Ordering::Acquire),
+                    limit,
+                });
+            }
+            if active < limit {
+                continue;
+            }
+            cancellable(ctx, wake).await?;
+        }
+    }
+
+    /// A 429: halve the in-flight limit, once per burst.
+    fn throttled(&self, permit: &Permit<'_>) {
+        let c = &self.concurrency;
+        if c.max <= 1 {
+            return;
+        }
+        if c.generation
+            .compare_exchange(
+                permit.generation,
+                permit.generation + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
+        {
+            let limit = c.limit.load(Ordering::Acquire);
+            c.limit.store((limit / 2).max(1), Ordering::Release);
+            c.successes.store(0, Ordering::Release);
+        }
+    }
+
+    /// A request that was not throttled: after as many successes as the limit, one more.
+    fn succeeded(&self) {
+        let c = &self.concurrency;
+        if c.max <= 1 {
+            return;
+        }
+        let limit = c.limit.load(Ordering::Acquire);
+        if limit >= c.max {
+            return;
+        }
+        if c.successes.fetch_add(1, Ordering::AcqRel) + 1 >= limit {
+            c.successes.store(0, Ordering::Release);
+            let _ = c.limit.compare_exchange(
+                limit,
+                (limit + 1).min(c.max),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            c.wake.notify_waiters();
         }
     }
 
@@ -502,11 +753,7 @@ impl Limiter {
         let remaining = get("ratelimit-remaining").and_then(|v| v.trim().parse::<f64>().ok());
         if remaining.is_some_and(|r| r <= 0.0) {
             if let Some(d) = get("ratelimit-reset").and_then(reset_delay) {
-                let until = Instant::now() + d;
-                let mut st = self.state.lock().unwrap();
-                if st.blocked_until.is_none_or(|t| t < until) {
-                    st.blocked_until = Some(until);
-                }
+                self.close_until(Instant::now() + d);
             }
         }
     }
@@ -547,7 +794,7 @@ impl<'a> Sender<'a> {
         let mut refreshed = false;
         let shown = format!("{} {}", p.method, without_query(url));
         loop {
-            self.limiter.acquire(ctx, p.policy.max_wait).await?;
+            let permit = self.limiter.acquire(ctx, p.policy.max_wait).await?;
             let mut rb = client()
                 .request(p.method.clone(), url.clone())
                 .headers(p.headers.clone())
@@ -572,18 +819,41 @@ impl<'a> Sender<'a> {
                 token_used = t;
             }
             let started = Instant::now();
+            let max_body = p.policy.max_body;
             let outcome = cancellable(ctx, async {
-                let resp = rb.send().await?;
+                let mut resp = rb.send().await?;
                 let status = resp.status();
                 let headers = resp.headers().clone();
                 let final_url = resp.url().clone();
-                let body = resp.bytes().await?;
-                Ok::<_, reqwest::Error>((status, headers, final_url, body))
+                if resp.content_length().is_some_and(|n| n > max_body) {
+                    return Ok(Err(BodyTooLarge));
+                }
+                let mut body = Vec::with_capacity(
+                    resp.content_length()
+                        .unwrap_or(0)
+                        .min(max_body)
+                        .min(64 << 20) as usize,
+                );
+                while let Some(chunk) = resp.chunk().await? {
+                    if (body.len() + chunk.len()) as u64 > max_body {
+                        return Ok(Err(BodyTooLarge));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok::<_, reqwest::Error>(Ok((status, headers, final_url, body)))
             })
             .await?;
             let (status, headers, final_url, bytes) = match outcome {
-                Ok(v) => v,
+                Ok(Ok(v)) => v,
+                Ok(Err(BodyTooLarge)) => {
+                    return Err(StepError::fatal(format!(
+                        "{shown}: the response body is larger than max_body ({} bytes); \
+                         raise `max_body` if the API really sends that much",
+                        max_body
+                    )));
+                }
                 Err(e) => {
+                    drop(permit);
                     let msg = ctx
                         .redactor
                         .redact(&format!("{shown}: {}", error_chain(&e.without_url())));
@@ -621,7 +891,7 @@ impl<'a> Sender<'a> {
             let reply = Reply {
                 status,
                 headers,
-                body: bytes.to_vec(),
+                body: bytes,
                 url: final_url,
                 elapsed: started.elapsed(),
             };
@@ -636,8 +906,20 @@ impl<'a> Sender<'a> {
                     continue;
                 }
             }
-            if retryable_status(status) && attempt < p.policy.retries {
-                let wait = match retry_after(&reply.headers) {
+            let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+            if throttled {
+                self.limiter.throttled(&permit);
+            } else {
+                self.limiter.succeeded();
+            }
+            // A 429 of a request sent among several is the step's pace, not this request's
+            // failure: the in-flight limit was just halved, so it is tried again without
+            // spending a retry. Alone in flight, a 429 counts as any failure.
+            let charged = !throttled || permit.limit <= 1;
+            drop(permit);
+            if retryable_status(status) && (attempt < p.policy.retries || !charged) {
+                let server_wait = retry_after(&reply.headers);
+                let wait = match server_wait {
                     Some(d) if d > p.policy.max_wait => {
                         return Err(StepError::retryable(format!(
                             "{shown} returned HTTP {status} with Retry-After {}, longer than max_wait {}",
@@ -648,23 +930,37 @@ impl<'a> Sender<'a> {
                     Some(d) => d,
                     None => backoff(attempt + 1, p.policy.max_wait),
                 };
-                attempt += 1;
+                if charged {
+                    attempt += 1;
+                }
                 self.retries.fetch_add(1, Ordering::Relaxed);
                 ctx.log(
                     Level::Warning,
                     &format!(
-                        "{shown} returned HTTP {status}; retry {attempt}/{} in {}",
-                        p.policy.retries,
+                        "{shown} returned HTTP {status}; {} in {}",
+                        if charged {
+                            format!("retry {attempt}/{}", p.policy.retries)
+                        } else {
+                            "fewer requests in flight, trying again".to_string()
+                        },
                         engine::duration::human(wait)
                     ),
                 );
-                sleep(ctx, wait).await?;
+                if throttled || server_wait.is_some() {
+                    // The server's deadline holds for every request of the step.
+                    self.limiter.close_until(Instant::now() + wait);
+                } else {
+                    sleep(ctx, wait).await?;
+                }
                 continue;
             }
             return Ok(reply);
         }
     }
 }
+
+/// A response body past `max_body`.
+struct BodyTooLarge;
 
 /// An error and its causes on one line (reqwest's top-level message alone says little).
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -679,4 +975,99 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+
+    #[test]
+    fn absurd_server_delays_are_capped_not_a_panic() {
+        let mut h = HeaderMap::new();
+        for v in ["1e300", "18446744073709551616", "inf"] {
+            h.insert(RETRY_AFTER, v.parse().unwrap());
+            assert_eq!(retry_after(&h), Some(LONGEST_SERVER_DELAY), "{v}");
+        }
+        h.insert(RETRY_AFTER, "-1".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+        assert_eq!(reset_delay("1e300"), Some(LONGEST_SERVER_DELAY));
+        assert_eq!(reset_delay("2"), Some(Duration::from_secs(2)));
+    }
+    use super::*;
+    use crate::http::testutil::{ctx, Collect};
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn a_429_halves_the_in_flight_limit_once_per_burst_and_successes_grow_it_back() {
+        let obs = Arc::new(Collect::default());
+        let c = ctx(&obs, None);
+        let limiter = Limiter::new(None).with_concurrency(8);
+        let first = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        let second = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        assert_eq!(first.limit, 8);
+        limiter.throttled(&first);
+        // The second 429 of the same burst (sent before the halving) does not halve again.
+        limiter.throttled(&second);
+        assert_eq!(limiter.in_flight_limit(), 4);
+        drop((first, second));
+        let third = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        limiter.throttled(&third);
+        assert_eq!(limiter.in_flight_limit(), 2);
+        drop(third);
+        limiter.succeeded();
+        assert_eq!(limiter.in_flight_limit(), 2);
+        limiter.succeeded();
+        assert_eq!(
+            limiter.in_flight_limit(),
+            3,
+            "one more after `limit` successes"
+        );
+        for _ in 0..100 {
+            limiter.succeeded();
+        }
+        assert_eq!(
+            limiter.in_flight_limit(),
+            8,
+            "never above the configured concurrency"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_limit_may_be_in_flight() {
+        let obs = Arc::new(Collect::default());
+        let c = ctx(&obs, None);
+        let limiter = Limiter::new(None).with_concurrency(2);
+        let a = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        let b = limiter.acquire(&c, DEFAULT_MAX_WAIT).await.unwrap();
+        let third = limiter.acquire(&c, DEFAULT_MAX_WAIT);
+        tokio::pin!(third);
+        assert!(
+            futures::poll!(third.as_mut()).is_pending(),
+            "a third request waits for a place"
+        );
+        drop(a);
+        let c3 = third.await.unwrap();
+        drop((b, c3));
+    }
+
+    #[tokio::test]
+    async fn a_closed_gate_beyond_max_wait_fails_and_a_past_deadline_is_open() {
+        let obs = Arc::new(Collect::default());
+        let c = ctx(&obs, None);
+        let limiter = Limiter::new(None);
+        limiter.close_until(Instant::now() + Duration::from_secs(120));
+        let err = limiter
+            .acquire(&c, Duration::from_secs(5))
+            .await
+            .err()
+            .expect("a wait beyond max_wait fails");
+        assert!(
+            err.message.contains("longer than max_wait"),
+            "{}",
+            err.message
+        );
+        let limiter = Limiter::new(None);
+        limiter.close_until(Instant::now());
+        assert!(limiter.gate_wait().is_none());
+        assert!(limiter.acquire(&c, DEFAULT_MAX_WAIT).await.is_ok());
+    }
 }

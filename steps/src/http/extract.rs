@@ -5,26 +5,34 @@
 //! page that was exactly full so the loop stopped one page early (or never), a cursor that the
 //! API repeated forever. Here each strategy has explicit stop rules and a loop guard:
 //!
-//! * `offset` / `page` — addressable pages: `offset=0,size,2·size…` or `page=first_page,+1…`.
-//!   With `concurrency: N` up to N pages are in flight at once: when a total is configured
-//!   (`total_header`/`total_path`) the first page comes alone and tells where the last page
-//!   is; otherwise pages are fetched speculatively ahead (the first empty or short page ends
-//!   the run; pages fetched beyond it are dropped). Pages are reassembled in page order, so every
+//! * `offset` / `page` — addressable pages: `offset=0,n,2·n…` (`n` the records the first
+//!   page actually held: APIs clamp `size` silently) or `page=first_page,+1…`. With
+//!   `concurrency: N` up to N pages are in flight at once: when a total is configured
+//!   (`total_header`/`total_path`), or for offsets, the first page comes alone and tells
+//!   the page size served and where the last page is; otherwise pages are fetched
+//!   speculatively ahead (the first empty page, or one shorter than the first, ends the
+//!   run; pages fetched beyond it are dropped — a dropped page that still held records
+//!   fails the step). At concurrency 1 offsets advance by the records received. Pages are reassembled in page order, so every
 //!   record appears exactly once and in order. A page that fails with a retryable error is
 //!   retried in place (see [`super::client`]); if it still fails the step fails — a page is
 //!   never skipped.
 //! * `cursor` — the next request carries `cursor_param=<cursor>`, the cursor read from the
-//!   body (`cursor_path`) or a header (`cursor_header`); no cursor ends the run.
+//!   body (`cursor_path`), a header (`cursor_header`) or the last record (`cursor_field`,
+//!   Stripe's `starting_after`); no cursor ends the run (unless `has_more` says otherwise:
+//!   then the step fails).
 //! * `next_url` — the body holds the next page's URL (`next_url_path`; relative URLs are
 //!   resolved against the current one).
 //! * `link_header` — the next URL is the RFC 8288 `Link: <…>; rel="next"` header.
 //! * `none` — one request.
 //!
-//! Stop rules, checked after every page in order: an empty page; a short page (fewer records
-//! than `size`, when `size` is set and `stop_on_short_page` is on — the default); the total
-//! (`total_header` / `total_path`, counted in records; a null total is "unknown"); a false
-//! `has_more_path`; `max_pages`. A cursor or next URL seen before fails the step (the API is
-//! looping).
+//! Stop rules, checked after every page in order. A cursor, next-URL or Link walk ends on
+//! its own end signal: no cursor / next link, a false `has_more_path`, the total reached,
+//! `max_pages`; an empty or short page ends it only with `stop_on_short_page: true` (APIs
+//! that filter after paging send them mid-walk; see docs/decisions). An `offset`/`page` walk
+//! also ends at an empty page or one shorter than the page size served. A cursor or next
+//! URL seen before fails the step (the API is looping). A total (`total_header` /
+//! `total_path`, in records; null is "unknown") that the records received do not match
+//! fails the step (`on_total_mismatch: warn` keeps them).
 //!
 //! Rate limits: `rate_limit: {requests, per}` spaces requests out, and a response with
 //! `RateLimit-Remaining: 0` pauses every request until `RateLimit-Reset`.
@@ -38,7 +46,7 @@ use super::records::{Columns, Shape};
 use super::request::auth_secret_fields;
 use async_trait::async_trait;
 use engine::events::Level;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use futures::stream::{FuturesUnordered, StreamExt};
 use indexmap::IndexMap;
 use schemars::JsonSchema;
@@ -109,6 +117,12 @@ pub struct Paginate {
     /// `cursor`: the response header that holds the next cursor (instead of `cursor_path`).
     #[serde(default)]
     pub cursor_header: Option<String>,
+    /// `cursor`: dotted path, inside the page's last record, of the next cursor (Stripe's
+    /// `starting_after=<id of the last record>`: `cursor_param: starting_after`,
+    /// `cursor_field: id`, `has_more_path: has_more`). An empty page has no last record and
+    /// ends the walk.
+    #[serde(default)]
+    pub cursor_field: Option<String>,
     /// `next_url`: dotted path of the next page's URL in the body (`links.next`).
     #[serde(default)]
     pub next_url_path: Option<String>,
@@ -122,15 +136,36 @@ pub struct Paginate {
     /// Dotted path of a boolean in the body; false ends the run.
     #[serde(default)]
     pub has_more_path: Option<String>,
-    /// A page with fewer records than `size` is the last (default true).
+    /// `true`: a page with fewer records than `size` is the last (the API never serves
+    /// fewer than it was asked for; saves the request that would find the end). `false`: a
+    /// page's length never ends the walk. Unset (default): `offset` and `page` walks end at
+    /// a page shorter than the first page (the page size the API actually serves, which may
+    /// be less than `size`); `cursor`, `next_url` and `link_header` walks end only on their
+    /// own end signal.
     #[serde(default)]
     pub stop_on_short_page: Option<bool>,
+    /// When the records received differ from the announced total (`total_header` /
+    /// `total_path`): `fail` (default) fails the step before anything downstream runs;
+    /// `warn` keeps what arrived and ends with a warning.
+    #[serde(default)]
+    pub on_total_mismatch: OnTotalMismatch,
     /// Fetch at most this many pages.
     #[serde(default)]
     pub max_pages: Option<u64>,
     /// `offset` and `page`: pages fetched at once (default 1), reassembled in order.
     #[serde(default)]
     pub concurrency: Option<usize>,
+}
+
+/// What a total that does not match the records received does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTotalMismatch {
+    /// Fail the step (the table is not handed on).
+    #[default]
+    Fail,
+    /// Keep the records that arrived; the step ends with a warning.
+    Warn,
 }
 
 /// A client-side request-rate limit.
@@ -196,6 +231,11 @@ pub struct HttpExtract {
     /// `RateLimit-Reset` fails the step.
     #[serde(default)]
     pub max_wait: Option<String>,
+    /// The largest response body read: a number of bytes or a size such as `50MB`, `1GiB`
+    /// (default `512MiB`). A larger (or endless) body fails the step.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::http::send::size_schema")]
+    pub max_body: Option<String>,
 }
 
 /// What one page said.
@@ -437,7 +477,7 @@ impl Fetcher<'_> {
             && p.total_path.is_none()
             && p.has_more_path.is_none()
             && match p.kind {
-                PageType::Cursor => p.cursor_path.is_none(),
+                PageType::Cursor => p.cursor_path.is_none() && p.cursor_field.is_none(),
                 PageType::NextUrl => false,
                 _ => true,
             };
@@ -505,7 +545,7 @@ impl Fetcher<'_> {
             Some(path) => at_path(&body, path).cloned().unwrap_or(Value::Null),
             None => body,
         };
-        page.records = Records::Parsed(match list {
+        let records = match list {
             Value::Array(a) => a,
             Value::Null => Vec::new(),
             other => {
@@ -518,7 +558,13 @@ impl Fetcher<'_> {
                     kind_of(&other)
                 )))
             }
-        });
+        };
+        if let (PageType::Cursor, Some(field)) = (p.kind, &p.cursor_field) {
+            page.cursor = records
+                .last()
+                .and_then(|last| scalar_string(at_path(last, field)));
+        }
+        page.records = Records::Parsed(records);
         Ok(page)
     }
 
@@ -543,9 +589,16 @@ impl Fetcher<'_> {
         })
     }
 
-    fn short(&self, n: usize) -> bool {
+    /// `stop_on_short_page: true`: fewer records than `size` end any walk.
+    fn short_of_size(&self, n: usize) -> bool {
         let p = &self.cfg.paginate;
-        p.stop_on_short_page.unwrap_or(true) && p.size.is_some_and(|s| (n as u64) < s)
+        p.stop_on_short_page == Some(true) && p.size.is_some_and(|s| (n as u64) < s)
+    }
+
+    /// The default of `offset`/`page` walks: fewer records than the first page held (the
+    /// page size the API serves) end the walk.
+    fn short_of_served(&self, n: u64, served: u64) -> bool {
+        self.cfg.paginate.stop_on_short_page.is_none() && served > 0 && n < served
     }
 
     fn size_pair(&self) -> Vec<(String, String)> {
@@ -559,13 +612,14 @@ impl Fetcher<'_> {
         }
     }
 
-    /// The query pair that addresses page `idx` (0-based) for `offset` and `page`.
-    fn address(&self, idx: u64) -> (String, String) {
+    /// The query pair that addresses page `idx` (0-based) for `page`, or the page at
+    /// `offset` records for `offset`.
+    fn address(&self, idx: u64, offset: u64) -> (String, String) {
         let p = &self.cfg.paginate;
         match p.kind {
             PageType::Offset => (
                 p.offset_param.clone().unwrap_or_else(|| "offset".into()),
-                (idx * p.size.unwrap_or(0)).to_string(),
+                offset.to_string(),
             ),
             _ => (
                 p.page_param.clone().unwrap_or_else(|| "page".into()),
@@ -601,23 +655,41 @@ impl Fetcher<'_> {
             let (has_more, cursor, next_url) =
                 (page.has_more, page.cursor.clone(), page.next_url.clone());
             sink.emit(page).await?;
-            if n == 0
-                || self.short(n)
+            // A walk ends on its own signal; a page's length only when the user says so.
+            if (n == 0 && p.stop_on_short_page == Some(true))
+                || self.short_of_size(n)
                 || has_more == Some(false)
                 || p.kind == PageType::None
                 || sink.total.is_some_and(|t| sink.records() >= t)
             {
                 break;
             }
+            let more_announced = |what: &str| {
+                StepError::fatal(format!(
+                    "page {} says there are more records (`has_more_path` is true) but gives no {what}; \
+                     stopping here would lose them",
+                    sink.pages
+                ))
+            };
             if p.kind == PageType::Cursor {
-                let Some(c) = cursor else { break };
+                let Some(c) = cursor else {
+                    if has_more == Some(true) {
+                        return Err(more_announced("cursor"));
+                    }
+                    break;
+                };
                 if !seen.insert(c.clone()) {
                     return Err(self.loop_error(&format!("cursor `{c}`"), sink.pages));
                 }
                 extra = self.size_pair();
                 extra.push((p.cursor_param.clone().unwrap_or_default(), c));
             } else {
-                let Some(next) = next_url else { break };
+                let Some(next) = next_url else {
+                    if has_more == Some(true) {
+                        return Err(more_announced("next URL"));
+                    }
+                    break;
+                };
                 if next == url || !seen.insert(next.to_string()) {
                     return Err(self.loop_error(&format!("next URL `{next}`"), sink.pages));
                 }
@@ -634,47 +706,71 @@ impl Fetcher<'_> {
         let p = &self.cfg.paginate;
         let slots = p.concurrency.unwrap_or(1).max(1);
         let max_pages = p.max_pages.unwrap_or(u64::MAX);
+        let offsets = p.kind == PageType::Offset;
         // Pages whose index is at or past `end` are not part of the result.
         let mut end = u64::MAX;
+        // Why `end` was set by a page's length (a later page with records contradicts it).
+        let mut ended_short: Option<(u64, u64)> = None;
         let mut next_issue = 0u64;
         let mut next_emit = 0u64;
+        // The records the first page held: the page size the API actually serves (an API may
+        // clamp `size` silently). 0 until the first page arrives.
+        let mut served = 0u64;
         let mut done: BTreeMap<u64, Page> = BTreeMap::new();
         let base = &self.sender.prep.url;
-        let fetch_at = |idx: u64| {
+        let fetch_at = |idx: u64, offset: u64| {
             let mut extra = self.size_pair();
-            extra.push(self.address(idx));
+            extra.push(self.address(idx, offset));
             async move { (idx, self.fetch(base, true, &extra).await) }
         };
         let mut in_flight = FuturesUnordered::new();
         // With a total configured, the first page alone tells how many pages there are: no
-        // request is spent on pages past the end (rate-limited APIs count them).
-        let mut awaiting_total = p.total_header.is_some() || p.total_path.is_some();
+        // request is spent on pages past the end (rate-limited APIs count them). Offsets need
+        // the served page size before the second page can be addressed.
+        let mut awaiting_first = p.total_header.is_some() || p.total_path.is_some() || offsets;
         loop {
             while in_flight.len() < slots
                 && next_issue < end.min(max_pages)
-                && !(awaiting_total && next_issue >= 1)
+                && !(awaiting_first && next_issue >= 1)
             {
-                in_flight.push(fetch_at(next_issue));
+                // At concurrency 1 an offset is the records received so far (every page
+                // before this one has been emitted); ahead of them, a multiple of the
+                // served size.
+                let offset = if slots == 1 {
+                    sink.records()
+                } else {
+                    next_issue * served
+                };
+                in_flight.push(fetch_at(next_issue, offset));
                 next_issue += 1;
             }
             let Some((idx, res)) = cancellable(self.ctx, in_flight.next()).await? else {
                 break;
             };
             let page = res?;
-            awaiting_total = false;
+            awaiting_first = false;
             sink.pages += 1;
             sink.bytes += page.bytes;
-            let n = page.records.len();
+            let n = page.records.len() as u64;
             if let Some(t) = page.total {
                 sink.total = Some(t);
-                if let Some(s) = p.size {
-                    end = end.min(t.div_ceil(s.max(1)));
-                }
+            }
+            if idx == 0 {
+                served = n;
+            }
+            if let (Some(short), true) = (ended_short, idx >= end && n > 0) {
+                return Err(varying_page_size(short, served, (idx, n)));
             }
             if n == 0 {
                 end = end.min(idx);
-            } else if self.short(n) || page.has_more == Some(false) {
+            } else if self.short_of_size(n as usize) || page.has_more == Some(false) {
                 end = end.min(idx + 1);
+            }
+            // The number of pages comes from the page size served, not the one asked for.
+            // (At concurrency 1 offsets follow the records received, and the total ends the
+            // walk when reached.)
+            if let (Some(t), true) = (sink.total, served > 0 && !(offsets && slots == 1)) {
+                end = end.min(t.div_ceil(served));
             }
             if idx < end {
                 done.insert(idx, page);
@@ -683,8 +779,24 @@ impl Fetcher<'_> {
                 let Some(page) = done.remove(&next_emit) else {
                     break;
                 };
+                let n = page.records.len() as u64;
+                let short = next_emit > 0 && self.short_of_served(n, served);
                 sink.emit(page).await?;
                 next_emit += 1;
+                if short && next_emit < end {
+                    end = next_emit;
+                    ended_short = Some((next_emit - 1, n));
+                    // Pages already fetched past it that hold records contradict it.
+                    if let Some((&later, page)) =
+                        done.range(end..).find(|(_, p)| p.records.len() > 0)
+                    {
+                        return Err(varying_page_size(
+                            (next_emit - 1, n),
+                            served,
+                            (later, page.records.len() as u64),
+                        ));
+                    }
+                }
                 if sink.total.is_some_and(|t| sink.records() >= t) {
                     end = end.min(next_emit);
                 }
@@ -693,6 +805,20 @@ impl Fetcher<'_> {
         }
         Ok(())
     }
+}
+
+/// A page shorter than the first (`short`: index, records) ended an addressable walk, yet
+/// a later one (`later`) holds records: ending there would drop them silently.
+fn varying_page_size(short: (u64, u64), served: u64, later: (u64, u64)) -> StepError {
+    StepError::fatal(format!(
+        "page {} held {} records, fewer than the {served} of the first page, yet page {} \
+         holds {}: the API's page size varies, so pages cannot be addressed safely; set \
+         `paginate.concurrency: 1` or `stop_on_short_page`",
+        short.0 + 1,
+        short.1,
+        later.0 + 1,
+        later.1
+    ))
 }
 
 /// A body that does not parse as JSON.
@@ -716,37 +842,141 @@ fn kind_of(v: &Value) -> &'static str {
 }
 
 impl HttpExtract {
-    /// Check the pagination settings that belong together.
-    fn check(&self) -> Result<(), StepError> {
+    /// The target fields, for [`Target::prepare`] and [`Target::problems`].
+    fn target(&self) -> Target<'_> {
+        super::client::target_of!(self)
+    }
+
+    /// The pagination settings that belong together (see [`StepConfig::problems`]).
+    fn paginate_problems(&self) -> Vec<Problem> {
         let p = &self.paginate;
-        let need = |ok: bool, msg: &str| {
-            if ok {
-                Ok(())
-            } else {
-                Err(StepError::fatal(format!("paginate: {msg}")))
+        let mut out = Vec::new();
+        let kind = "paginate.type";
+        let mut need = |ok: bool, at: &str, given: &[&str], msg: &str| {
+            if !ok {
+                out.push(Problem::at(at, format!("paginate: {msg}")).given(given));
             }
         };
         match p.kind {
-            PageType::Offset => need(p.size.is_some(), "`offset` pagination needs `size`")?,
+            PageType::Offset => need(
+                p.size.is_some(),
+                kind,
+                &[],
+                "`offset` pagination needs `size` (the records asked for per page)",
+            ),
             PageType::Cursor => {
                 need(
                     p.cursor_param.is_some(),
-                    "`cursor` pagination needs `cursor_param`",
-                )?;
+                    kind,
+                    &[],
+                    "`cursor` pagination needs `cursor_param` (the query parameter that carries the cursor)",
+                );
+                let sources = [&p.cursor_path, &p.cursor_header, &p.cursor_field]
+                    .iter()
+                    .filter(|s| s.is_some())
+                    .count();
                 need(
-                    p.cursor_path.is_some() || p.cursor_header.is_some(),
-                    "`cursor` pagination needs `cursor_path` or `cursor_header`",
-                )?;
+                    sources > 0,
+                    kind,
+                    &[],
+                    "`cursor` pagination needs `cursor_path`, `cursor_header` or `cursor_field` (where the next cursor is)",
+                );
+                need(
+                    sources <= 1,
+                    kind,
+                    &[],
+                    "set only one of `cursor_path`, `cursor_header` and `cursor_field`",
+                );
             }
             PageType::NextUrl => need(
                 p.next_url_path.is_some(),
-                "`next_url` pagination needs `next_url_path`",
-            )?,
+                kind,
+                &[],
+                "`next_url` pagination needs `next_url_path` (the dotted path of the next URL in the body)",
+            ),
             _ => {}
         }
-        need(p.size != Some(0), "`size` must be at least 1")?;
-        need(p.concurrency != Some(0), "`concurrency` must be at least 1")?;
-        Ok(())
+        let unused = |set: bool, key: &str, kinds: &[PageType], what: &str| {
+            (set && !kinds.contains(&p.kind)).then(|| {
+                Problem::at(
+                    &format!("paginate.{key}"),
+                    format!("paginate: `{key}` is only used by {what} pagination"),
+                )
+                .given(&[kind])
+            })
+        };
+        out.extend(
+            [
+                unused(
+                    p.offset_param.is_some(),
+                    "offset_param",
+                    &[PageType::Offset],
+                    "`offset`",
+                ),
+                unused(
+                    p.page_param.is_some(),
+                    "page_param",
+                    &[PageType::Page],
+                    "`page`",
+                ),
+                unused(
+                    p.first_page.is_some(),
+                    "first_page",
+                    &[PageType::Page],
+                    "`page`",
+                ),
+                unused(
+                    p.cursor_param.is_some(),
+                    "cursor_param",
+                    &[PageType::Cursor],
+                    "`cursor`",
+                ),
+                unused(
+                    p.cursor_field.is_some(),
+                    "cursor_field",
+                    &[PageType::Cursor],
+                    "`cursor`",
+                ),
+                unused(
+                    p.next_url_path.is_some(),
+                    "next_url_path",
+                    &[PageType::NextUrl],
+                    "`next_url`",
+                ),
+                unused(
+                    p.concurrency.is_some_and(|c| c > 1),
+                    "concurrency",
+                    &[PageType::Offset, PageType::Page],
+                    "`offset` and `page`",
+                ),
+            ]
+            .into_iter()
+            .flatten(),
+        );
+        let mut need = |ok: bool, at: &str, given: &[&str], msg: &str| {
+            if !ok {
+                out.push(Problem::at(at, format!("paginate: {msg}")).given(given));
+            }
+        };
+        need(
+            p.size != Some(0),
+            "paginate.size",
+            &[],
+            "`size` must be at least 1",
+        );
+        need(
+            p.concurrency != Some(0),
+            "paginate.concurrency",
+            &[],
+            "`concurrency` must be at least 1",
+        );
+        need(
+            p.stop_on_short_page != Some(true) || p.size.is_some(),
+            "paginate.stop_on_short_page",
+            &[],
+            "`stop_on_short_page: true` compares pages with `size`: set `size`",
+        );
+        out
     }
 }
 
@@ -756,6 +986,20 @@ impl StepConfig for HttpExtract {
     const SUMMARY: &'static str =
         "Page through a JSON API (offset, page, cursor, next URL, Link header) into a typed table";
     const RESULT_NAME: &'static str = "result";
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = self.target().problems();
+        out.extend(self.paginate_problems());
+        if let Some(r) = &self.rate_limit {
+            if let Err(e) = engine::duration::parse(&r.per) {
+                out.push(Problem::at(
+                    "rate_limit.per",
+                    format!("`rate_limit.per`: {e}"),
+                ));
+            }
+        }
+        out
+    }
 
     fn static_info(&self) -> StaticInfo {
         StaticInfo {
@@ -772,19 +1016,7 @@ impl StepConfig for HttpExtract {
 
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
         let started = Instant::now();
-        self.check()?;
-        let prep = Target {
-            method: &self.method,
-            url: self.url.as_deref(),
-            path: self.path.as_deref(),
-            query: &self.query,
-            headers: &self.headers,
-            auth: self.auth.as_ref(),
-            timeout: self.timeout.as_deref(),
-            retries: self.retries,
-            max_wait: self.max_wait.as_deref(),
-        }
-        .prepare(&ctx)?;
+        let prep = self.target().prepare(&ctx)?;
         let window = match &self.rate_limit {
             Some(r) => Some((
                 r.requests as usize,
@@ -792,14 +1024,14 @@ impl StepConfig for HttpExtract {
             )),
             None => None,
         };
-        let fetcher = Fetcher {
-            cfg: &self,
-            ctx: &ctx,
-            sender: Sender::new(&ctx, &prep, Limiter::new(window)),
-        };
         let slots = match self.paginate.kind {
             PageType::Offset | PageType::Page => self.paginate.concurrency.unwrap_or(1),
             _ => 1,
+        };
+        let fetcher = Fetcher {
+            cfg: &self,
+            ctx: &ctx,
+            sender: Sender::new(&ctx, &prep, Limiter::new(window).with_concurrency(slots)),
         };
         let mut sink = Sink {
             ctx: &ctx,
@@ -827,8 +1059,21 @@ impl StepConfig for HttpExtract {
         if let Some(t) = sink.total {
             if t != records && self.paginate.max_pages.is_none() {
                 let w = format!("the API announced {t} records; {records} arrived");
-                ctx.log(Level::Warning, &w);
-                warnings.push(w);
+                match self.paginate.on_total_mismatch {
+                    OnTotalMismatch::Fail => {
+                        // Retryable: records added or removed during the walk are the
+                        // usual cause, and a step-level `retry:` walks again.
+                        return Err(StepError::retryable(format!(
+                            "{w} (in {} pages); the table is not handed on \
+                             (`paginate.on_total_mismatch: warn` keeps it)",
+                            sink.pages
+                        )));
+                    }
+                    OnTotalMismatch::Warn => {
+                        ctx.log(Level::Warning, &w);
+                        warnings.push(w);
+                    }
+                }
             }
         }
         ctx.log(
@@ -1519,20 +1764,30 @@ mod tests {
     #[tokio::test]
     async fn configuration_mistakes_are_explained() {
         let base = "http://127.0.0.1:9";
-        let err = run(
-            extract(json!({"path": "/x", "paginate": {"type": "offset"}})),
-            base,
-        )
-        .await
-        .unwrap_err();
-        assert!(err.message.contains("needs `size`"), "{}", err.message);
-        let err = run(
-            extract(json!({"paginate": {"type": "cursor", "cursor_param": "c"}})),
-            base,
-        )
-        .await
-        .unwrap_err();
-        assert!(err.message.contains("cursor_path"), "{}", err.message);
+        let problems = |v: Value| {
+            extract(v)
+                .problems()
+                .into_iter()
+                .map(|p| p.message)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let p = problems(json!({"path": "/x", "paginate": {"type": "offset"}}));
+        assert!(p.contains("needs `size`"), "{p}");
+        let p = problems(json!({"paginate": {"type": "cursor", "cursor_param": "c"}}));
+        assert!(p.contains("cursor_path"), "{p}");
+        let p = problems(json!({"paginate": {"type": "next_url"}}));
+        assert!(p.contains("next_url_path"), "{p}");
+        let p = problems(json!({"paginate": {"type": "cursor", "cursor_param": "c",
+            "cursor_path": "a", "cursor_field": "id"}}));
+        assert!(p.contains("only one of"), "{p}");
+        let p = problems(json!({"paginate": {"type": "cursor", "cursor_param": "c",
+            "cursor_field": "id", "concurrency": 4}}));
+        assert!(p.contains("`concurrency` is only used"), "{p}");
+        assert_eq!(
+            problems(json!({"paginate": {"type": "page", "size": 5}})),
+            ""
+        );
         let obs = Arc::new(Collect::default());
         let err = extract(json!({"path": "/x"}))
             .run(ctx(&obs, None))

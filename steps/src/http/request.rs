@@ -13,7 +13,7 @@
 use super::auth::{Auth, SECRET_FIELDS};
 use super::client::{Body, Limiter, Sender, Target};
 use async_trait::async_trait;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use indexmap::IndexMap;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -74,6 +74,11 @@ pub struct HttpRequest {
     /// step.
     #[serde(default)]
     pub max_wait: Option<String>,
+    /// The largest response body read: a number of bytes or a size such as `50MB`, `1GiB`
+    /// (default `512MiB`). A larger (or endless) body fails the step.
+    #[serde(default)]
+    #[schemars(schema_with = "crate::http::send::size_schema")]
+    pub max_body: Option<String>,
 }
 
 /// `auth.<field>` paths that hold secrets, when `auth` is set.
@@ -84,12 +89,35 @@ pub(crate) fn auth_secret_fields(auth: Option<&Auth>) -> Vec<String> {
     SECRET_FIELDS.iter().map(|f| format!("auth.{f}")).collect()
 }
 
+impl HttpRequest {
+    /// The target fields, for [`Target::prepare`] and [`Target::problems`].
+    fn target(&self) -> Target<'_> {
+        super::client::target_of!(self)
+    }
+}
+
 #[async_trait]
 impl StepConfig for HttpRequest {
     const TYPE: &'static str = "http.request";
     const SUMMARY: &'static str =
         "Send one HTTP request; the response (status, headers, JSON, body) is the result object `response`";
     const RESULT_NAME: &'static str = "response";
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = self.target().problems();
+        let bodies = [
+            ("json", self.json.is_some()),
+            ("form", self.form.is_some()),
+            ("body", self.body.is_some()),
+        ];
+        if let Some((second, _)) = bodies.iter().filter(|(_, set)| *set).nth(1) {
+            out.push(Problem::at(
+                second,
+                "set at most one of `json`, `form` and `body`",
+            ));
+        }
+        out
+    }
 
     fn static_info(&self) -> StaticInfo {
         StaticInfo {
@@ -101,18 +129,7 @@ impl StepConfig for HttpRequest {
     }
 
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
-        let prep = Target {
-            method: &self.method,
-            url: self.url.as_deref(),
-            path: self.path.as_deref(),
-            query: &self.query,
-            headers: &self.headers,
-            auth: self.auth.as_ref(),
-            timeout: self.timeout.as_deref(),
-            retries: self.retries,
-            max_wait: self.max_wait.as_deref(),
-        }
-        .prepare(&ctx)?;
+        let prep = self.target().prepare(&ctx)?;
         let body = match (self.json, self.form, self.body) {
             (None, None, None) => Body::None,
             (Some(j), None, None) => Body::Json(j),

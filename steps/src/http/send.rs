@@ -24,7 +24,7 @@ use super::client::{Body, Limiter, Reply, Sender, Target};
 use super::request::auth_secret_fields;
 use async_trait::async_trait;
 use engine::events::Level;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use indexmap::IndexMap;
 use polars::prelude::*;
 use reqwest::header::{HeaderValue, CONTENT_ENCODING, CONTENT_TYPE};
@@ -80,7 +80,7 @@ pub struct Batch {
     pub bytes: Option<String>,
 }
 
-fn size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+pub(crate) fn size_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({"type": ["string", "integer"]})
 }
 
@@ -154,6 +154,11 @@ pub struct HttpSend {
     /// batch.
     #[serde(default)]
     pub max_wait: Option<String>,
+    /// The largest response body read: a number of bytes or a size such as `50MB`, `1GiB`
+    /// (default `512MiB`). A larger (or endless) body fails the step.
+    #[serde(default)]
+    #[schemars(schema_with = "size_schema")]
+    pub max_body: Option<String>,
 }
 
 /// `5MB`, `512KB`, `1MiB`, `1000000` → bytes (decimal units are powers of 1000).
@@ -479,11 +484,42 @@ fn rows_label(r: &std::ops::Range<usize>) -> String {
     }
 }
 
+impl HttpSend {
+    /// The target fields, for [`Target::prepare`] and [`Target::problems`].
+    fn target(&self) -> Target<'_> {
+        super::client::target_of!(self)
+    }
+}
+
 #[async_trait]
 impl StepConfig for HttpSend {
     const TYPE: &'static str = "http.send";
     const SUMMARY: &'static str =
         "Send the input table's rows to an API as JSON, in batches bounded by rows and bytes (envelope, gzip, retries per batch)";
+
+    fn problems(&self) -> Vec<Problem> {
+        let mut out = self.target().problems();
+        match Envelope::new(self.body.as_ref()) {
+            Err(e) => out.push(Problem::at("body", e)),
+            Ok(env) => match self.batch.rows {
+                Some(0) => out.push(Problem::at("batch.rows", "`batch.rows` must be at least 1")),
+                Some(n) if env.single && n > 1 => out.push(
+                    Problem::at(
+                        "batch.rows",
+                        format!(
+                            "`body` uses \"{ROW_MARKER}\" (one row per request): `batch.rows` must be 1 or unset"
+                        ),
+                    )
+                    .given(&["body"]),
+                ),
+                _ => {}
+            },
+        }
+        if let Some(Err(e)) = self.batch.bytes.as_deref().map(parse_size) {
+            out.push(Problem::at("batch.bytes", format!("`batch.bytes`: {e}")));
+        }
+        out
+    }
 
     fn static_info(&self) -> StaticInfo {
         StaticInfo {
@@ -523,18 +559,7 @@ impl StepConfig for HttpSend {
             }
             None => DEFAULT_BYTES,
         };
-        let mut prep = Target {
-            method: &self.method,
-            url: self.url.as_deref(),
-            path: self.path.as_deref(),
-            query: &self.query,
-            headers: &self.headers,
-            auth: self.auth.as_ref(),
-            timeout: self.timeout.as_deref(),
-            retries: self.retries,
-            max_wait: self.max_wait.as_deref(),
-        }
-        .prepare(&ctx)?;
+        let mut prep = self.target().prepare(&ctx)?;
         if !prep.headers.contains_key(CONTENT_TYPE) {
             prep.headers
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
