@@ -513,7 +513,8 @@ fn a_steps_log_past_the_limit_goes_to_a_file_and_one_row_says_so() {
     assert_eq!(quiet, 1);
 }
 
-/// A `pipe run` of a long sleep, running, and its run id.
+/// A `pipe run` of a long sleep, running, and its run id (the caller waits for it).
+#[allow(clippy::zombie_processes)]
 fn start_sleeping_run(env: &Env) -> (std::process::Child, i64) {
     let p = env.write(
         "p.yaml",
@@ -536,6 +537,7 @@ fn start_sleeping_run(env: &Env) -> (std::process::Child, i64) {
         }
         if Instant::now() > deadline {
             let _ = child.kill();
+            let _ = child.wait();
             panic!("the run never showed as running");
         }
         std::thread::sleep(Duration::from_millis(50));

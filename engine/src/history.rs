@@ -375,7 +375,7 @@ impl Store {
     /// running steps). A process counts as gone when its pid is dead, a zombie, or now
     /// belongs to a process that started at another time. External runs are never touched.
     pub fn mark_abandoned(&self) -> Result<usize> {
-        let candidates: Vec<(i64, Option<i64>, Option<String>, Option<String>)> = retry(|| {
+        let candidates: Vec<RunOwner> = retry(|| {
             let mut stmt = self.conn.prepare_cached(
                 "SELECT id, pid, pid_start, host FROM runs WHERE status = 'running' AND owner = 'pipe'",
             )?;
@@ -1013,6 +1013,9 @@ pub fn host_identity() -> Option<String> {
     let ns = fs::read_link("/proc/self/ns/pid").ok()?;
     Some(format!("{}/{}", boot.trim(), ns.to_string_lossy()))
 }
+
+/// A running run and its owner: id, pid, pid start time, host identity.
+type RunOwner = (i64, Option<i64>, Option<String>, Option<String>);
 
 /// What can be told about the process that owns a run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
