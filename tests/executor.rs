@@ -659,3 +659,60 @@ fn sigterm_during_a_big_file_read_exits_within_seconds_of_the_summary() {
         .unwrap();
     assert_eq!(status, "cancelled");
 }
+
+/// The tag `file.write` puts in its temporaries' names for this boot and pid namespace.
+fn host_tag() -> String {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap();
+    let ns = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let host = format!("{}/{}", boot.trim(), ns.to_string_lossy());
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in host.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    format!("{:08x}", h as u32)
+}
+
+#[test]
+fn a_file_write_removes_the_temporaries_of_writers_that_died() {
+    let env = Env::new();
+    env.write("in.csv", "a,b\n1,2\n");
+    // A writer killed by `kill -9` mid-write left its temporary; its pid is gone.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let tag = host_tag();
+    let stale = env.write(
+        &format!("out/.all.csv.tmp-{tag}-{dead}-0123456789abcdef"),
+        "half",
+    );
+    // A live writer's temporary, and one from a pid namespace pipe cannot see, stay.
+    let live = env.write(
+        &format!(
+            "out/.all.csv.tmp-{tag}-{}-0123456789abcdef",
+            std::process::id()
+        ),
+        "busy",
+    );
+    let foreign = env.write(
+        &format!("out/.all.csv.tmp-00000000-{dead}-0123456789abcdef"),
+        "?",
+    );
+    let p = env.write(
+        "p.yaml",
+        "pipeline: files\nsteps:\n  read:\n    type: file.read\n    with: { path: in.csv }\n  write:\n    type: file.write\n    input: read\n    with: { path: out/all.csv }\n",
+    );
+    env.run(&["run", p.to_str().unwrap(), "-q"]).expect_code(0);
+    assert_eq!(
+        std::fs::read_to_string(env.path().join("out/all.csv")).unwrap(),
+        "a,b\n1,2\n"
+    );
+    assert!(
+        !stale.exists(),
+        "the dead writer's temporary is still there"
+    );
+    assert!(live.exists(), "a live writer's temporary was removed");
+    assert!(
+        foreign.exists(),
+        "another namespace's temporary was removed"
+    );
+}

@@ -512,3 +512,91 @@ fn a_steps_log_past_the_limit_goes_to_a_file_and_one_row_says_so() {
         .unwrap();
     assert_eq!(quiet, 1);
 }
+
+/// A `pipe run` of a long sleep, running, and its run id (the caller waits for it).
+#[allow(clippy::zombie_processes)]
+fn start_sleeping_run(env: &Env) -> (std::process::Child, i64) {
+    let p = env.write(
+        "p.yaml",
+        "pipeline: owned\nsteps:\n  wait:\n    type: exec\n    with: { command: sh, args: ['-c', 'echo $$ > sleep.pid; exec sleep 60'] }\n",
+    );
+    let mut child = env
+        .cmd()
+        .args(["run", p.to_str().unwrap(), "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let running = runs_json(env)
+            .into_iter()
+            .find(|r| r["pipeline"] == "owned" && r["status"] == "running");
+        if let Some(r) = running {
+            return (child, r["id"].as_i64().unwrap());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the run never showed as running");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn runs_finish_refuses_a_run_that_a_live_pipe_run_owns() {
+    let env = Env::new();
+    let (child, id) = start_sleeping_run(&env);
+    let out = env.run(&["runs", "finish", &id.to_string(), "--status", "succeeded"]);
+    let pid = child.id().to_string();
+    // SAFETY: plain kill(2) of the pipe this test started; it cancels its run itself.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let done = crate::util::wait_with_deadline(child, Duration::from_secs(60));
+    out.expect_code(1);
+    let err = out.stderr();
+    assert!(
+        err.contains(&format!(
+            "run {id} is owned by a live `pipe run` (pid {pid})"
+        )),
+        "{err}"
+    );
+    done.expect_code(1);
+    // The owner recorded the end itself.
+    assert_eq!(status_in_list(&env, id).as_deref(), Some("cancelled"));
+}
+
+#[test]
+fn a_run_owned_from_another_pid_namespace_is_not_marked_abandoned() {
+    let env = Env::new();
+    env.run(&["runs", "list"]).expect_code(0); // creates the history
+                                               // A `pipe run` in another container sharing this state dir: its pid means nothing here.
+    let db = history(&env.state());
+    db.execute(
+        r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at, pid, pid_start,
+                            owner, host)
+           VALUES ('elsewhere', '{}', 'cli', 'running', '2026-01-01T00:00:00.000Z', 999999999,
+                   '1', 'pipe', 'another-boot/pid:[1]')"#,
+        [],
+    )
+    .unwrap();
+    let id = db.last_insert_rowid();
+    assert_eq!(status_in_list(&env, id).as_deref(), Some("running"));
+    let out = env.run(&["runs", "finish", &id.to_string(), "--status", "failed"]);
+    out.expect_code(1);
+    assert!(
+        out.stderr().contains("another pid namespace") && out.stderr().contains("--force"),
+        "{}",
+        out.stderr()
+    );
+    env.run(&[
+        "runs",
+        "finish",
+        &id.to_string(),
+        "--status",
+        "failed",
+        "--force",
+    ])
+    .expect_code(0);
+    assert_eq!(status_in_list(&env, id).as_deref(), Some("failed"));
+}

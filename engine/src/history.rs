@@ -104,6 +104,11 @@ CREATE INDEX logs_by_run ON logs(run_id, id);
     r#"
 ALTER TABLE step_runs ADD COLUMN kind TEXT;
 "#,
+    // Where the owning `pipe run` lives (boot id and pid namespace, see [`host_identity`]):
+    // a pid says nothing about a process in another namespace or after a reboot.
+    r#"
+ALTER TABLE runs ADD COLUMN host TEXT;
+"#,
 ];
 
 /// The run history as steps see it ([`crate::step::HistoryView`]): each question opens
@@ -370,17 +375,20 @@ impl Store {
     /// running steps). A process counts as gone when its pid is dead, a zombie, or now
     /// belongs to a process that started at another time. External runs are never touched.
     pub fn mark_abandoned(&self) -> Result<usize> {
-        let candidates: Vec<(i64, Option<i64>, Option<String>)> = retry(|| {
+        let candidates: Vec<RunOwner> = retry(|| {
             let mut stmt = self.conn.prepare_cached(
-                "SELECT id, pid, pid_start FROM runs WHERE status = 'running' AND owner = 'pipe'",
+                "SELECT id, pid, pid_start, host FROM runs WHERE status = 'running' AND owner = 'pipe'",
             )?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
             Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
         })?;
+        // A run whose owner cannot be seen from here (another pid namespace) stays running.
         let dead: Vec<(i64, Option<i64>)> = candidates
             .into_iter()
-            .filter(|(_, pid, start)| !owner_alive(*pid, start.as_deref()))
-            .map(|(id, pid, _)| (id, pid))
+            .filter(|(_, pid, start, host)| {
+                owner_liveness(*pid, start.as_deref(), host.as_deref()) == Liveness::Dead
+            })
+            .map(|(id, pid, _, _)| (id, pid))
             .collect();
         if dead.is_empty() {
             return Ok(0);
@@ -443,12 +451,12 @@ impl Store {
     /// process's pid and start time; an external run records no pid.
     pub fn create_run(&self, new: &NewRun) -> Result<i64> {
         let started = ts(Utc::now());
-        let (pid, pid_start) = match new.owner {
+        let (pid, pid_start, host) = match new.owner {
             Owner::Pipe => {
                 let pid = std::process::id();
-                (Some(i64::from(pid)), process_start(pid))
+                (Some(i64::from(pid)), process_start(pid), host_identity())
             }
-            Owner::External => (None, None),
+            Owner::External => (None, None, None),
         };
         let params_json = serde_json::to_string(&new.params)?;
         let logical = new.logical_date.map(ts);
@@ -459,8 +467,8 @@ impl Store {
             )?;
             c.execute(
                 r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at, logical_date,
-                                   pid, pid_start, owner)
-                   VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8)"#,
+                                   pid, pid_start, owner, host)
+                   VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9)"#,
                 params![
                     new.pipeline,
                     params_json,
@@ -469,7 +477,8 @@ impl Store {
                     logical,
                     pid,
                     pid_start,
-                    new.owner.as_str()
+                    new.owner.as_str(),
+                    host
                 ],
             )?;
             let id = c.last_insert_rowid();
@@ -555,21 +564,52 @@ impl Store {
     }
 
     /// Finish a running run (`pipe runs finish`). Fails when the run does not exist
-    /// ("run N not found") or is not running ("run N is already <status>").
-    pub fn finish_run(&self, id: i64, status: Status, error: Option<&str>) -> Result<()> {
+    /// ("run N not found"), is not running ("run N is already <status>"), or, unless
+    /// `force`, belongs to a `pipe run` that is alive or that cannot be seen from here
+    /// (another pid namespace or boot): that process would go on writing to it.
+    pub fn finish_run(
+        &self,
+        id: i64,
+        status: Status,
+        error: Option<&str>,
+        force: bool,
+    ) -> Result<()> {
         if !status.is_finished() {
             bail!("cannot finish run {id} as {status}");
         }
         let at = Utc::now();
         self.write(|c| {
-            let current: Option<String> = c
-                .query_row("SELECT status FROM runs WHERE id = ?1", [id], |r| r.get(0))
+            type Current = (String, String, Option<i64>, Option<String>, Option<String>);
+            let current: Option<Current> = c
+                .query_row(
+                    "SELECT status, owner, pid, pid_start, host FROM runs WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                )
                 .optional()?;
-            match current.as_deref().map(Status::from_str) {
-                None => bail!("run {id} not found"),
-                Some(Ok(Status::Running)) => {}
-                Some(Ok(s)) => bail!("run {id} is already {}", s.label()),
-                Some(Err(e)) => bail!("run {id}: {e}"),
+            let Some((current, owner, pid, pid_start, host)) = current else {
+                bail!("run {id} not found");
+            };
+            match Status::from_str(&current) {
+                Ok(Status::Running) => {}
+                Ok(s) => bail!("run {id} is already {}", s.label()),
+                Err(e) => bail!("run {id}: {e}"),
+            }
+            if owner == Owner::Pipe.as_str() && !force {
+                let shown = pid.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                match owner_liveness(pid, pid_start.as_deref(), host.as_deref()) {
+                    Liveness::Dead => {}
+                    Liveness::Alive => bail!(
+                        "run {id} is owned by a live `pipe run` (pid {shown}), which records \
+                         its end itself; stop that process (Ctrl-C, or `kill {shown}`) to \
+                         cancel it, or pass --force"
+                    ),
+                    Liveness::Unknown => bail!(
+                        "run {id} is owned by a `pipe run` (pid {shown}) in another pid \
+                         namespace or before a reboot, and pipe cannot tell from here whether \
+                         it is alive; pass --force to finish the run anyway"
+                    ),
+                }
             }
             record_run_finished(c, id, status, error, at)
         })
@@ -963,6 +1003,42 @@ fn proc_stat(pid: u32) -> Option<(bool, String)> {
 /// The start time of a process, to tell a reused pid apart.
 fn process_start(pid: u32) -> Option<String> {
     proc_stat(pid).map(|(_, start)| start)
+}
+
+/// Where this process lives: the boot (`/proc/sys/kernel/random/boot_id`) and the pid
+/// namespace (`/proc/self/ns/pid`), as `BOOT/pid:[INODE]`. Two processes see each other's
+/// pids only when this is the same; `None` without procfs.
+pub fn host_identity() -> Option<String> {
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), ns.to_string_lossy()))
+}
+
+/// A running run and its owner: id, pid, pid start time, host identity.
+type RunOwner = (i64, Option<i64>, Option<String>, Option<String>);
+
+/// What can be told about the process that owns a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Alive,
+    Dead,
+    /// It lives in another pid namespace or boot: its pid means nothing here.
+    Unknown,
+}
+
+/// The owner of a run, from its pid, start time and host identity (runs recorded before
+/// the host was kept have none, and are judged by pid alone, as before).
+fn owner_liveness(pid: Option<i64>, start: Option<&str>, host: Option<&str>) -> Liveness {
+    if let Some(host) = host {
+        if host_identity().as_deref() != Some(host) {
+            return Liveness::Unknown;
+        }
+    }
+    if owner_alive(pid, start) {
+        Liveness::Alive
+    } else {
+        Liveness::Dead
+    }
 }
 
 /// Whether the process that created a run is still the one running under its pid.
@@ -1420,15 +1496,21 @@ mod tests {
         assert_eq!(desc.as_deref(), Some("nightly sales"));
         assert_eq!(last, c);
 
-        s.finish_run(a, Status::Failed, Some("boom")).unwrap();
-        s.finish_run(b, Status::Warning, None).unwrap();
+        // `a` belongs to this (live) process: refused unless forced.
         let err = s
-            .finish_run(a, Status::Succeeded, None)
+            .finish_run(a, Status::Failed, Some("boom"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("owned by a live `pipe run`"), "{err}");
+        s.finish_run(a, Status::Failed, Some("boom"), true).unwrap();
+        s.finish_run(b, Status::Warning, None, false).unwrap();
+        let err = s
+            .finish_run(a, Status::Succeeded, None, false)
             .unwrap_err()
             .to_string();
         assert_eq!(err, format!("run {a} is already failed"));
         let err = s
-            .finish_run(999, Status::Succeeded, None)
+            .finish_run(999, Status::Succeeded, None, false)
             .unwrap_err()
             .to_string();
         assert_eq!(err, "run 999 not found");

@@ -85,7 +85,7 @@ pub enum RunsCommand {
         #[arg(long)]
         step: Option<String>,
     },
-    /// Finish a run started with `pipe runs start`.
+    /// Finish a run started with `pipe runs start` (or one whose `pipe run` died).
     Finish {
         /// The run id.
         id: i64,
@@ -95,6 +95,10 @@ pub enum RunsCommand {
         /// Why the run failed.
         #[arg(long)]
         error: Option<String>,
+        /// Finish it even when a `pipe run` owns it that is alive, or that pipe cannot see
+        /// (another pid namespace).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -238,8 +242,13 @@ fn run(cmd: RunsCommand, state_dir: &Path, out: &mut impl Write) -> Result<i32> 
                 },
             )?;
         }
-        RunsCommand::Finish { id, status, error } => {
-            store.finish_run(id, status, error.as_deref())?;
+        RunsCommand::Finish {
+            id,
+            status,
+            error,
+            force,
+        } => {
+            store.finish_run(id, status, error.as_deref(), force)?;
         }
     }
     Ok(0)

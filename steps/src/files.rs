@@ -14,7 +14,9 @@
 //!   temporary folder and swaps it into place only after every file is written (on Linux with
 //!   an atomic exchange; elsewhere by moving the old folder aside for an instant). On any
 //!   failure — a write error, a cancelled run — the temporary file or folder (and any parent
-//!   folder the step created) is removed and the previous content stays untouched.
+//!   folder the step created) is removed and the previous content stays untouched. A writer
+//!   killed outright (`kill -9`) cannot clean up: its temporary names its pid, and the next
+//!   write of the same path removes the temporaries whose writer is gone.
 //! * **Gathering many files.** `file.read` takes a glob (`data/*.parquet`, `data/**/*.csv`),
 //!   reads every match and concatenates them into one table, unifying schemas the way a
 //!   warehouse would (a column missing from a file is null there; an integer column in one
@@ -283,7 +285,13 @@ fn write_table(
 
     let created =
         create_parents(parent).map_err(|e| format!("{shown}: cannot create its folder: {e}"))?;
-    let tmp = parent.join(format!(".{name}.tmp-{}", random_suffix()));
+    remove_stale_temporaries(parent, &name);
+    let tmp = parent.join(format!(
+        "{}{}-{}",
+        temporary_prefix(&name),
+        std::process::id(),
+        random_suffix()
+    ));
     let outcome = if plan.partition_by.is_empty() {
         write_single(df, &tmp, target, plan, cancel, after_file)
     } else {
@@ -553,6 +561,53 @@ fn exchange(a: &Path, b: &Path) -> io::Result<()> {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+/// The start of the names of `name`'s temporaries: `.NAME.tmp-HOST-`, then the writing
+/// process's pid and a random suffix. HOST stands for where the pid means something (the
+/// boot and pid namespace, [`engine::history::host_identity`]), so a later write can tell a
+/// temporary whose writer died (killed by `kill -9`, say, which runs no cleanup) from one
+/// that a live process, here or in another container sharing the folder, is still writing.
+fn temporary_prefix(name: &str) -> String {
+    // FNV-1a: stable across processes and builds, unlike the std hasher's random keys.
+    let host = engine::history::host_identity().unwrap_or_default();
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in host.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
+    }
+    format!(".{name}.tmp-{:08x}-", h as u32)
+}
+
+/// Remove the temporaries of earlier writes of `name` in `dir` whose writer is dead. Those
+/// of live processes, and of processes pipe cannot see (another host tag), stay.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = temporary_prefix(name);
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .filter(|&p| p > 0)
+        else {
+            continue;
+        };
+        if pid as u32 == std::process::id() {
+            continue; // another write of this run, maybe still under way
+        }
+        // SAFETY: signal 0 only checks that the pid exists; pid > 0.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            remove_quietly(&entry.path());
+        }
     }
 }
 
