@@ -963,32 +963,16 @@ fn envelope_duration(
     };
     match &value {
         serde_json::Value::Number(n) => {
-            let secs = n.as_f64().unwrap_or(f64::NAN);
-            seconds(secs).ok_or_else(|| {
-                fail(format!(
-                    "invalid duration {n} (expected 0 or more seconds, at most 100 years)"
-                ))
-            })
+            crate::duration::from_secs(n.as_f64().unwrap_or(f64::NAN)).map_err(fail)
         }
         serde_json::Value::String(t) => match t.trim().parse::<f64>() {
-            Ok(secs) => seconds(secs).ok_or_else(|| {
-                fail(format!(
-                    "invalid duration `{t}` (expected 0 or more seconds, at most 100 years)"
-                ))
-            }),
+            Ok(secs) => crate::duration::from_secs(secs).map_err(fail),
             Err(_) => crate::duration::parse(t).map_err(fail),
         },
         other => Err(fail(format!(
             "expected a duration such as 30s, 2m or 1h, got `{other}`"
         ))),
     }
-}
-
-/// `secs` as a duration when it is a finite number from 0 to 100 years (longer ones are
-/// mistakes, and the clock plus any accepted duration must not overflow).
-fn seconds(secs: f64) -> Option<Duration> {
-    const MAX_SECS: f64 = 100.0 * 365.0 * 86_400.0;
-    (secs.is_finite() && (0.0..=MAX_SECS).contains(&secs)).then(|| Duration::from_secs_f64(secs))
 }
 
 async fn attempt_once(
