@@ -77,8 +77,13 @@ pub fn read_pipeline(path: &Path, d: &mut Diags) -> Option<String> {
     let start = Pos { line: 1, col: 1 };
     let display = d.file.clone();
     let mut bytes = Vec::new();
-    let read =
-        std::fs::File::open(path).and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes));
+    let read = std::fs::File::open(path).and_then(|f| {
+        // A regular file's size sizes the buffer once (Take hides it from read_to_end);
+        // a FIFO or device says 0 and grows the buffer up to the cap.
+        let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+        bytes.reserve_exact(size.min(MAX_FILE_BYTES) as usize + 1);
+        f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)
+    });
     if let Err(e) = read {
         d.push(start, Code::Io, format!("cannot read {display}: {e}"));
         return None;
