@@ -153,3 +153,26 @@ impl RunWith for Env {
         )
     }
 }
+
+/// `--sandbox` points every SQL connection type at the demo database, aliases included
+/// (`postgresql`, `mariadb`, `mssql`): none of these servers exists, so without it the
+/// run fails to connect.
+#[test]
+fn sandbox_points_every_sql_connection_alias_at_the_demo_database() {
+    let env = Env::new();
+    let p = env.write(
+        "aliases.yaml",
+        r#"pipeline: aliases
+connections:
+  a: { type: postgresql, host: 127.0.0.1, port: 1, user: u, database: d }
+  b: { type: mariadb, host: 127.0.0.1, port: 1, user: u, database: d }
+  c: { type: mssql, host: 127.0.0.1, port: 1, user: u, database: d }
+steps:
+  pg: { type: sql.query, connection: a, with: { query: "SELECT count(*) AS n FROM clientes" } }
+  my: { type: sql.query, connection: b, with: { query: "SELECT count(*) AS n FROM clientes" } }
+  ms: { type: sql.query, connection: c, with: { query: "SELECT count(*) AS n FROM clientes" } }
+"#,
+    );
+    let out = env.run(&["run", p.to_str().unwrap(), "--sandbox"]);
+    out.expect_code(0);
+}
