@@ -410,3 +410,75 @@ fn unknown_filters_fail_validate_and_common_ones_exist() {
         logs.stdout()
     );
 }
+
+/// The Sheets and Carol steps' own config checks run in `pipe validate`, at their keys (they
+/// used to fail only at run time), and a templated value is left to the run.
+#[test]
+fn sheets_and_carol_config_mistakes_are_found_by_validate_at_their_keys() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        r#"pipeline: checked
+params:
+  level: { type: integer, default: 3 }
+connections:
+  google: { type: google_service_account, key_file: key.json }
+  carol: { type: carol, tenant: t, organization: o, connector_id: c, api_key: "{{ secret('K') }}" }
+steps:
+  otp:
+    type: sheets.read
+    connection: google
+    with:
+      spreadsheet: s
+      range: OTP!A2:B2
+      wait: { until: "{{ values }}", every: 0s }
+  send:
+    type: carol.send
+    connection: carol
+    input: table
+    with: { table: t, gzip_level: 12 }
+  templated:
+    type: carol.send
+    connection: carol
+    input: table
+    with: { table: t, gzip_level: "{{ params.level }}" }
+  table:
+    type: sheets.read
+    connection: google
+    with: { spreadsheet: s, range: A1, as: table }
+"#,
+    );
+    let out = env.run(&["validate", "--format", "json", p.to_str().unwrap()]);
+    let v = out.json();
+    let found: Vec<(u64, u64, String)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["line"].as_u64().unwrap(),
+                d["column"].as_u64().unwrap(),
+                d["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(
+        found
+            .iter()
+            .any(|(l, c, m)| (*l, *c) == (14, 38)
+                && m.contains("`wait.every` must be longer than 0s")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|(l, c, m)| (*l, *c) == (19, 23) && m.contains("`gzip_level` must be 1 to 9")),
+        "{found:?}"
+    );
+    assert_eq!(
+        found.len(),
+        2,
+        "the templated gzip_level is left to the run: {found:?}"
+    );
+    assert_eq!(out.code(), 1, "{found:?}");
+}

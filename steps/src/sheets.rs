@@ -45,7 +45,7 @@
 use async_trait::async_trait;
 use engine::events::Level;
 use engine::model::DurationSpec;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use google_sheets4::api::Scope;
 use google_sheets4::hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
 use google_sheets4::hyper_util::client::legacy::connect::HttpConnector;
@@ -177,6 +177,19 @@ impl StepConfig for SheetsRead {
     const SUMMARY: &'static str =
         "Read a Google Sheets range (values or a table); optionally poll until a condition over the values holds";
 
+    fn problems(&self) -> Vec<Problem> {
+        let every = self.wait.as_ref().and_then(|w| w.every.as_ref());
+        match every.map(|e| e.parse()) {
+            Some(Ok(d)) if d.is_zero() => {
+                vec![Problem::at(
+                    "wait.every",
+                    "`wait.every` must be longer than 0s",
+                )]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     fn static_info(&self) -> StaticInfo {
         StaticInfo {
             produces_table: self.read_as == ReadAs::Table,
@@ -221,9 +234,6 @@ impl SheetsRead {
     ) -> Result<Read, StepError> {
         let every = duration(wait.every.as_ref(), DEFAULT_EVERY, "wait.every")?;
         let timeout = duration(wait.timeout.as_ref(), DEFAULT_TIMEOUT, "wait.timeout")?;
-        if every.is_zero() {
-            return Err(StepError::fatal("`wait.every` must be longer than 0s"));
-        }
         let timeout_text = wait
             .timeout
             .as_ref()

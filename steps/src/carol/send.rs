@@ -16,7 +16,7 @@ use super::client::{check, check_table, Body, Carol, Retries};
 use super::records::{prepare, Chunk, Chunker};
 use async_trait::async_trait;
 use engine::events::Level;
-use engine::step::{StaticInfo, StepConfig, StepContext, StepError, StepOutput};
+use engine::step::{Problem, StaticInfo, StepConfig, StepContext, StepError, StepOutput};
 use reqwest::Method;
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -68,12 +68,18 @@ impl StepConfig for CarolSend {
         super::outputs_info(&OUTPUTS)
     }
 
+    fn problems(&self) -> Vec<Problem> {
+        match self.gzip_level {
+            Some(l) if !(1..=9).contains(&l) => {
+                vec![Problem::at("gzip_level", "`gzip_level` must be 1 to 9")]
+            }
+            _ => Vec::new(),
+        }
+    }
+
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
         let started = Instant::now();
         check_table(&self.table)?;
-        if self.gzip_level.is_some_and(|l| !(1..=9).contains(&l)) {
-            return Err(StepError::fatal("`gzip_level` must be 1 to 9"));
-        }
         let carol = Carol::from_ctx(&ctx)?;
         let input = ctx
             .inputs
