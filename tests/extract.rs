@@ -290,22 +290,6 @@ fn an_oversized_body_fails_the_step_and_the_teardown_still_runs() {
     assert_eq!(runs.json()[0]["status"], "failed", "{}", runs.stdout());
 }
 
-/// `pipe validate --format json`'s diagnostics as (line, column, message).
-fn diagnostics(out: &Out) -> Vec<(u64, u64, String)> {
-    out.json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["line"].as_u64().unwrap(),
-                d["column"].as_u64().unwrap(),
-                d["message"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn validate_names_paginate_mistakes_at_their_keys() {
     let env = Env::new();
@@ -356,7 +340,7 @@ steps:
     );
     let out = env.run(&["validate", "--format", "json", p.to_str().unwrap()]);
     out.expect_code(1);
-    let got = diagnostics(&out);
+    let got = out.diagnostics();
     let expect = [
         (12, 19, "`offset` pagination needs `size`"),
         (19, 9, "`cursor` pagination needs `cursor_param`"),
@@ -406,7 +390,7 @@ steps:
 "#,
     );
     let out = env.run(&["validate", "--format", "json", p.to_str().unwrap()]);
-    let got = diagnostics(&out);
+    let got = out.diagnostics();
     for (line, col, text) in [
         (10, 7, "set either `url` or `path`"),
         (11, 7, "`max_body`"),

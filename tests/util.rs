@@ -61,6 +61,21 @@ impl Out {
     pub fn stderr(&self) -> String {
         String::from_utf8_lossy(&self.0.stderr).into_owned()
     }
+    /// `pipe validate --format json`'s diagnostics as (line, column, message).
+    pub fn diagnostics(&self) -> Vec<(u64, u64, String)> {
+        self.json()
+            .as_array()
+            .expect("an array of diagnostics")
+            .iter()
+            .map(|d| {
+                (
+                    d["line"].as_u64().unwrap(),
+                    d["column"].as_u64().unwrap(),
+                    d["message"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.0.stdout).unwrap_or_else(|e| {
             panic!(

@@ -449,19 +449,7 @@ steps:
 "#,
     );
     let out = env.run(&["validate", "--format", "json", p.to_str().unwrap()]);
-    let v = out.json();
-    let found: Vec<(u64, u64, String)> = v
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            (
-                d["line"].as_u64().unwrap(),
-                d["column"].as_u64().unwrap(),
-                d["message"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect();
+    let found = out.diagnostics();
     assert!(
         found
             .iter()
