@@ -470,3 +470,53 @@ steps:
     );
     assert_eq!(out.code(), 1, "{found:?}");
 }
+
+/// Rules between a connection's keys are found by `pipe validate` at the keys, not only when
+/// a step logs in.
+#[test]
+fn connection_key_rules_are_found_by_validate() {
+    let env = Env::new();
+    let p = env.write(
+        "p.yaml",
+        r#"pipeline: logins
+connections:
+  carol: { type: carol, tenant: t, connector_id: c, username: u }
+  both: { type: carol, tenant: t, connector_id: c, username: u, password: "{{ secret('P') }}", api_key: "{{ secret('K') }}" }
+  google: { type: google_service_account, key_file: key.json, key_json: "{}" }
+  templated: { type: carol, tenant: t, connector_id: c, api_key: "{{ secret('K') }}" }
+steps:
+  hb:
+    type: log
+    with: { message: hi }
+"#,
+    );
+    let out = env.run(&["validate", "--format", "json", p.to_str().unwrap()]);
+    let found = out.diagnostics();
+    // Each at a key the rule rests on (the lone `username`, `username` beside an
+    // `api_key`, `key_json`), not at the line's start.
+    for (line, key, text) in [
+        (
+            3,
+            "username: u",
+            "needs either `username` and `password` or `api_key`",
+        ),
+        (4, "username: u", "not both"),
+        (5, "key_json:", "has both `key_file` and `key_json`"),
+    ] {
+        let text_line = std::fs::read_to_string(&p)
+            .unwrap()
+            .lines()
+            .nth(line - 1)
+            .unwrap()
+            .to_string();
+        let col = text_line.find(key).unwrap() as u64 + 1;
+        assert!(
+            found
+                .iter()
+                .any(|(l, c, m)| (*l, *c) == (line as u64, col) && m.contains(text)),
+            "expected {line}:{col} `{text}` in {found:?}"
+        );
+    }
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert_eq!(out.code(), 1);
+}

@@ -7,7 +7,8 @@
 //! (E006), an unknown key (E003), a wrong type (E004) or a missing required key (E005) is
 //! reported at its line and column with a did-you-mean, as for a step's `with:`; templated
 //! scalars stand in for any type (they are checked again when the step reads the rendered
-//! connection).
+//! connection). Rules between keys (`username` and `password`, or `api_key`) are the
+//! struct's [`ConnectionConfig::problems`], reported at their keys like a step's.
 
 use crate::de::{self, Mode};
 use crate::diag::Diags;
@@ -15,6 +16,16 @@ use crate::yaml::Node;
 use indexmap::IndexMap;
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
+
+/// The struct a connection type is read into.
+pub trait ConnectionConfig: DeserializeOwned + JsonSchema {
+    /// Rules serde cannot express (keys that need each other), as a step's
+    /// [`crate::step::StepConfig::problems`]; the steps that read the connection check the
+    /// same list at run time.
+    fn problems(&self) -> Vec<crate::step::Problem> {
+        Vec::new()
+    }
+}
 
 /// A registered connection type.
 #[derive(Clone)]
@@ -31,15 +42,18 @@ pub struct ConnectionKind {
 
 impl ConnectionKind {
     /// The kind `name`, read into `C` (the struct the steps read it with at run time).
-    pub fn of<C: DeserializeOwned + JsonSchema>(
-        name: &'static str,
-        summary: &'static str,
-    ) -> ConnectionKind {
+    pub fn of<C: ConnectionConfig>(name: &'static str, summary: &'static str) -> ConnectionKind {
         ConnectionKind {
             name,
             summary,
             schema: |g| g.subschema_for::<C>(),
-            check: |node, diags| de::from_map_tolerant::<C>(node, Mode::Check, diags).is_some(),
+            check: |node, diags| match de::from_map_tolerant::<C>(node, Mode::Check, diags) {
+                Some(config) => {
+                    crate::step::report_problems(&config.problems(), node, diags);
+                    true
+                }
+                None => false,
+            },
         }
     }
 }

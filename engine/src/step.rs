@@ -114,7 +114,7 @@ fn locate(node: &Node, dotted: &str) -> (crate::diag::Pos, bool) {
 }
 
 /// Report a config's problems at their keys, leaving templated ones to the run.
-fn report_problems(problems: &[Problem], node: &Node, diags: &mut Diags) {
+pub(crate) fn report_problems(problems: &[Problem], node: &Node, diags: &mut Diags) {
     for p in problems {
         let (pos, templated) = locate(node, &p.field);
         if templated || p.depends_on.iter().any(|f| locate(node, f).1) {

@@ -611,6 +611,20 @@ impl Reader {
     }
 }
 
+const BOTH_KEYS: &str =
+    "the google_service_account connection has both `key_file` and `key_json`: give exactly one";
+const NO_KEY: &str = "the google_service_account connection needs `key_file` (a path to the service-account key JSON) or `key_json` (the key itself)";
+
+impl engine::connection::ConnectionConfig for GoogleConnection {
+    fn problems(&self) -> Vec<Problem> {
+        match (&self.key_file, &self.key_json) {
+            (Some(_), Some(_)) => vec![Problem::at("key_json", BOTH_KEYS)],
+            (None, None) => vec![Problem::at("type", NO_KEY)],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// The service-account key from `key_file` or `key_json` (exactly one).
 fn load_key(
     conn: &GoogleConnection,
@@ -623,16 +637,8 @@ fn load_key(
         _ => true,
     });
     let (text, origin) = match (file, inline) {
-        (Some(_), Some(_)) => {
-            return Err(StepError::fatal(
-                "the google_service_account connection has both `key_file` and `key_json`: give exactly one",
-            ))
-        }
-        (None, None) => {
-            return Err(StepError::fatal(
-                "the google_service_account connection needs `key_file` (a path to the service-account key JSON) or `key_json` (the key itself)",
-            ))
-        }
+        (Some(_), Some(_)) => return Err(StepError::fatal(BOTH_KEYS)),
+        (None, None) => return Err(StepError::fatal(NO_KEY)),
         (Some(path), None) => {
             let path = pipeline_dir.join(path);
             let text = std::fs::read_to_string(&path).map_err(|e| {

@@ -269,6 +269,8 @@ pub struct Connection {
     description: Option<String>,
 }
 
+impl engine::connection::ConnectionConfig for Connection {}
+
 #[async_trait]
 impl StepConfig for BigQueryLoad {
     const TYPE: &'static str = "bigquery.load";

@@ -58,6 +58,29 @@ pub struct Connection {
     pub sandbox: Option<Value>,
 }
 
+/// The rule between the login keys.
+const LOGIN_KEYS: &str = "the carol connection needs either `username` and `password` or `api_key`";
+
+impl engine::connection::ConnectionConfig for Connection {
+    fn problems(&self) -> Vec<engine::step::Problem> {
+        use engine::step::Problem;
+        match (&self.username, &self.password, &self.api_key) {
+            (Some(_), Some(_), None) | (None, None, Some(_)) => Vec::new(),
+            // At a login key, seldom a template (a templated key's problems are left to
+            // the run, and `api_key` is usually `{{ secret(…) }}`).
+            (Some(_), _, Some(_)) => {
+                vec![Problem::at("username", format!("{LOGIN_KEYS}, not both"))]
+            }
+            (None, Some(_), Some(_)) => {
+                vec![Problem::at("password", format!("{LOGIN_KEYS}, not both"))]
+            }
+            (Some(_), None, None) => vec![Problem::at("username", LOGIN_KEYS)],
+            (None, Some(_), None) => vec![Problem::at("password", LOGIN_KEYS)],
+            (None, None, None) => vec![Problem::at("connector_id", LOGIN_KEYS)],
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Auth {
     Password { username: String, password: String },
@@ -163,11 +186,7 @@ impl Carol {
                 password: p,
             },
             (None, None, Some(k)) => Auth::ApiKey(k),
-            _ => {
-                return Err(StepError::fatal(
-                    "the carol connection needs either `username` and `password` or `api_key`",
-                ))
-            }
+            _ => return Err(StepError::fatal(LOGIN_KEYS)),
         };
         let base = match conn.url.filter(|u| !u.trim().is_empty()) {
             Some(u) => u.trim().trim_end_matches('/').to_string(),

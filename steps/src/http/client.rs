@@ -74,6 +74,8 @@ pub struct Connection {
     pub sandbox: Option<Value>,
 }
 
+impl engine::connection::ConnectionConfig for Connection {}
+
 impl Connection {
     /// The step's connection, when it names one.
     pub fn from_ctx(ctx: &StepContext) -> Result<Option<Connection>, StepError> {

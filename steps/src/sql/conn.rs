@@ -99,6 +99,8 @@ pub struct Spec {
     pub sandbox: Option<Value>,
 }
 
+impl engine::connection::ConnectionConfig for Spec {}
+
 impl Spec {
     /// The step's connection, checked, with every password taught to the redactor.
     pub fn from_ctx(ctx: &StepContext, step: &str) -> Result<(Backend, Spec), StepError> {
