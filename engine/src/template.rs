@@ -530,8 +530,11 @@ fn fix_unary_minus(src: &str) -> Cow<'_, str> {
     let mut i = 0;
     let mut last = 0; // bytes before `last` are already copied
     let mut changed = false;
+    // Ends of the chains opened with `(` and not closed yet (innermost last).
+    let mut closes: Vec<usize> = Vec::new();
     let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     while i < b.len() {
+        close_chains(&mut closes, i, src, &mut out, &mut last);
         // Find the next tag.
         let close: &[u8] = match (b[i], b.get(i + 1)) {
             (b'{', Some(b'{')) => b"}}",
@@ -553,6 +556,7 @@ fn fix_unary_minus(src: &str) -> Cow<'_, str> {
         let mut prev = 0u8;
         let mut word = "";
         while i < b.len() && !b[i..].starts_with(close) {
+            close_chains(&mut closes, i, src, &mut out, &mut last);
             let c = b[i];
             if c == b'\'' || c == b'"' {
                 i = skip_string(b, i);
@@ -607,11 +611,14 @@ fn fix_unary_minus(src: &str) -> Cow<'_, str> {
                         postfix = true;
                     }
                     if postfix {
+                        // Open here; close at the chain's end, once the scan inside it (which
+                        // may open nested chains: `-f(-a.b)`) has passed it. An inner chain
+                        // never closes after its outer one, even in unbalanced text.
+                        let end = closes.last().map_or(j, |&outer: &usize| j.min(outer));
                         out.push_str(&src[last..start]);
                         out.push('(');
-                        out.push_str(&src[start..j]);
-                        out.push(')');
-                        last = j;
+                        last = start;
+                        closes.push(end);
                         changed = true;
                     }
                     // Continue scanning inside the chain (nested minus in subscripts/args).
@@ -628,8 +635,24 @@ fn fix_unary_minus(src: &str) -> Cow<'_, str> {
     if !changed {
         return Cow::Borrowed(src);
     }
+    close_chains(&mut closes, usize::MAX, src, &mut out, &mut last);
     out.push_str(&src[last..]);
     Cow::Owned(out)
+}
+
+/// Close every pending chain that ends at or before `at`: copy the text up to its end, then
+/// `)`.
+fn close_chains(closes: &mut Vec<usize>, at: usize, src: &str, out: &mut String, last: &mut usize) {
+    while let Some(&end) = closes.last() {
+        if end > at {
+            break;
+        }
+        let end = end.min(src.len()).max(*last);
+        out.push_str(&src[*last..end]);
+        out.push(')');
+        *last = end;
+        closes.pop();
+    }
 }
 
 fn find(b: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
@@ -1704,6 +1727,14 @@ mod unary_tests {
     #[test]
     fn unary_minus_rewrite() {
         let f = |s: &str| fix_unary_minus(s).into_owned();
+        // Nested chains (found by the fuzzer: this sliced backwards and panicked).
+        assert_eq!(
+            f("{{ x |- add_days(-params.days) }}"),
+            "{{ x |- (add_days(-(params.days))) }}"
+        );
+        assert_eq!(f("{{ -f(-a.b, -c[0]) }}"), "{{ -(f(-(a.b), -(c[0]))) }}");
+        // Unbalanced text is left for minijinja to report; the rewrite only must not panic.
+        assert!(f("{{ -f(-a.b }}").starts_with("{{ -(f(-(a.b"));
         assert_eq!(
             f("{{ x | add_days(-params.days) }}"),
             "{{ x | add_days(-(params.days)) }}"
