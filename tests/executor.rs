@@ -278,13 +278,7 @@ steps:
     with: { command: touch, args: [cleaned] }
 "#,
     );
-    let child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap(), "--format", "json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.spawn(&["run", p.to_str().unwrap(), "--format", "json"]);
     let pidfile = env.path().join("child.pid");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !pidfile.exists() || std::fs::read_to_string(&pidfile).unwrap().trim().is_empty() {
@@ -530,13 +524,7 @@ fn a_timeout_from_a_param_applies() {
         "p.yaml",
         "pipeline: slow\nparams:\n  t: { type: string, default: 300ms }\nsteps:\n  slow:\n    type: exec\n    timeout: \"{{ params.t }}\"\n    with: { command: sleep, args: ['30'] }\n",
     );
-    let child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap(), "--format", "json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.spawn(&["run", p.to_str().unwrap(), "--format", "json"]);
     // Only a hang guard: the 30 s sleep is killed after 300 ms.
     let out = crate::util::wait_with_deadline(child, Duration::from_secs(25));
     out.expect_code(1);
@@ -613,13 +601,7 @@ fn sigterm_during_a_big_file_read_exits_within_seconds_of_the_summary() {
         "p.yaml",
         "pipeline: big\nsteps:\n  read:\n    type: file.read\n    with: { path: big.csv }\n  teardown:\n    type: exec\n    always: true\n    needs: [read]\n    with: { command: touch, args: [torn-down] }\n",
     );
-    let child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap(), "--format", "json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.spawn(&["run", p.to_str().unwrap(), "--format", "json"]);
     // Wait until the read is under way.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

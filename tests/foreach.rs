@@ -264,13 +264,7 @@ fn a_hundred_thousand_items_start_without_a_quadratic_key_check() {
             "pipeline: many\nsteps:\n  each:\n    type: log\n    foreach:\n      items: \"{{{{ {items} }}}}\"\n      concurrency: 8\n    if: \"{{{{ item == 0 }}}}\"\n    with: {{ message: \"{{{{ item }}}}\" }}\n"
         ),
     );
-    let child = env
-        .cmd()
-        .args(["run", p.to_str().unwrap(), "--format", "json", "-q"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.spawn(&["run", p.to_str().unwrap(), "--format", "json", "-q"]);
     // A hang guard only (the quadratic check took minutes).
     let out = crate::util::wait_with_deadline(child, std::time::Duration::from_secs(240));
     out.expect_code(0);

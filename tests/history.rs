@@ -255,13 +255,7 @@ fn logs_follow_prints_new_rows_and_exits_when_the_run_finishes() {
     let env = Env::new();
     let id = start_outside_run(&env, "followed");
     let ids = id.to_string();
-    let child = env
-        .cmd()
-        .args(["runs", "logs", &ids, "--follow", "--format", "json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = env.spawn(&["runs", "logs", &ids, "--follow", "--format", "json"]);
     // Give the follower a moment to reach its polling loop (not needed for correctness).
     std::thread::sleep(Duration::from_millis(300));
     env.run(&["runs", "log", &ids, "-m", "first row"])
@@ -369,14 +363,7 @@ fn two_pipe_runs_writing_at_once_lose_nothing() {
                 "pipeline: {name}\nsteps:\n  lines:\n    type: exec\n    with: {{ command: sh, args: ['-c', 'i=1; while [ $i -le 5000 ]; do echo {name}-$i; i=$((i+1)); done'] }}\n"
             ),
         );
-        children.push(
-            env.cmd()
-                .args(["run", p.to_str().unwrap(), "--quiet", "--format", "json"])
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
+        children.push(env.spawn(&["run", p.to_str().unwrap(), "--quiet", "--format", "json"]));
     }
     let outs: Vec<Out> = children
         .into_iter()

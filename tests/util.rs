@@ -44,6 +44,15 @@ impl Env {
         c.env_remove("RUST_BACKTRACE");
         c
     }
+    /// `pipe` started with `args`, its stdout and stderr piped (for [`wait_with_deadline`]).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        self.cmd()
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run pipe")
+    }
     pub fn run(&self, args: &[&str]) -> Out {
         Out(self.cmd().args(args).output().expect("run pipe"))
     }
