@@ -520,3 +520,20 @@ steps:
     assert_eq!(found.len(), 3, "{found:?}");
     assert_eq!(out.code(), 1);
 }
+
+/// A folder named twice (or inside another argument) is not "a folder without pipelines".
+#[test]
+fn overlapping_paths_are_not_an_empty_folder() {
+    let env = Env::new();
+    env.write(
+        "p/a.yaml",
+        "pipeline: a\nsteps:\n  s:\n    type: log\n    with: { message: hi }\n",
+    );
+    env.write(
+        "p/sub/b.yaml",
+        "pipeline: b\nsteps:\n  s:\n    type: log\n    with: { message: hi }\n",
+    );
+    let out = env.run(&["validate", "p", "p/sub", "p"]);
+    assert_eq!(out.code(), 0, "{}{}", out.stdout(), out.stderr());
+    assert!(out.stdout().contains("0 errors"), "{}", out.stdout());
+}

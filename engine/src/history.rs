@@ -1009,9 +1009,20 @@ fn process_start(pid: u32) -> Option<String> {
 /// namespace (`/proc/self/ns/pid`), as `BOOT/pid:[INODE]`. Two processes see each other's
 /// pids only when this is the same; `None` without procfs.
 pub fn host_identity() -> Option<String> {
-    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let ns = fs::read_link("/proc/self/ns/pid").ok()?;
-    Some(format!("{}/{}", boot.trim(), ns.to_string_lossy()))
+    // The boot and this process's pid namespace do not change while it runs: read once.
+    static HOST: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    HOST.get_or_init(|| {
+        let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let ns = fs::read_link("/proc/self/ns/pid").ok()?;
+        Some(format!("{}/{}", boot.trim(), ns.to_string_lossy()))
+    })
+    .clone()
+}
+
+/// Whether process `pid` of this pid namespace is alive (not a zombie): what
+/// [`owner_alive`] tells, for a caller that knows only a pid.
+pub fn pid_alive(pid: u32) -> bool {
+    owner_alive(Some(i64::from(pid)), None)
 }
 
 /// A running run and its owner: id, pid, pid start time, host identity.

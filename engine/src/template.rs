@@ -247,11 +247,20 @@ pub fn is_filter(name: &str) -> bool {
             overrides: Overrides::default(),
         })
     });
+    thread_local! {
+        // Each name is probed once per thread: validate asks for every filter of every file.
+        static KNOWN: std::cell::RefCell<std::collections::HashMap<String, bool>> = Default::default();
+    }
+    if let Some(known) = KNOWN.with(|k| k.borrow().get(name).copied()) {
+        return known;
+    }
     let probe = format!("{{{{ none | {name} }}}}");
-    match templates.env.render_str(&probe, ()) {
+    let known = match templates.env.render_str(&probe, ()) {
         Ok(_) => true,
         Err(e) => e.kind() != ErrorKind::UnknownFilter && e.kind() != ErrorKind::SyntaxError,
-    }
+    };
+    KNOWN.with(|k| k.borrow_mut().insert(name.to_string(), known));
+    known
 }
 
 /// Filter names for "did you mean" hints (the check itself is [`is_filter`]).

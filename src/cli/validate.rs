@@ -32,9 +32,12 @@ pub fn collect(paths: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     for p in paths {
         if p.is_dir() {
             let before = files.len();
+            // A folder an earlier argument already walked (`pipelines pipelines/nightly`)
+            // added its files then.
+            let walked = std::fs::canonicalize(p).is_ok_and(|c| seen.contains(&c));
             walk(p, &mut files, &mut seen)
                 .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
-            if files.len() == before {
+            if !walked && files.len() == before {
                 return Err(format!(
                     "{}: no pipeline files (*.yaml, *.yml) in this folder",
                     p.display()
@@ -56,10 +59,10 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>, seen: &mut HashSet<PathBuf>) -> std:
     if !seen.insert(std::fs::canonicalize(dir)?) {
         return Ok(());
     }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+    // `collect` sorts the whole list at the end.
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir)?
         .map(|e| e.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
-    entries.sort();
     for path in entries {
         if path.is_dir() {
             walk(&path, out, seen)?;

@@ -594,18 +594,16 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
         let Some(pid) = rest
             .split('-')
             .next()
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
+            .and_then(|p| p.parse::<u32>().ok())
             .filter(|&p| p > 0)
         else {
             continue;
         };
-        if pid as u32 == std::process::id() {
+        if pid == std::process::id() {
             continue; // another write of this run, maybe still under way
         }
-        // SAFETY: signal 0 only checks that the pid exists; pid > 0.
-        let gone = unsafe { libc::kill(pid, 0) } != 0
-            && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone {
+        // A zombie counts as dead, as it does for the run history's owners.
+        if !engine::history::pid_alive(pid) {
             remove_quietly(&entry.path());
         }
     }
