@@ -215,12 +215,13 @@ fn forms(value: &str) -> Vec<(usize, String)> {
         );
     }
     let mut patterns = vec![(value.len(), url_pattern(value))];
-    if value.len() > URL_PATTERN_MAX {
-        literals.push(
-            percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
-                .to_string(),
-        );
-    }
+    // Also as literals: a set too large to compile falls back to the literal alternatives
+    // (see `compile`), which must still hold the value and its usual URL encoding.
+    literals.push(value.to_string());
+    literals.push(
+        percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+            .to_string(),
+    );
     patterns.extend(
         literals
             .into_iter()

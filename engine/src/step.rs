@@ -383,13 +383,15 @@ impl StepKind {
                     Some(config) => {
                         let problems = config.problems();
                         if !problems.is_empty() {
-                            return Err(StepError::fatal(
+                            // Validate skipped these: they rest on templated values.
+                            return Err(StepError::fatal(format!(
+                                "invalid configuration after rendering templates: {}",
                                 problems
                                     .iter()
                                     .map(|p| p.message.as_str())
                                     .collect::<Vec<_>>()
-                                    .join("; "),
-                            ));
+                                    .join("; ")
+                            )));
                         }
                         Ok(Box::pin(config.run(ctx)))
                     }

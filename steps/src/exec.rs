@@ -283,7 +283,7 @@ async fn run(cfg: Exec, ctx: StepContext) -> Result<StepOutput, StepError> {
             shared.lines_stderr.fetch_add(1, Ordering::Relaxed);
             ctx.log(Level::Error, &line);
             let mut c = shared.collected.lock().unwrap();
-            push_tail(&mut c.stderr_tail, &line);
+            push_tail(&mut c.stderr_tail, &line, &ctx.redactor);
             if !line.trim().is_empty() {
                 c.stderr_last_line = Some(line);
             }
@@ -365,8 +365,8 @@ async fn run(cfg: Exec, ctx: StepContext) -> Result<StepOutput, StepError> {
     let lines_stdout = shared.lines_stdout.load(Ordering::Relaxed);
     let lines_stderr = shared.lines_stderr.load(Ordering::Relaxed);
     let mut c = std::mem::take(&mut *shared.collected.lock().unwrap());
-    trim_tail(&mut c.stdout_tail);
-    trim_tail(&mut c.stderr_tail);
+    trim_tail(&mut c.stdout_tail, &ctx.redactor);
+    trim_tail(&mut c.stderr_tail, &ctx.redactor);
     let last_stderr = || match &c.stderr_last_line {
         Some(l) => format!("; last stderr: {}", ctx.redactor.redact(l)),
         None => String::new(),
@@ -446,7 +446,7 @@ async fn on_stdout_line(ctx: &StepContext, workdir: &Path, shared: &Shared, line
     let Some((name, props, value)) = parse_command(&line) else {
         ctx.log(Level::Info, &line);
         let mut c = shared.collected.lock().unwrap();
-        push_tail(&mut c.stdout_tail, &line);
+        push_tail(&mut c.stdout_tail, &line, &ctx.redactor);
         c.stdout_last_line = Some(line);
         return;
     };
@@ -569,20 +569,23 @@ fn incomplete_utf8_tail(b: &[u8]) -> usize {
 
 /// Append a line to a tail buffer that keeps the last [`TAIL`] bytes (amortized: trimmed
 /// when it reaches twice that, on a char boundary).
-fn push_tail(tail: &mut String, line: &str) {
+fn push_tail(tail: &mut String, line: &str, redactor: &engine::secrets::Redactor) {
     tail.push_str(line);
     tail.push('\n');
     if tail.len() > 2 * TAIL {
-        trim_tail(tail);
+        trim_tail(tail, redactor);
     }
 }
 
-fn trim_tail(tail: &mut String) {
+/// Keep the last [`TAIL`] bytes, or a little more: the cut never falls inside a secret
+/// (its tail end alone would no longer be masked when the result is redacted).
+fn trim_tail(tail: &mut String, redactor: &engine::secrets::Redactor) {
     if tail.len() > TAIL {
         let mut cut = tail.len() - TAIL;
         while !tail.is_char_boundary(cut) {
             cut += 1;
         }
+        let cut = redactor.safe_split(tail, cut);
         tail.drain(..cut);
     }
 }
@@ -1202,7 +1205,13 @@ mod tests {
         assert_eq!(prop("file=a,name=b", "name"), Some("b"));
         assert_eq!(unescape("100%25%0Anext"), "100%\nnext");
         let mut t = "é".repeat(TAIL);
-        trim_tail(&mut t);
+        trim_tail(&mut t, &Redactor::new());
         assert!(t.len() <= TAIL && t.chars().all(|c| c == 'é'));
+        // A secret across the cut stays whole in the tail, so it is masked later.
+        let r = Redactor::new();
+        r.add("s3cr3t-value");
+        let mut t = format!("{}s3cr3t-value{}", "x".repeat(10), "y".repeat(TAIL - 5));
+        trim_tail(&mut t, &r);
+        assert!(t.starts_with("s3cr3t-value"), "{}", &t[..20]);
     }
 }

@@ -277,10 +277,10 @@ impl Target<'_> {
             },
         };
         let url = url::Url::parse(&url_text).map_err(|e| {
-            StepError::fatal(
-                ctx.redactor
-                    .redact(&format!("invalid URL `{url_text}`: {e}")),
-            )
+            StepError::fatal(ctx.redactor.redact(&format!(
+                "invalid URL `{}`: {e}",
+                unparsed_url_shown(&url_text)
+            )))
         })?;
         let method = Method::from_bytes(self.method.trim().to_ascii_uppercase().as_bytes())
             .map_err(|_| StepError::fatal(format!("invalid HTTP method `{}`", self.method)))?;
@@ -432,16 +432,35 @@ impl Reply {
     }
 }
 
-/// The URL as messages show it: without its query (which may hold API keys) and with a
-/// userinfo password as `***`. Every URL in an error goes through here (a reqwest error's
-/// own URL is dropped with `without_url`); the redactor then masks the rest.
+/// The URL as messages show it: without its query (which may hold API keys), a userinfo
+/// password as `***`, and a user without a password (a token: `https://ghp_x@host`) too.
+/// Every URL in an error goes through here (a reqwest error's own URL is dropped with
+/// `without_url`); the redactor then masks the rest.
 pub fn without_query(url: &url::Url) -> String {
     let mut u = url.clone();
     u.set_query(None);
     if u.password().is_some() {
         let _ = u.set_password(Some(engine::secrets::MASK));
+    } else if !u.username().is_empty() {
+        // A user without a password is a token (`https://ghp_x@host`).
+        let _ = u.set_username(engine::secrets::MASK);
     }
     u.to_string()
+}
+
+/// URL text that did not parse, as messages show it: cut at the query, userinfo dropped.
+pub fn unparsed_url_shown(text: &str) -> String {
+    let head = text.split(['?', '#']).next().unwrap_or_default();
+    match head.split_once("://") {
+        Some((scheme, rest)) => match rest.split('/').next().and_then(|a| a.rsplit_once('@')) {
+            Some((_, host)) => {
+                let path = &rest[rest.find('/').unwrap_or(rest.len())..];
+                format!("{scheme}://{}@{host}{path}", engine::secrets::MASK)
+            }
+            None => head.to_string(),
+        },
+        None => head.to_string(),
+    }
 }
 
 fn retryable_status(s: StatusCode) -> bool {
@@ -981,6 +1000,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn urls_in_messages_show_no_query_and_no_userinfo() {
+        let u = url::Url::parse("https://ghp_token@api.example.com/x?key=k").unwrap();
+        assert_eq!(without_query(&u), "https://***@api.example.com/x");
+        let u = url::Url::parse("https://user:pw@api.example.com/x").unwrap();
+        assert_eq!(without_query(&u), "https://user:***@api.example.com/x");
+        assert_eq!(
+            unparsed_url_shown("https://tok@exa mple.com/p?key=k"),
+            "https://***@exa mple.com/p"
+        );
+        assert_eq!(unparsed_url_shown("not a url?key=k"), "not a url");
+    }
 
     #[test]
     fn absurd_server_delays_are_capped_not_a_panic() {

@@ -581,11 +581,10 @@ impl Fetcher<'_> {
 
     fn resolve(&self, base: &url::Url, next: &str) -> Result<url::Url, StepError> {
         base.join(next).map_err(|e| {
-            StepError::fatal(
-                self.ctx
-                    .redactor
-                    .redact(&format!("invalid next page URL `{next}`: {e}")),
-            )
+            StepError::fatal(self.ctx.redactor.redact(&format!(
+                "invalid next page URL `{}`: {e}",
+                super::client::unparsed_url_shown(next)
+            )))
         })
     }
 
@@ -691,7 +690,10 @@ impl Fetcher<'_> {
                     break;
                 };
                 if next == url || !seen.insert(next.to_string()) {
-                    return Err(self.loop_error(&format!("next URL `{next}`"), sink.pages));
+                    return Err(self.loop_error(
+                        &format!("next URL `{}`", super::client::without_query(&next)),
+                        sink.pages,
+                    ));
                 }
                 url = next;
                 with_base = false;
@@ -995,6 +997,12 @@ impl StepConfig for HttpExtract {
                 out.push(Problem::at(
                     "rate_limit.per",
                     format!("`rate_limit.per`: {e}"),
+                ));
+            }
+            if r.requests == 0 {
+                out.push(Problem::at(
+                    "rate_limit.requests",
+                    "`rate_limit.requests` must be at least 1 (remove `rate_limit` for no limit)",
                 ));
             }
         }
