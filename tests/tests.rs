@@ -17,4 +17,5 @@ mod redaction;
 mod sandbox;
 mod schema;
 mod sql;
+mod store;
 mod validate;

@@ -22,7 +22,7 @@ mod sandbox;
 mod store;
 
 pub use params::ParamValue;
-pub use store::Trigger;
+pub use store::{StoreConfig, Trigger, PIPELINE_SNAPSHOT};
 
 use chrono::{DateTime, Utc};
 use engine::diag::Diagnostic;
@@ -40,8 +40,15 @@ use tokio_util::sync::CancellationToken;
 
 /// How a worker is set up.
 pub struct RunnerConfig {
-    /// Where run history and run files live (`--state-dir`).
+    /// Where run files live (`--state-dir`), and the SQLite history by default.
     pub state_dir: PathBuf,
+    /// The run store (`--db` / `PIPE_DB`): `None` for SQLite in the state dir.
+    pub db: Option<String>,
+    /// An open store to use instead of opening `db` (a service shares one).
+    pub store: Option<Arc<dyn ::store::RunStore>>,
+    /// The lease id that owns this runner's runs, kept renewed by the caller (a service's
+    /// worker). `None`: each run takes a lease of its own for as long as it runs.
+    pub lease_owner: Option<String>,
     /// The step types and connection kinds.
     pub registry: Arc<Registry>,
     /// Where `secret()` reads from, unless a run's spec brings its own.
@@ -55,6 +62,9 @@ impl RunnerConfig {
     pub fn new(state_dir: impl Into<PathBuf>) -> RunnerConfig {
         RunnerConfig {
             state_dir: state_dir.into(),
+            db: None,
+            store: None,
+            lease_owner: None,
             registry: Arc::new(steps::registry()),
             secrets: Secrets::default(),
             token_ttl: engine::step::DEFAULT_TOKEN_TTL,
@@ -64,17 +74,20 @@ impl RunnerConfig {
 
 /// A worker's environment: what its runs share. Cheap to share behind an `Arc`.
 pub struct Runner {
-    state_dir: PathBuf,
+    store: Arc<store::StoreHandle>,
     registry: Arc<Registry>,
     secrets: Secrets,
     resources: Arc<Resources>,
 }
 
-/// A pipeline file, validated, with its warnings.
+/// A pipeline file, validated, with its warnings and the text that was validated.
+#[derive(Clone)]
 pub struct Loaded {
     pub plan: Arc<Plan>,
     /// Warnings and notes (no errors: the file is valid).
     pub diagnostics: Vec<Diagnostic>,
+    /// The file's text as validated (kept in the run folder as [`PIPELINE_SNAPSHOT`]).
+    pub source: Arc<str>,
 }
 
 /// Which pipeline a run runs.
@@ -82,7 +95,10 @@ pub struct Loaded {
 pub enum PlanSource {
     /// Validate this file first (its warnings end up in [`PreparedRun::diagnostics`]).
     File(PathBuf),
-    /// An already validated plan (a service validates each file once and runs it often).
+    /// A file validated by [`Runner::load`] (its text is what the run keeps).
+    Loaded(Loaded),
+    /// An already validated plan (a service validates each file once and runs it often);
+    /// the run keeps the file's text as it reads it when the run is recorded.
     Plan(Arc<Plan>),
 }
 
@@ -104,10 +120,12 @@ pub struct RunSpec {
     pub dry_run: bool,
     /// Where `secret()` reads from for this run (default: the runner's).
     pub secrets: Option<Secrets>,
-    /// The queue item this run comes from (the service acks it when the run is recorded).
+    /// The queue item this run comes from (linked to the run when it is recorded; the
+    /// service acks it).
     pub queue_item: Option<i64>,
-    /// 1 for a first run; a repair of the same run counts on.
-    pub attempt: u32,
+    /// Continue this finished run as its next attempt (a repair: `pipe runs repair ID`)
+    /// instead of recording a new run; [`PreparedRun::attempt`] says which attempt.
+    pub resume: Option<i64>,
 }
 
 impl RunSpec {
@@ -123,7 +141,7 @@ impl RunSpec {
             dry_run: false,
             secrets: None,
             queue_item: None,
-            attempt: 1,
+            resume: None,
         }
     }
 }
@@ -163,7 +181,14 @@ impl std::error::Error for PrepareError {}
 impl Runner {
     pub fn new(config: RunnerConfig) -> Runner {
         Runner {
-            state_dir: config.state_dir,
+            store: Arc::new(store::StoreHandle::new(
+                StoreConfig {
+                    url: config.db,
+                    state_dir: config.state_dir,
+                },
+                config.store,
+                config.lease_owner,
+            )),
             registry: config.registry,
             secrets: config.secrets,
             resources: Arc::new(Resources::new(config.token_ttl)),
@@ -171,7 +196,7 @@ impl Runner {
     }
 
     pub fn state_dir(&self) -> &Path {
-        &self.state_dir
+        self.store.state_dir()
     }
 
     pub fn registry(&self) -> &Arc<Registry> {
@@ -185,13 +210,15 @@ impl Runner {
 
     /// Validate a pipeline file (`display` is how diagnostics name it).
     pub fn load(&self, path: &Path, display: &str) -> Result<Loaded, PrepareError> {
-        let outcome = engine::validate::validate_file(path, display, &self.registry);
-        match outcome.plan {
-            Some(plan) => Ok(Loaded {
+        let (outcome, text) =
+            engine::validate::validate_file_with_text(path, display, &self.registry);
+        match (outcome.plan, text) {
+            (Some(plan), Some(text)) => Ok(Loaded {
                 plan: Arc::new(plan),
                 diagnostics: outcome.diagnostics,
+                source: text.into(),
             }),
-            None => Err(PrepareError::Invalid {
+            _ => Err(PrepareError::Invalid {
                 file: display.to_string(),
                 diagnostics: outcome.diagnostics,
             }),
@@ -202,15 +229,23 @@ impl Runner {
     /// logical date, the params (typed), the template runtime of the run, and — unless a
     /// dry run — the run recorded as `running` with its history writer.
     pub async fn prepare(&self, spec: RunSpec) -> Result<PreparedRun, PrepareError> {
-        let (plan, diagnostics) = match &spec.plan {
-            PlanSource::Plan(plan) => (plan.clone(), Vec::new()),
+        let loaded = match &spec.plan {
+            PlanSource::Plan(plan) => (plan.clone(), Vec::new(), None),
+            PlanSource::Loaded(l) => (
+                l.plan.clone(),
+                l.diagnostics.clone(),
+                Some(l.source.clone()),
+            ),
             PlanSource::File(path) => {
-                let loaded = self.load(path, &path.display().to_string())?;
-                (loaded.plan, loaded.diagnostics)
+                let l = self.load(path, &path.display().to_string())?;
+                (l.plan, l.diagnostics, Some(l.source))
             }
         };
+        let (plan, diagnostics, source) = loaded;
+        // A service's plan came from a file: the run keeps that file's text as it is now.
+        let source = source.or_else(|| std::fs::read_to_string(&plan.file).ok().map(Into::into));
         let (fakes, mut overrides, default_date) = if spec.sandbox {
-            let a = sandbox::attach(&plan, &self.registry, &self.state_dir)
+            let a = sandbox::attach(&plan, &self.registry, self.state_dir())
                 .await
                 .map_err(PrepareError::Sandbox)?;
             (Some(a.fakes), a.overrides, Some(a.anchor))
@@ -218,7 +253,7 @@ impl Runner {
             (None, Overrides::default(), None)
         };
         let mut prepared = self
-            .prepare_with(&spec, plan, &mut overrides, default_date)
+            .prepare_with(&spec, plan, source, &mut overrides, default_date)
             .await;
         match &mut prepared {
             Ok(p) => {
@@ -238,6 +273,7 @@ impl Runner {
         &self,
         spec: &RunSpec,
         plan: Arc<Plan>,
+        source: Option<Arc<str>>,
         overrides: &mut Overrides,
         default_date: Option<DateTime<Utc>>,
     ) -> Result<PreparedRun, PrepareError> {
@@ -267,9 +303,21 @@ impl Runner {
             let recorded_params = redactor.redact_json(&serde_json::Value::Object(
                 params.clone().into_iter().collect(),
             ));
-            let (state_dir, plan2, trigger) = (self.state_dir.clone(), plan.clone(), spec.trigger);
+            let (handle, plan2) = (self.store.clone(), plan.clone());
+            let (trigger, queue_item, resume) = (spec.trigger, spec.queue_item, spec.resume);
+            // A literal value in the file that the run masks is `***` in the kept text
+            // (rewritten once the run has learnt everything it masks).
+            let kept = source.as_deref().map(|s| redactor.redact(s));
             let r = tokio::task::spawn_blocking(move || {
-                store::record_run(&state_dir, &plan2, recorded_params, trigger, logical_date)
+                handle.record_run(store::NewRecord {
+                    plan: &plan2,
+                    source: kept.as_deref(),
+                    params: recorded_params,
+                    trigger,
+                    logical_date,
+                    queue_item,
+                    resume,
+                })
             })
             .await
             .map_err(|e| PrepareError::History(format!("cannot record the run: {e}")))??;
@@ -297,7 +345,7 @@ impl Runner {
             resources: self.resources.clone(),
             diagnostics: Vec::new(),
             queue_item: spec.queue_item,
-            attempt: spec.attempt,
+            source: source.filter(|_| spec.resume.is_none()),
         })
     }
 }
@@ -318,7 +366,8 @@ pub struct PreparedRun {
     resources: Arc<Resources>,
     diagnostics: Vec<Diagnostic>,
     queue_item: Option<i64>,
-    attempt: u32,
+    /// The pipeline text, to keep (redacted) in the run folder once the run is over.
+    source: Option<Arc<str>>,
 }
 
 /// One step of [`PreparedRun::preview`]: id, type, the rendered (redacted) config or why it
@@ -350,8 +399,13 @@ impl PreparedRun {
     pub fn queue_item(&self) -> Option<i64> {
         self.queue_item
     }
+    /// 1 for a new run; the repair's attempt number for a resumed one (0 for a dry run).
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.recorded.as_ref().map_or(0, |r| r.attempt)
+    }
+    /// The run's folder (`None` for a dry run).
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.recorded.as_ref().map(|r| r.run_dir.as_path())
     }
 
     fn run_value(&self) -> minijinja::Value {
@@ -401,6 +455,7 @@ impl PreparedRun {
             recorded,
             fakes,
             resources,
+            source,
             ..
         } = self;
         let Some(store::Recorded {
@@ -408,6 +463,8 @@ impl PreparedRun {
             run_dir,
             writer,
             reader,
+            lease,
+            ..
         }) = recorded
         else {
             return RunOutcome {
@@ -421,6 +478,7 @@ impl PreparedRun {
                 _registration: Some(registration),
             };
         };
+        let (run_dir_kept, redactor_kept) = (run_dir.clone(), redactor.clone());
         let mut all: Vec<Arc<dyn Observer>> = vec![writer.clone()];
         all.extend(observers);
         let clock = Instant::now();
@@ -441,6 +499,9 @@ impl PreparedRun {
             resources,
         })
         .await;
+        if let Some(text) = &source {
+            store::keep_pipeline_text(&run_dir_kept, &redactor_kept.redact(text));
+        }
         let sandbox = match fakes {
             Some(f) => {
                 let stats = sandbox::stats(&f);
@@ -450,7 +511,7 @@ impl PreparedRun {
             None => None,
         };
         let elapsed = clock.elapsed();
-        let history_error = tokio::task::spawn_blocking(move || store::finish(writer))
+        let history_error = tokio::task::spawn_blocking(move || store::finish(writer, lease))
             .await
             .unwrap_or_else(|e| Some(format!("the history writer panicked: {e}")));
         RunOutcome {

@@ -57,9 +57,10 @@ fn usage(msg: impl std::fmt::Display) -> i32 {
     2
 }
 
-pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
+pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     let display = args.path.display().to_string();
     let mut config = runner::RunnerConfig::new(state_dir);
+    config.db = db.map(str::to_string);
     config.registry = Arc::new(super::registry());
     let worker = Runner::new(config);
     let loaded = match worker.load(&args.path, &display) {
@@ -94,7 +95,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         };
         params.push((name.to_string(), ParamValue::Text(text.to_string())));
     }
-    let mut spec = RunSpec::new(PlanSource::Plan(loaded.plan));
+    let mut spec = RunSpec::new(PlanSource::Loaded(loaded));
     spec.params = params;
     spec.logical_date = logical_date;
     spec.concurrency = args.concurrency;
