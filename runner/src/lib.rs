@@ -123,9 +123,9 @@ pub struct RunSpec {
     /// The queue item this run comes from (linked to the run when it is recorded; the
     /// service acks it).
     pub queue_item: Option<i64>,
-    /// Continue this finished run as its next attempt (a repair: `pipe runs repair ID`)
-    /// instead of recording a new run; [`PreparedRun::attempt`] says which attempt.
-    pub resume: Option<i64>,
+    /// The lease id that owns this run, kept renewed by the caller (a service's worker);
+    /// default: the runner's [`RunnerConfig::lease_owner`], else a lease of the run's own.
+    pub lease_owner: Option<String>,
 }
 
 impl RunSpec {
@@ -141,7 +141,7 @@ impl RunSpec {
             dry_run: false,
             secrets: None,
             queue_item: None,
-            resume: None,
+            lease_owner: None,
         }
     }
 }
@@ -304,7 +304,8 @@ impl Runner {
                 params.clone().into_iter().collect(),
             ));
             let (handle, plan2) = (self.store.clone(), plan.clone());
-            let (trigger, queue_item, resume) = (spec.trigger, spec.queue_item, spec.resume);
+            let (trigger, queue_item) = (spec.trigger, spec.queue_item);
+            let lease_owner = spec.lease_owner.clone();
             // A literal value in the file that the run masks is `***` in the kept text
             // (rewritten once the run has learnt everything it masks).
             let kept = source.as_deref().map(|s| redactor.redact(s));
@@ -316,7 +317,7 @@ impl Runner {
                     trigger,
                     logical_date,
                     queue_item,
-                    resume,
+                    lease_owner,
                 })
             })
             .await
@@ -345,7 +346,7 @@ impl Runner {
             resources: self.resources.clone(),
             diagnostics: Vec::new(),
             queue_item: spec.queue_item,
-            source: source.filter(|_| spec.resume.is_none()),
+            source,
         })
     }
 }
@@ -398,10 +399,6 @@ impl PreparedRun {
     }
     pub fn queue_item(&self) -> Option<i64> {
         self.queue_item
-    }
-    /// 1 for a new run; the repair's attempt number for a resumed one (0 for a dry run).
-    pub fn attempt(&self) -> u32 {
-        self.recorded.as_ref().map_or(0, |r| r.attempt)
     }
     /// The run's folder (`None` for a dry run).
     pub fn run_dir(&self) -> Option<&Path> {

@@ -1,7 +1,7 @@
 //! Every access of the runner to the run store, in one place.
 //!
 //! Why one module: what the runner asks of the store — mark runs of lost owners abandoned,
-//! record a new run (or the next attempt of one, a repair) owned by a lease, keep the
+//! record a new run owned by a lease (a repair adds the next attempt of one), keep the
 //! pipeline text it ran, the event writer, the reader steps get — is these few functions,
 //! so a change of the store (another backend, a remote API for remote workers) is this file.
 //!
@@ -36,8 +36,8 @@ pub(crate) struct NewRecord<'a> {
     pub trigger: Trigger,
     pub logical_date: chrono::DateTime<chrono::Utc>,
     pub queue_item: Option<i64>,
-    /// Continue this finished run as its next attempt instead of creating one.
-    pub resume: Option<i64>,
+    /// The lease that owns the run (else the handle's, else one of the run's own).
+    pub lease_owner: Option<String>,
 }
 
 /// Keep the pipeline text a run ran (already redacted by the caller) in its folder. Best
@@ -50,7 +50,6 @@ pub(crate) fn keep_pipeline_text(run_dir: &std::path::Path, text: &str) {
 /// A run recorded in the store, with its event writer.
 pub(crate) struct Recorded {
     pub run_id: i64,
-    pub attempt: u32,
     pub run_dir: std::path::PathBuf,
     pub writer: Arc<HistoryWriter>,
     /// What steps may read of the history (the writer's events so far included).
@@ -91,11 +90,12 @@ impl StoreHandle {
         Ok(s)
     }
 
-    /// Mark runs of lost owners abandoned, then record a `running` run (or the next attempt
-    /// of `resume`) owned by a lease, keep the pipeline text, and start the event writer.
+    /// Mark runs of lost owners abandoned, then record a `running` run owned by a lease,
+    /// keep the pipeline text, and start the event writer.
     pub fn record_run(&self, new: NewRecord) -> Result<Recorded, PrepareError> {
         let store = self.get()?;
-        let lease = match &self.lease_owner {
+        let given = new.lease_owner.clone().or_else(|| self.lease_owner.clone());
+        let lease = match &given {
             Some(_) => None,
             None => Some(
                 LeaseKeeper::start(
@@ -108,39 +108,23 @@ impl StoreHandle {
                 })?,
             ),
         };
-        let owner = self
-            .lease_owner
-            .clone()
-            .or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
+        let owner = given.or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
         let _ = store.mark_abandoned();
-        let (run_id, attempt) = match new.resume {
-            Some(id) => {
-                let attempt = store
-                    .start_attempt(id, owner.as_deref(), chrono::Utc::now())
-                    .map_err(|e| PrepareError::History(format!("cannot repair run {id}: {e:#}")))?;
-                (id, attempt)
-            }
-            None => {
-                let id = store
-                    .upsert_integration(&new.plan.name, new.plan.description.as_deref())
-                    .and_then(|_| {
-                        store.create_run(&NewRun {
-                            params: new.params,
-                            logical_date: Some(new.logical_date),
-                            lease_owner: owner,
-                            queue_item: new.queue_item,
-                            ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
-                        })
-                    })
-                    .map_err(|e| PrepareError::History(format!("cannot record the run: {e:#}")))?;
-                (id, 1)
-            }
-        };
+        let run_id = store
+            .upsert_integration(&new.plan.name, new.plan.description.as_deref())
+            .and_then(|_| {
+                store.create_run(&NewRun {
+                    params: new.params,
+                    logical_date: Some(new.logical_date),
+                    lease_owner: owner,
+                    queue_item: new.queue_item,
+                    ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
+                })
+            })
+            .map_err(|e| PrepareError::History(format!("cannot record the run: {e:#}")))?;
         let run_dir = store.run_dir(run_id);
-        if new.resume.is_none() {
-            if let Some(text) = new.source {
-                keep_pipeline_text(&run_dir, text);
-            }
+        if let Some(text) = new.source {
+            keep_pipeline_text(&run_dir, text);
         }
         let writer = HistoryWriter::start(store.clone(), run_id)
             .map(Arc::new)
@@ -151,7 +135,6 @@ impl StoreHandle {
         });
         Ok(Recorded {
             run_id,
-            attempt,
             run_dir,
             writer,
             reader,
