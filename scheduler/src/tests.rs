@@ -300,9 +300,18 @@ fn intervals_step_in_utc_from_the_epoch() {
 }
 
 #[test]
-fn a_cron_that_never_fires_gives_none_not_a_hang() {
-    let s = cron("0 0 30 2 *", "UTC");
-    assert_eq!(next_after(&s, utc("2024-01-01T00:00:00Z")), None);
+fn a_cron_that_never_fires_is_refused() {
+    for expr in ["0 0 30 2 *", "0 0 31 4,6 *", "0 0 31 2,4,6,9,11 *"] {
+        let e = ScheduleSpec::cron(expr, chrono_tz::UTC).unwrap_err();
+        assert!(e.0.contains("never fires"), "{expr}: {e}");
+    }
+    // Rare is fine: Feb 29, and a weekday OR a day of the month.
+    let leap = cron("0 0 29 2 *", "UTC");
+    assert_eq!(
+        next_after(&leap, utc("2024-03-01T00:00:00Z")),
+        Some(utc("2028-02-29T00:00:00Z"))
+    );
+    assert!(ScheduleSpec::cron("0 0 30 2 1", chrono_tz::UTC).is_ok());
 }
 
 #[test]
