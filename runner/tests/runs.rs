@@ -196,3 +196,22 @@ async fn sandbox_runs_share_an_unchanged_plan_and_heartbeat_their_own_start() {
     let (s1, s2) = (start_of(&o1), start_of(&o2));
     assert!(s2 > s1, "each run reports its own start: {s1} then {s2}");
 }
+
+/// A service shares one `Runner` between worker tasks and spawns `prepare` and the run.
+#[test]
+fn the_run_path_can_be_shared_and_spawned() {
+    fn shared<T: Send + Sync>(_: &T) {}
+    fn sent<T: Send>(_: &T) {}
+    let dir = tempfile::tempdir().unwrap();
+    let worker = runner(dir.path());
+    shared(&worker);
+    let file = dir.path().join("p.yaml");
+    sent(&worker.prepare(RunSpec::new(PlanSource::File(file))));
+    fn prepared_is_send(p: runner::PreparedRun) -> impl Send {
+        p
+    }
+    fn handle_is_send(h: runner::RunHandle) -> impl Send {
+        h.join()
+    }
+    let _ = (prepared_is_send, handle_is_send);
+}
