@@ -426,6 +426,22 @@ impl PreparedRun {
         )
     }
 
+    /// Do not run after all: the recorded run is finished `cancelled` with `why` (rather
+    /// than left `running` until its lease expires), the fakes are stopped. A dry run has
+    /// nothing to finish.
+    pub async fn discard(self, why: &str) -> Result<(), String> {
+        if let Some(f) = self.fakes {
+            f.shutdown().await;
+        }
+        let Some(recorded) = self.recorded else {
+            return Ok(());
+        };
+        let why = why.to_string();
+        tokio::task::spawn_blocking(move || store::discard(recorded, &why))
+            .await
+            .map_err(|e| format!("cannot finish the run: {e}"))?
+    }
+
     /// Start executing on the current tokio runtime; `observers` see every event after the
     /// history writer has. A dry run starts nothing: its outcome is `skipped` at once.
     pub fn start(self, observers: Vec<Arc<dyn Observer>>) -> RunHandle {

@@ -56,6 +56,7 @@ pub(crate) struct Recorded {
     pub reader: Arc<dyn engine::step::HistoryView>,
     /// The run's own lease, renewed until the run is over (none under a worker's lease).
     pub lease: Option<LeaseKeeper>,
+    pub store: Arc<dyn RunStore>,
 }
 
 impl StoreHandle {
@@ -130,7 +131,7 @@ impl StoreHandle {
             .map(Arc::new)
             .map_err(|e| PrepareError::History(format!("cannot write run history: {e:#}")))?;
         let reader = Arc::new(HistoryReader {
-            store,
+            store: store.clone(),
             writer: Some(writer.clone()),
         });
         Ok(Recorded {
@@ -139,8 +140,27 @@ impl StoreHandle {
             writer,
             reader,
             lease,
+            store,
         })
     }
+}
+
+/// A recorded run that will not start (a worker drained before it): finish it as
+/// `cancelled` now rather than leaving it `running` until its lease expires. Blocking.
+pub(crate) fn discard(r: Recorded, why: &str) -> Result<(), String> {
+    let Recorded {
+        run_id,
+        writer,
+        lease,
+        store,
+        ..
+    } = r;
+    let _ = finish(writer, None);
+    let result = store
+        .finish_run(run_id, engine::status::Status::Cancelled, Some(why), true)
+        .map_err(|e| format!("cannot finish run {run_id}: {e:#}"));
+    drop(lease);
+    result
 }
 
 /// Drain the writer once the run is over; the error, if the history may be incomplete. When

@@ -215,3 +215,28 @@ fn the_run_path_can_be_shared_and_spawned() {
     }
     let _ = (prepared_is_send, handle_is_send);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prepared_run_that_is_discarded_is_recorded_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("check.yaml");
+    std::fs::write(&file, CHECK).unwrap();
+    let state = dir.path().join("state");
+    let worker = runner(&state);
+    let mut s = RunSpec::new(PlanSource::File(file));
+    s.params = vec![("expected".into(), ParamValue::Text("x".into()))];
+    let p = worker.prepare(s).await.unwrap();
+    let id = p.id().unwrap();
+    let store = store::open(&store::StoreConfig::sqlite(&state)).unwrap();
+    assert_eq!(
+        store.run_status(id).unwrap(),
+        Some(engine::status::Status::Running)
+    );
+    // The validated text is kept with the run.
+    let kept = std::fs::read_to_string(p.run_dir().unwrap().join(runner::PIPELINE_SNAPSHOT));
+    assert_eq!(kept.unwrap(), CHECK);
+    p.discard("the worker is draining").await.unwrap();
+    let run = store.get_run(id).unwrap().unwrap().run;
+    assert_eq!(run.status, engine::status::Status::Cancelled);
+    assert_eq!(run.error.as_deref(), Some("the worker is draining"));
+}
