@@ -1,5 +1,5 @@
 //! The run store through the binary: `--db postgres://…` / `PIPE_DB` (a fresh database of
-//! the machine's PostgreSQL per test, at `PIPE_TEST_PG`, default
+//! the machine's PostgreSQL per test, at `PIPE_TEST_POSTGRES_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/test`), and a repaired run in `runs show`.
 
 use crate::util::Env;
@@ -13,7 +13,7 @@ struct PgDb {
 }
 
 fn admin_url() -> String {
-    std::env::var("PIPE_TEST_PG")
+    std::env::var("PIPE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
 
@@ -33,7 +33,7 @@ impl PgDb {
         let mut admin =
             postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
                 panic!(
-                    "PostgreSQL is needed for this test (PIPE_TEST_PG={}): {e}",
+                    "PostgreSQL is needed for this test (PIPE_TEST_POSTGRES_URL={}): {e}",
                     admin_url()
                 )
             });

@@ -243,6 +243,8 @@ impl SqliteBackend {
         })?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Every statement of the store stays prepared (the default keeps only 16).
+        conn.set_prepared_statement_cache_capacity(256);
         Ok(conn)
     }
 

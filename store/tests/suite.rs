@@ -1,6 +1,6 @@
 //! One suite over both backends: each behaviour is a function of a [`Db`], run once on
 //! SQLite (a temp dir) and once on the machine's PostgreSQL (a fresh database per test,
-//! dropped afterwards). PostgreSQL is at `PIPE_TEST_PG` (default
+//! dropped afterwards). PostgreSQL is at `PIPE_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`, the admin connection used to create and drop
 //! the test databases); a missing server fails the PostgreSQL half loudly.
 
@@ -13,7 +13,7 @@ use store::*;
 const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn admin_url() -> String {
-    std::env::var("PIPE_TEST_PG").unwrap_or_else(|_| DEFAULT_PG.to_string())
+    std::env::var("PIPE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG.to_string())
 }
 
 /// A store location for one test; dropping it removes the temp dir and the database.
@@ -44,7 +44,7 @@ impl Db {
         let mut admin =
             postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
                 panic!(
-                    "PostgreSQL is needed for this test (PIPE_TEST_PG={}): {e}",
+                    "PostgreSQL is needed for this test (PIPE_TEST_POSTGRES_URL={}): {e}",
                     admin_url()
                 )
             });
