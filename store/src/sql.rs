@@ -156,14 +156,17 @@ pub(crate) trait Tx {
     }
 }
 
+/// What a transaction does (`Send`: the PostgreSQL backend may run it on another thread).
+pub(crate) type Work<'a, T> = dyn FnMut(&mut dyn Tx) -> Result<T> + Send + 'a;
+
 /// A backend: runs closures in write or read transactions, retrying on contention.
 pub(crate) trait Backend: Send + Sync + 'static {
     const DIALECT: Dialect;
     /// A write transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: read committed), tried
     /// again from the start while it fails on contention (busy, deadlock, serialization).
-    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T>;
+    fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T>;
     /// A read transaction (one snapshot for all its statements).
-    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T>;
+    fn read<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T>;
     /// Whether the error is contention that trying again may cure.
     fn is_contention(e: &StoreError) -> bool;
     fn describe(&self) -> String;
@@ -676,10 +679,10 @@ fn attach_file(dir: &Path, src: &Path) -> Result<String> {
 }
 
 impl<B: Backend> SqlStore<B> {
-    fn write<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn write<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.backend.write(&mut f)
     }
-    fn read<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.backend.read(&mut f)
     }
 

@@ -12,7 +12,7 @@
 //! older `pipe` refuses a newer file instead of misreading it).
 
 use crate::error::Context as _;
-use crate::sql::{Backend, Dialect, Row, SqlStore, Tx, Value};
+use crate::sql::{Backend, Dialect, Row, SqlStore, Tx, Value, Work};
 use crate::{Result, StoreError};
 use chrono::Utc;
 use rusqlite::{params, Connection, ErrorCode};
@@ -263,11 +263,7 @@ impl SqliteBackend {
         }
     }
 
-    fn transaction<T>(
-        &self,
-        begin: &str,
-        f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>,
-    ) -> Result<T> {
+    fn transaction<T>(&self, begin: &str, f: &mut Work<'_, T>) -> Result<T> {
         let conn = self.take()?;
         let result = retry(|| {
             if !conn.is_autocommit() {
@@ -292,11 +288,11 @@ impl SqliteBackend {
 impl Backend for SqliteBackend {
     const DIALECT: Dialect = Dialect::Sqlite;
 
-    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction("BEGIN IMMEDIATE", f)
     }
 
-    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction("BEGIN", f)
     }
 

@@ -143,6 +143,7 @@ both!(
     integrations_keep_enabled_across_loads,
     cancel_requests_and_backfills,
     prune_keeps_what_is_still_needed,
+    works_from_async_tasks,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1469,4 +1470,40 @@ fn prune_keeps_what_is_still_needed(db: &Db) {
         .collect();
     assert_eq!(leases, vec![live.id]);
     assert_eq!(s.prune(cut).unwrap(), Pruned::default());
+}
+
+/// The service calls the store from async code: directly (it should not, but must not
+/// panic), through `spawn_blocking`, and drops its last handle on a runtime thread.
+fn works_from_async_tasks(db: &Db) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg = db.cfg.clone();
+    rt.block_on(async move {
+        let s = store::open(&cfg).unwrap();
+        let id = s.create_run(&new_run("a", Owner::External)).unwrap();
+        let s2 = s.clone();
+        let status = tokio::task::spawn_blocking(move || s2.run_status(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, Some(Status::Running));
+        let w = HistoryWriter::start(s.clone(), id).unwrap();
+        w.event(&RunEvent::Log(log(None, "from async")));
+        w.flush();
+        assert_eq!(s.logs(id, 0).unwrap().len(), 1);
+        let reader = HistoryReader {
+            store: s.clone(),
+            writer: Some(Arc::new(w)),
+        };
+        use engine::step::HistoryView;
+        assert_eq!(reader.rows_since("a", "log", Utc::now()).unwrap(), 0);
+        let task = tokio::spawn(async move {
+            drop(reader);
+            drop(s);
+        });
+        task.await.unwrap();
+    });
 }
