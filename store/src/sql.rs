@@ -695,7 +695,7 @@ impl<B: Backend> SqlStore<B> {
     ) -> Result<ClaimTry> {
         self.write(|tx| {
             let mut sql = format!(
-                r#"SELECT q.id, q.integration FROM queue q
+                r#"SELECT q.id, q.integration, q.backfill_id FROM queue q
                    LEFT JOIN integrations i ON i.name = q.integration
                    LEFT JOIN backfills b ON b.id = q.backfill_id
                    WHERE q.state = 'queued'
@@ -717,7 +717,7 @@ impl<B: Backend> SqlStore<B> {
             let Some(pick) = tx.one(&sql, &params)? else {
                 return Ok(ClaimTry::Nothing);
             };
-            let (id, integration) = (pick.int(0)?, pick.text(1)?);
+            let (id, integration, backfill) = (pick.int(0)?, pick.text(1)?, pick.opt_int(2)?);
             if B::DIALECT == Dialect::Postgres {
                 // Claimers of one integration take turns here, so two of them never both
                 // see room for one more run; then the count is read again under the lock.
@@ -734,7 +734,20 @@ impl<B: Backend> SqlStore<B> {
                     ),
                     p![integration.as_str()],
                 )?;
-                if full.is_some() {
+                // A backfill's items are all of one integration: the lock covers them too.
+                let backfill_full = match backfill {
+                    Some(b) => tx
+                        .one(
+                            "SELECT 1 FROM backfills b WHERE b.id = ?1
+                             AND b.max_parallel IS NOT NULL
+                             AND (SELECT COUNT(*) FROM queue c WHERE c.backfill_id = b.id
+                                    AND c.state = 'claimed') >= b.max_parallel",
+                            p![b],
+                        )?
+                        .is_some(),
+                    None => false,
+                };
+                if full.is_some() || backfill_full {
                     return Ok(ClaimTry::Raced);
                 }
             }

@@ -632,9 +632,24 @@ fn concurrent_claims_respect_the_cap(db: &Db) {
     let now = Utc::now();
     loaded(s.as_ref(), "one", Some(1));
     loaded(s.as_ref(), "three", Some(3));
+    loaded(s.as_ref(), "backfilled", None);
+    let bf = s
+        .create_backfill(
+            &NewBackfill {
+                integration: "backfilled".into(),
+                from: now,
+                to: now,
+                max_parallel: Some(2),
+            },
+            now,
+        )
+        .unwrap();
     for _ in 0..10 {
         s.enqueue(&item("one", 1), now).unwrap();
         s.enqueue(&item("three", 1), now).unwrap();
+        let mut e = item("backfilled", 1);
+        e.backfill_id = Some(bf);
+        s.enqueue(&e, now).unwrap();
     }
     let barrier = Arc::new(Barrier::new(6));
     let threads: Vec<_> = (0..6)
@@ -664,6 +679,7 @@ fn concurrent_claims_respect_the_cap(db: &Db) {
     let count = |name: &str| got.iter().filter(|g| *g == name).count();
     assert_eq!(count("one"), 1, "{got:?}");
     assert_eq!(count("three"), 3, "{got:?}");
+    assert_eq!(count("backfilled"), 2, "{got:?}");
 }
 
 fn backfill_max_parallel_in_claim(db: &Db) {
