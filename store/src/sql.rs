@@ -678,6 +678,68 @@ fn attach_file(dir: &Path, src: &Path) -> Result<String> {
     unreachable!("ran out of file names")
 }
 
+/// Record one integration's ticks inside an open write transaction (see `record_ticks`).
+fn record_ticks_tx(
+    tx: &mut dyn Tx,
+    integration: &str,
+    fingerprint: &str,
+    ticks: &[PlannedTick],
+    cursor: DateTime<Utc>,
+    next_run: Option<Option<DateTime<Utc>>>,
+    now: DateTime<Utc>,
+) -> Result<Vec<TickOutcome>> {
+    ensure_integration(tx, integration)?;
+    let mut out = Vec::with_capacity(ticks.len());
+    for t in ticks {
+        let state = if t.enqueue.is_some() {
+            TickState::Enqueued
+        } else {
+            TickState::Skipped
+        };
+        let inserted = tx.exec(
+            "INSERT INTO ticks(integration, scheduled_at, planned_at, state, note)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(integration, scheduled_at) DO NOTHING",
+            p![
+                integration,
+                t.scheduled_at,
+                now,
+                state.as_str(),
+                t.note.as_deref()
+            ],
+        )? > 0;
+        let mut queue_item = None;
+        if let (true, Some(item)) = (inserted, &t.enqueue) {
+            let q = enqueue_tx(tx, item, now)?;
+            tx.exec(
+                "UPDATE ticks SET queue_item = ?3 WHERE integration = ?1 AND scheduled_at = ?2",
+                p![integration, t.scheduled_at, q.id],
+            )?;
+            queue_item = Some(q.id);
+        }
+        out.push(TickOutcome {
+            scheduled_at: t.scheduled_at,
+            inserted,
+            queue_item,
+        });
+    }
+    tx.exec(
+        "UPDATE integrations SET
+             schedule_cursor = CASE WHEN schedule_cursor IS NULL OR schedule_cursor < ?2
+                                    THEN ?2 ELSE schedule_cursor END,
+             schedule_fingerprint = ?3
+         WHERE name = ?1",
+        p![integration, cursor, fingerprint],
+    )?;
+    if let Some(next) = next_run {
+        tx.exec(
+            "UPDATE integrations SET next_run_at = ?2 WHERE name = ?1",
+            p![integration, next],
+        )?;
+    }
+    Ok(out)
+}
+
 impl<B: Backend> SqlStore<B> {
     fn write<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.backend.write(&mut f)
@@ -1417,51 +1479,78 @@ impl<B: Backend> RunStore for SqlStore<B> {
         cursor: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<TickOutcome>> {
+        self.write(|tx| record_ticks_tx(tx, integration, fingerprint, ticks, cursor, None, now))
+    }
+
+    fn record_ticks_many(
+        &self,
+        batches: &[TickBatch],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Vec<TickOutcome>>> {
+        // Rows are locked in name order, whatever the caller's order, so two servers
+        // planning the same integrations never deadlock on each other.
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|&a, &b| batches[a].integration.cmp(&batches[b].integration));
         self.write(|tx| {
-            ensure_integration(tx, integration)?;
-            let mut out = Vec::with_capacity(ticks.len());
-            for t in ticks {
-                let state = if t.enqueue.is_some() {
-                    TickState::Enqueued
-                } else {
-                    TickState::Skipped
-                };
-                let inserted = tx.exec(
-                    "INSERT INTO ticks(integration, scheduled_at, planned_at, state, note)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(integration, scheduled_at) DO NOTHING",
-                    p![
-                        integration,
-                        t.scheduled_at,
-                        now,
-                        state.as_str(),
-                        t.note.as_deref()
-                    ],
-                )? > 0;
-                let mut queue_item = None;
-                if let (true, Some(item)) = (inserted, &t.enqueue) {
-                    let q = enqueue_tx(tx, item, now)?;
-                    tx.exec(
-                        "UPDATE ticks SET queue_item = ?3 WHERE integration = ?1
-                         AND scheduled_at = ?2",
-                        p![integration, t.scheduled_at, q.id],
-                    )?;
-                    queue_item = Some(q.id);
-                }
-                out.push(TickOutcome {
-                    scheduled_at: t.scheduled_at,
-                    inserted,
-                    queue_item,
-                });
+            let mut out: Vec<Vec<TickOutcome>> = vec![Vec::new(); batches.len()];
+            for &i in &order {
+                let b = &batches[i];
+                out[i] = record_ticks_tx(
+                    tx,
+                    &b.integration,
+                    &b.fingerprint,
+                    &b.ticks,
+                    b.cursor,
+                    b.next_run,
+                    now,
+                )?;
             }
-            tx.exec(
-                "UPDATE integrations SET
-                     schedule_cursor = CASE WHEN schedule_cursor IS NULL OR schedule_cursor < ?2
-                                            THEN ?2 ELSE schedule_cursor END,
-                     schedule_fingerprint = ?3
-                 WHERE name = ?1",
-                p![integration, cursor, fingerprint],
-            )?;
+            Ok(out)
+        })
+    }
+
+    fn schedule_cursors(&self) -> Result<HashMap<String, ScheduleCursor>> {
+        self.read(|tx| {
+            let mut out = HashMap::new();
+            for r in tx.query(
+                "SELECT name, schedule_cursor, schedule_fingerprint FROM integrations
+                 WHERE schedule_cursor IS NOT NULL",
+                p![],
+            )? {
+                out.insert(
+                    r.text(0)?,
+                    ScheduleCursor {
+                        last_planned: r.time(1)?,
+                        fingerprint: r.opt_text(2)?.unwrap_or_default(),
+                    },
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn integration_counts(&self) -> Result<HashMap<String, IntegrationCounts>> {
+        self.read(|tx| {
+            let mut out: HashMap<String, IntegrationCounts> = HashMap::new();
+            for r in tx.query(
+                "SELECT pipeline, COUNT(*) FROM runs WHERE status = 'running' GROUP BY pipeline",
+                p![],
+            )? {
+                out.entry(r.text(0)?).or_default().active += r.opt_u64(1)?.unwrap_or(0);
+            }
+            for r in tx.query(
+                "SELECT integration, state, COUNT(*) FROM queue
+                 WHERE state = 'queued' OR (state = 'claimed' AND run_id IS NULL)
+                 GROUP BY integration, state",
+                p![],
+            )? {
+                let n = r.opt_u64(2)?.unwrap_or(0);
+                let c = out.entry(r.text(0)?).or_default();
+                match r.parsed::<QueueState>(1)? {
+                    QueueState::Queued => c.queued += n,
+                    _ => c.active += n,
+                }
+            }
             Ok(out)
         })
     }

@@ -144,6 +144,7 @@ both!(
     cancel_requests_and_backfills,
     prune_keeps_what_is_still_needed,
     works_from_async_tasks,
+    batched_ticks_and_counts,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1522,4 +1523,94 @@ fn works_from_async_tasks(db: &Db) {
         });
         task.await.unwrap();
     });
+}
+
+/// A planner's round: many integrations' ticks in one transaction, from two servers at once
+/// (in opposite orders), and the counts it reads first.
+fn batched_ticks_and_counts(db: &Db) {
+    let s = db.open();
+    let base = t("2026-12-02T06:00:00Z");
+    let names: Vec<String> = (0..30).map(|i| format!("int{i:02}")).collect();
+    for n in &names {
+        loaded(s.as_ref(), n, Some(1));
+    }
+    assert!(s.schedule_cursors().unwrap().is_empty());
+    let batches = |reverse: bool| -> Vec<TickBatch> {
+        let mut v: Vec<TickBatch> = names
+            .iter()
+            .map(|n| {
+                let mut b = TickBatch::new(n.clone(), "cron:*", base + TimeDelta::minutes(2));
+                b.ticks = (0..3)
+                    .map(|m| PlannedTick {
+                        scheduled_at: base + TimeDelta::minutes(m),
+                        enqueue: Some(Enqueue {
+                            logical_date: Some(base + TimeDelta::minutes(m)),
+                            ..Enqueue::new(n.clone(), Trigger::Schedule)
+                        }),
+                        note: None,
+                    })
+                    .collect();
+                b.next_run = Some(Some(base + TimeDelta::minutes(3)));
+                b
+            })
+            .collect();
+        if reverse {
+            v.reverse();
+        }
+        v
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let planners: Vec<_> = [false, true]
+        .into_iter()
+        .map(|reverse| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            let batches = batches(reverse);
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                barrier.wait();
+                let out = s.record_ticks_many(&batches, Utc::now()).unwrap();
+                assert_eq!(out.len(), batches.len());
+                for (b, o) in batches.iter().zip(&out) {
+                    assert_eq!(o.len(), 3);
+                    assert_eq!(o[0].scheduled_at, b.ticks[0].scheduled_at);
+                }
+                out.iter()
+                    .flatten()
+                    .filter(|o| o.inserted && o.queue_item.is_some())
+                    .count()
+            })
+        })
+        .collect();
+    let inserted: usize = planners.into_iter().map(|p| p.join().unwrap()).sum();
+    assert_eq!(inserted, 90);
+    let cursors = s.schedule_cursors().unwrap();
+    assert_eq!(cursors.len(), 30);
+    assert_eq!(cursors["int07"].last_planned, base + TimeDelta::minutes(2));
+    assert_eq!(cursors["int07"].fingerprint, "cron:*");
+    let i = s.get_integration("int07").unwrap().unwrap();
+    assert_eq!(i.next_run_at, Some(base + TimeDelta::minutes(3)));
+    // Counts: three queued each; one claimed (no run yet) and one running elsewhere.
+    let now = Utc::now();
+    let c = s
+        .claim("w", &[], Duration::from_secs(30), now)
+        .unwrap()
+        .unwrap();
+    s.create_run(&new_run("int29", Owner::Pipe)).unwrap();
+    let counts = s.integration_counts().unwrap();
+    assert_eq!(
+        counts[&c.integration],
+        IntegrationCounts {
+            active: 1,
+            queued: 2
+        }
+    );
+    assert_eq!(
+        counts["int29"].active,
+        if c.integration == "int29" { 2 } else { 1 }
+    );
+    for n in &names {
+        assert_eq!(counts[n].active, s.count_active(n).unwrap(), "{n}");
+        assert_eq!(counts[n].queued, s.count_queued(n).unwrap(), "{n}");
+    }
 }
