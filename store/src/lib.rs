@@ -195,6 +195,10 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     fn set_removed(&self, name: &str, removed: bool, now: DateTime<Utc>) -> Result<()>;
     /// The next planned fire time (written by the scheduler; `None` for none).
     fn set_next_run(&self, name: &str, next: Option<DateTime<Utc>>) -> Result<()>;
+    /// A number that changes whenever anything [`RunStore::list_integrations`] shows changes
+    /// (a row added, loaded, enabled or disabled, removed, a load error), except last and next
+    /// runs: a poller reads this cheap number and lists only when it moved.
+    fn integrations_version(&self) -> Result<i64>;
     /// Every integration, by name, with its last run.
     fn list_integrations(&self) -> Result<Vec<Integration>>;
     /// One integration with its last run.

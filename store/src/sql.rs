@@ -417,9 +417,22 @@ fn owner_lease(tx: &mut dyn Tx, id: &str) -> Result<Option<StoredLease>> {
 }
 
 fn ensure_integration(tx: &mut dyn Tx, name: &str) -> Result<()> {
-    tx.exec(
+    let created = tx.exec(
         "INSERT INTO integrations(name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
         p![name],
+    )?;
+    if created > 0 {
+        bump_integrations(tx)?;
+    }
+    Ok(())
+}
+
+/// Count a change of what `list_integrations` shows (not last or next runs), for
+/// [`RunStore::integrations_version`].
+fn bump_integrations(tx: &mut dyn Tx) -> Result<()> {
+    tx.exec(
+        "UPDATE store_meta SET value = value + 1 WHERE key = 'integrations_version'",
+        p![],
     )?;
     Ok(())
 }
@@ -1315,6 +1328,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                  SET description = COALESCE(excluded.description, integrations.description)",
                 p![name, description],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1350,6 +1364,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     now
                 ],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1361,6 +1376,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE integrations SET load_error = ?2, load_error_at = ?3 WHERE name = ?1",
                 p![name, error, error.map(|_| now)],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1387,6 +1403,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     p![name],
                 )?;
             }
+            bump_integrations(tx)?;
             Ok(true)
         })
     }
@@ -1408,6 +1425,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE integrations SET removed = ?2 WHERE name = ?1",
                 p![name, removed],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1449,6 +1467,19 @@ impl<B: Backend> RunStore for SqlStore<B> {
             )?
             .map(|r| integration_row(&r))
             .transpose()
+        })
+    }
+
+    fn integrations_version(&self) -> Result<i64> {
+        self.read(|tx| {
+            Ok(tx
+                .one(
+                    "SELECT value FROM store_meta WHERE key = 'integrations_version'",
+                    p![],
+                )?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0))
         })
     }
 

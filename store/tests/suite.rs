@@ -145,6 +145,8 @@ both!(
     prune_keeps_what_is_still_needed,
     works_from_async_tasks,
     batched_ticks_and_counts,
+    integrations_version_moves_with_the_list,
+    a_database_one_version_behind_is_migrated,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1613,4 +1615,58 @@ fn batched_ticks_and_counts(db: &Db) {
         assert_eq!(counts[n].active, s.count_active(n).unwrap(), "{n}");
         assert_eq!(counts[n].queued, s.count_queued(n).unwrap(), "{n}");
     }
+}
+
+fn integrations_version_moves_with_the_list(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    let mut seen = vec![s.integrations_version().unwrap()];
+    let mut changed = |s: &dyn RunStore, what: &str| {
+        let v = s.integrations_version().unwrap();
+        assert!(
+            !seen.contains(&v),
+            "{what}: version {v} seen before ({seen:?})"
+        );
+        seen.push(v);
+    };
+    loaded(s.as_ref(), "v", Some(1));
+    changed(s.as_ref(), "load");
+    s.set_enabled("v", false, now).unwrap();
+    changed(s.as_ref(), "disable");
+    s.set_enabled("v", true, now).unwrap();
+    changed(s.as_ref(), "enable");
+    s.set_load_error("v", Some("bad"), now).unwrap();
+    changed(s.as_ref(), "load error");
+    s.set_removed("v", true, now).unwrap();
+    changed(s.as_ref(), "removed");
+    s.create_run(&new_run("brand_new", Owner::External))
+        .unwrap();
+    changed(s.as_ref(), "a run of a new integration");
+    // What the list shows as runs does not count; a no-op enable neither.
+    let v = s.integrations_version().unwrap();
+    s.create_run(&new_run("v", Owner::External)).unwrap();
+    s.set_next_run("v", Some(now)).unwrap();
+    assert!(!s.set_enabled("v", true, now).unwrap());
+    assert_eq!(s.integrations_version().unwrap(), v);
+}
+
+/// A store whose last migration is missing (as a `pipe` one version older left it) gets it
+/// when opened; what it held stays.
+fn a_database_one_version_behind_is_migrated(db: &Db) {
+    let s = db.open();
+    let version = s.schema_version().unwrap();
+    let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
+    drop(s);
+    db.raw(&format!(
+        "DROP TABLE store_meta; DELETE FROM schema_migrations WHERE version = {version};"
+    ));
+    if db.cfg.url.is_none() {
+        db.raw(&format!("PRAGMA user_version = {};", version - 1));
+    }
+    let s = db.open();
+    assert_eq!(s.schema_version().unwrap(), version);
+    assert_eq!(s.integrations_version().unwrap(), 0);
+    assert_eq!(s.run_status(run).unwrap(), Some(Status::Running));
+    loaded(s.as_ref(), "after", None);
+    assert_eq!(s.integrations_version().unwrap(), 1);
 }
