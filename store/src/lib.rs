@@ -287,8 +287,10 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// put claimed items that never started a run back in the queue. An owner is lost when
     /// its lease expired before `now` (or it has none); a run recorded before leases is
     /// judged by its pid as before (never a run from another pid namespace). External runs
-    /// (`pipe runs start`) are never touched. Returns the runs marked, for the caller to
-    /// re-queue those whose integration says `retry_on_lost`.
+    /// (`pipe runs start`) are never touched. A marked run's queue item is queued again in
+    /// the same transaction when its integration says `retry_on_lost` (metadata), at most a
+    /// few times per tick, so whichever process notices first (a CLI command too) honours it.
+    /// Returns the runs marked, with what was re-queued.
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>>;
     /// Delete what only the recent past needs, older than `older_than`: ticks behind their
     /// integration's cursor (never planned again), done and cancelled queue items, and owner

@@ -691,6 +691,59 @@ fn attach_file(dir: &Path, src: &Path) -> Result<String> {
     unreachable!("ran out of file names")
 }
 
+/// How many runs of one tick (integration + logical date) may be lost and queued again.
+pub(crate) const MAX_LOST_RETRIES: i64 = 3;
+
+/// Queue a lost run's item again when its integration says `retry_on_lost` (in its
+/// metadata) and the same tick has not been lost [`MAX_LOST_RETRIES`] times already.
+fn requeue_lost(tx: &mut dyn Tx, item: &QueueItem, now: DateTime<Utc>) -> Result<Option<i64>> {
+    let metadata = tx
+        .one(
+            "SELECT metadata FROM integrations WHERE name = ?1",
+            p![item.integration.as_str()],
+        )?
+        .map(|r| r.opt_text(0))
+        .transpose()?
+        .flatten();
+    let wanted = parse_json(metadata.as_deref())
+        .get("retry_on_lost")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    if !wanted {
+        return Ok(None);
+    }
+    let lost_before = match item.logical_date {
+        Some(at) => tx.one(
+            "SELECT COUNT(*) FROM runs WHERE pipeline = ?1 AND logical_date = ?2
+               AND status = 'abandoned'",
+            p![item.integration.as_str(), at],
+        )?,
+        None => tx.one(
+            "SELECT COUNT(*) FROM runs WHERE pipeline = ?1 AND logical_date IS NULL
+               AND status = 'abandoned' AND params = ?2",
+            p![item.integration.as_str(), json_text(&item.params)?],
+        )?,
+    }
+    .map(|r| r.int(0))
+    .transpose()?
+    .unwrap_or(0);
+    if lost_before > MAX_LOST_RETRIES {
+        return Ok(None);
+    }
+    let again = Enqueue {
+        integration: item.integration.clone(),
+        queue: item.queue.clone(),
+        priority: item.priority,
+        trigger: item.trigger,
+        logical_date: item.logical_date,
+        params: item.params.clone(),
+        dedup_key: item.dedup_key.clone(),
+        backfill_id: item.backfill_id,
+        run_id: None,
+    };
+    Ok(Some(enqueue_tx(tx, &again, now)?.id))
+}
+
 /// Record one integration's ticks inside an open write transaction (see `record_ticks`).
 fn record_ticks_tx(
     tx: &mut dyn Tx,
@@ -1334,7 +1387,16 @@ impl<B: Backend> RunStore for SqlStore<B> {
     }
 
     fn load_integration(&self, file: &IntegrationFile, now: DateTime<Utc>) -> Result<()> {
-        let metadata = json_text(&file.metadata)?;
+        let mut metadata = file.metadata.clone();
+        if file.retry_on_lost {
+            match &mut metadata {
+                serde_json::Value::Object(m) => {
+                    m.insert("retry_on_lost".into(), true.into());
+                }
+                _ => metadata = serde_json::json!({ "retry_on_lost": true }),
+            }
+        }
+        let metadata = json_text(&metadata)?;
         self.write(|tx| {
             tx.exec(
                 "INSERT INTO integrations(name, description, path, content_hash, metadata, queue,
@@ -2039,11 +2101,17 @@ impl<B: Backend> RunStore for SqlStore<B> {
                         .map(|r| queue_row(&r))
                         .transpose()?;
                 }
+                let pipeline = r.text(0)?;
+                let requeued = match &queue_item {
+                    Some(item) => requeue_lost(tx, item, now)?,
+                    None => None,
+                };
                 lost.push(LostRun {
                     run_id: c.id,
-                    pipeline: r.text(0)?,
+                    pipeline,
                     lease_owner: c.lease_owner.clone(),
                     queue_item,
+                    requeued,
                 });
             }
             for &item in &items {
