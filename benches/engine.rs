@@ -436,6 +436,7 @@ fn run_dag(
         observer,
         cancel: CancellationToken::new(),
         hard_cancel: CancellationToken::new(),
+        reuse: Default::default(),
         history: None,
     }));
     let execute = t.elapsed();

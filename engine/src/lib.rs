@@ -16,6 +16,7 @@ pub mod history;
 pub mod model;
 pub mod params;
 pub mod plan;
+pub mod repair;
 pub mod schedule_check;
 pub mod schema;
 pub mod secrets;

@@ -737,6 +737,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         connection_nodes,
         schedule: doc.schedule,
         concurrency: doc.concurrency,
+        keep_tables: doc.keep_tables,
         sandbox: doc.sandbox.unwrap_or_default(),
         steps,
         graph,

@@ -197,6 +197,7 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
             observer,
             cancel: cancel.clone(),
             hard_cancel,
+            reuse: Default::default(),
             history: Some(Arc::new(engine::history::HistoryReader {
                 state_dir: state_dir.to_path_buf(),
                 writer: Some(writer.clone()),
