@@ -10,8 +10,9 @@
 //!      keep tables (`keep_tables: true`) or the file is missing;
 //!    - its outputs, when they were recorded masked (a `secret: true` output, or a value the
 //!      redactor knew as a secret): history never holds a secret, so it cannot give it back.
-//!    Such a step runs again too, and the same rule applies to what it depends on.
-//!    A teardown step (`always: true`) that depends on such a step runs again too: a login
+//!
+//!    Such a step runs again too, and the same rule applies to what it depends on. A
+//!    teardown step (`always: true`) that depends on such a step runs again too: a login
 //!    that runs again opens a new session, which its logout must close.
 //! 3. Every other succeeded step is reused as it is.
 
