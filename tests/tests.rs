@@ -15,6 +15,8 @@ mod history;
 mod qockpit;
 mod redaction;
 mod sandbox;
+mod schedule;
 mod schema;
 mod sql;
+mod store;
 mod validate;

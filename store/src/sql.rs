@@ -1750,7 +1750,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
             let mut runs = Vec::new();
             for r in tx.query(
                 "SELECT id, pid, pid_start, host, lease_owner FROM runs
-                 WHERE status = 'running' AND owner = 'pipe'",
+                 WHERE status = 'running' AND owner = 'pipe' ORDER BY id",
                 p![],
             )? {
                 let (id, pid) = (r.int(0)?, r.opt_int(1)?);
@@ -1808,7 +1808,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
             let mut items = Vec::new();
             for r in tx.query(
                 "SELECT id, claimed_by, claim_expires_at FROM queue
-                 WHERE state = 'claimed' AND run_id IS NULL",
+                 WHERE state = 'claimed' AND run_id IS NULL ORDER BY id",
                 p![],
             )? {
                 let by = r.opt_text(1)?.unwrap_or_default();
