@@ -435,6 +435,8 @@ fn run_dag(
         hard_cancel: CancellationToken::new(),
         reuse: Default::default(),
         history: None,
+        started_at: Utc::now(),
+        resources: Arc::default(),
     }));
     let execute = t.elapsed();
 

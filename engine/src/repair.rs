@@ -58,7 +58,9 @@ pub fn select(plan: &Plan, previous: &dyn Fn(&str) -> Option<PreviousStep>) -> S
         }
         why[i] = match &prev[i] {
             None => Some("not recorded by the earlier attempt".to_string()),
-            Some(p) if !p.status.is_success() => Some(format!("it {}", p.status.label())),
+            Some(p) if !p.status.is_success() => {
+                Some(format!("it did not succeed ({})", p.status.label()))
+            }
             Some(_) => plan.steps[i]
                 .deps
                 .iter()

@@ -4,41 +4,21 @@
 //!
 //! What runs again is [`engine::repair::select`]'s rule. The repair runs the pipeline as it
 //! was when the run started: the runner keeps the file's text in the run folder
-//! ([`SNAPSHOT_FILE`], with its original path in [`SNAPSHOT_PATH_FILE`] so paths relative
-//! to the pipeline's folder still resolve), not whatever the file says today. Params and
+//! (`pipeline.yaml`, with its original path in `pipeline.path` so paths relative to the
+//! pipeline's folder still resolve), not whatever the file says today. Params and
 //! the logical date are the run's own; params recorded masked (a secret was passed as one)
 //! must be given again.
 
+use crate::store::{PIPELINE_PATH as SNAPSHOT_PATH_FILE, PIPELINE_SNAPSHOT as SNAPSHOT_FILE};
+use ::store::{RunDetail, RunStore};
 use engine::executor::{kept_table_path, ReusedStep};
 use engine::plan::Plan;
 use engine::repair::{select, PreviousStep};
 use engine::status::Status;
 use engine::step::Registry;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use store::{RunDetail, RunStore};
-
-/// The pipeline file's text as the run started, in its run folder.
-pub const SNAPSHOT_FILE: &str = "pipeline.yaml";
-/// The pipeline file's path as the run started (one line), beside [`SNAPSHOT_FILE`].
-pub const SNAPSHOT_PATH_FILE: &str = "pipeline.path";
-
-/// Keep the pipeline's text with the run, for a later repair. A failure is returned for the
-/// caller to log: the run goes on without (it just cannot be repaired).
-pub fn save_snapshot(run_dir: &Path, plan: &Plan) -> Result<(), String> {
-    let text = std::fs::read(&plan.file).map_err(|e| format!("{}: {e}", plan.file.display()))?;
-    std::fs::create_dir_all(run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
-    let original = std::path::absolute(&plan.file).unwrap_or_else(|_| plan.file.clone());
-    std::fs::write(run_dir.join(SNAPSHOT_FILE), text)
-        .and_then(|_| {
-            std::fs::write(
-                run_dir.join(SNAPSHOT_PATH_FILE),
-                original.display().to_string(),
-            )
-        })
-        .map_err(|e| format!("{}: {e}", run_dir.display()))
-}
 
 /// Why a run cannot be repaired. The `Display` is what `pipe runs repair` prints.
 #[derive(Debug)]
@@ -138,11 +118,14 @@ pub fn plan_repair(
     // re-run steps read, and choose again without the tables that failed.
     loop {
         let previous = |step: &str| {
-            latest.iter().find(|r| r.step == step).map(|r| PreviousStep {
-                status: r.status,
-                outputs: r.outputs.clone(),
-                table_kept: table_ok.get(step).copied().unwrap_or(false),
-            })
+            latest
+                .iter()
+                .find(|r| r.step == step)
+                .map(|r| PreviousStep {
+                    status: r.status,
+                    outputs: r.outputs.clone(),
+                    table_kept: table_ok.get(step).copied().unwrap_or(false),
+                })
         };
         let selection = select(&plan, &previous);
         let mut reuse = HashMap::new();
