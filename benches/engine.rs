@@ -433,7 +433,10 @@ fn run_dag(
         observer,
         cancel: CancellationToken::new(),
         hard_cancel: CancellationToken::new(),
+        reuse: Default::default(),
         history: None,
+        started_at: Utc::now(),
+        resources: Arc::default(),
     }));
     let execute = t.elapsed();
 

@@ -48,6 +48,30 @@ pub struct RunRequest {
     pub hard_cancel: CancellationToken,
     /// What steps may read of the run history.
     pub history: Option<Arc<dyn crate::step::HistoryView>>,
+    /// When the run started (`run.started_at`).
+    pub started_at: DateTime<Utc>,
+    /// What the worker shares between its runs (token caches).
+    pub resources: Arc<crate::step::Resources>,
+    /// `pipe runs repair`: steps settled by an earlier attempt of this run, by id. They do
+    /// not run again: their recorded outputs are what `steps.<id>` shows and their table
+    /// (when one was kept) is what later steps read. Empty for a first attempt.
+    pub reuse: HashMap<String, ReusedStep>,
+}
+
+/// A step of an earlier attempt that a repair keeps (see [`crate::repair`]).
+#[derive(Clone)]
+pub struct ReusedStep {
+    /// Its record from the attempt that ran it.
+    pub record: StepRecord,
+    /// Its table, read back from the run folder (`keep_tables:`).
+    pub table: Option<Table>,
+    /// The attempt it comes from.
+    pub attempt: u32,
+}
+
+/// Where `keep_tables:` writes step `id`'s table in a run folder.
+pub fn kept_table_path(run_dir: &std::path::Path, id: &str) -> PathBuf {
+    run_dir.join("tables").join(format!("{id}.parquet"))
 }
 
 pub struct RunResult {
@@ -117,6 +141,16 @@ impl Shared {
             .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
             .collect()
     }
+    /// The unrendered connection `name` as this run sees it: the plan's, or what the run's
+    /// connection overrides make of it (`--sandbox`). The plan itself is never changed.
+    fn connection_node(&self, name: &str) -> std::borrow::Cow<'_, crate::yaml::Node> {
+        self.req
+            .templates
+            .runtime()
+            .overrides
+            .connections
+            .node(name, &self.req.plan.connection_nodes[name])
+    }
     /// Make a step's value visible to later templates.
     fn publish(&self, id: &str, value: serde_json::Value) {
         self.steps
@@ -151,6 +185,11 @@ pub async fn execute(req: RunRequest) -> RunResult {
 
     while board.done < n {
         while let Some(i) = board.ready.pop_front() {
+            if let Some(reused) = shared.req.reuse.get(&plan.steps[i].id) {
+                let record = reuse(&shared, i, reused);
+                board.settle(i, record);
+                continue;
+            }
             match board.decide(&plan, i, shared.req.cancel.is_cancelled()) {
                 Some((status, why)) => {
                     let record = not_run(&shared, i, status, &why);
@@ -306,6 +345,11 @@ impl Board {
             .req
             .observer
             .event(&RunEvent::StepFinished(record.clone()));
+        self.settle(i, record);
+    }
+
+    /// Record step `i` as done (its event, if any, already sent) and release its dependents.
+    fn settle(&mut self, i: usize, record: StepRecord) {
         self.records[i] = Some(record);
         self.done += 1;
         for &k in &self.dependents[i] {
@@ -331,6 +375,40 @@ fn builtins(record: &StepRecord) -> serde_json::Map<String, serde_json::Value> {
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// A step an earlier attempt settled: its recorded values and table become this attempt's,
+/// and one log row says so. Its own history rows stay those of the attempt that ran it.
+fn reuse(shared: &Shared, i: usize, reused: &ReusedStep) -> StepRecord {
+    let id = &shared.req.plan.steps[i].id;
+    if let Some(table) = &reused.table {
+        shared
+            .tables
+            .lock()
+            .unwrap()
+            .insert(id.clone(), table.clone());
+    }
+    let mut visible = match &reused.record.outputs {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => Default::default(),
+    };
+    visible.extend(builtins(&reused.record));
+    shared.publish(id, serde_json::Value::Object(visible));
+    let table = if reused.table.is_some() {
+        " and its kept table"
+    } else {
+        ""
+    };
+    shared.log(
+        Some(id),
+        Level::Info,
+        format!(
+            "{} in attempt {}: not run again (its outputs{table} are reused)",
+            reused.record.status.label(),
+            reused.attempt
+        ),
+    );
+    reused.record.clone()
 }
 
 /// A step that never started (skipped, or cancelled before it began).
@@ -506,6 +584,9 @@ async fn run_attempts(
                 }
             }
             if let Some(table) = out.table {
+                if shared.req.plan.keep_tables && record.error.is_none() {
+                    keep_table(shared, id, &table).await;
+                }
                 shared.tables.lock().unwrap().insert(id.to_string(), table);
             }
             record.outputs = redactor.redact_json(&serde_json::Value::Object(values.clone()));
@@ -531,6 +612,28 @@ async fn run_attempts(
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+/// `keep_tables:`: write a succeeded step's table into the run folder for a later repair.
+/// A table that cannot be written is a warning: the run goes on, and a repair runs that
+/// step again instead of reusing it.
+async fn keep_table(shared: &Shared, id: &str, table: &Table) {
+    let Some(ops) = shared.req.plan.table_ops.clone() else {
+        return;
+    };
+    let path = kept_table_path(&shared.req.run_dir, id);
+    let t = table.clone();
+    let written = tokio::task::spawn_blocking(move || ops.save(&t, &path))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    if let Err(e) = written {
+        shared.log(
+            Some(id),
+            Level::Warning,
+            format!("keep_tables: cannot keep this step's table: {e}"),
+        );
+    }
 }
 
 /// The step's `outputs:` templates, evaluated over its result object.
@@ -1057,6 +1160,8 @@ async fn attempt_once(
         ctx.attempt = attempt;
         ctx.pipeline = shared.req.plan.name.clone();
         ctx.history = shared.req.history.clone();
+        ctx.run_started_at = shared.req.started_at;
+        ctx.resources = shared.req.resources.clone();
         ctx.inputs = inputs.clone();
         ctx.connection = connection.clone();
         ctx.cancel = token.clone();
@@ -1152,11 +1257,11 @@ fn render_connection(
     scope: &Scope,
     depth: usize,
 ) -> Result<serde_json::Value, String> {
-    let node = &shared.req.plan.connection_nodes[name];
+    let node = shared.connection_node(name);
     let rendered = shared
         .req
         .templates
-        .render_node(node, scope)
+        .render_node(&node, scope)
         .map_err(|(pos, e)| format!("connection `{name}`, template at line {}: {e}", pos.line))?;
     let mut json = rendered.to_json();
     if let Some(other) = json
@@ -1190,8 +1295,13 @@ fn learn_secrets_up_front(shared: &Shared) {
         }
     }
     let plan = &shared.req.plan;
+    let nodes: Vec<_> = plan
+        .connection_nodes
+        .keys()
+        .map(|name| shared.connection_node(name))
+        .collect();
     let mut templates: Vec<&str> = Vec::new();
-    for node in plan.connection_nodes.values() {
+    for node in &nodes {
         strings(node, &mut templates);
     }
     for step in &plan.steps {
