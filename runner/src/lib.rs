@@ -18,6 +18,7 @@
 
 pub mod params;
 pub mod redaction;
+pub mod repair;
 mod sandbox;
 mod store;
 
@@ -27,12 +28,13 @@ pub use store::{StoreConfig, Trigger, PIPELINE_SNAPSHOT};
 use chrono::{DateTime, Utc};
 use engine::diag::Diagnostic;
 use engine::events::{Observer, RunEvent, StepRecord};
-use engine::executor::{self, RunRequest};
+use engine::executor::{self, ReusedStep, RunRequest};
 use engine::plan::Plan;
 use engine::secrets::{Redactor, Secrets};
 use engine::status::Status;
 use engine::step::{Registry, Resources};
 use engine::template::{Overrides, Runtime, Templates};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,6 +128,12 @@ pub struct RunSpec {
     /// The lease id that owns this run, kept renewed by the caller (a service's worker);
     /// default: the runner's [`RunnerConfig::lease_owner`], else a lease of the run's own.
     pub lease_owner: Option<String>,
+    /// Continue this finished run as its next attempt (a repair: `pipe runs repair ID`)
+    /// instead of recording a new run; [`PreparedRun::attempt`] says which attempt.
+    pub resume: Option<i64>,
+    /// With `resume`: the steps an earlier attempt settled that this one keeps (see
+    /// [`repair::plan_repair`]); they do not run again.
+    pub reuse: HashMap<String, ReusedStep>,
 }
 
 impl RunSpec {
@@ -142,6 +150,8 @@ impl RunSpec {
             secrets: None,
             queue_item: None,
             lease_owner: None,
+            resume: None,
+            reuse: HashMap::new(),
         }
     }
 }
@@ -304,7 +314,7 @@ impl Runner {
                 params.clone().into_iter().collect(),
             ));
             let (handle, plan2) = (self.store.clone(), plan.clone());
-            let (trigger, queue_item) = (spec.trigger, spec.queue_item);
+            let (trigger, queue_item, resume) = (spec.trigger, spec.queue_item, spec.resume);
             let lease_owner = spec.lease_owner.clone();
             // A literal value in the file that the run masks is `***` in the kept text
             // (rewritten once the run has learnt everything it masks).
@@ -317,6 +327,7 @@ impl Runner {
                     trigger,
                     logical_date,
                     queue_item,
+                    resume,
                     lease_owner,
                 })
             })
@@ -346,7 +357,8 @@ impl Runner {
             resources: self.resources.clone(),
             diagnostics: Vec::new(),
             queue_item: spec.queue_item,
-            source,
+            source: source.filter(|_| spec.resume.is_none()),
+            reuse: spec.reuse.clone(),
         })
     }
 }
@@ -369,6 +381,7 @@ pub struct PreparedRun {
     queue_item: Option<i64>,
     /// The pipeline text, to keep (redacted) in the run folder once the run is over.
     source: Option<Arc<str>>,
+    reuse: HashMap<String, ReusedStep>,
 }
 
 /// One step of [`PreparedRun::preview`]: id, type, the rendered (redacted) config or why it
@@ -399,6 +412,10 @@ impl PreparedRun {
     }
     pub fn queue_item(&self) -> Option<i64> {
         self.queue_item
+    }
+    /// 1 for a new run; the repair's attempt number for a resumed one (0 for a dry run).
+    pub fn attempt(&self) -> u32 {
+        self.recorded.as_ref().map_or(0, |r| r.attempt)
     }
     /// The run's folder (`None` for a dry run).
     pub fn run_dir(&self) -> Option<&Path> {
@@ -469,6 +486,7 @@ impl PreparedRun {
             fakes,
             resources,
             source,
+            reuse,
             ..
         } = self;
         let Some(store::Recorded {
@@ -510,6 +528,7 @@ impl PreparedRun {
             history: Some(reader),
             started_at,
             resources,
+            reuse,
         })
         .await;
         if let Some(text) = &source {

@@ -1,7 +1,7 @@
 //! Every access of the runner to the run store, in one place.
 //!
 //! Why one module: what the runner asks of the store — mark runs of lost owners abandoned,
-//! record a new run owned by a lease (a repair adds the next attempt of one), keep the
+//! record a new run (or the next attempt of one, a repair) owned by a lease, keep the
 //! pipeline text it ran, the event writer, the reader steps get — is these few functions,
 //! so a change of the store (another backend, a remote API for remote workers) is this file.
 //!
@@ -17,6 +17,8 @@ pub use store::{StoreConfig, Trigger};
 
 /// The file a run keeps the exact pipeline text it ran in, in its run folder.
 pub const PIPELINE_SNAPSHOT: &str = "pipeline.yaml";
+/// Beside it: the pipeline file's absolute path when the run started (one line).
+pub const PIPELINE_PATH: &str = "pipeline.path";
 
 /// The store of a runner: opened on first use (a dry run never opens it), or given.
 pub(crate) struct StoreHandle {
@@ -36,6 +38,8 @@ pub(crate) struct NewRecord<'a> {
     pub trigger: Trigger,
     pub logical_date: chrono::DateTime<chrono::Utc>,
     pub queue_item: Option<i64>,
+    /// Continue this finished run as its next attempt instead of creating one.
+    pub resume: Option<i64>,
     /// The lease that owns the run (else the handle's, else one of the run's own).
     pub lease_owner: Option<String>,
 }
@@ -50,6 +54,7 @@ pub(crate) fn keep_pipeline_text(run_dir: &std::path::Path, text: &str) {
 /// A run recorded in the store, with its event writer.
 pub(crate) struct Recorded {
     pub run_id: i64,
+    pub attempt: u32,
     pub run_dir: std::path::PathBuf,
     pub writer: Arc<HistoryWriter>,
     /// What steps may read of the history (the writer's events so far included).
@@ -91,8 +96,8 @@ impl StoreHandle {
         Ok(s)
     }
 
-    /// Mark runs of lost owners abandoned, then record a `running` run owned by a lease,
-    /// keep the pipeline text, and start the event writer.
+    /// Mark runs of lost owners abandoned, then record a `running` run (or the next attempt
+    /// of `resume`) owned by a lease, keep the pipeline text, and start the event writer.
     pub fn record_run(&self, new: NewRecord) -> Result<Recorded, PrepareError> {
         let store = self.get()?;
         let given = new.lease_owner.clone().or_else(|| self.lease_owner.clone());
@@ -111,21 +116,37 @@ impl StoreHandle {
         };
         let owner = given.or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
         let _ = store.mark_abandoned();
-        let run_id = store
-            .upsert_integration(&new.plan.name, new.plan.description.as_deref())
-            .and_then(|_| {
-                store.create_run(&NewRun {
-                    params: new.params,
-                    logical_date: Some(new.logical_date),
-                    lease_owner: owner,
-                    queue_item: new.queue_item,
-                    ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
-                })
-            })
-            .map_err(|e| PrepareError::History(format!("cannot record the run: {e:#}")))?;
+        let (run_id, attempt) = match new.resume {
+            Some(id) => {
+                let attempt = store
+                    .start_attempt(id, owner.as_deref(), chrono::Utc::now())
+                    .map_err(|e| PrepareError::History(format!("cannot repair run {id}: {e:#}")))?;
+                (id, attempt)
+            }
+            None => {
+                let id = store
+                    .upsert_integration(&new.plan.name, new.plan.description.as_deref())
+                    .and_then(|_| {
+                        store.create_run(&NewRun {
+                            params: new.params,
+                            logical_date: Some(new.logical_date),
+                            lease_owner: owner,
+                            queue_item: new.queue_item,
+                            ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
+                        })
+                    })
+                    .map_err(|e| PrepareError::History(format!("cannot record the run: {e:#}")))?;
+                (id, 1)
+            }
+        };
         let run_dir = store.run_dir(run_id);
-        if let Some(text) = new.source {
-            keep_pipeline_text(&run_dir, text);
+        if new.resume.is_none() {
+            if let Some(text) = new.source {
+                keep_pipeline_text(&run_dir, text);
+                // Where the file was, so a repair resolves its relative paths as the run did.
+                let file = std::path::absolute(&new.plan.file).unwrap_or(new.plan.file.clone());
+                let _ = std::fs::write(run_dir.join(PIPELINE_PATH), file.display().to_string());
+            }
         }
         let writer = HistoryWriter::start(store.clone(), run_id)
             .map(Arc::new)
@@ -136,6 +157,7 @@ impl StoreHandle {
         });
         Ok(Recorded {
             run_id,
+            attempt,
             run_dir,
             writer,
             reader,
@@ -143,6 +165,22 @@ impl StoreHandle {
             store,
         })
     }
+}
+
+/// Drain the writer once the run is over; the error, if the history may be incomplete. When
+/// a step abandoned after its cancellation still holds the writer, what was sent so far is
+/// committed and the writer closes when the last holder lets go. The run's own lease is
+/// released only then. Blocking (joins the writer's thread).
+pub(crate) fn finish(writer: Arc<HistoryWriter>, lease: Option<LeaseKeeper>) -> Option<String> {
+    let error = match Arc::try_unwrap(writer) {
+        Ok(w) => w.finish().err().map(|e| format!("{e:#}")),
+        Err(shared) => {
+            shared.flush();
+            None
+        }
+    };
+    drop(lease);
+    error
 }
 
 /// A recorded run that will not start (a worker drained before it): finish it as
@@ -161,20 +199,4 @@ pub(crate) fn discard(r: Recorded, why: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot finish run {run_id}: {e:#}"));
     drop(lease);
     result
-}
-
-/// Drain the writer once the run is over; the error, if the history may be incomplete. When
-/// a step abandoned after its cancellation still holds the writer, what was sent so far is
-/// committed and the writer closes when the last holder lets go. The run's own lease is
-/// released only then. Blocking (joins the writer's thread).
-pub(crate) fn finish(writer: Arc<HistoryWriter>, lease: Option<LeaseKeeper>) -> Option<String> {
-    let error = match Arc::try_unwrap(writer) {
-        Ok(w) => w.finish().err().map(|e| format!("{e:#}")),
-        Err(shared) => {
-            shared.flush();
-            None
-        }
-    };
-    drop(lease);
-    error
 }

@@ -1,6 +1,7 @@
 //! The subcommands of `pipe`, one module each, plus what they share.
 
 pub mod graph;
+pub mod repair;
 pub mod run;
 pub mod runs;
 pub mod sandbox;
