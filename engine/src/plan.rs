@@ -4,7 +4,7 @@
 //! plan can be printed (`--dry-run`, `pipe graph`) or run many times (the scheduler).
 
 use crate::diag::Pos;
-use crate::model::{ConnectionSpec, SandboxBlock, Schedule, StepSpec};
+use crate::model::{ConnectionSpec, NotifySpec, SandboxBlock, Schedule, StepSpec};
 use crate::params::ParamSpec;
 use crate::step::{StaticInfo, StepKind};
 use crate::yaml::Node;
@@ -33,6 +33,8 @@ pub struct Plan {
     /// Connection nodes, unrendered, by name.
     pub connection_nodes: IndexMap<String, Node>,
     pub schedule: Option<Schedule>,
+    /// The `notify:` entries, unrendered (the `notify` crate renders and sends them).
+    pub notify: Vec<NotifySpec>,
     pub concurrency: Option<u32>,
     /// What `--sandbox` uses for secrets and env (unrendered templates over `sandbox`).
     pub sandbox: SandboxBlock,

@@ -185,6 +185,23 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
     let result = runtime.block_on(async {
         let signals = tokio::spawn(watch_signals(cancel.clone(), hard_cancel.clone()));
         let run = engine::template::run_value(run_id, started_at, logical_date, tz);
+        // ---- notify (h/notify): the run's `notify:` entries (none under --sandbox, which
+        // stays offline). The integrator moves this and the `finish` below into the runner.
+        let notifications = if args.sandbox {
+            None
+        } else {
+            notify::RunNotifications::start(
+                notify::Notifier::new(&plan, templates.clone(), params_value.clone(), run.clone()),
+                notify::RunSummary::started(
+                    &plan.name,
+                    run_id,
+                    "cli",
+                    Some(logical_date),
+                    started_at,
+                ),
+                observer.clone(),
+            )
+        };
         let result = executor::execute(RunRequest {
             plan: plan.clone(),
             params: params_value,
@@ -203,6 +220,12 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
             })),
         })
         .await;
+        if let Some(n) = notifications {
+            // Never fails the run: what could not be sent is a warning row of its history.
+            n.finish(result.status, result.error.as_deref(), &result.steps)
+                .await;
+        }
+        // ---- end notify
         signals.abort();
         result
     });
