@@ -48,7 +48,8 @@ pub struct PipelineDoc {
     /// Who hears about a run: webhooks and e-mails on failure, success, a long run or a
     /// pause (see the README's "Notifications").
     #[serde(default)]
-    pub notify: Vec<NotifySpec>,
+    #[schemars(with = "Vec<NotifySpec>")]
+    pub notify: Vec<Raw>,
 }
 
 /// The `sandbox:` block.

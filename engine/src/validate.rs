@@ -340,7 +340,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         }
     }
     // Notifications (`notify:`).
-    check_notify(&doc.notify, &root, &connections, &param_specs, &mut d);
+    let notify = check_notify(&doc.notify, &connections, &param_specs, &mut d);
     if doc.concurrency == Some(0) {
         let pos = root.get("concurrency").map(|n| n.pos).unwrap_or(root.pos);
         d.push(pos, Code::InvalidValue, "concurrency must be at least 1");
@@ -738,7 +738,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         connections,
         connection_nodes,
         schedule: doc.schedule,
-        notify: doc.notify,
+        notify,
         concurrency: doc.concurrency,
         sandbox: doc.sandbox.unwrap_or_default(),
         steps,
@@ -1106,27 +1106,25 @@ pub const MAX_WEBHOOK_RETRIES: u32 = 10;
 /// URL is http(s) and its durations parse; an e-mail names a declared `smtp` connection and
 /// at least one recipient; templates see params, run and [`crate::model::NOTIFY_LOCALS`].
 fn check_notify(
-    entries: &[crate::model::NotifySpec],
-    root: &Node,
+    entries: &[crate::de::Raw],
     connections: &IndexMap<String, ConnectionSpec>,
     params: &IndexMap<String, ParamSpec>,
     d: &mut Diags,
-) {
-    use crate::model::{NotifyEvent, NOTIFY_LOCALS};
-    let Some(nodes) = root.get("notify").and_then(Node::as_seq) else {
-        return;
-    };
+) -> Vec<crate::model::NotifySpec> {
+    use crate::model::{NotifyEvent, NotifySpec, NOTIFY_LOCALS};
     let locals: Vec<String> = NOTIFY_LOCALS.iter().map(|s| s.to_string()).collect();
     let refs = Refs {
         locals: &locals,
         ..Refs::plain(params)
     };
-    // Entries that failed to deserialize were reported already and are missing here, so
-    // pair them with their nodes by position only when every entry was read.
-    if entries.len() != nodes.len() {
-        return;
-    }
-    for (i, (entry, node)) in entries.iter().zip(nodes).enumerate() {
+    let mut out = Vec::new();
+    for (i, raw) in entries.iter().enumerate() {
+        let node = &raw.0;
+        // Each entry on its own (one bad entry hides nothing of the others), in Run mode:
+        // `on`, `retries` and `timeout` are literal (templates render only strings here).
+        let Some(entry) = from_map_tolerant::<NotifySpec>(node, Mode::Run, d) else {
+            continue;
+        };
         let what = format!("notify entry {}", i + 1);
         let on = node.get("on").unwrap_or(node);
         if entry.on.0.is_empty() {
@@ -1140,7 +1138,7 @@ fn check_notify(
             if let NotifyEvent::DurationOver(v) = event {
                 let item = on.as_seq().and_then(|s| s.get(j)).unwrap_or(on);
                 let value = item.get("duration_over").unwrap_or(item);
-                check_duration(v, value, d);
+                literal_duration(v, value, d);
             }
         }
         match (&entry.webhook, &entry.email) {
@@ -1173,7 +1171,7 @@ fn check_notify(
                 );
             }
             if let Some(t) = &hook.timeout {
-                check_duration(t, hnode.get("timeout").unwrap_or(hnode), d);
+                literal_duration(t, hnode.get("timeout").unwrap_or(hnode), d);
             }
             literal_secrets(hnode, "webhook", &what, d);
         }
@@ -1230,6 +1228,20 @@ fn check_notify(
             }
         }
         check_templates(node, &refs, d);
+        out.push(entry);
+    }
+    out
+}
+
+/// A duration that must be literal (it is needed before anything is rendered).
+fn literal_duration(v: &crate::model::DurationSpec, node: &Node, d: &mut Diags) {
+    match v {
+        crate::model::DurationSpec::Text(t) if is_template(t) => d.push(
+            node.pos,
+            Code::InvalidDuration,
+            "a notify duration is literal (`30m`), not a template",
+        ),
+        _ => check_duration(v, node, d),
     }
 }
 

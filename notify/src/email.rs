@@ -131,11 +131,11 @@ pub(crate) fn text(event: Event, s: &RunSummary) -> String {
     fact("status:", s.status.label().to_string());
     fact("trigger:", s.trigger.clone());
     if let Some(d) = s.logical_date {
-        fact("logical date:", d.to_rfc3339());
+        fact("logical date:", time(d));
     }
-    fact("started:", s.started_at.to_rfc3339());
+    fact("started:", time(s.started_at));
     if let Some(f) = s.finished_at {
-        fact("finished:", f.to_rfc3339());
+        fact("finished:", time(f));
     }
     fact(
         "duration:",
@@ -166,6 +166,10 @@ pub(crate) fn text(event: Event, s: &RunSummary) -> String {
         s.run_id, s.run_id
     ));
     out
+}
+
+fn time(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Send one message (subject and text already redacted).
@@ -208,14 +212,16 @@ pub(crate) async fn send(
         builder = builder.credentials(Credentials::new(u.clone(), p.clone()));
     }
     let mailer = builder.build();
-    mailer.send(message).await.map(|_| ()).map_err(|e| {
-        format!(
-            "smtp {}:{} (connection `{name}`): {}",
-            c.host,
-            c.port(),
-            crate::webhook::chain(&e)
-        )
-    })
+    let server = format!("smtp {}:{} (connection `{name}`)", c.host, c.port());
+    // lettre's timeout bounds each read and write; this bounds the whole conversation.
+    match tokio::time::timeout(timeout * 2, mailer.send(message)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("{server}: {}", crate::webhook::chain(&e))),
+        Err(_) => Err(format!(
+            "{server}: no answer within {}",
+            engine::duration::human(timeout * 2)
+        )),
+    }
 }
 
 /// `X-Pipe-Run` and `X-Pipe-Event` on every message, for mail filters.

@@ -257,7 +257,11 @@ impl Notifier {
         run: minijinja::Value,
     ) -> Notifier {
         let redactor = templates.runtime().redactor.clone();
-        let scope = Scope::new(params, minijinja::Value::UNDEFINED, run);
+        let scope = Scope::new(
+            params,
+            minijinja::Value::UNDEFINED,
+            with_pipeline(run, &plan.name),
+        );
         let notifier = Notifier {
             entries: plan.notify.clone(),
             connections: plan.connection_nodes.clone(),
@@ -423,6 +427,21 @@ async fn bounded<T>(f: impl std::future::Future<Output = Result<T, String>>) -> 
             engine::duration::human(MAX_DELIVERY_TIME)
         )),
     }
+}
+
+/// `run` with `run.pipeline` (validate lets templates use it; `run_value` lacks it).
+fn with_pipeline(run: minijinja::Value, pipeline: &str) -> minijinja::Value {
+    let mut m = std::collections::BTreeMap::new();
+    if let Ok(keys) = run.try_iter() {
+        for k in keys {
+            if let Ok(v) = run.get_item(&k) {
+                m.insert(k.to_string(), v);
+            }
+        }
+    }
+    m.entry("pipeline".to_string())
+        .or_insert_with(|| minijinja::Value::from(pipeline));
+    minijinja::Value::from(m)
 }
 
 /// Every template-bearing string of an entry.
