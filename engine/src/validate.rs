@@ -1156,7 +1156,7 @@ fn check_notify(
         }
         if let (Some(hook), Some(hnode)) = (&entry.webhook, node.get("webhook")) {
             let url = &hook.url;
-            if !is_template(url) && !(url.starts_with("https://") || url.starts_with("http://")) {
+            if !(is_template(url) || url.starts_with("https://") || url.starts_with("http://")) {
                 d.push(
                     hnode.get("url").map(|n| n.pos).unwrap_or(hnode.pos),
                     Code::InvalidValue,
