@@ -598,3 +598,89 @@ pub async fn paused(plan: &Plan, summary: &RunSummary, redactor: &Redactor) -> R
     let notifier = Notifier::new(plan, templates, minijinja::Value::from(params), run);
     notifier.send(Event::Paused, summary).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Accept one HTTP request, answer 200, hand back its head and body.
+    async fn receive_one(listener: tokio::net::TcpListener) -> (String, Vec<u8>) {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "connection closed early");
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = buf[end + 4..end + 4 + len].to_vec();
+                s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await
+                    .unwrap();
+                return (head, body);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn paused_is_sent_to_the_entries_that_list_it() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let text = format!(
+            "pipeline: paused_one\nparams:\n  team: {{ type: string, default: ops }}\n\
+             steps:\n  a: {{ type: log, with: {{ message: hi }} }}\nnotify:\n  \
+             - on: failure\n    webhook: {{ url: \"http://127.0.0.1:{port}/failure\" }}\n  \
+             - on: paused\n    webhook: {{ url: \"http://127.0.0.1:{port}/p/{{{{ params.team }}}}\", \
+             secret: k3y-for-paused }}\n"
+        );
+        let outcome = engine::validate::validate_text(
+            &text,
+            std::path::Path::new("p.yaml"),
+            "p.yaml",
+            &steps::registry(),
+        );
+        let plan = outcome
+            .plan
+            .unwrap_or_else(|| panic!("{:?}", outcome.diagnostics));
+        let mut summary = RunSummary::started("paused_one", 7, "schedule", None, Utc::now());
+        summary = summary.finished(Status::Failed, Some("boom"), &[]);
+        let redactor = Redactor::new();
+        let (report, (head, body)) =
+            tokio::join!(paused(&plan, &summary, &redactor), receive_one(listener));
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
+        assert_eq!(report.sent.len(), 1);
+        assert!(head.starts_with("POST /p/ops "), "{head}");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["event"], "paused");
+        assert_eq!(v["run_id"], 7);
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["trigger"], "schedule");
+        let ts = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-pipe-timestamp: "))
+            .expect("timestamp header");
+        let sig = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-pipe-signature: "))
+            .expect("signature header");
+        assert_eq!(
+            sig,
+            signature(b"k3y-for-paused", ts.parse().unwrap(), &body)
+        );
+        // The key was learnt: it is masked wherever it could surface.
+        assert_eq!(redactor.redact("k3y-for-paused"), "***");
+    }
+}
