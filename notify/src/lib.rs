@@ -308,6 +308,11 @@ impl Notifier {
                     .any(|e| e.name() == event.name()),
             })
             .collect();
+        self.send_to(picked, event, summary).await
+    }
+
+    /// Send `event` to the entries `picked`, all at once.
+    async fn send_to(&self, picked: Vec<usize>, event: Event, summary: &RunSummary) -> Report {
         let sends = picked.into_iter().map(|i| {
             let event = match event {
                 Event::DurationOver(_) => {
@@ -504,8 +509,20 @@ pub struct RunNotifications {
     notifier: Arc<Notifier>,
     base: RunSummary,
     observer: Arc<dyn Observer>,
-    timers: Vec<tokio::task::JoinHandle<()>>,
+    timers: Vec<Timer>,
     clock: std::time::Instant,
+}
+
+/// A `duration_over` timer task, aborted when dropped: a run dropped without
+/// [`RunNotifications::finish`] (its task cancelled) leaves no timer behind to fire later.
+struct Timer(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
 }
 
 impl RunNotifications {
@@ -524,19 +541,24 @@ impl RunNotifications {
         let timers = notifier
             .thresholds()
             .into_iter()
-            .map(|(_, after)| {
+            .map(|(i, after)| {
                 let notifier = notifier.clone();
                 let observer = observer.clone();
                 let base = base.clone();
-                tokio::spawn(async move {
+                // Each timer sends its own entry, once: whoever sets the entry's flag first
+                // (this timer, or `finish`) sends it.
+                Timer(Some(tokio::spawn(async move {
                     tokio::time::sleep_until((clock + after).into()).await;
+                    if notifier.duration_sent[i].swap(true, Ordering::SeqCst) {
+                        return;
+                    }
                     let mut now = base.clone();
                     now.duration_ms = clock.elapsed().as_millis() as u64;
                     notifier
-                        .send(Event::DurationOver(clock.elapsed()), &now)
+                        .send_to(vec![i], Event::DurationOver(after), &now)
                         .await
                         .log(observer.as_ref());
-                })
+                })))
             })
             .collect();
         Some(RunNotifications {
@@ -552,18 +574,24 @@ impl RunNotifications {
     /// finishes first), send `success` or `failure`, log what happened, and return it.
     pub async fn finish(self, status: Status, error: Option<&str>, steps: &[StepRecord]) -> Report {
         let summary = self.base.finished(status, error, steps);
-        for (timer, (i, _)) in self.timers.into_iter().zip(self.notifier.thresholds()) {
-            if self.notifier.duration_sent[i].load(Ordering::SeqCst) {
-                let _ = timer.await;
-            } else {
-                timer.abort();
+        let elapsed = self.clock.elapsed();
+        let mut due = Vec::new();
+        for (mut timer, (i, after)) in self.timers.into_iter().zip(self.notifier.thresholds()) {
+            if self.notifier.duration_sent[i].swap(true, Ordering::SeqCst) {
+                // Its timer is sending: let it finish.
+                if let Some(h) = timer.0.take() {
+                    let _ = h.await;
+                }
+            } else if elapsed >= after {
+                // Passed, but the run ended before its timer could send: send it now.
+                due.push(i);
             }
+            // Claimed here: the timer, dropped, is aborted and can no longer send.
         }
         let mut report = Report::default();
-        // A threshold passed while no timer could fire (the run ended right then).
         report.merge(
             self.notifier
-                .send(Event::DurationOver(self.clock.elapsed()), &summary)
+                .send_to(due, Event::DurationOver(elapsed), &summary)
                 .await,
         );
         report.merge(self.notifier.send(Event::of_status(status), &summary).await);
