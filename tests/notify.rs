@@ -764,3 +764,46 @@ notify:
         "schema lacks notify"
     );
 }
+
+#[test]
+fn nothing_is_sent_under_sandbox() {
+    let rx = Receiver::start(Box::new(|_, _| (200, vec![])));
+    let env = Env::new();
+    let file = env.write(
+        "p.yaml",
+        &format!(
+            r#"pipeline: offline
+steps:
+  a:
+    type: log
+    with: {{ message: hello }}
+notify:
+  - on: [success, failure, duration_over: 0s]
+    webhook: {{ url: "{}" }}
+"#,
+            rx.url("/h")
+        ),
+    );
+    let out = env.run(&[
+        "run",
+        file.to_str().unwrap(),
+        "--sandbox",
+        "--format",
+        "json",
+    ]);
+    out.expect_code(0);
+    // The run is over: anything it would send has been sent.
+    assert!(rx.requests().is_empty(), "{:?}", rx.requests());
+    // The same file without --sandbox does notify (the receiver works).
+    env.run(&["run", file.to_str().unwrap(), "--format", "json"])
+        .expect_code(0);
+    let events: Vec<String> = rx
+        .requests()
+        .iter()
+        .map(|r| r.json()["event"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events.contains(&"success".to_string()) && events.contains(&"duration_over".to_string())
+    );
+}
