@@ -12,6 +12,7 @@ mod fidelity;
 mod foreach;
 mod fresh_machine;
 mod history;
+mod notify;
 mod qockpit;
 mod redaction;
 mod repair;

@@ -52,6 +52,11 @@ pub struct PipelineDoc {
     /// (e.g. `{{ sandbox.tiflux.user }}`).
     #[serde(default)]
     pub sandbox: Option<SandboxBlock>,
+    /// Who hears about a run: webhooks and e-mails on failure, success, a long run or a
+    /// pause (see the README's "Notifications").
+    #[serde(default)]
+    #[schemars(with = "Vec<NotifySpec>")]
+    pub notify: Vec<Raw>,
 }
 
 /// The `sandbox:` block.
@@ -486,3 +491,127 @@ pub const BUILTIN_OUTPUTS: &[&str] = &[
 
 /// The keys of `run` in templates.
 pub const RUN_FIELDS: &[&str] = &["id", "started_at", "logical_date", "today", "pipeline"];
+
+/// One `notify:` entry: when, and exactly one of `webhook` or `email`. Templates in it see
+/// `params`, `run`, `secret()`, `env()` and the locals of [`NOTIFY_LOCALS`].
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NotifySpec {
+    /// When to send: `failure` (failed, cancelled or abandoned), `success`, `paused`,
+    /// `duration_over: 30m` (once, while the run passes that duration), or a list of them.
+    #[schemars(with = "NotifyOnSchema")]
+    pub on: NotifyOn,
+    /// POST a JSON summary to a URL, signed with HMAC-SHA256.
+    #[serde(default)]
+    pub webhook: Option<WebhookSpec>,
+    /// Send an e-mail through an `smtp` connection.
+    #[serde(default)]
+    pub email: Option<EmailSpec>,
+}
+
+/// What a notification is about.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyEvent {
+    /// The run failed, was cancelled or was abandoned.
+    Failure,
+    /// The run succeeded (with or without warnings).
+    Success,
+    /// The scheduler paused the integration (`pause_after_failures`).
+    Paused,
+    /// The run is still running after this long (sent once per run).
+    DurationOver(DurationSpec),
+}
+
+impl NotifyEvent {
+    /// The event's name, as in the file and the webhook body.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NotifyEvent::Failure => "failure",
+            NotifyEvent::Success => "success",
+            NotifyEvent::Paused => "paused",
+            NotifyEvent::DurationOver(_) => "duration_over",
+        }
+    }
+}
+
+/// `on:` — one event or a list of them (read by hand so each list item is located).
+#[derive(Debug, Clone, Default)]
+pub struct NotifyOn(pub Vec<NotifyEvent>);
+
+impl<'de> Deserialize<'de> for NotifyOn {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{self, IntoDeserializer};
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = NotifyOn;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("failure, success, paused, `duration_over: 30m`, or a list of them")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<NotifyOn, E> {
+                NotifyEvent::deserialize(s.into_deserializer()).map(|e| NotifyOn(vec![e]))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<NotifyOn, A::Error> {
+                NotifyEvent::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|e| NotifyOn(vec![e]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<NotifyOn, A::Error> {
+                let mut events = Vec::new();
+                while let Some(e) = seq.next_element::<NotifyEvent>()? {
+                    events.push(e);
+                }
+                Ok(NotifyOn(events))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The schema of `on:` (what [`NotifyOn`] reads).
+#[derive(JsonSchema)]
+#[allow(dead_code)]
+#[serde(untagged)]
+enum NotifyOnSchema {
+    One(NotifyEvent),
+    Many(Vec<NotifyEvent>),
+}
+
+/// `webhook:` — POST the run's summary as JSON.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// The `http://` or `https://` URL to POST to (redirects are not followed).
+    pub url: String,
+    /// The HMAC-SHA256 key: each request carries `X-Pipe-Timestamp` and `X-Pipe-Signature:
+    /// sha256=<hex of HMAC(secret, timestamp + "." + body)>` (use `"{{ secret('NAME') }}"`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// Extra request headers (templates allowed).
+    #[serde(default)]
+    pub headers: IndexMap<String, String>,
+    /// Tries after the first on a 5xx, a 429 or a connection error, with backoff (default 3).
+    #[serde(default)]
+    pub retries: Option<u32>,
+    /// The longest one request may take (default 10s).
+    #[serde(default)]
+    pub timeout: Option<DurationSpec>,
+}
+
+/// `email:` — a plain-text summary over SMTP.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSpec {
+    /// The `smtp` connection (from `connections:`) to send through.
+    pub connection: String,
+    /// The recipients (`ops@example.com` or `Ops <ops@example.com>`).
+    pub to: Vec<String>,
+    /// The sender.
+    pub from: String,
+    /// The subject (a template; default `[pipe] <pipeline> run <id> <status>`).
+    #[serde(default)]
+    pub subject: Option<String>,
+}
+
+/// The names `notify:` templates see besides params/run: the event (`failure` …), the
+/// run's status and its error (none when it has none).
+pub const NOTIFY_LOCALS: &[&str] = &["event", "status", "error"];

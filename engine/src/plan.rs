@@ -4,7 +4,9 @@
 //! plan can be printed (`--dry-run`, `pipe graph`) or run many times (the scheduler).
 
 use crate::diag::Pos;
-use crate::model::{ConnectionSpec, Integration, SandboxBlock, ScheduleConfig, StepSpec};
+use crate::model::{
+    ConnectionSpec, Integration, NotifySpec, SandboxBlock, ScheduleConfig, StepSpec,
+};
 use crate::params::ParamSpec;
 use crate::step::{StaticInfo, StepKind};
 use crate::yaml::Node;
@@ -37,6 +39,8 @@ pub struct Plan {
     pub schedule: Option<ScheduleConfig>,
     /// The validated `integration:` block (its defaults when the file has none).
     pub integration: Integration,
+    /// The `notify:` entries, unrendered (the `notify` crate renders and sends them).
+    pub notify: Vec<NotifySpec>,
     pub concurrency: Option<u32>,
     /// `keep_tables:`: each step's table is written as Parquet in the run folder.
     pub keep_tables: bool,

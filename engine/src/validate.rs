@@ -350,6 +350,8 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         }
         None => Integration::default(),
     };
+    // Notifications (`notify:`).
+    let notify = check_notify(&doc.notify, &connections, &param_specs, &mut d);
     if doc.concurrency == Some(0) {
         let pos = root.get("concurrency").map(|n| n.pos).unwrap_or(root.pos);
         d.push(pos, Code::InvalidValue, "concurrency must be at least 1");
@@ -748,6 +750,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         connection_nodes,
         schedule,
         integration,
+        notify,
         concurrency: doc.concurrency,
         keep_tables: doc.keep_tables,
         sandbox: doc.sandbox.unwrap_or_default(),
@@ -1325,5 +1328,169 @@ pub fn walk_strings(node: &Node, f: &mut dyn FnMut(&str, Pos)) {
         Value::Seq(items) => items.iter().for_each(|n| walk_strings(n, f)),
         Value::Map(entries) => entries.iter().for_each(|(_, v)| walk_strings(v, f)),
         _ => {}
+    }
+}
+
+/// The most retries a webhook may ask for (each waits up to a minute).
+pub const MAX_WEBHOOK_RETRIES: u32 = 10;
+
+/// `notify:`: each entry has events and exactly one of `webhook` or `email`; a webhook's
+/// URL is http(s) and its durations parse; an e-mail names a declared `smtp` connection and
+/// at least one recipient; templates see params, run and [`crate::model::NOTIFY_LOCALS`].
+fn check_notify(
+    entries: &[crate::de::Raw],
+    connections: &IndexMap<String, ConnectionSpec>,
+    params: &IndexMap<String, ParamSpec>,
+    d: &mut Diags,
+) -> Vec<crate::model::NotifySpec> {
+    use crate::model::{NotifyEvent, NotifySpec, NOTIFY_LOCALS};
+    let locals: Vec<String> = NOTIFY_LOCALS.iter().map(|s| s.to_string()).collect();
+    let refs = Refs {
+        locals: &locals,
+        ..Refs::plain(params)
+    };
+    let mut out = Vec::new();
+    for (i, raw) in entries.iter().enumerate() {
+        let node = &raw.0;
+        // Each entry on its own (one bad entry hides nothing of the others), in Run mode:
+        // `on`, `retries` and `timeout` are literal (templates render only strings here).
+        let Some(entry) = from_map_tolerant::<NotifySpec>(node, Mode::Run, d) else {
+            continue;
+        };
+        let what = format!("notify entry {}", i + 1);
+        let on = node.get("on").unwrap_or(node);
+        if entry.on.0.is_empty() {
+            d.push(
+                on.pos,
+                Code::MissingKey,
+                format!("`on` of {what} lists no event (failure, success, paused, duration_over)"),
+            );
+        }
+        for (j, event) in entry.on.0.iter().enumerate() {
+            if let NotifyEvent::DurationOver(v) = event {
+                let item = on.as_seq().and_then(|s| s.get(j)).unwrap_or(on);
+                let value = item.get("duration_over").unwrap_or(item);
+                literal_duration(v, value, d);
+            }
+        }
+        match (&entry.webhook, &entry.email) {
+            (None, None) => d.push(
+                node.pos,
+                Code::MissingKey,
+                format!("{what} needs `webhook:` or `email:`"),
+            ),
+            (Some(_), Some(_)) => d.push(
+                node.get("email").map(|n| n.pos).unwrap_or(node.pos),
+                Code::InvalidValue,
+                format!("{what} has both `webhook:` and `email:`; give each its own entry"),
+            ),
+            _ => {}
+        }
+        if let (Some(hook), Some(hnode)) = (&entry.webhook, node.get("webhook")) {
+            let url = &hook.url;
+            if !(is_template(url) || url.starts_with("https://") || url.starts_with("http://")) {
+                d.push(
+                    hnode.get("url").map(|n| n.pos).unwrap_or(hnode.pos),
+                    Code::InvalidValue,
+                    format!("`webhook.url` of {what} must be an http:// or https:// URL"),
+                );
+            }
+            if hook.retries.is_some_and(|r| r > MAX_WEBHOOK_RETRIES) {
+                d.push(
+                    hnode.get("retries").map(|n| n.pos).unwrap_or(hnode.pos),
+                    Code::InvalidValue,
+                    format!("`webhook.retries` of {what} is at most {MAX_WEBHOOK_RETRIES}"),
+                );
+            }
+            if let Some(t) = &hook.timeout {
+                literal_duration(t, hnode.get("timeout").unwrap_or(hnode), d);
+            }
+            literal_secrets(hnode, "webhook", &what, d);
+        }
+        if let (Some(mail), Some(mnode)) = (&entry.email, node.get("email")) {
+            let cpos = mnode.get("connection").map(|n| n.pos).unwrap_or(mnode.pos);
+            let name = &mail.connection;
+            if !is_template(name) {
+                match connections.get(name) {
+                    None => {
+                        let hint = did_you_mean(name, connections.keys().map(String::as_str))
+                            .map(|s| format!("; did you mean `{s}`?"))
+                            .unwrap_or_default();
+                        d.push(
+                            cpos,
+                            Code::UnknownConnection,
+                            format!("`email.connection` of {what} names an unknown connection `{name}`{hint}"),
+                        );
+                    }
+                    Some(c) if c.kind != "smtp" && !is_template(&c.kind) => d.push(
+                        cpos,
+                        Code::UnknownConnection,
+                        format!(
+                            "`email.connection` of {what} names connection `{name}` of type `{}`; e-mail needs a connection of type `smtp`",
+                            c.kind
+                        ),
+                    ),
+                    Some(_) => {}
+                }
+            }
+            if mail.to.is_empty() {
+                d.push(
+                    mnode.get("to").map(|n| n.pos).unwrap_or(mnode.pos),
+                    Code::MissingKey,
+                    format!("`email.to` of {what} lists no recipient"),
+                );
+            }
+            let to = mnode.get("to").and_then(Node::as_seq).unwrap_or_default();
+            let addresses = mail
+                .to
+                .iter()
+                .zip(to.iter().map(|n| n.pos))
+                .chain(std::iter::once((
+                    &mail.from,
+                    mnode.get("from").map(|n| n.pos).unwrap_or(mnode.pos),
+                )));
+            for (address, pos) in addresses {
+                if !is_template(address) && !looks_like_address(address) {
+                    d.push(
+                        pos,
+                        Code::InvalidValue,
+                        format!("`{address}` in {what} is not an e-mail address (`name@example.com` or `Name <name@example.com>`)"),
+                    );
+                }
+            }
+        }
+        check_templates(node, &refs, d);
+        out.push(entry);
+    }
+    out
+}
+
+/// A duration that must be literal (it is needed before anything is rendered).
+fn literal_duration(v: &crate::model::DurationSpec, node: &Node, d: &mut Diags) {
+    match v {
+        crate::model::DurationSpec::Text(t) if is_template(t) => d.push(
+            node.pos,
+            Code::InvalidDuration,
+            "a notify duration is literal (`30m`), not a template",
+        ),
+        _ => check_duration(v, node, d),
+    }
+}
+
+/// `local@domain`, optionally as `Name <local@domain>` (the full check is the mailer's).
+fn looks_like_address(text: &str) -> bool {
+    let text = text.trim();
+    let addr = match (text.rfind('<'), text.ends_with('>')) {
+        (Some(open), true) => &text[open + 1..text.len() - 1],
+        _ => text,
+    };
+    match addr.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && !domain.is_empty()
+                && !addr.contains(char::is_whitespace)
+                && !domain.contains('@')
+        }
+        None => false,
     }
 }

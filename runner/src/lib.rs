@@ -359,6 +359,7 @@ impl Runner {
             queue_item: spec.queue_item,
             source: source.filter(|_| spec.resume.is_none()),
             reuse: spec.reuse.clone(),
+            trigger: spec.trigger,
         })
     }
 }
@@ -382,6 +383,8 @@ pub struct PreparedRun {
     /// The pipeline text, to keep (redacted) in the run folder once the run is over.
     source: Option<Arc<str>>,
     reuse: HashMap<String, ReusedStep>,
+    /// What started it (for notifications).
+    trigger: Trigger,
 }
 
 /// One step of [`PreparedRun::preview`]: id, type, the rendered (redacted) config or why it
@@ -487,6 +490,8 @@ impl PreparedRun {
             resources,
             source,
             reuse,
+            trigger,
+            logical_date,
             ..
         } = self;
         let Some(store::Recorded {
@@ -512,7 +517,24 @@ impl PreparedRun {
         let (run_dir_kept, redactor_kept) = (run_dir.clone(), redactor.clone());
         let mut all: Vec<Arc<dyn Observer>> = vec![writer.clone()];
         all.extend(observers);
+        let observer: Arc<dyn Observer> = Arc::new(Fanout(all));
         let clock = Instant::now();
+        // The run's `notify:` entries; none under --sandbox, which stays offline.
+        let notifications = if fakes.is_some() {
+            None
+        } else {
+            notify::RunNotifications::start(
+                notify::Notifier::new(&plan, templates.clone(), params.clone(), run.clone()),
+                notify::RunSummary::started(
+                    &plan.name,
+                    run_id,
+                    trigger.as_str(),
+                    Some(logical_date),
+                    started_at,
+                ),
+                observer.clone(),
+            )
+        };
         let result = executor::execute(RunRequest {
             plan,
             params,
@@ -522,7 +544,7 @@ impl PreparedRun {
             run_dir,
             templates,
             redactor,
-            observer: Arc::new(Fanout(all)),
+            observer,
             cancel: controls.cancel.clone(),
             hard_cancel: controls.hard_cancel.clone(),
             history: Some(reader),
@@ -531,6 +553,12 @@ impl PreparedRun {
             reuse,
         })
         .await;
+        if let Some(n) = notifications {
+            // Never fails the run: what could not be sent is a warning row of its history
+            // (the writer is still open).
+            n.finish(result.status, result.error.as_deref(), &result.steps)
+                .await;
+        }
         if let Some(text) = &source {
             store::keep_pipeline_text(&run_dir_kept, &redactor_kept.redact(text));
         }

@@ -16,6 +16,7 @@ mod fuzz;
 pub mod http;
 pub mod log;
 pub mod sheets;
+pub mod smtp;
 pub mod sql;
 pub mod table;
 pub mod tokens;
@@ -81,6 +82,10 @@ pub fn registry() -> Registry {
         )
         .with_sandbox(carol::client::sandbox),
     );
+    c.register(
+        ConnectionKind::of::<smtp::SmtpConnection>("smtp", "A mail server (notify: e-mail)")
+            .with_sandbox(smtp::sandbox),
+    );
     for &name in sql::conn::CONNECTION_TYPES {
         c.register(
             ConnectionKind::of::<sql::conn::Spec>(name, "A SQL database (sql.query, sql.write)")
@@ -95,7 +100,13 @@ mod tests {
     #[test]
     fn every_connection_type_the_steps_read_is_registered() {
         let r = super::registry();
-        let mut expected = vec!["http", "google_service_account", "bigquery", "carol"];
+        let mut expected = vec![
+            "http",
+            "google_service_account",
+            "bigquery",
+            "carol",
+            "smtp",
+        ];
         expected.extend(super::sql::conn::CONNECTION_TYPES);
         assert_eq!(r.connections.names().collect::<Vec<_>>(), expected);
     }
