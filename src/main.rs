@@ -32,6 +32,9 @@ enum Command {
     /// Run history: list, show, follow logs; start, log and finish runs from outside.
     #[command(subcommand)]
     Runs(cli::runs::RunsCommand),
+    /// Schedules: `pipe schedule next FILE` prints the coming fire times.
+    #[command(subcommand)]
+    Schedule(cli::schedule::ScheduleCommand),
     /// Local fakes of the external services (`pipe sandbox serve`).
     Sandbox {
         #[command(subcommand)]
@@ -51,6 +54,7 @@ fn main() {
         Command::Graph(args) => cli::graph::main(args),
         Command::Runs(cmd) => cli::runs::main(cmd, &state_dir),
         Command::Sandbox { cmd } => cli::sandbox::main_in(cmd, &state_dir),
+        Command::Schedule(cmd) => cli::schedule::main(cmd),
     };
     std::process::exit(code);
 }

@@ -15,6 +15,7 @@ mod history;
 mod qockpit;
 mod redaction;
 mod sandbox;
+mod schedule;
 mod schema;
 mod sql;
 mod validate;

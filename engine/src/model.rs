@@ -33,6 +33,9 @@ pub struct PipelineDoc {
     /// When the scheduler runs the pipeline.
     #[serde(default)]
     pub schedule: Option<Schedule>,
+    /// The pipeline as an integration of `pipe serve`: metadata and queueing.
+    #[serde(default)]
+    pub integration: Option<Integration>,
     /// How many steps may run at once (default: the number of CPUs).
     #[serde(default)]
     pub concurrency: Option<u32>,
@@ -71,12 +74,24 @@ pub struct ConnectionSpec {
     pub fields: IndexMap<String, serde_json::Value>,
 }
 
-/// A cron schedule in a timezone.
+/// When `pipe serve` runs the pipeline: a `cron` or an `interval`, in a timezone, and what
+/// to do about overlapping runs and missed ticks. Give exactly one of `cron` and `interval`.
+///
+/// DST: a wall-clock time that does not exist (spring forward) fires once, at the first
+/// instant after the gap; one that happens twice (fall back) fires once, at its first
+/// occurrence. Intervals step in UTC, aligned to the Unix epoch.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{ "required": ["cron"] }, { "required": ["interval"] }]))]
 pub struct Schedule {
-    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first.
-    pub cron: String,
+    /// Five fields (minute hour day-of-month month day-of-week), or six with seconds first,
+    /// read in `timezone`.
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// Run every so often instead of a cron: `30s`, `15m`, `1h` (whole seconds, at least
+    /// 1s), at multiples of the interval since 1970-01-01T00:00:00Z.
+    #[serde(default)]
+    pub interval: Option<DurationSpec>,
     /// An IANA timezone such as `America/Sao_Paulo` (default UTC). Also the zone of "today"
     /// in templates.
     #[serde(default)]
@@ -84,6 +99,172 @@ pub struct Schedule {
     /// Set to false to keep the schedule but not run it.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// How many runs of this pipeline may run at once (default 1).
+    #[serde(default)]
+    pub max_concurrent_runs: Option<u32>,
+    /// What a tick does while `max_concurrent_runs` runs are running (default `skip`).
+    #[serde(default)]
+    pub on_overlap: OnOverlap,
+    /// Which ticks missed while the service was down still run (default `latest`).
+    #[serde(default)]
+    pub catch_up: CatchUp,
+    /// The most ticks run at once to catch up (default 100, at most 10000); the oldest are
+    /// dropped beyond.
+    #[serde(default)]
+    pub max_catch_up: Option<u32>,
+    /// Disable the integration after this many consecutive failed runs (and notify).
+    #[serde(default)]
+    pub pause_after_failures: Option<u32>,
+}
+
+/// What a tick does when the pipeline already runs `max_concurrent_runs` times.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnOverlap {
+    /// The tick is skipped (recorded, not run).
+    #[default]
+    Skip,
+    /// The tick's run waits in the queue (the queue per pipeline is capped).
+    Queue,
+    /// The oldest running run is cancelled and the tick's run starts.
+    CancelRunning,
+}
+
+/// Which missed ticks run after downtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CatchUp {
+    /// Missed ticks are dropped.
+    None,
+    /// Only the most recent missed tick runs.
+    #[default]
+    Latest,
+    /// Every missed tick runs, up to `max_catch_up` (the newest).
+    All,
+}
+
+/// The default of `max_catch_up`.
+pub const DEFAULT_MAX_CATCH_UP: u32 = 100;
+/// The largest `max_catch_up`: a catch-up never floods the queue.
+pub const MAX_MAX_CATCH_UP: u32 = 10_000;
+/// The largest `max_concurrent_runs`.
+pub const MAX_CONCURRENT_RUNS: u32 = 10_000;
+
+/// What fires a schedule, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ScheduleTrigger {
+    /// A cron expression that parses (5 fields, or 6 with seconds first).
+    Cron(String),
+    /// A whole number of seconds, at least 1.
+    Interval(std::time::Duration),
+}
+
+/// A validated `schedule:` with its defaults applied (on [`crate::plan::Plan::schedule`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleConfig {
+    pub trigger: ScheduleTrigger,
+    pub timezone: chrono_tz::Tz,
+    pub enabled: bool,
+    /// At least 1.
+    pub max_concurrent_runs: u32,
+    pub on_overlap: OnOverlap,
+    pub catch_up: CatchUp,
+    /// 1 to [`MAX_MAX_CATCH_UP`].
+    pub max_catch_up: u32,
+    /// At least 1 when set.
+    pub pause_after_failures: Option<u32>,
+}
+
+/// How the pipeline runs as an integration under `pipe serve`: what it is for people (group,
+/// direction, system, owner, tags) and how its runs are queued.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Integration {
+    /// The control process or family the integration belongs to.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Which way the data flows, seen from here.
+    #[serde(default)]
+    pub direction: Option<Direction>,
+    /// The system on the other side (`Tiflux`, `Carol` …).
+    #[serde(default)]
+    pub external_system: Option<String>,
+    /// Who answers for it (a person or a team).
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Free labels for filtering.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The named queue its runs go through (default `default`): letters, digits, `-`, `_`.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// Higher runs first within a queue (default 0).
+    #[serde(default)]
+    pub priority: i32,
+    /// Run again a run whose owner died (lease expired) instead of marking it abandoned.
+    #[serde(default)]
+    pub retry_on_lost: bool,
+}
+
+impl Default for Integration {
+    fn default() -> Self {
+        Integration {
+            group: None,
+            direction: None,
+            external_system: None,
+            owner: None,
+            tags: Vec::new(),
+            queue: default_queue(),
+            priority: 0,
+            retry_on_lost: false,
+        }
+    }
+}
+
+fn default_queue() -> String {
+    "default".to_string()
+}
+
+/// Which way an integration moves data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the external system into ours.
+    Inward,
+    /// From ours to the external system.
+    Outward,
+    /// Both ways.
+    Bidirectional,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inward => "inward",
+            Direction::Outward => "outward",
+            Direction::Bidirectional => "bidirectional",
+        }
+    }
+}
+
+impl OnOverlap {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnOverlap::Skip => "skip",
+            OnOverlap::Queue => "queue",
+            OnOverlap::CancelRunning => "cancel_running",
+        }
+    }
+}
+
+impl CatchUp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CatchUp::None => "none",
+            CatchUp::Latest => "latest",
+            CatchUp::All => "all",
+        }
+    }
 }
 
 fn yes() -> bool {

@@ -4,7 +4,7 @@
 //! plan can be printed (`--dry-run`, `pipe graph`) or run many times (the scheduler).
 
 use crate::diag::Pos;
-use crate::model::{ConnectionSpec, SandboxBlock, Schedule, StepSpec};
+use crate::model::{ConnectionSpec, Integration, SandboxBlock, ScheduleConfig, StepSpec};
 use crate::params::ParamSpec;
 use crate::step::{StaticInfo, StepKind};
 use crate::yaml::Node;
@@ -32,7 +32,11 @@ pub struct Plan {
     pub connections: IndexMap<String, ConnectionSpec>,
     /// Connection nodes, unrendered, by name.
     pub connection_nodes: IndexMap<String, Node>,
-    pub schedule: Option<Schedule>,
+    /// The validated `schedule:` (defaults applied); the `scheduler` crate turns it into
+    /// fire times.
+    pub schedule: Option<ScheduleConfig>,
+    /// The validated `integration:` block (its defaults when the file has none).
+    pub integration: Integration,
     pub concurrency: Option<u32>,
     /// What `--sandbox` uses for secrets and env (unrendered templates over `sandbox`).
     pub sandbox: SandboxBlock,
@@ -53,8 +57,7 @@ impl Plan {
     pub fn timezone(&self) -> chrono_tz::Tz {
         self.schedule
             .as_ref()
-            .and_then(|s| s.timezone.as_deref())
-            .and_then(|t| t.parse().ok())
+            .map(|s| s.timezone)
             .unwrap_or(chrono_tz::UTC)
     }
 

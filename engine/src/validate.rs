@@ -7,7 +7,10 @@
 
 use crate::de::{from_map_tolerant, from_node, Mode};
 use crate::diag::{did_you_mean, Code, Diagnostic, Diags, Pos};
-use crate::model::{ConnectionSpec, PipelineDoc, StepSpec, BUILTIN_OUTPUTS, RUN_FIELDS};
+use crate::model::{
+    ConnectionSpec, Integration, PipelineDoc, Schedule, ScheduleConfig, ScheduleTrigger, StepSpec,
+    BUILTIN_OUTPUTS, RUN_FIELDS,
+};
 use crate::params::{self, ParamSpec};
 use crate::plan::{Plan, PlanStep};
 use crate::step::{Registry, StaticInfo};
@@ -314,31 +317,19 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         check_templates(block, &refs, &mut d);
     }
 
-    // Schedule.
-    if let Some(schedule) = &doc.schedule {
+    // Schedule and integration (typed here, so the service never parses them again).
+    let schedule = doc.schedule.as_ref().and_then(|schedule| {
         let node = root.get("schedule").unwrap_or(&root);
-        if let Err(e) = crate::schedule_check::cron(&schedule.cron) {
-            let pos = node.get("cron").map(|n| n.pos).unwrap_or(node.pos);
-            d.push(
-                pos,
-                Code::InvalidCron,
-                format!("invalid cron `{}`: {e}", schedule.cron),
-            );
+        check_schedule(schedule, node, &mut d)
+    });
+    let integration = match &doc.integration {
+        Some(integration) => {
+            let node = root.get("integration").unwrap_or(&root);
+            check_integration(integration, node, &mut d);
+            integration.clone()
         }
-        if let Some(tz) = &schedule.timezone {
-            if tz.parse::<chrono_tz::Tz>().is_err() {
-                let pos = node.get("timezone").map(|n| n.pos).unwrap_or(node.pos);
-                let hint = did_you_mean(tz, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
-                    .map(|s| format!("; did you mean `{s}`?"))
-                    .unwrap_or_default();
-                d.push(
-                    pos,
-                    Code::InvalidTimezone,
-                    format!("unknown timezone `{tz}`{hint}"),
-                );
-            }
-        }
-    }
+        None => Integration::default(),
+    };
     if doc.concurrency == Some(0) {
         let pos = root.get("concurrency").map(|n| n.pos).unwrap_or(root.pos);
         d.push(pos, Code::InvalidValue, "concurrency must be at least 1");
@@ -735,7 +726,8 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         params: param_specs,
         connections,
         connection_nodes,
-        schedule: doc.schedule,
+        schedule,
+        integration,
         concurrency: doc.concurrency,
         sandbox: doc.sandbox.unwrap_or_default(),
         steps,
@@ -745,6 +737,217 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
     Outcome {
         diagnostics: finish(d),
         plan: Some(plan),
+    }
+}
+
+/// Schedule and integration values are read as written, never rendered: a template there
+/// (which `Mode::Check` would let through as a stand-in) is an error at its value.
+/// Whether one was found.
+fn no_templates(node: &Node, block: &str, d: &mut Diags) -> bool {
+    match &node.value {
+        Value::String(s) if is_template(s) => {
+            d.push(
+                node.pos,
+                Code::InvalidValue,
+                format!(
+                    "`{block}:` values are not templates (the scheduler reads them as written)"
+                ),
+            );
+            true
+        }
+        Value::Map(entries) => {
+            // Every template is reported, not only the first.
+            let mut found = false;
+            for (_, v) in entries {
+                found |= no_templates(v, block, d);
+            }
+            found
+        }
+        Value::Seq(items) => {
+            let mut found = false;
+            for v in items {
+                found |= no_templates(v, block, d);
+            }
+            found
+        }
+        _ => false,
+    }
+}
+
+/// The position of `key` in a block, else of the block.
+fn pos_of(node: &Node, key: &str) -> Pos {
+    node.get(key).map(|n| n.pos).unwrap_or(node.pos)
+}
+
+/// Check `schedule:` (exactly one of cron/interval, a known timezone, ranges) and return it
+/// typed with its defaults, when it has no error.
+fn check_schedule(s: &Schedule, node: &Node, d: &mut Diags) -> Option<ScheduleConfig> {
+    let mut ok = !no_templates(node, "schedule", d);
+    let trigger = match (&s.cron, &s.interval) {
+        (Some(_), Some(_)) => {
+            d.push(
+                pos_of(node, "interval"),
+                Code::InvalidValue,
+                "a schedule has `cron` or `interval`, not both",
+            );
+            None
+        }
+        (None, None) => {
+            d.push(
+                node.pos,
+                Code::MissingKey,
+                "a schedule needs `cron` (e.g. \"0 6 * * *\") or `interval` (e.g. 15m)",
+            );
+            None
+        }
+        (Some(cron), None) => match crate::schedule_check::cron(cron) {
+            Ok(()) => Some(ScheduleTrigger::Cron(cron.clone())),
+            Err(e) => {
+                d.push(
+                    pos_of(node, "cron"),
+                    Code::InvalidCron,
+                    format!("invalid cron `{cron}`: {e}"),
+                );
+                None
+            }
+        },
+        (None, Some(interval)) => {
+            let pos = pos_of(node, "interval");
+            match interval.parse() {
+                Err(e) => {
+                    d.push(pos, Code::InvalidDuration, format!("`interval`: {e}"));
+                    None
+                }
+                Ok(i) if i.subsec_nanos() != 0 || i.as_secs() == 0 => {
+                    d.push(
+                        pos,
+                        Code::InvalidDuration,
+                        format!(
+                            "`interval` must be a whole number of seconds, at least 1s (found {})",
+                            crate::duration::human(i)
+                        ),
+                    );
+                    None
+                }
+                Ok(i) => Some(ScheduleTrigger::Interval(i)),
+            }
+        }
+    };
+    let timezone = match &s.timezone {
+        None => chrono_tz::UTC,
+        Some(tz) => match tz.parse::<chrono_tz::Tz>() {
+            Ok(tz) => tz,
+            Err(_) => {
+                let hint = did_you_mean(tz, chrono_tz::TZ_VARIANTS.iter().map(|t| t.name()))
+                    .map(|s| format!("; did you mean `{s}`?"))
+                    .unwrap_or_default();
+                d.push(
+                    pos_of(node, "timezone"),
+                    Code::InvalidTimezone,
+                    format!("unknown timezone `{tz}`{hint}"),
+                );
+                ok = false;
+                chrono_tz::UTC
+            }
+        },
+    };
+    let mut range = |key: &str, value: Option<u32>, min: u32, max: u32, what: &str| {
+        if let Some(v) = value {
+            if v < min || v > max {
+                d.push(
+                    pos_of(node, key),
+                    Code::InvalidValue,
+                    format!("`{key}` must be from {min} to {max}{what} (found {v})"),
+                );
+                ok = false;
+            }
+        }
+    };
+    range(
+        "max_concurrent_runs",
+        s.max_concurrent_runs,
+        1,
+        crate::model::MAX_CONCURRENT_RUNS,
+        "",
+    );
+    range(
+        "max_catch_up",
+        s.max_catch_up,
+        1,
+        crate::model::MAX_MAX_CATCH_UP,
+        "; `catch_up: none` runs no missed tick",
+    );
+    range(
+        "pause_after_failures",
+        s.pause_after_failures,
+        1,
+        u32::MAX,
+        "",
+    );
+    if !ok {
+        return None;
+    }
+    Some(ScheduleConfig {
+        trigger: trigger?,
+        timezone,
+        enabled: s.enabled,
+        max_concurrent_runs: s.max_concurrent_runs.unwrap_or(1),
+        on_overlap: s.on_overlap,
+        catch_up: s.catch_up,
+        max_catch_up: s.max_catch_up.unwrap_or(crate::model::DEFAULT_MAX_CATCH_UP),
+        pause_after_failures: s.pause_after_failures,
+    })
+}
+
+/// Check `integration:`: names people read are not blank, the queue is a name, tags are
+/// distinct words.
+fn check_integration(i: &Integration, node: &Node, d: &mut Diags) {
+    no_templates(node, "integration", d);
+    for (key, value) in [
+        ("group", &i.group),
+        ("external_system", &i.external_system),
+        ("owner", &i.owner),
+    ] {
+        if value.as_ref().is_some_and(|v| v.trim().is_empty()) {
+            d.push(
+                pos_of(node, key),
+                Code::InvalidValue,
+                format!("`integration.{key}` is empty; leave it out instead"),
+            );
+        }
+    }
+    let name_ok = |q: &str| {
+        !q.is_empty()
+            && q.len() <= 64
+            && q.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if !name_ok(&i.queue) {
+        d.push(
+            pos_of(node, "queue"),
+            Code::InvalidName,
+            format!("queue name `{}` must match [A-Za-z0-9_-]{{1,64}}", i.queue),
+        );
+    }
+    let tag_nodes = node.get("tags").and_then(|t| match &t.value {
+        Value::Seq(items) => Some(items),
+        _ => None,
+    });
+    let mut seen = BTreeSet::new();
+    for (k, tag) in i.tags.iter().enumerate() {
+        let pos = tag_nodes
+            .and_then(|items| items.get(k))
+            .map(|n| n.pos)
+            .unwrap_or_else(|| pos_of(node, "tags"));
+        if tag.trim().is_empty() {
+            d.push(pos, Code::InvalidValue, "an empty tag");
+        } else if !seen.insert(tag.as_str()) {
+            d.push(
+                pos,
+                Code::InvalidValue,
+                format!("tag `{tag}` is given twice"),
+            );
+        }
     }
 }
 

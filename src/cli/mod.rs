@@ -4,6 +4,7 @@ pub mod graph;
 pub mod run;
 pub mod runs;
 pub mod sandbox;
+pub mod schedule;
 pub mod schema;
 pub mod validate;
 
