@@ -18,7 +18,6 @@ use async_trait::async_trait;
 use chrono::Utc;
 use engine::diag::{Diags, Severity};
 use engine::executor::{self, RunRequest};
-use engine::history::{HistoryWriter, NewRun, Owner, Store, Trigger, DB_FILE};
 use engine::secrets::Redactor;
 use engine::status::Status;
 use engine::step::{StepConfig, StepContext, StepError, StepKind, StepOutput};
@@ -29,6 +28,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use store::{HistoryWriter, NewRun, Owner, StoreConfig, Trigger, DB_FILE};
 use tokio_util::sync::CancellationToken;
 
 const FILES: usize = 1_000;
@@ -395,22 +395,19 @@ fn run_dag(
         .unwrap_or(2);
 
     let clock = Instant::now();
-    let store = Store::open(state_dir).expect("open the history");
+    let store = store::open(&StoreConfig::sqlite(state_dir)).expect("open the history");
     let _ = store.mark_abandoned();
     store
         .upsert_integration(&plan.name, plan.description.as_deref())
         .expect("upsert integration");
     let run_id = store
         .create_run(&NewRun {
-            pipeline: plan.name.clone(),
-            params: serde_json::json!({}),
-            trigger: Trigger::Cli,
-            owner: Owner::Pipe,
             logical_date: Some(logical_date),
+            ..NewRun::new(plan.name.clone(), Trigger::Cli, Owner::Pipe)
         })
         .expect("create the run");
     let run_dir = store.run_dir(run_id);
-    let writer = Arc::new(HistoryWriter::start(state_dir, run_id).expect("history writer"));
+    let writer = Arc::new(HistoryWriter::start(store.clone(), run_id).expect("history writer"));
     let observer: Arc<dyn engine::events::Observer> = writer.clone();
     let redactor = Redactor::new();
     let templates = Arc::new(Templates::new(Runtime {

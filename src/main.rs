@@ -15,6 +15,10 @@ struct Cli {
     /// Where run history and run files live (default: $PIPE_HOME, else ./.pipe).
     #[arg(long, global = true, env = "PIPE_HOME")]
     state_dir: Option<PathBuf>,
+    /// The run store: `postgres://user@host/db` for PostgreSQL, else SQLite in the state dir
+    /// (default; `sqlite:PATH` for another file). Run folders stay in the state dir.
+    #[arg(long, global = true, env = "PIPE_DB")]
+    db: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,11 +52,17 @@ fn main() {
     let cli = Cli::parse();
     let state_dir = cli.state_dir.unwrap_or_else(|| PathBuf::from(".pipe"));
     let code = match cli.command {
-        Command::Run(args) => cli::run::main(args, &state_dir),
+        Command::Run(args) => cli::run::main(args, &state_dir, cli.db.as_deref()),
         Command::Validate(args) => cli::validate::main(args),
         Command::Schema(args) => cli::schema::main(args),
         Command::Graph(args) => cli::graph::main(args),
-        Command::Runs(cmd) => cli::runs::main(cmd, &state_dir),
+        Command::Runs(cmd) => cli::runs::main(
+            cmd,
+            &store::StoreConfig {
+                url: cli.db.clone(),
+                state_dir: state_dir.clone(),
+            },
+        ),
         Command::Sandbox { cmd } => cli::sandbox::main_in(cmd, &state_dir),
         Command::Schedule(cmd) => cli::schedule::main(cmd),
     };

@@ -1,7 +1,9 @@
 //! The `pipe` language and runtime.
 //!
 //! Data flows one way: YAML text → spanned [`yaml::Node`] tree → typed [`model::Pipeline`]
-//! → validated [`plan::Plan`] (a petgraph DAG) → [`executor`] → step runners → [`history`].
+//! → validated [`plan::Plan`] (a petgraph DAG) → [`executor`] → step runners → observers
+//! (the `store` crate records them; engine knows only [`events::Observer`] and
+//! [`step::HistoryView`]).
 //! This crate never names a concrete step type: steps arrive through a [`step::Registry`]
 //! built by the `steps` crate, and tables travel as opaque [`step::Table`] handles, so
 //! `engine` (and `pipe validate`) builds without Polars or any network client.
@@ -12,7 +14,7 @@ pub mod diag;
 pub mod duration;
 pub mod events;
 pub mod executor;
-pub mod history;
+pub mod host;
 pub mod model;
 pub mod params;
 pub mod plan;

@@ -7,7 +7,6 @@ use super::Format;
 use chrono::{DateTime, NaiveDate, Utc};
 use engine::events::{Level, Observer, RunEvent, StepRecord};
 use engine::executor::{self, RunRequest};
-use engine::history::{HistoryWriter, NewRun, Owner, Store, Trigger};
 use engine::plan::Plan;
 use engine::secrets::Redactor;
 use engine::status::Status;
@@ -17,6 +16,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use store::{HistoryWriter, NewRun, Owner, Trigger};
 use tokio_util::sync::CancellationToken;
 
 /// After the summary, how long blocking work left by cancelled steps may take to stop.
@@ -59,7 +59,7 @@ fn usage(msg: impl std::fmt::Display) -> i32 {
     2
 }
 
-pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
+pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     let display = args.path.display().to_string();
     let outcome = engine::validate::validate_file(&args.path, &display, &super::registry());
     let Some(mut plan) = outcome.plan else {
@@ -129,7 +129,10 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         return dry_run(&plan, &templates, params_value, run, &redactor, args.format);
     }
 
-    let store = match Store::open(state_dir) {
+    let store = match store::open(&store::StoreConfig {
+        url: db.map(str::to_string),
+        state_dir: state_dir.to_path_buf(),
+    }) {
         Ok(s) => s,
         Err(e) => {
             return usage(format!(
@@ -137,6 +140,15 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
                 state_dir.display()
             ))
         }
+    };
+    // The run's owner: a lease renewed while this process lives (see store::lease).
+    let lease = match store::LeaseKeeper::start(
+        store.clone(),
+        store::LeaseOwner::this_process("run"),
+        store::lease_period(),
+    ) {
+        Ok(l) => l,
+        Err(e) => return usage(format!("cannot record the run's owner: {e:#}")),
     };
     let _ = store.mark_abandoned();
     let recorded_params = redactor.redact_json(&serde_json::Value::Object(
@@ -146,18 +158,17 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
         .upsert_integration(&plan.name, plan.description.as_deref())
         .and_then(|_| {
             store.create_run(&NewRun {
-                pipeline: plan.name.clone(),
                 params: recorded_params,
-                trigger: Trigger::Cli,
-                owner: Owner::Pipe,
                 logical_date: Some(logical_date),
+                lease_owner: Some(lease.owner().id.clone()),
+                ..NewRun::new(plan.name.clone(), Trigger::Cli, Owner::Pipe)
             })
         }) {
         Ok(id) => id,
         Err(e) => return usage(format!("cannot record the run: {e:#}")),
     };
     let run_dir = store.run_dir(run_id);
-    let writer = match HistoryWriter::start(state_dir, run_id) {
+    let writer = match HistoryWriter::start(store.clone(), run_id) {
         Ok(w) => Arc::new(w),
         Err(e) => return usage(format!("cannot write run history: {e:#}")),
     };
@@ -197,8 +208,8 @@ pub fn main(args: RunArgs, state_dir: &Path) -> i32 {
             observer,
             cancel: cancel.clone(),
             hard_cancel,
-            history: Some(Arc::new(engine::history::HistoryReader {
-                state_dir: state_dir.to_path_buf(),
+            history: Some(Arc::new(store::HistoryReader {
+                store: store.clone(),
                 writer: Some(writer.clone()),
             })),
         })

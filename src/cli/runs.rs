@@ -5,11 +5,12 @@
 use anyhow::{bail, Result};
 use clap::{Subcommand, ValueEnum};
 use engine::events::{Level, LogRecord};
-use engine::history::{LogRow, NewRun, Owner, RunDetail, RunRow, Store, Trigger};
 use engine::status::Status;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+use store::{LogRow, NewRun, Owner, RunDetail, RunRow, RunStore, StoreConfig, Trigger};
 
 /// How often `pipe runs logs --follow` looks for new rows.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
@@ -125,10 +126,10 @@ fn parse_finish_status(s: &str) -> Result<Status, String> {
 }
 
 /// Run a `pipe runs` subcommand. Exit codes: 0 ok, 1 failure, 2 usage.
-pub fn main(cmd: RunsCommand, state_dir: &Path) -> i32 {
+pub fn main(cmd: RunsCommand, cfg: &StoreConfig) -> i32 {
     let stdout = io::stdout();
     let mut out = stdout.lock();
-    match run(cmd, state_dir, &mut out).and_then(|code| {
+    match run(cmd, cfg, &mut out).and_then(|code| {
         out.flush()?;
         Ok(code)
     }) {
@@ -147,8 +148,8 @@ pub fn main(cmd: RunsCommand, state_dir: &Path) -> i32 {
     }
 }
 
-fn run(cmd: RunsCommand, state_dir: &Path, out: &mut impl Write) -> Result<i32> {
-    let store = Store::open(state_dir)?;
+fn run(cmd: RunsCommand, cfg: &StoreConfig, out: &mut impl Write) -> Result<i32> {
+    let store: Arc<dyn RunStore> = store::open(cfg)?;
     store.mark_abandoned()?;
     match cmd {
         RunsCommand::List {
@@ -180,7 +181,7 @@ fn run(cmd: RunsCommand, state_dir: &Path, out: &mut impl Write) -> Result<i32> 
                 bail!("run {id} not found");
             }
             if follow {
-                follow_logs(&store, id, format, out)?;
+                follow_logs(store.as_ref(), id, format, out)?;
             } else {
                 let rows = store.logs(id, 0)?;
                 match format {
@@ -211,11 +212,8 @@ fn run(cmd: RunsCommand, state_dir: &Path, out: &mut impl Write) -> Result<i32> 
                 .map(|(k, v)| (k, serde_json::Value::String(v)))
                 .collect();
             let id = store.create_run(&NewRun {
-                pipeline,
                 params: serde_json::Value::Object(params),
-                trigger: Trigger::External,
-                owner: Owner::External,
-                logical_date: None,
+                ..NewRun::new(pipeline, Trigger::External, Owner::External)
             })?;
             writeln!(out, "{id}")?;
         }
@@ -255,7 +253,7 @@ fn run(cmd: RunsCommand, state_dir: &Path, out: &mut impl Write) -> Result<i32> 
 }
 
 /// Print new rows every [`FOLLOW_POLL`] until the run is finished, then the rest.
-fn follow_logs(store: &Store, id: i64, format: Format, out: &mut impl Write) -> Result<()> {
+fn follow_logs(store: &dyn RunStore, id: i64, format: Format, out: &mut impl Write) -> Result<()> {
     let mut last = 0;
     loop {
         // A `pipe run` that dies while followed becomes `abandoned` here.

@@ -566,12 +566,12 @@ fn exchange(a: &Path, b: &Path) -> io::Result<()> {
 
 /// The start of the names of `name`'s temporaries: `.NAME.tmp-HOST-`, then the writing
 /// process's pid and a random suffix. HOST stands for where the pid means something (the
-/// boot and pid namespace, [`engine::history::host_identity`]), so a later write can tell a
+/// boot and pid namespace, [`engine::host::host_identity`]), so a later write can tell a
 /// temporary whose writer died (killed by `kill -9`, say, which runs no cleanup) from one
 /// that a live process, here or in another container sharing the folder, is still writing.
 fn temporary_prefix(name: &str) -> String {
     // FNV-1a: stable across processes and builds, unlike the std hasher's random keys.
-    let host = engine::history::host_identity().unwrap_or_default();
+    let host = engine::host::host_identity().unwrap_or_default();
     let mut h: u64 = 0xcbf29ce484222325;
     for b in host.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x100000001b3);
@@ -603,7 +603,7 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
             continue; // another write of this run, maybe still under way
         }
         // A zombie counts as dead, as it does for the run history's owners.
-        if !engine::history::pid_alive(pid) {
+        if !engine::host::pid_alive(pid) {
             remove_quietly(&entry.path());
         }
     }

@@ -1,0 +1,1914 @@
+//! The store's logic, written once over a tiny SQL interface that both backends implement
+//! ([`Backend`], [`Tx`]): statements use `?1 ?2 …` placeholders (PostgreSQL's `$1` is
+//! substituted by its backend), values are [`Value`]s (integers, text, null), times are
+//! RFC 3339 UTC text with milliseconds (which sorts as text, in both databases), booleans are
+//! integers. What differs (locking, `FOR UPDATE SKIP LOCKED`, DDL) is asked of the
+//! [`Dialect`].
+
+use crate::error::Context as _;
+use crate::*;
+use chrono::{DateTime, SecondsFormat, Utc};
+use engine::host::{owner_alive, owner_liveness, Liveness};
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Value {
+    Null,
+    Int(i64),
+    Text(String),
+}
+
+impl From<i64> for Value {
+    fn from(v: i64) -> Self {
+        Value::Int(v)
+    }
+}
+impl From<u32> for Value {
+    fn from(v: u32) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<u64> for Value {
+    fn from(v: u64) -> Self {
+        Value::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+impl From<bool> for Value {
+    fn from(v: bool) -> Self {
+        Value::Int(i64::from(v))
+    }
+}
+impl From<&str> for Value {
+    fn from(v: &str) -> Self {
+        Value::Text(v.to_string())
+    }
+}
+impl From<&String> for Value {
+    fn from(v: &String) -> Self {
+        Value::Text(v.clone())
+    }
+}
+impl From<String> for Value {
+    fn from(v: String) -> Self {
+        Value::Text(v)
+    }
+}
+impl From<DateTime<Utc>> for Value {
+    fn from(v: DateTime<Utc>) -> Self {
+        Value::Text(ts(v))
+    }
+}
+impl<T: Into<Value>> From<Option<T>> for Value {
+    fn from(v: Option<T>) -> Self {
+        v.map_or(Value::Null, Into::into)
+    }
+}
+
+macro_rules! p {
+    ($($v:expr),* $(,)?) => { &[$(Value::from($v)),*][..] };
+}
+
+/// One result row.
+pub(crate) struct Row(pub Vec<Value>);
+
+impl Row {
+    fn get(&self, i: usize) -> Result<&Value> {
+        self.0
+            .get(i)
+            .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("result has no column {i}")))
+    }
+    pub fn opt_int(&self, i: usize) -> Result<Option<i64>> {
+        match self.get(i)? {
+            Value::Null => Ok(None),
+            Value::Int(n) => Ok(Some(*n)),
+            Value::Text(t) => t
+                .parse()
+                .map(Some)
+                .map_err(|_| bad(format!("column {i}: `{t}` is not an integer"))),
+        }
+    }
+    pub fn int(&self, i: usize) -> Result<i64> {
+        self.opt_int(i)?
+            .ok_or_else(|| bad(format!("column {i} is null")))
+    }
+    pub fn opt_text(&self, i: usize) -> Result<Option<String>> {
+        match self.get(i)? {
+            Value::Null => Ok(None),
+            Value::Int(n) => Ok(Some(n.to_string())),
+            Value::Text(t) => Ok(Some(t.clone())),
+        }
+    }
+    pub fn text(&self, i: usize) -> Result<String> {
+        self.opt_text(i)?
+            .ok_or_else(|| bad(format!("column {i} is null")))
+    }
+    pub fn opt_time(&self, i: usize) -> Result<Option<DateTime<Utc>>> {
+        self.opt_text(i)?.map(|t| parse_time(&t)).transpose()
+    }
+    pub fn time(&self, i: usize) -> Result<DateTime<Utc>> {
+        parse_time(&self.text(i)?)
+    }
+    pub fn parsed<T: FromStr<Err = String>>(&self, i: usize) -> Result<T> {
+        self.text(i)?.parse().map_err(bad)
+    }
+    pub fn json(&self, i: usize) -> Result<serde_json::Value> {
+        Ok(parse_json(self.opt_text(i)?.as_deref()))
+    }
+    pub fn u32(&self, i: usize) -> Result<u32> {
+        Ok(u32::try_from(self.int(i)?.max(0)).unwrap_or(u32::MAX))
+    }
+    pub fn opt_u32(&self, i: usize) -> Result<Option<u32>> {
+        Ok(self
+            .opt_int(i)?
+            .map(|n| u32::try_from(n.max(0)).unwrap_or(u32::MAX)))
+    }
+    pub fn opt_u64(&self, i: usize) -> Result<Option<u64>> {
+        Ok(self.opt_int(i)?.map(|n| n.max(0) as u64))
+    }
+    pub fn bool(&self, i: usize) -> Result<bool> {
+        Ok(self.opt_int(i)?.unwrap_or(0) != 0)
+    }
+}
+
+fn bad(msg: impl Into<String>) -> StoreError {
+    StoreError::Backend(anyhow::anyhow!(
+        "unreadable value in the store: {}",
+        msg.into()
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+/// A transaction of either backend.
+pub(crate) trait Tx {
+    fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64>;
+    fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
+    fn one(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+}
+
+/// A backend: runs closures in write or read transactions, retrying on contention.
+pub(crate) trait Backend: Send + Sync + 'static {
+    const DIALECT: Dialect;
+    /// A write transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: read committed), tried
+    /// again from the start while it fails on contention (busy, deadlock, serialization).
+    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T>;
+    /// A read transaction (one snapshot for all its statements).
+    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T>;
+    /// Whether the error is contention that trying again may cure.
+    fn is_contention(e: &StoreError) -> bool;
+    fn describe(&self) -> String;
+    fn schema_version(&self) -> Result<u32>;
+}
+
+/// The store over a backend.
+pub(crate) struct SqlStore<B: Backend> {
+    pub backend: B,
+    pub state_dir: PathBuf,
+}
+
+impl<B: Backend> std::fmt::Debug for SqlStore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RunStore({})", self.backend.describe())
+    }
+}
+
+/// Times are stored as RFC 3339 UTC text with milliseconds, which sorts as text.
+pub(crate) fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| bad(format!("bad time `{s}`: {e}")))
+}
+
+fn parse_json(text: Option<&str>) -> serde_json::Value {
+    match text {
+        Some(t) => serde_json::from_str(t).unwrap_or_else(|_| serde_json::Value::String(t.into())),
+        None => serde_json::Value::Null,
+    }
+}
+
+fn json_text(v: &serde_json::Value) -> Result<String> {
+    Ok(serde_json::to_string(v)?)
+}
+
+fn plus(now: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::days(1))
+}
+
+fn limit_value(limit: usize) -> i64 {
+    if limit == 0 {
+        i64::MAX
+    } else {
+        i64::try_from(limit).unwrap_or(i64::MAX)
+    }
+}
+
+const RUN_COLUMNS: &str = r#"id, pipeline, status, "trigger", owner, params, started_at, finished_at,
+    logical_date, error, pid, attempt, lease_owner, queue_item"#;
+
+fn run_row(r: &Row) -> Result<RunRow> {
+    let started_at = r.time(6)?;
+    let finished_at = r.opt_time(7)?;
+    Ok(RunRow {
+        id: r.int(0)?,
+        pipeline: r.text(1)?,
+        status: r.parsed(2)?,
+        trigger: r.parsed(3)?,
+        owner: r.parsed(4)?,
+        params: r.json(5)?,
+        started_at,
+        finished_at,
+        duration_ms: finished_at.map(|f| (f - started_at).num_milliseconds().max(0) as u64),
+        logical_date: r.opt_time(8)?,
+        error: r.opt_text(9)?,
+        pid: r.opt_int(10)?,
+        attempt: r.opt_u32(11)?.unwrap_or(1),
+        lease_owner: r.opt_text(12)?,
+        queue_item: r.opt_int(13)?,
+    })
+}
+
+const STEP_COLUMNS: &str = r#"step, run_attempt, kind, status, attempts, started_at, finished_at,
+    duration_ms, "rows", error, outputs"#;
+
+fn step_row(r: &Row) -> Result<StepRow> {
+    Ok(StepRow {
+        step: r.text(0)?,
+        run_attempt: r.opt_u32(1)?.unwrap_or(1),
+        kind: r.opt_text(2)?,
+        status: r.parsed(3)?,
+        attempts: r.u32(4)?,
+        started_at: r.opt_time(5)?,
+        finished_at: r.opt_time(6)?,
+        duration_ms: r.opt_u64(7)?,
+        rows: r.opt_u64(8)?,
+        error: r.opt_text(9)?,
+        outputs: r.json(10)?,
+    })
+}
+
+const QUEUE_COLUMNS: &str = r#"id, integration, queue, priority, "trigger", logical_date, params,
+    dedup_key, backfill_id, state, enqueued_at, claimed_by, claimed_at, claim_expires_at,
+    run_id, finished_at"#;
+
+fn queue_row(r: &Row) -> Result<QueueItem> {
+    Ok(QueueItem {
+        id: r.int(0)?,
+        integration: r.text(1)?,
+        queue: r.text(2)?,
+        priority: r.int(3)?,
+        trigger: r.parsed(4)?,
+        logical_date: r.opt_time(5)?,
+        params: r.json(6)?,
+        dedup_key: r.opt_text(7)?,
+        backfill_id: r.opt_int(8)?,
+        state: r.parsed(9)?,
+        enqueued_at: r.time(10)?,
+        claimed_by: r.opt_text(11)?,
+        claimed_at: r.opt_time(12)?,
+        claim_expires_at: r.opt_time(13)?,
+        run_id: r.opt_int(14)?,
+        finished_at: r.opt_time(15)?,
+    })
+}
+
+const INTEGRATION_COLUMNS: &str = r#"i.name, i.description, i.enabled, i.resumed_at, i.path,
+    i.content_hash, i.metadata, i.queue, i.priority, i.max_concurrent_runs, i.loaded_at,
+    i.load_error, i.load_error_at, i.removed, i.next_run_at,
+    r.id, r.status, r."trigger", r.started_at, r.finished_at"#;
+
+fn integration_row(r: &Row) -> Result<Integration> {
+    let last_run = match r.opt_int(15)? {
+        Some(id) => Some(LastRun {
+            id,
+            status: r.parsed(16)?,
+            trigger: r.parsed(17)?,
+            started_at: r.time(18)?,
+            finished_at: r.opt_time(19)?,
+        }),
+        None => None,
+    };
+    let metadata = match r.opt_text(6)? {
+        Some(t) => parse_json(Some(&t)),
+        None => serde_json::Value::Object(Default::default()),
+    };
+    Ok(Integration {
+        name: r.text(0)?,
+        description: r.opt_text(1)?,
+        enabled: r.bool(2)?,
+        resumed_at: r.opt_time(3)?,
+        path: r.opt_text(4)?,
+        content_hash: r.opt_text(5)?,
+        metadata,
+        queue: r.opt_text(7)?.unwrap_or_else(|| DEFAULT_QUEUE.to_string()),
+        priority: r.opt_int(8)?.unwrap_or(0),
+        max_concurrent_runs: r.opt_u32(9)?,
+        loaded_at: r.opt_time(10)?,
+        load_error: r.opt_text(11)?,
+        load_error_at: r.opt_time(12)?,
+        removed: r.bool(13)?,
+        next_run_at: r.opt_time(14)?,
+        last_run,
+    })
+}
+
+const LEASE_COLUMNS: &str =
+    "name, kind, owner, host, pid, acquired_at, heartbeat_at, expires_at, host_identity, pid_start";
+
+fn lease_row(r: &Row) -> Result<LeaseRow> {
+    Ok(LeaseRow {
+        name: r.text(0)?,
+        kind: r.parsed(1)?,
+        owner: r.text(2)?,
+        host: r.opt_text(3)?,
+        pid: r.opt_int(4)?,
+        acquired_at: r.time(5)?,
+        heartbeat_at: r.time(6)?,
+        expires_at: r.time(7)?,
+    })
+}
+
+/// A stored owner lease, as `expire_lost` and `finish_run` judge it.
+struct StoredLease {
+    expires_at: DateTime<Utc>,
+    host: Option<String>,
+    host_identity: Option<String>,
+    pid: Option<i64>,
+    pid_start: Option<String>,
+    role: Option<String>,
+}
+
+impl StoredLease {
+    /// The owner lives in this boot and pid namespace and its pid is gone (or reused).
+    fn provably_dead(&self) -> bool {
+        self.host_identity.is_some()
+            && self.host_identity == engine::host::host_identity()
+            && !owner_alive(self.pid, self.pid_start.as_deref())
+    }
+    fn lost(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at < now || self.provably_dead()
+    }
+    fn label(&self) -> String {
+        format!(
+            "{}@{}:{}",
+            self.role.as_deref().unwrap_or("pipe"),
+            self.host.as_deref().unwrap_or("?"),
+            self.pid.map_or_else(|| "?".to_string(), |p| p.to_string())
+        )
+    }
+}
+
+fn owner_leases(tx: &mut dyn Tx) -> Result<HashMap<String, StoredLease>> {
+    let rows = tx.query(
+        "SELECT name, expires_at, host, host_identity, pid, pid_start, role
+         FROM leases WHERE kind = 'owner'",
+        p![],
+    )?;
+    let mut out = HashMap::new();
+    for r in rows {
+        out.insert(
+            r.text(0)?,
+            StoredLease {
+                expires_at: r.time(1)?,
+                host: r.opt_text(2)?,
+                host_identity: r.opt_text(3)?,
+                pid: r.opt_int(4)?,
+                pid_start: r.opt_text(5)?,
+                role: r.opt_text(6)?,
+            },
+        );
+    }
+    Ok(out)
+}
+
+fn owner_lease(tx: &mut dyn Tx, id: &str) -> Result<Option<StoredLease>> {
+    let r = tx.one(
+        "SELECT name, expires_at, host, host_identity, pid, pid_start, role
+         FROM leases WHERE kind = 'owner' AND name = ?1",
+        p![id],
+    )?;
+    r.map(|r| {
+        Ok(StoredLease {
+            expires_at: r.time(1)?,
+            host: r.opt_text(2)?,
+            host_identity: r.opt_text(3)?,
+            pid: r.opt_int(4)?,
+            pid_start: r.opt_text(5)?,
+            role: r.opt_text(6)?,
+        })
+    })
+    .transpose()
+}
+
+fn ensure_integration(tx: &mut dyn Tx, name: &str) -> Result<()> {
+    tx.exec(
+        "INSERT INTO integrations(name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
+        p![name],
+    )?;
+    Ok(())
+}
+
+fn insert_log(tx: &mut dyn Tx, run_id: i64, rec: &LogRecord, file: Option<&str>) -> Result<()> {
+    tx.exec(
+        "INSERT INTO logs(run_id, time, level, step, message, description, file)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        p![
+            run_id,
+            rec.time,
+            rec.level.as_str(),
+            rec.step.as_deref(),
+            rec.message.as_str(),
+            rec.description.as_deref(),
+            file
+        ],
+    )?;
+    Ok(())
+}
+
+fn record_run_finished(
+    tx: &mut dyn Tx,
+    id: i64,
+    status: Status,
+    error: Option<&str>,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    tx.exec(
+        "UPDATE runs SET status = ?2, finished_at = ?3, error = ?4, cancel_requested_at = NULL
+         WHERE id = ?1",
+        p![id, status.as_str(), at, error],
+    )?;
+    tx.exec(
+        "UPDATE integrations SET last_run_at = ?2 WHERE last_run_id = ?1",
+        p![id, at],
+    )?;
+    // The queue item of a finished run is done, even when its worker dies before the ack.
+    tx.exec(
+        "UPDATE queue SET state = 'done', finished_at = ?2 WHERE run_id = ?1 AND state = 'claimed'",
+        p![id, at],
+    )?;
+    Ok(())
+}
+
+fn record_step_finished(tx: &mut dyn Tx, run_id: i64, attempt: i64, s: &StepRecord) -> Result<()> {
+    let outputs = match &s.outputs {
+        serde_json::Value::Null => None,
+        v => Some(json_text(v)?),
+    };
+    tx.exec(
+        r#"INSERT INTO step_runs(run_id, step, run_attempt, status, attempts, started_at,
+                                finished_at, duration_ms, "rows", error, outputs, kind)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULLIF(?12, ''))
+           ON CONFLICT(run_id, step, run_attempt) DO UPDATE SET
+               kind = COALESCE(excluded.kind, step_runs.kind),
+               status = excluded.status,
+               attempts = excluded.attempts,
+               started_at = COALESCE(excluded.started_at, step_runs.started_at),
+               finished_at = excluded.finished_at,
+               duration_ms = excluded.duration_ms,
+               "rows" = excluded."rows",
+               error = excluded.error,
+               outputs = excluded.outputs"#,
+        p![
+            run_id,
+            s.step.as_str(),
+            attempt,
+            s.status.as_str(),
+            s.attempts,
+            s.started_at,
+            s.finished_at,
+            s.duration_ms,
+            s.rows,
+            s.error.as_deref(),
+            outputs,
+            s.kind.as_str()
+        ],
+    )?;
+    Ok(())
+}
+
+fn apply_event(
+    tx: &mut dyn Tx,
+    run_id: i64,
+    attempt: i64,
+    e: &RunEvent,
+    file: Option<&str>,
+) -> Result<()> {
+    match e {
+        RunEvent::StepStarted {
+            step,
+            attempt: n,
+            at,
+        } => {
+            tx.exec(
+                "INSERT INTO step_runs(run_id, step, run_attempt, status, attempts, started_at)
+                 VALUES (?1, ?2, ?3, 'running', ?4, ?5)
+                 ON CONFLICT(run_id, step, run_attempt) DO UPDATE SET
+                     status = 'running',
+                     attempts = excluded.attempts,
+                     started_at = COALESCE(step_runs.started_at, excluded.started_at),
+                     finished_at = NULL,
+                     error = NULL",
+                p![run_id, step.as_str(), attempt, *n, *at],
+            )?;
+        }
+        RunEvent::StepRetrying {
+            step,
+            attempt,
+            error,
+            delay_ms,
+        } => {
+            let rec = LogRecord {
+                time: Utc::now(),
+                level: Level::Warning,
+                step: Some(step.clone()),
+                message: format!(
+                    "attempt {attempt} failed: {error}; retrying in {}",
+                    engine::duration::human(Duration::from_millis(*delay_ms))
+                ),
+                description: None,
+                file: None,
+            };
+            insert_log(tx, run_id, &rec, None)?;
+        }
+        RunEvent::Progress { .. } => {}
+        RunEvent::StepFinished(s) => record_step_finished(tx, run_id, attempt, s)?,
+        RunEvent::Log(rec) => insert_log(tx, run_id, rec, file.or(rec.file.as_deref()))?,
+        RunEvent::RunFinished { status, error, at } => {
+            record_run_finished(tx, run_id, *status, error.as_deref(), *at)?
+        }
+    }
+    Ok(())
+}
+
+fn current_attempt(tx: &mut dyn Tx, run_id: i64) -> Result<i64> {
+    Ok(tx
+        .one("SELECT attempt FROM runs WHERE id = ?1", p![run_id])?
+        .map(|r| r.opt_int(0))
+        .transpose()?
+        .flatten()
+        .unwrap_or(1))
+}
+
+/// Queue `item` inside an open write transaction.
+fn enqueue_tx(tx: &mut dyn Tx, item: &Enqueue, now: DateTime<Utc>) -> Result<Enqueued> {
+    ensure_integration(tx, &item.integration)?;
+    let merge = |tx: &mut dyn Tx| -> Result<Option<Enqueued>> {
+        let Some(key) = &item.dedup_key else {
+            return Ok(None);
+        };
+        let Some(r) = tx.one(
+            "SELECT id FROM queue WHERE dedup_key = ?1 AND state = 'queued'",
+            p![key],
+        )?
+        else {
+            return Ok(None);
+        };
+        let id = r.int(0)?;
+        tx.exec(
+            "UPDATE queue SET priority = ?2 WHERE id = ?1 AND priority < ?2",
+            p![id, item.priority],
+        )?;
+        Ok(Some(Enqueued { id, merged: true }))
+    };
+    if let Some(done) = merge(tx)? {
+        return Ok(done);
+    }
+    let params = json_text(&item.params)?;
+    let inserted = tx.one(
+        r#"INSERT INTO queue(integration, queue, priority, "trigger", logical_date, params,
+                             dedup_key, backfill_id, state, enqueued_at, run_id)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'queued', ?9, ?10)
+           ON CONFLICT (dedup_key) WHERE state = 'queued' DO NOTHING
+           RETURNING id"#,
+        p![
+            item.integration.as_str(),
+            item.queue.as_str(),
+            item.priority,
+            item.trigger.as_str(),
+            item.logical_date,
+            params,
+            item.dedup_key.as_deref(),
+            item.backfill_id,
+            now,
+            item.run_id
+        ],
+    )?;
+    match inserted {
+        Some(r) => Ok(Enqueued {
+            id: r.int(0)?,
+            merged: false,
+        }),
+        // Another transaction queued the same key between our look and our insert.
+        None => merge(tx)?.ok_or_else(|| {
+            StoreError::Backend(anyhow::anyhow!(
+                "queue item with dedup key {:?} vanished while merging",
+                item.dedup_key
+            ))
+        }),
+    }
+}
+
+/// Copy `src` into the run's folder under a free name and return the copy's path.
+fn attach_file(dir: &Path, src: &Path) -> Result<String> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let src_abs = fs::canonicalize(src)
+        .with_context(|| format!("cannot read attached file {}", src.display()))?;
+    if !src_abs.is_file() {
+        return Err(StoreError::invalid(format!(
+            "attached file {} is not a regular file",
+            src.display()
+        )));
+    }
+    let dir_abs = fs::canonicalize(dir)?;
+    if src_abs.starts_with(&dir_abs) {
+        return Ok(src_abs.to_string_lossy().into_owned());
+    }
+    let name = src_abs
+        .file_name()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "file".into());
+    let stem = name
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = name
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()));
+    for n in 0u32.. {
+        let dest = if n == 0 {
+            dir_abs.join(&name)
+        } else {
+            dir_abs.join(format!("{stem}-{n}{}", ext.as_deref().unwrap_or("")))
+        };
+        // create_new reserves the name, so two concurrent copies never share one.
+        let mut out = match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&dest)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("cannot create {}", dest.display())),
+        };
+        let copied =
+            fs::File::open(&src_abs).and_then(|mut input| std::io::copy(&mut input, &mut out));
+        if let Err(e) = copied {
+            let _ = fs::remove_file(&dest);
+            return Err(e)
+                .with_context(|| format!("cannot copy {} to {}", src.display(), dest.display()));
+        }
+        return Ok(dest.to_string_lossy().into_owned());
+    }
+    unreachable!("ran out of file names")
+}
+
+impl<B: Backend> SqlStore<B> {
+    fn write<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        self.backend.write(&mut f)
+    }
+    fn read<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+        self.backend.read(&mut f)
+    }
+
+    fn claim_once(
+        &self,
+        worker: &str,
+        queues: &[String],
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<ClaimTry> {
+        self.write(|tx| {
+            let mut sql = format!(
+                r#"SELECT q.id, q.integration FROM queue q
+                   LEFT JOIN integrations i ON i.name = q.integration
+                   LEFT JOIN backfills b ON b.id = q.backfill_id
+                   WHERE q.state = 'queued'
+                     AND (i.max_concurrent_runs IS NULL OR {ACTIVE} < i.max_concurrent_runs)
+                     AND (b.max_parallel IS NULL OR
+                          (SELECT COUNT(*) FROM queue c WHERE c.backfill_id = q.backfill_id
+                             AND c.state = 'claimed') < b.max_parallel)"#
+            );
+            let mut params: Vec<Value> = Vec::new();
+            if !queues.is_empty() {
+                let marks: Vec<String> = (1..=queues.len()).map(|i| format!("?{i}")).collect();
+                sql.push_str(&format!(" AND q.queue IN ({})", marks.join(", ")));
+                params.extend(queues.iter().map(Value::from));
+            }
+            sql.push_str(" ORDER BY q.priority DESC, q.id LIMIT 1");
+            if B::DIALECT == Dialect::Postgres {
+                sql.push_str(" FOR UPDATE OF q SKIP LOCKED");
+            }
+            let Some(pick) = tx.one(&sql, &params)? else {
+                return Ok(ClaimTry::Nothing);
+            };
+            let (id, integration) = (pick.int(0)?, pick.text(1)?);
+            if B::DIALECT == Dialect::Postgres {
+                // Claimers of one integration take turns here, so two of them never both
+                // see room for one more run; then the count is read again under the lock.
+                tx.query(
+                    "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
+                    p![integration.as_str()],
+                )?;
+                let full = tx.one(
+                    &format!(
+                        "SELECT 1 FROM integrations i WHERE i.name = ?1
+                         AND i.max_concurrent_runs IS NOT NULL
+                         AND {} >= i.max_concurrent_runs",
+                        ACTIVE.replace("q.integration", "i.name")
+                    ),
+                    p![integration.as_str()],
+                )?;
+                if full.is_some() {
+                    return Ok(ClaimTry::Raced);
+                }
+            }
+            tx.exec(
+                "UPDATE queue SET state = 'claimed', claimed_by = ?2, claimed_at = ?3,
+                     claim_expires_at = ?4
+                 WHERE id = ?1 AND state = 'queued'",
+                p![id, worker, now, plus(now, lease)],
+            )?;
+            let item = tx
+                .one(
+                    &format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"),
+                    p![id],
+                )?
+                .ok_or_else(|| StoreError::not_found(format!("queue item {id} not found")))?;
+            Ok(ClaimTry::Got(Box::new(queue_row(&item)?)))
+        })
+    }
+}
+
+/// The runs of `q.integration` that are running, plus its claimed items without a run.
+const ACTIVE: &str = "((SELECT COUNT(*) FROM runs r WHERE r.pipeline = q.integration
+                          AND r.status = 'running')
+                     + (SELECT COUNT(*) FROM queue a WHERE a.integration = q.integration
+                          AND a.state = 'claimed' AND a.run_id IS NULL))";
+
+enum ClaimTry {
+    Nothing,
+    Raced,
+    Got(Box<QueueItem>),
+}
+
+impl<B: Backend> RunQueue for SqlStore<B> {
+    fn enqueue(&self, item: &Enqueue, now: DateTime<Utc>) -> Result<Enqueued> {
+        self.write(|tx| enqueue_tx(tx, item, now))
+    }
+
+    fn claim(
+        &self,
+        worker: &str,
+        queues: &[String],
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<Option<QueueItem>> {
+        for _ in 0..3 {
+            match self.claim_once(worker, queues, lease, now)? {
+                ClaimTry::Nothing => return Ok(None),
+                ClaimTry::Raced => continue,
+                ClaimTry::Got(item) => return Ok(Some(*item)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn ack(&self, item_id: i64, outcome: AckOutcome, now: DateTime<Utc>) -> Result<()> {
+        let state = match outcome {
+            AckOutcome::Done => QueueState::Done,
+            AckOutcome::Cancelled => QueueState::Cancelled,
+        };
+        self.write(|tx| {
+            let Some(r) = tx.one("SELECT state FROM queue WHERE id = ?1", p![item_id])? else {
+                return Err(StoreError::not_found(format!(
+                    "queue item {item_id} not found"
+                )));
+            };
+            let current: QueueState = r.parsed(0)?;
+            match current {
+                QueueState::Claimed => {
+                    tx.exec(
+                        "UPDATE queue SET state = ?2, finished_at = ?3 WHERE id = ?1",
+                        p![item_id, state.as_str(), now],
+                    )?;
+                    Ok(())
+                }
+                // Already finished (its run's end marked it done): acking again is harmless.
+                QueueState::Done | QueueState::Cancelled => Ok(()),
+                QueueState::Queued => Err(StoreError::conflict(format!(
+                    "queue item {item_id} is not claimed"
+                ))),
+            }
+        })
+    }
+}
+
+impl<B: Backend> RunStore for SqlStore<B> {
+    fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    fn describe(&self) -> String {
+        self.backend.describe()
+    }
+
+    fn schema_version(&self) -> Result<u32> {
+        self.backend.schema_version()
+    }
+
+    fn create_run(&self, new: &NewRun) -> Result<i64> {
+        let started = Utc::now();
+        let (pid, pid_start, host) = match new.owner {
+            Owner::Pipe => {
+                let pid = std::process::id();
+                (
+                    Some(i64::from(pid)),
+                    engine::host::process_start(pid),
+                    engine::host::host_identity(),
+                )
+            }
+            Owner::External => (None, None, None),
+        };
+        let params_json = json_text(&new.params)?;
+        let id = self.write(|tx| {
+            ensure_integration(tx, &new.pipeline)?;
+            let row = tx
+                .one(
+                    r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at,
+                                       logical_date, pid, pid_start, owner, host, attempt,
+                                       lease_owner, queue_item)
+                       VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11)
+                       RETURNING id"#,
+                    p![
+                        new.pipeline.as_str(),
+                        params_json.as_str(),
+                        new.trigger.as_str(),
+                        started,
+                        new.logical_date,
+                        pid,
+                        pid_start.as_deref(),
+                        new.owner.as_str(),
+                        host.as_deref(),
+                        new.lease_owner.as_deref(),
+                        new.queue_item
+                    ],
+                )?
+                .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("INSERT returned no id")))?;
+            let id = row.int(0)?;
+            if let Some(item) = new.queue_item {
+                let n = tx.exec(
+                    "UPDATE queue SET run_id = ?2 WHERE id = ?1 AND state = 'claimed'",
+                    p![item, id],
+                )?;
+                if n == 0 {
+                    return Err(StoreError::conflict(format!(
+                        "queue item {item} is not claimed (cancelled, or taken back after its \
+                         worker's lease expired)"
+                    )));
+                }
+            }
+            tx.exec(
+                "UPDATE integrations SET last_run_id = ?1, last_run_at = ?2 WHERE name = ?3",
+                p![id, started, new.pipeline.as_str()],
+            )?;
+            Ok(id)
+        })?;
+        let dir = self.run_dir(id);
+        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(id)
+    }
+
+    fn add_log(&self, run_id: i64, rec: &LogRecord) -> Result<()> {
+        let file = match &rec.file {
+            Some(f) => Some(attach_file(&self.run_dir(run_id), Path::new(f))?),
+            None => None,
+        };
+        self.write(|tx| insert_log(tx, run_id, rec, file.as_deref()))
+    }
+
+    fn write_events(&self, run_id: i64, events: &[RunEvent]) -> Result<()> {
+        // Copy attached files before taking the write lock.
+        let dir = self.run_dir(run_id);
+        let files: Vec<Option<String>> = events
+            .iter()
+            .map(|e| match e {
+                RunEvent::Log(LogRecord { file: Some(f), .. }) => {
+                    Some(attach_file(&dir, Path::new(f)).unwrap_or_else(|_| f.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let all = self.write(|tx| {
+            let attempt = current_attempt(tx, run_id)?;
+            for (e, file) in events.iter().zip(&files) {
+                apply_event(tx, run_id, attempt, e, file.as_deref())?;
+            }
+            Ok(())
+        });
+        match all {
+            Ok(()) => Ok(()),
+            Err(e) if events.len() == 1 || B::is_contention(&e) => Err(e),
+            Err(_) => {
+                let mut first = None;
+                for (e, file) in events.iter().zip(&files) {
+                    let one = self.write(|tx| {
+                        let attempt = current_attempt(tx, run_id)?;
+                        apply_event(tx, run_id, attempt, e, file.as_deref())
+                    });
+                    if let Err(err) = one {
+                        first.get_or_insert(err);
+                    }
+                }
+                first.map_or(Ok(()), Err)
+            }
+        }
+    }
+
+    fn finish_run(&self, id: i64, status: Status, error: Option<&str>, force: bool) -> Result<()> {
+        if !status.is_finished() {
+            return Err(StoreError::invalid(format!(
+                "cannot finish run {id} as {status}"
+            )));
+        }
+        let at = Utc::now();
+        self.write(|tx| {
+            let Some(r) = tx.one(
+                "SELECT status, owner, pid, pid_start, host, lease_owner FROM runs WHERE id = ?1",
+                p![id],
+            )?
+            else {
+                return Err(StoreError::not_found(format!("run {id} not found")));
+            };
+            let current: Status = r.parsed(0)?;
+            if current != Status::Running {
+                return Err(StoreError::conflict(format!(
+                    "run {id} is already {}",
+                    current.label()
+                )));
+            }
+            let owner: Owner = r.parsed(1)?;
+            let pid = r.opt_int(2)?;
+            let shown = pid.map_or_else(|| "unknown".to_string(), |p| p.to_string());
+            if owner == Owner::Pipe && !force {
+                match r.opt_text(5)? {
+                    Some(lease_owner) => match owner_lease(tx, &lease_owner)? {
+                        Some(l) if !l.lost(at) => {
+                            let here = l.host_identity.is_some()
+                                && l.host_identity == engine::host::host_identity();
+                            if here {
+                                let shown = l
+                                    .pid
+                                    .map_or_else(|| "unknown".to_string(), |p| p.to_string());
+                                return Err(StoreError::conflict(format!(
+                                    "run {id} is owned by a live `pipe run` (pid {shown}), which \
+                                     records its end itself; stop that process (Ctrl-C, or \
+                                     `kill {shown}`) to cancel it, or pass --force"
+                                )));
+                            }
+                            return Err(StoreError::conflict(format!(
+                                "run {id} is owned by {} whose lease is live (until {}); it \
+                                 records the run's end itself; pass --force to finish the run \
+                                 anyway",
+                                l.label(),
+                                ts(l.expires_at)
+                            )));
+                        }
+                        _ => {}
+                    },
+                    None => {
+                        let (start, host) = (r.opt_text(3)?, r.opt_text(4)?);
+                        match owner_liveness(pid, start.as_deref(), host.as_deref()) {
+                            Liveness::Dead => {}
+                            Liveness::Alive => {
+                                return Err(StoreError::conflict(format!(
+                                    "run {id} is owned by a live `pipe run` (pid {shown}), which \
+                                     records its end itself; stop that process (Ctrl-C, or \
+                                     `kill {shown}`) to cancel it, or pass --force"
+                                )))
+                            }
+                            Liveness::Unknown => {
+                                return Err(StoreError::conflict(format!(
+                                    "run {id} is owned by a `pipe run` (pid {shown}) in another \
+                                     pid namespace or before a reboot, and pipe cannot tell from \
+                                     here whether it is alive; pass --force to finish the run \
+                                     anyway"
+                                )))
+                            }
+                        }
+                    }
+                }
+            }
+            record_run_finished(tx, id, status, error, at)
+        })
+    }
+
+    fn list_runs(&self, pipeline: Option<&str>, limit: usize) -> Result<Vec<RunRow>> {
+        self.find_runs(&RunFilter {
+            pipeline: pipeline.map(str::to_string),
+            limit,
+            ..Default::default()
+        })
+    }
+
+    fn find_runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>> {
+        let mut sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE 1 = 1");
+        let mut params: Vec<Value> = Vec::new();
+        let mut add = |cond: &str, v: Value, params: &mut Vec<Value>| {
+            params.push(v);
+            sql.push_str(&format!(" AND {cond} ?{}", params.len()));
+        };
+        if let Some(p) = &filter.pipeline {
+            add("pipeline =", p.into(), &mut params);
+        }
+        if let Some(s) = filter.status {
+            add("status =", s.as_str().into(), &mut params);
+        }
+        if let Some(t) = filter.trigger {
+            add(r#""trigger" ="#, t.as_str().into(), &mut params);
+        }
+        if let Some(b) = filter.before_id {
+            add("id <", b.into(), &mut params);
+        }
+        params.push(limit_value(filter.limit).into());
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", params.len()));
+        self.read(|tx| tx.query(&sql, &params)?.iter().map(run_row).collect())
+    }
+
+    fn get_run(&self, id: i64) -> Result<Option<RunDetail>> {
+        self.read(|tx| {
+            let Some(run) = tx.one(
+                &format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"),
+                p![id],
+            )?
+            else {
+                return Ok(None);
+            };
+            let run = run_row(&run)?;
+            let steps = tx
+                .query(
+                    &format!(
+                        "SELECT {STEP_COLUMNS} FROM step_runs WHERE run_id = ?1
+                         ORDER BY run_attempt, id"
+                    ),
+                    p![id],
+                )?
+                .iter()
+                .map(step_row)
+                .collect::<Result<Vec<_>>>()?;
+            let log_count = tx
+                .one("SELECT COUNT(*) FROM logs WHERE run_id = ?1", p![id])?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0);
+            Ok(Some(RunDetail {
+                run,
+                steps,
+                log_count: log_count.max(0) as u64,
+            }))
+        })
+    }
+
+    fn run_status(&self, id: i64) -> Result<Option<Status>> {
+        self.read(|tx| {
+            tx.one("SELECT status FROM runs WHERE id = ?1", p![id])?
+                .map(|r| r.parsed(0))
+                .transpose()
+        })
+    }
+
+    fn logs(&self, id: i64, after_id: i64) -> Result<Vec<LogRow>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id, time, level, step, message, description, file
+                 FROM logs WHERE run_id = ?1 AND id > ?2 ORDER BY id",
+                p![id, after_id],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(LogRow {
+                    id: r.int(0)?,
+                    time: r.time(1)?,
+                    level: r.parsed(2)?,
+                    step: r.opt_text(3)?,
+                    message: r.text(4)?,
+                    description: r.opt_text(5)?,
+                    file: r.opt_text(6)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn rows_since(&self, pipeline: &str, kind: &str, since: DateTime<Utc>) -> Result<u64> {
+        self.read(|tx| {
+            let n = tx
+                .one(
+                    r#"SELECT CAST(COALESCE(SUM(s."rows"), 0) AS BIGINT)
+                       FROM step_runs s JOIN runs r ON r.id = s.run_id
+                       WHERE r.pipeline = ?1 AND s.kind = ?2 AND s.finished_at >= ?3"#,
+                    p![pipeline, kind, since],
+                )?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0);
+            Ok(n.max(0) as u64)
+        })
+    }
+
+    fn start_attempt(&self, run_id: i64, owner: Option<&str>, now: DateTime<Utc>) -> Result<u32> {
+        let pid = std::process::id();
+        let (pid_start, host) = (
+            engine::host::process_start(pid),
+            engine::host::host_identity(),
+        );
+        self.write(|tx| {
+            let Some(r) = tx.one("SELECT status, attempt FROM runs WHERE id = ?1", p![run_id])?
+            else {
+                return Err(StoreError::not_found(format!("run {run_id} not found")));
+            };
+            let status: Status = r.parsed(0)?;
+            if !status.is_finished() {
+                return Err(StoreError::conflict(format!(
+                    "run {run_id} is still {}",
+                    status.label()
+                )));
+            }
+            let next = r.opt_int(1)?.unwrap_or(1) + 1;
+            tx.exec(
+                "UPDATE runs SET attempt = ?2, status = 'running', finished_at = NULL,
+                     error = NULL, cancel_requested_at = NULL, lease_owner = ?3, owner = 'pipe',
+                     pid = ?4, pid_start = ?5, host = ?6
+                 WHERE id = ?1",
+                p![
+                    run_id,
+                    next,
+                    owner,
+                    i64::from(pid),
+                    pid_start.as_deref(),
+                    host.as_deref()
+                ],
+            )?;
+            tx.exec(
+                "UPDATE integrations SET last_run_at = ?2 WHERE last_run_id = ?1",
+                p![run_id, now],
+            )?;
+            Ok(u32::try_from(next).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn request_cancel(&self, run_id: i64, now: DateTime<Utc>) -> Result<bool> {
+        self.write(|tx| {
+            let n = tx.exec(
+                "UPDATE runs SET cancel_requested_at = ?2 WHERE id = ?1 AND status = 'running'",
+                p![run_id, now],
+            )?;
+            if n == 0
+                && tx
+                    .one("SELECT 1 FROM runs WHERE id = ?1", p![run_id])?
+                    .is_none()
+            {
+                return Err(StoreError::not_found(format!("run {run_id} not found")));
+            }
+            Ok(n > 0)
+        })
+    }
+
+    fn cancel_requested(&self, run_id: i64) -> Result<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .one(
+                    "SELECT 1 FROM runs WHERE id = ?1 AND status = 'running'
+                     AND cancel_requested_at IS NOT NULL",
+                    p![run_id],
+                )?
+                .is_some())
+        })
+    }
+
+    fn consecutive_failures(&self, pipeline: &str) -> Result<u32> {
+        self.read(|tx| {
+            let rows = tx.query(
+                "SELECT status FROM runs WHERE pipeline = ?1
+                   AND status IN ('succeeded', 'warning', 'failed')
+                 ORDER BY id DESC LIMIT 1000",
+                p![pipeline],
+            )?;
+            let mut n = 0;
+            for r in rows {
+                if r.parsed::<Status>(0)? != Status::Failed {
+                    break;
+                }
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    fn upsert_integration(&self, name: &str, description: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO integrations(name, description) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE
+                 SET description = COALESCE(excluded.description, integrations.description)",
+                p![name, description],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn load_integration(&self, file: &IntegrationFile, now: DateTime<Utc>) -> Result<()> {
+        let metadata = json_text(&file.metadata)?;
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO integrations(name, description, path, content_hash, metadata, queue,
+                                          priority, max_concurrent_runs, loaded_at, removed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0)
+                 ON CONFLICT(name) DO UPDATE SET
+                     description = excluded.description,
+                     path = excluded.path,
+                     content_hash = excluded.content_hash,
+                     metadata = excluded.metadata,
+                     queue = excluded.queue,
+                     priority = excluded.priority,
+                     max_concurrent_runs = excluded.max_concurrent_runs,
+                     loaded_at = excluded.loaded_at,
+                     load_error = NULL,
+                     load_error_at = NULL,
+                     removed = 0",
+                p![
+                    file.name.as_str(),
+                    file.description.as_deref(),
+                    file.path.as_str(),
+                    file.content_hash.as_str(),
+                    metadata.as_str(),
+                    file.queue.as_str(),
+                    file.priority,
+                    file.max_concurrent_runs,
+                    now
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn set_load_error(&self, name: &str, error: Option<&str>, now: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            ensure_integration(tx, name)?;
+            tx.exec(
+                "UPDATE integrations SET load_error = ?2, load_error_at = ?3 WHERE name = ?1",
+                p![name, error, error.map(|_| now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn set_enabled(&self, name: &str, enabled: bool, now: DateTime<Utc>) -> Result<bool> {
+        self.write(|tx| {
+            ensure_integration(tx, name)?;
+            let was = tx
+                .one("SELECT enabled FROM integrations WHERE name = ?1", p![name])?
+                .map(|r| r.bool(0))
+                .transpose()?
+                .unwrap_or(true);
+            if was == enabled {
+                return Ok(false);
+            }
+            if enabled {
+                tx.exec(
+                    "UPDATE integrations SET enabled = 1, resumed_at = ?2 WHERE name = ?1",
+                    p![name, now],
+                )?;
+            } else {
+                tx.exec(
+                    "UPDATE integrations SET enabled = 0 WHERE name = ?1",
+                    p![name],
+                )?;
+            }
+            Ok(true)
+        })
+    }
+
+    fn is_enabled(&self, name: &str) -> Result<bool> {
+        self.read(|tx| {
+            Ok(tx
+                .one("SELECT enabled FROM integrations WHERE name = ?1", p![name])?
+                .map(|r| r.bool(0))
+                .transpose()?
+                .unwrap_or(true))
+        })
+    }
+
+    fn set_removed(&self, name: &str, removed: bool, _now: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            ensure_integration(tx, name)?;
+            tx.exec(
+                "UPDATE integrations SET removed = ?2 WHERE name = ?1",
+                p![name, removed],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn set_next_run(&self, name: &str, next: Option<DateTime<Utc>>) -> Result<()> {
+        self.write(|tx| {
+            ensure_integration(tx, name)?;
+            tx.exec(
+                "UPDATE integrations SET next_run_at = ?2 WHERE name = ?1",
+                p![name, next],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_integrations(&self) -> Result<Vec<Integration>> {
+        self.read(|tx| {
+            tx.query(
+                &format!(
+                    "SELECT {INTEGRATION_COLUMNS} FROM integrations i
+                     LEFT JOIN runs r ON r.id = i.last_run_id ORDER BY i.name"
+                ),
+                p![],
+            )?
+            .iter()
+            .map(integration_row)
+            .collect()
+        })
+    }
+
+    fn get_integration(&self, name: &str) -> Result<Option<Integration>> {
+        self.read(|tx| {
+            tx.one(
+                &format!(
+                    "SELECT {INTEGRATION_COLUMNS} FROM integrations i
+                     LEFT JOIN runs r ON r.id = i.last_run_id WHERE i.name = ?1"
+                ),
+                p![name],
+            )?
+            .map(|r| integration_row(&r))
+            .transpose()
+        })
+    }
+
+    fn schedule_cursor(&self, integration: &str) -> Result<Option<ScheduleCursor>> {
+        self.read(|tx| {
+            let Some(r) = tx.one(
+                "SELECT schedule_cursor, schedule_fingerprint FROM integrations WHERE name = ?1",
+                p![integration],
+            )?
+            else {
+                return Ok(None);
+            };
+            match r.opt_time(0)? {
+                Some(last_planned) => Ok(Some(ScheduleCursor {
+                    last_planned,
+                    fingerprint: r.opt_text(1)?.unwrap_or_default(),
+                })),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn record_ticks(
+        &self,
+        integration: &str,
+        fingerprint: &str,
+        ticks: &[PlannedTick],
+        cursor: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<TickOutcome>> {
+        self.write(|tx| {
+            ensure_integration(tx, integration)?;
+            let mut out = Vec::with_capacity(ticks.len());
+            for t in ticks {
+                let state = if t.enqueue.is_some() {
+                    TickState::Enqueued
+                } else {
+                    TickState::Skipped
+                };
+                let inserted = tx.exec(
+                    "INSERT INTO ticks(integration, scheduled_at, planned_at, state, note)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(integration, scheduled_at) DO NOTHING",
+                    p![
+                        integration,
+                        t.scheduled_at,
+                        now,
+                        state.as_str(),
+                        t.note.as_deref()
+                    ],
+                )? > 0;
+                let mut queue_item = None;
+                if let (true, Some(item)) = (inserted, &t.enqueue) {
+                    let q = enqueue_tx(tx, item, now)?;
+                    tx.exec(
+                        "UPDATE ticks SET queue_item = ?3 WHERE integration = ?1
+                         AND scheduled_at = ?2",
+                        p![integration, t.scheduled_at, q.id],
+                    )?;
+                    queue_item = Some(q.id);
+                }
+                out.push(TickOutcome {
+                    scheduled_at: t.scheduled_at,
+                    inserted,
+                    queue_item,
+                });
+            }
+            tx.exec(
+                "UPDATE integrations SET
+                     schedule_cursor = CASE WHEN schedule_cursor IS NULL OR schedule_cursor < ?2
+                                            THEN ?2 ELSE schedule_cursor END,
+                     schedule_fingerprint = ?3
+                 WHERE name = ?1",
+                p![integration, cursor, fingerprint],
+            )?;
+            Ok(out)
+        })
+    }
+
+    fn list_ticks(&self, integration: &str, limit: usize) -> Result<Vec<TickRow>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT integration, scheduled_at, planned_at, state, queue_item, note
+                 FROM ticks WHERE integration = ?1 ORDER BY scheduled_at DESC LIMIT ?2",
+                p![integration, limit_value(limit)],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(TickRow {
+                    integration: r.text(0)?,
+                    scheduled_at: r.time(1)?,
+                    planned_at: r.time(2)?,
+                    state: r.parsed(3)?,
+                    queue_item: r.opt_int(4)?,
+                    note: r.opt_text(5)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn cancel_item(&self, item_id: i64, now: DateTime<Utc>) -> Result<bool> {
+        self.write(|tx| {
+            let n = tx.exec(
+                "UPDATE queue SET state = 'cancelled', finished_at = ?2
+                 WHERE id = ?1 AND state = 'queued'",
+                p![item_id, now],
+            )?;
+            if n == 0
+                && tx
+                    .one("SELECT 1 FROM queue WHERE id = ?1", p![item_id])?
+                    .is_none()
+            {
+                return Err(StoreError::not_found(format!(
+                    "queue item {item_id} not found"
+                )));
+            }
+            Ok(n > 0)
+        })
+    }
+
+    fn list_queue(&self, filter: &QueueFilter) -> Result<Vec<QueueItem>> {
+        let mut sql = format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE 1 = 1");
+        let mut params: Vec<Value> = Vec::new();
+        if let Some(i) = &filter.integration {
+            params.push(i.into());
+            sql.push_str(&format!(" AND integration = ?{}", params.len()));
+        }
+        if let Some(s) = filter.state {
+            params.push(s.as_str().into());
+            sql.push_str(&format!(" AND state = ?{}", params.len()));
+        }
+        if let Some(b) = filter.backfill_id {
+            params.push(b.into());
+            sql.push_str(&format!(" AND backfill_id = ?{}", params.len()));
+        }
+        params.push(limit_value(filter.limit).into());
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", params.len()));
+        self.read(|tx| tx.query(&sql, &params)?.iter().map(queue_row).collect())
+    }
+
+    fn get_item(&self, item_id: i64) -> Result<Option<QueueItem>> {
+        self.read(|tx| {
+            tx.one(
+                &format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"),
+                p![item_id],
+            )?
+            .map(|r| queue_row(&r))
+            .transpose()
+        })
+    }
+
+    fn count_queued(&self, integration: &str) -> Result<u64> {
+        self.read(|tx| {
+            Ok(tx
+                .one(
+                    "SELECT COUNT(*) FROM queue WHERE integration = ?1 AND state = 'queued'",
+                    p![integration],
+                )?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0)
+                .max(0) as u64)
+        })
+    }
+
+    fn count_active(&self, integration: &str) -> Result<u64> {
+        self.read(|tx| {
+            Ok(tx
+                .one(
+                    &format!(
+                        "SELECT {} FROM integrations WHERE name = ?1",
+                        ACTIVE.replace("q.integration", "?1")
+                    ),
+                    p![integration],
+                )?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0)
+                .max(0) as u64)
+        })
+    }
+
+    fn create_backfill(&self, new: &NewBackfill, now: DateTime<Utc>) -> Result<i64> {
+        self.write(|tx| {
+            ensure_integration(tx, &new.integration)?;
+            tx.one(
+                "INSERT INTO backfills(integration, from_at, to_at, max_parallel, state, created_at)
+                 VALUES (?1, ?2, ?3, ?4, 'active', ?5) RETURNING id",
+                p![
+                    new.integration.as_str(),
+                    new.from,
+                    new.to,
+                    new.max_parallel,
+                    now
+                ],
+            )?
+            .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("INSERT returned no id")))?
+            .int(0)
+        })
+    }
+
+    fn list_backfills(&self, integration: Option<&str>) -> Result<Vec<Backfill>> {
+        let counts = |state: &str| {
+            format!(
+                "(SELECT COUNT(*) FROM queue q WHERE q.backfill_id = b.id AND q.state = '{state}')"
+            )
+        };
+        let mut sql = format!(
+            "SELECT b.id, b.integration, b.from_at, b.to_at, b.max_parallel, b.state, b.created_at,
+                    {}, {}, {}, {}
+             FROM backfills b",
+            counts("queued"),
+            counts("claimed"),
+            counts("done"),
+            counts("cancelled")
+        );
+        let params: Vec<Value> = match integration {
+            Some(i) => {
+                sql.push_str(" WHERE b.integration = ?1");
+                vec![i.into()]
+            }
+            None => vec![],
+        };
+        sql.push_str(" ORDER BY b.id DESC");
+        self.read(|tx| {
+            tx.query(&sql, &params)?
+                .iter()
+                .map(|r| {
+                    Ok(Backfill {
+                        id: r.int(0)?,
+                        integration: r.text(1)?,
+                        from: r.time(2)?,
+                        to: r.time(3)?,
+                        max_parallel: r.opt_u32(4)?,
+                        state: r.parsed(5)?,
+                        created_at: r.time(6)?,
+                        queued: r.opt_u64(7)?.unwrap_or(0),
+                        claimed: r.opt_u64(8)?.unwrap_or(0),
+                        done: r.opt_u64(9)?.unwrap_or(0),
+                        cancelled: r.opt_u64(10)?.unwrap_or(0),
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn cancel_backfill(&self, id: i64, now: DateTime<Utc>) -> Result<u64> {
+        self.write(|tx| {
+            let n = tx.exec(
+                "UPDATE backfills SET state = 'cancelled' WHERE id = ?1",
+                p![id],
+            )?;
+            if n == 0 {
+                return Err(StoreError::not_found(format!("backfill {id} not found")));
+            }
+            tx.exec(
+                "UPDATE queue SET state = 'cancelled', finished_at = ?2
+                 WHERE backfill_id = ?1 AND state = 'queued'",
+                p![id, now],
+            )
+        })
+    }
+
+    fn heartbeat(&self, owner: &LeaseOwner, ttl: Duration, now: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO leases(name, kind, owner, role, host, host_identity, pid, pid_start,
+                                    acquired_at, heartbeat_at, expires_at)
+                 VALUES (?1, 'owner', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)
+                 ON CONFLICT(name) DO UPDATE SET
+                     heartbeat_at = excluded.heartbeat_at,
+                     expires_at = excluded.expires_at",
+                p![
+                    owner.id.as_str(),
+                    owner.role.as_str(),
+                    owner.host.as_str(),
+                    owner.host_identity.as_deref(),
+                    owner.pid,
+                    owner.pid_start.as_deref(),
+                    now,
+                    plus(now, ttl)
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn release(&self, owner_id: &str) -> Result<()> {
+        self.write(|tx| {
+            tx.exec(
+                "DELETE FROM leases WHERE name = ?1 AND kind = 'owner'",
+                p![owner_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn try_lead(
+        &self,
+        name: &str,
+        owner: &LeaseOwner,
+        ttl: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let key = format!("leader:{name}");
+        self.write(|tx| {
+            // A holder in this pid namespace whose process is gone may be replaced at once.
+            let stale = match tx.one(
+                "SELECT owner, host_identity, pid, pid_start FROM leases WHERE name = ?1",
+                p![key.as_str()],
+            )? {
+                Some(r) => {
+                    let dead = r.opt_text(1)?.is_some()
+                        && r.opt_text(1)? == engine::host::host_identity()
+                        && !owner_alive(r.opt_int(2)?, r.opt_text(3)?.as_deref());
+                    if dead {
+                        r.opt_text(0)?
+                    } else {
+                        None
+                    }
+                }
+                None => None,
+            };
+            let won = tx.one(
+                "INSERT INTO leases(name, kind, owner, role, host, host_identity, pid, pid_start,
+                                    acquired_at, heartbeat_at, expires_at)
+                 VALUES (?1, 'leader', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9)
+                 ON CONFLICT(name) DO UPDATE SET
+                     acquired_at = CASE WHEN leases.owner = excluded.owner
+                                        THEN leases.acquired_at ELSE excluded.acquired_at END,
+                     owner = excluded.owner, role = excluded.role, host = excluded.host,
+                     host_identity = excluded.host_identity, pid = excluded.pid,
+                     pid_start = excluded.pid_start,
+                     heartbeat_at = excluded.heartbeat_at, expires_at = excluded.expires_at
+                 WHERE leases.owner = excluded.owner OR leases.expires_at < excluded.heartbeat_at
+                       OR leases.owner = ?10
+                 RETURNING owner",
+                p![
+                    key.as_str(),
+                    owner.id.as_str(),
+                    owner.role.as_str(),
+                    owner.host.as_str(),
+                    owner.host_identity.as_deref(),
+                    owner.pid,
+                    owner.pid_start.as_deref(),
+                    now,
+                    plus(now, ttl),
+                    stale.as_deref().unwrap_or("")
+                ],
+            )?;
+            Ok(won.is_some())
+        })
+    }
+
+    fn resign(&self, name: &str, owner_id: &str) -> Result<()> {
+        let key = format!("leader:{name}");
+        self.write(|tx| {
+            tx.exec(
+                "DELETE FROM leases WHERE name = ?1 AND owner = ?2",
+                p![key.as_str(), owner_id],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn list_leases(&self) -> Result<Vec<LeaseRow>> {
+        self.read(|tx| {
+            tx.query(
+                &format!("SELECT {LEASE_COLUMNS} FROM leases ORDER BY name"),
+                p![],
+            )?
+            .iter()
+            .map(lease_row)
+            .collect()
+        })
+    }
+
+    fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>> {
+        // Judge outside the write lock (reading /proc takes a moment), then mark in one
+        // transaction, each row only if it is still running.
+        struct Candidate {
+            id: i64,
+            lease_owner: Option<String>,
+            why: String,
+        }
+        let (runs, items) = self.read(|tx| {
+            let leases = owner_leases(tx)?;
+            let mut runs = Vec::new();
+            for r in tx.query(
+                "SELECT id, pid, pid_start, host, lease_owner FROM runs
+                 WHERE status = 'running' AND owner = 'pipe'",
+                p![],
+            )? {
+                let (id, pid) = (r.int(0)?, r.opt_int(1)?);
+                match r.opt_text(4)? {
+                    Some(lo) => {
+                        let why = match leases.get(&lo) {
+                            None => Some(format!(
+                                "its owner ({lo}) holds no lease: it stopped without finishing \
+                                 the run"
+                            )),
+                            Some(l) if l.provably_dead() => Some(format!(
+                                "the pipe process that owned it ({}) ended while the run was \
+                                 running",
+                                l.label()
+                            )),
+                            Some(l) if l.expires_at < now => Some(format!(
+                                "its owner ({}) stopped renewing its lease (expired {}): it \
+                                 ended while the run was running",
+                                l.label(),
+                                ts(l.expires_at)
+                            )),
+                            Some(_) => None,
+                        };
+                        if let Some(why) = why {
+                            runs.push(Candidate {
+                                id,
+                                lease_owner: Some(lo),
+                                why,
+                            });
+                        }
+                    }
+                    None => {
+                        let (start, host) = (r.opt_text(2)?, r.opt_text(3)?);
+                        // A run whose owner cannot be seen from here stays running.
+                        if owner_liveness(pid, start.as_deref(), host.as_deref()) == Liveness::Dead
+                        {
+                            let why = match pid {
+                                Some(pid) => format!(
+                                    "the pipe process (pid {pid}) ended while the run was running"
+                                ),
+                                None => {
+                                    "the pipe process ended while the run was running".to_string()
+                                }
+                            };
+                            runs.push(Candidate {
+                                id,
+                                lease_owner: None,
+                                why,
+                            });
+                        }
+                    }
+                }
+            }
+            // Claimed items that never got a run, whose claimer is lost.
+            let mut items = Vec::new();
+            for r in tx.query(
+                "SELECT id, claimed_by, claim_expires_at FROM queue
+                 WHERE state = 'claimed' AND run_id IS NULL",
+                p![],
+            )? {
+                let by = r.opt_text(1)?.unwrap_or_default();
+                let lost = match leases.get(&by) {
+                    Some(l) => l.lost(now),
+                    None => r.opt_time(2)?.is_none_or(|t| t < now),
+                };
+                if lost {
+                    items.push(r.int(0)?);
+                }
+            }
+            Ok((runs, items))
+        })?;
+        if runs.is_empty() && items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(|tx| {
+            let mut lost = Vec::new();
+            for c in &runs {
+                let changed = tx.exec(
+                    "UPDATE runs SET status = 'abandoned', finished_at = ?2,
+                         error = COALESCE(error, ?3)
+                     WHERE id = ?1 AND status = 'running'",
+                    p![c.id, now, c.why.as_str()],
+                )?;
+                if changed == 0 {
+                    continue;
+                }
+                tx.exec(
+                    "UPDATE step_runs SET status = 'abandoned', finished_at = ?2
+                     WHERE run_id = ?1 AND status = 'running'",
+                    p![c.id, now],
+                )?;
+                tx.exec(
+                    "UPDATE integrations SET last_run_at = ?2 WHERE last_run_id = ?1",
+                    p![c.id, now],
+                )?;
+                let r = tx
+                    .one(
+                        "SELECT pipeline, queue_item FROM runs WHERE id = ?1",
+                        p![c.id],
+                    )?
+                    .ok_or_else(|| StoreError::not_found(format!("run {} not found", c.id)))?;
+                let mut queue_item = None;
+                if let Some(item) = r.opt_int(1)? {
+                    tx.exec(
+                        "UPDATE queue SET state = 'done', finished_at = ?2
+                         WHERE id = ?1 AND state = 'claimed'",
+                        p![item, now],
+                    )?;
+                    queue_item = tx
+                        .one(
+                            &format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"),
+                            p![item],
+                        )?
+                        .map(|r| queue_row(&r))
+                        .transpose()?;
+                }
+                lost.push(LostRun {
+                    run_id: c.id,
+                    pipeline: r.text(0)?,
+                    lease_owner: c.lease_owner.clone(),
+                    queue_item,
+                });
+            }
+            for &item in &items {
+                // Back in the queue, unless an equal item was queued meanwhile.
+                let key = tx
+                    .one(
+                        "SELECT dedup_key FROM queue WHERE id = ?1 AND state = 'claimed'
+                         AND run_id IS NULL",
+                        p![item],
+                    )?
+                    .map(|r| r.opt_text(0))
+                    .transpose()?;
+                let Some(key) = key else { continue };
+                let duplicate = match &key {
+                    Some(k) => tx
+                        .one(
+                            "SELECT 1 FROM queue WHERE dedup_key = ?1 AND state = 'queued'",
+                            p![k.as_str()],
+                        )?
+                        .is_some(),
+                    None => false,
+                };
+                if duplicate {
+                    tx.exec(
+                        "UPDATE queue SET state = 'cancelled', finished_at = ?2 WHERE id = ?1",
+                        p![item, now],
+                    )?;
+                } else {
+                    tx.exec(
+                        "UPDATE queue SET state = 'queued', claimed_by = NULL, claimed_at = NULL,
+                             claim_expires_at = NULL
+                         WHERE id = ?1",
+                        p![item],
+                    )?;
+                }
+            }
+            Ok(lost)
+        })
+    }
+}
