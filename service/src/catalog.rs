@@ -321,29 +321,8 @@ mod tests {
 
     const OK: &str = "pipeline: a\nsteps:\n  s: { type: log, with: { message: hi } }\n";
 
-    /// A `log` step type that does nothing: the engine alone knows no step types.
-    #[derive(serde::Deserialize, schemars::JsonSchema)]
-    struct Log {
-        #[allow(dead_code)]
-        message: String,
-    }
-
-    #[async_trait::async_trait]
-    impl engine::step::StepConfig for Log {
-        const TYPE: &'static str = "log";
-        const SUMMARY: &'static str = "test";
-        async fn run(
-            self,
-            _: engine::step::StepContext,
-        ) -> Result<engine::step::StepOutput, engine::step::StepError> {
-            unreachable!("catalog tests never run steps")
-        }
-    }
-
     fn registry() -> Registry {
-        let mut r = Registry::new();
-        r.register(engine::step::StepKind::of::<Log>());
-        r
+        crate::test_support::registry()
     }
 
     fn touch_later(path: &Path) {
