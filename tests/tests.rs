@@ -17,5 +17,6 @@ mod redaction;
 mod sandbox;
 mod schedule;
 mod schema;
+mod serve;
 mod sql;
 mod validate;
