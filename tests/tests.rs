@@ -19,4 +19,5 @@ mod schedule;
 mod schema;
 mod serve;
 mod sql;
+mod store;
 mod validate;

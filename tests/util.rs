@@ -41,6 +41,7 @@ impl Env {
         let mut c = Command::new(pipe_bin());
         c.current_dir(self.dir.path());
         c.env("PIPE_HOME", self.state());
+        c.env_remove("PIPE_DB");
         c.env_remove("RUST_BACKTRACE");
         c
     }

@@ -322,8 +322,11 @@ fn print_run_detail(out: &mut impl Write, d: &RunDetail) -> io::Result<()> {
                 None => r.owner.to_string(),
             },
         ),
-        ("started", time(r.started_at)),
     ];
+    if r.attempt > 1 {
+        fields.push(("attempt", format!("{} (repaired)", r.attempt)));
+    }
+    fields.push(("started", time(r.started_at)));
     if let Some(f) = r.finished_at {
         fields.push(("finished", time(f)));
         fields.push(("duration", duration(r.duration_ms)));
@@ -340,11 +343,13 @@ fn print_run_detail(out: &mut impl Write, d: &RunDetail) -> io::Result<()> {
     }
     if !d.steps.is_empty() {
         writeln!(out)?;
+        // A repaired run shows each attempt's rows, the attempt first.
+        let attempts = r.attempt > 1;
         let rows: Vec<Vec<String>> = d
             .steps
             .iter()
             .map(|s| {
-                vec![
+                let mut row = vec![
                     s.step.clone(),
                     s.status.label().to_string(),
                     s.attempts.to_string(),
@@ -355,14 +360,18 @@ fn print_run_detail(out: &mut impl Write, d: &RunDetail) -> io::Result<()> {
                     },
                     s.rows.map_or_else(|| "-".to_string(), |n| n.to_string()),
                     s.error.as_deref().map(short).unwrap_or_default(),
-                ]
+                ];
+                if attempts {
+                    row.insert(0, s.run_attempt.to_string());
+                }
+                row
             })
             .collect();
-        print_table(
-            out,
-            &["STEP", "STATUS", "ATTEMPTS", "DURATION", "ROWS", "ERROR"],
-            &rows,
-        )?;
+        let mut header = vec!["STEP", "STATUS", "ATTEMPTS", "DURATION", "ROWS", "ERROR"];
+        if attempts {
+            header.insert(0, "RUN");
+        }
+        print_table(out, &header, &rows)?;
     }
     if let Some(e) = &r.error {
         writeln!(out)?;

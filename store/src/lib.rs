@@ -23,6 +23,7 @@
 
 mod error;
 mod lease;
+mod pg;
 mod sql;
 mod sqlite;
 mod types;
@@ -71,12 +72,21 @@ impl StoreConfig {
 pub fn open(cfg: &StoreConfig) -> Result<Arc<dyn RunStore>> {
     match cfg.url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
         None => Ok(Arc::new(sqlite::open(&cfg.state_dir, None)?)),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => Err(
-            StoreError::Invalid("the PostgreSQL backend is not built yet on this branch".into()),
-        ),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            Ok(Arc::new(pg::open(url, &cfg.state_dir)?))
+        }
         Some(url) => {
-            let path = url.strip_prefix("sqlite:").unwrap_or(url);
-            let path = path.strip_prefix("//").unwrap_or(path);
+            let path = match url.strip_prefix("sqlite:") {
+                Some(p) => p.strip_prefix("//").unwrap_or(p),
+                None if url.contains("://") => {
+                    return Err(StoreError::invalid(format!(
+                        "--db / {DB_VAR}: unknown kind of database `{}` (expected \
+                         postgres://… or sqlite:PATH)",
+                        url.split("://").next().unwrap_or_default()
+                    )))
+                }
+                None => url,
+            };
             Ok(Arc::new(sqlite::open(
                 &cfg.state_dir,
                 Some(Path::new(path)),
@@ -260,6 +270,10 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// (`pipe runs start`) are never touched. Returns the runs marked, for the caller to
     /// re-queue those whose integration says `retry_on_lost`.
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>>;
+    /// Delete what only the recent past needs, older than `older_than`: ticks behind their
+    /// integration's cursor (never planned again), done and cancelled queue items, and owner
+    /// leases that expired (their runs were marked long ago). Runs and logs stay.
+    fn prune(&self, older_than: DateTime<Utc>) -> Result<Pruned>;
     /// [`RunStore::expire_lost`] at the current time, counting the runs marked.
     fn mark_abandoned(&self) -> Result<usize> {
         self.expire_lost(Utc::now()).map(|v| v.len())

@@ -1737,6 +1737,30 @@ impl<B: Backend> RunStore for SqlStore<B> {
         })
     }
 
+    fn prune(&self, older_than: DateTime<Utc>) -> Result<Pruned> {
+        self.write(|tx| {
+            let ticks = tx.exec(
+                "DELETE FROM ticks WHERE scheduled_at < ?1 AND scheduled_at < COALESCE(
+                     (SELECT i.schedule_cursor FROM integrations i
+                      WHERE i.name = ticks.integration), '')",
+                p![older_than],
+            )?;
+            let queue_items = tx.exec(
+                "DELETE FROM queue WHERE state IN ('done', 'cancelled') AND finished_at < ?1",
+                p![older_than],
+            )?;
+            let leases = tx.exec(
+                "DELETE FROM leases WHERE kind = 'owner' AND expires_at < ?1",
+                p![older_than],
+            )?;
+            Ok(Pruned {
+                ticks,
+                queue_items,
+                leases,
+            })
+        })
+    }
+
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>> {
         // Judge outside the write lock (reading /proc takes a moment), then mark in one
         // transaction, each row only if it is still running.
@@ -1750,7 +1774,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
             let mut runs = Vec::new();
             for r in tx.query(
                 "SELECT id, pid, pid_start, host, lease_owner FROM runs
-                 WHERE status = 'running' AND owner = 'pipe'",
+                 WHERE status = 'running' AND owner = 'pipe' ORDER BY id",
                 p![],
             )? {
                 let (id, pid) = (r.int(0)?, r.opt_int(1)?);
@@ -1808,7 +1832,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
             let mut items = Vec::new();
             for r in tx.query(
                 "SELECT id, claimed_by, claim_expires_at FROM queue
-                 WHERE state = 'claimed' AND run_id IS NULL",
+                 WHERE state = 'claimed' AND run_id IS NULL ORDER BY id",
                 p![],
             )? {
                 let by = r.opt_text(1)?.unwrap_or_default();

@@ -52,9 +52,15 @@ impl engine::step::HistoryView for HistoryReader {
         if let Some(w) = &self.writer {
             w.flush();
         }
-        self.store
-            .rows_since(pipeline, step_type, since)
-            .map_err(|e| format!("run history: {e}"))
+        // Steps ask from async tasks; a blocking client (PostgreSQL's) must not run on the
+        // runtime's thread, so the question goes to a plain one.
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| self.store.rows_since(pipeline, step_type, since))
+                .join()
+        })
+        .map_err(|_| "run history: the query panicked".to_string())?
+        .map_err(|e| format!("run history: {e}"))
     }
 }
 

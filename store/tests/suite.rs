@@ -1,0 +1,1472 @@
+//! One suite over both backends: each behaviour is a function of a [`Db`], run once on
+//! SQLite (a temp dir) and once on the machine's PostgreSQL (a fresh database per test,
+//! dropped afterwards). PostgreSQL is at `PIPE_TEST_PG` (default
+//! `postgres://postgres@127.0.0.1:5432/test`, the admin connection used to create and drop
+//! the test databases); a missing server fails the PostgreSQL half loudly.
+
+use chrono::{DateTime, Duration as TimeDelta, TimeZone, Utc};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+use store::*;
+
+const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn admin_url() -> String {
+    std::env::var("PIPE_TEST_PG").unwrap_or_else(|_| DEFAULT_PG.to_string())
+}
+
+/// A store location for one test; dropping it removes the temp dir and the database.
+struct Db {
+    cfg: StoreConfig,
+    _dir: tempfile::TempDir,
+    pg_name: Option<String>,
+}
+
+impl Db {
+    fn sqlite() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        Db {
+            cfg: StoreConfig::sqlite(dir.path().join("state")),
+            _dir: dir,
+            pg_name: None,
+        }
+    }
+
+    fn postgres() -> Db {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "pipe_store_{}_{}_{:08x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst),
+            rand_u32()
+        );
+        let mut admin =
+            postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is needed for this test (PIPE_TEST_PG={}): {e}",
+                    admin_url()
+                )
+            });
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let mut cfg: postgres::Config = admin_url().parse().unwrap();
+        cfg.dbname(&name);
+        let user = cfg.get_user().unwrap_or("postgres").to_string();
+        let host = match &cfg.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            postgres::config::Host::Unix(p) => p.display().to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let dir = tempfile::tempdir().unwrap();
+        Db {
+            cfg: StoreConfig {
+                url: Some(format!("postgres://{user}@{host}:{port}/{name}")),
+                state_dir: dir.path().join("state"),
+            },
+            _dir: dir,
+            pg_name: Some(name),
+        }
+    }
+
+    fn open(&self) -> Arc<dyn RunStore> {
+        store::open(&self.cfg).unwrap()
+    }
+
+    /// Run raw SQL (test set-up that the API does not offer: rows of an old `pipe`).
+    fn raw(&self, sql: &str) {
+        match &self.cfg.url {
+            Some(url) => {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                c.batch_execute(sql).unwrap();
+            }
+            None => {
+                let c = rusqlite::Connection::open(self.cfg.state_dir.join(DB_FILE)).unwrap();
+                c.execute_batch(sql).unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for Db {
+    fn drop(&mut self) {
+        if let Some(name) = &self.pg_name {
+            if let Ok(mut admin) = postgres::Client::connect(&admin_url(), postgres::NoTls) {
+                let _ =
+                    admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+            }
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    t.subsec_nanos() ^ std::process::id().rotate_left(16)
+}
+
+/// Each behaviour, once per backend.
+macro_rules! both {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn sqlite() {
+                super::$name(&super::Db::sqlite());
+            }
+            #[test]
+            fn postgres() {
+                super::$name(&super::Db::postgres());
+            }
+        })*
+    };
+}
+
+both!(
+    runs_logs_round_trip,
+    attached_files_are_copied,
+    writer_records_events_in_batches,
+    concurrent_writers_lose_nothing,
+    concurrent_opens_migrate_once,
+    queue_priority_order,
+    concurrency_cap_in_claim,
+    concurrent_claims_respect_the_cap,
+    backfill_max_parallel_in_claim,
+    dedup_merges_queued_items,
+    ticks_are_recorded_once_under_two_planners,
+    lease_expiry_marks_runs_abandoned,
+    legacy_runs_are_judged_by_pid,
+    claims_of_a_lost_worker_go_back_to_the_queue,
+    leader_lease_is_exclusive,
+    repair_attempts_keep_step_rows,
+    integrations_keep_enabled_across_loads,
+    cancel_requests_and_backfills,
+    prune_keeps_what_is_still_needed,
+);
+
+fn t(s: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+}
+
+fn log(step: Option<&str>, message: &str) -> LogRecord {
+    LogRecord {
+        time: Utc::now(),
+        level: Level::Info,
+        step: step.map(str::to_string),
+        message: message.into(),
+        description: None,
+        file: None,
+    }
+}
+
+fn new_run(pipeline: &str, owner: Owner) -> NewRun {
+    let trigger = match owner {
+        Owner::Pipe => Trigger::Cli,
+        Owner::External => Trigger::External,
+    };
+    NewRun {
+        params: serde_json::json!({"month": "2026-10"}),
+        ..NewRun::new(pipeline, trigger, owner)
+    }
+}
+
+/// A lease owner that looks like another machine's (its pid means nothing here).
+fn remote_owner(role: &str) -> LeaseOwner {
+    let mut o = LeaseOwner::this_process(role);
+    o.host = "elsewhere".into();
+    o.host_identity = Some("another-boot/pid:[1]".into());
+    o.pid = 999_999_999;
+    o.pid_start = None;
+    o
+}
+
+fn runs_logs_round_trip(db: &Db) {
+    let s = db.open();
+    assert!(s.schema_version().unwrap() >= 1);
+    s.upsert_integration("sales", Some("nightly sales"))
+        .unwrap();
+    s.upsert_integration("sales", None).unwrap();
+    assert!(s.is_enabled("sales").unwrap());
+    assert!(s.is_enabled("never-seen").unwrap());
+    let owner = remote_owner("run");
+    s.heartbeat(&owner, Duration::from_secs(60), Utc::now())
+        .unwrap();
+    let a = s
+        .create_run(&NewRun {
+            lease_owner: Some(owner.id.clone()),
+            ..new_run("sales", Owner::Pipe)
+        })
+        .unwrap();
+    let b = s.create_run(&new_run("stock", Owner::External)).unwrap();
+    let c = s.create_run(&new_run("sales", Owner::Pipe)).unwrap();
+    assert!(s.run_dir(a).is_dir());
+    let sales = s.get_integration("sales").unwrap().unwrap();
+    assert_eq!(sales.description.as_deref(), Some("nightly sales"));
+    assert_eq!(sales.last_run.as_ref().unwrap().id, c);
+
+    // `a` belongs to a live lease elsewhere: refused unless forced.
+    let err = s
+        .finish_run(a, Status::Failed, Some("boom"), false)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(err.to_string().contains("whose lease is live"), "{err}");
+    assert!(err.to_string().contains("--force"), "{err}");
+    // `c` belongs to this (live) process.
+    let err = s.finish_run(c, Status::Failed, None, false).unwrap_err();
+    assert!(
+        err.to_string().contains("owned by a live `pipe run`"),
+        "{err}"
+    );
+    s.finish_run(a, Status::Failed, Some("boom"), true).unwrap();
+    s.finish_run(b, Status::Warning, None, false).unwrap();
+    let err = s.finish_run(a, Status::Succeeded, None, false).unwrap_err();
+    assert_eq!(err.to_string(), format!("run {a} is already failed"));
+    let err = s
+        .finish_run(999, Status::Succeeded, None, false)
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)));
+    assert_eq!(err.to_string(), "run 999 not found");
+    assert!(matches!(
+        s.finish_run(b, Status::Running, None, false).unwrap_err(),
+        StoreError::Invalid(_)
+    ));
+
+    let all = s.list_runs(None, 20).unwrap();
+    assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), vec![c, b, a]);
+    assert_eq!(all[0].status, Status::Running);
+    assert!(all[0].finished_at.is_none() && all[0].duration_ms.is_none());
+    assert_eq!(all[1].status, Status::Warning);
+    assert_eq!(all[1].owner, Owner::External);
+    assert_eq!(all[1].pid, None);
+    assert_eq!(all[2].error.as_deref(), Some("boom"));
+    assert_eq!(all[2].params["month"], "2026-10");
+    assert_eq!(all[2].pid, Some(i64::from(std::process::id())));
+    assert_eq!(all[2].lease_owner.as_deref(), Some(owner.id.as_str()));
+    assert_eq!(all[2].attempt, 1);
+    let sales = s.list_runs(Some("sales"), 20).unwrap();
+    assert_eq!(sales.iter().map(|r| r.id).collect::<Vec<_>>(), vec![c, a]);
+    assert_eq!(s.list_runs(None, 1).unwrap().len(), 1);
+    let failed = s
+        .find_runs(&RunFilter {
+            status: Some(Status::Failed),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(failed.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a]);
+    let older = s
+        .find_runs(&RunFilter {
+            before_id: Some(c),
+            trigger: Some(Trigger::Cli),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(older.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a]);
+
+    let detail = s.get_run(a).unwrap().unwrap();
+    assert_eq!(detail.run.status, Status::Failed);
+    assert!(detail.steps.is_empty());
+    assert!(s.get_run(12345).unwrap().is_none());
+    let json = serde_json::to_value(&detail).unwrap();
+    assert_eq!(json["id"], a);
+    assert_eq!(json["status"], "failed");
+    assert!(json["steps"].is_array());
+    assert!(json["started_at"].as_str().unwrap().ends_with('Z'));
+
+    for i in 0..3 {
+        s.add_log(b, &log(None, &format!("row {i}"))).unwrap();
+    }
+    let rows = s.logs(b, 0).unwrap();
+    assert_eq!(
+        rows.iter().map(|r| r.message.as_str()).collect::<Vec<_>>(),
+        ["row 0", "row 1", "row 2"]
+    );
+    assert_eq!(s.logs(b, rows[0].id).unwrap().len(), 2);
+    assert_eq!(s.get_run(b).unwrap().unwrap().log_count, 3);
+    assert_eq!(s.run_status(b).unwrap(), Some(Status::Warning));
+    assert_eq!(s.run_status(4242).unwrap(), None);
+    // The store survives a reopen.
+    drop(s);
+    let s = db.open();
+    assert_eq!(s.list_runs(None, 0).unwrap().len(), 3);
+    assert_eq!(s.consecutive_failures("sales").unwrap(), 1);
+}
+
+fn attached_files_are_copied(db: &Db) {
+    let s = db.open();
+    let id = s.create_run(&new_run("p", Owner::External)).unwrap();
+    let src = db.cfg.state_dir.parent().unwrap().join("report.csv");
+    std::fs::write(&src, "a,b\n1,2\n").unwrap();
+    let mut rec = log(None, "uploaded");
+    rec.file = Some(src.to_string_lossy().into_owned());
+    s.add_log(id, &rec).unwrap();
+    s.add_log(id, &rec).unwrap();
+    rec.file = Some(
+        src.with_file_name("missing.csv")
+            .to_string_lossy()
+            .into_owned(),
+    );
+    assert!(s.add_log(id, &rec).is_err());
+    let rows = s.logs(id, 0).unwrap();
+    assert_eq!(rows.len(), 2);
+    let f0 = std::path::PathBuf::from(rows[0].file.as_ref().unwrap());
+    let f1 = std::path::PathBuf::from(rows[1].file.as_ref().unwrap());
+    assert_eq!(
+        f0,
+        std::fs::canonicalize(s.run_dir(id))
+            .unwrap()
+            .join("report.csv")
+    );
+    assert_eq!(f1.file_name().unwrap(), "report-1.csv");
+    assert_eq!(std::fs::read_to_string(f1).unwrap(), "a,b\n1,2\n");
+}
+
+fn step_finished(step: &str, kind: &str, status: Status, rows: Option<u64>) -> RunEvent {
+    RunEvent::StepFinished(StepRecord {
+        step: step.into(),
+        kind: kind.into(),
+        status,
+        attempts: 1,
+        started_at: Some(Utc::now()),
+        finished_at: Some(Utc::now()),
+        duration_ms: 5,
+        rows,
+        error: (status == Status::Failed).then(|| "table locked".to_string()),
+        outputs: serde_json::json!({"count": rows}),
+    })
+}
+
+fn writer_records_events_in_batches(db: &Db) {
+    let s = db.open();
+    let id = s.create_run(&new_run("p", Owner::Pipe)).unwrap();
+    let w = Arc::new(HistoryWriter::start(s.clone(), id).unwrap());
+    let obs: Arc<dyn Observer> = w.clone();
+    let t0 = Utc::now();
+    for step in ["extract", "load"] {
+        obs.event(&RunEvent::StepStarted {
+            step: step.into(),
+            attempt: 1,
+            at: t0,
+        });
+    }
+    obs.event(&RunEvent::StepRetrying {
+        step: "extract".into(),
+        attempt: 1,
+        error: "HTTP 503".into(),
+        delay_ms: 2000,
+    });
+    obs.event(&RunEvent::StepStarted {
+        step: "extract".into(),
+        attempt: 2,
+        at: Utc::now(),
+    });
+    for i in 0..1000 {
+        obs.event(&RunEvent::Log(log(Some("extract"), &format!("page {i}"))));
+    }
+    w.flush();
+    let live = s.get_run(id).unwrap().unwrap();
+    assert_eq!(live.log_count, 1001);
+    assert_eq!(live.steps.len(), 2);
+    assert_eq!(live.steps[0].status, Status::Running);
+    assert_eq!(live.steps[0].attempts, 2);
+    // The history as steps see it.
+    let reader = HistoryReader {
+        store: s.clone(),
+        writer: Some(w.clone()),
+    };
+    obs.event(&step_finished(
+        "extract",
+        "http.extract",
+        Status::Succeeded,
+        Some(42),
+    ));
+    obs.event(&step_finished(
+        "load",
+        "bigquery.load",
+        Status::Failed,
+        None,
+    ));
+    use engine::step::HistoryView;
+    assert_eq!(
+        reader
+            .rows_since("p", "http.extract", t0 - TimeDelta::minutes(1))
+            .unwrap(),
+        42
+    );
+    assert_eq!(
+        reader
+            .rows_since("p", "http.extract", Utc::now() + TimeDelta::minutes(1))
+            .unwrap(),
+        0
+    );
+    obs.event(&RunEvent::RunFinished {
+        status: Status::Failed,
+        error: Some("step load failed".into()),
+        at: Utc::now(),
+    });
+    drop(obs);
+    drop(reader);
+    Arc::try_unwrap(w).unwrap().finish().unwrap();
+
+    let d = s.get_run(id).unwrap().unwrap();
+    assert_eq!(d.run.status, Status::Failed);
+    assert_eq!(d.run.error.as_deref(), Some("step load failed"));
+    let names: Vec<_> = d.steps.iter().map(|s| s.step.as_str()).collect();
+    assert_eq!(names, ["extract", "load"]);
+    assert_eq!(d.steps[0].rows, Some(42));
+    assert_eq!(d.steps[0].outputs["count"], 42);
+    assert_eq!(d.steps[0].kind.as_deref(), Some("http.extract"));
+    assert_eq!(d.steps[1].error.as_deref(), Some("table locked"));
+    let logs = s.logs(id, 0).unwrap();
+    assert_eq!(logs.len(), 1001);
+    assert_eq!(logs[0].level, Level::Warning);
+    assert_eq!(
+        logs[0].message,
+        "attempt 1 failed: HTTP 503; retrying in 2.0s"
+    );
+    assert_eq!(logs[1000].message, "page 999");
+    let last = s.get_integration("p").unwrap().unwrap().last_run.unwrap();
+    assert_eq!(last.status, Status::Failed);
+    assert_eq!(last.finished_at, d.run.finished_at);
+}
+
+fn concurrent_writers_lose_nothing(db: &Db) {
+    let s = db.open();
+    let runs: Vec<i64> = (0..3)
+        .map(|i| {
+            s.create_run(&new_run(&format!("p{i}"), Owner::External))
+                .unwrap()
+        })
+        .collect();
+    // Each thread opens its own store: its own connections, as another process would.
+    let threads: Vec<_> = runs
+        .iter()
+        .map(|&run| {
+            let cfg = db.cfg.clone();
+            std::thread::spawn(move || {
+                let store = store::open(&cfg).unwrap();
+                for i in 0..300 {
+                    store
+                        .add_log(run, &log(None, &format!("{run}:{i}")))
+                        .unwrap();
+                    if i % 100 == 0 {
+                        store.expire_lost(Utc::now()).unwrap();
+                        store.list_runs(None, 10).unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    // A batched writer into the same store at the same time.
+    let w = HistoryWriter::start(store::open(&db.cfg).unwrap(), runs[0]).unwrap();
+    for i in 0..500 {
+        w.event(&RunEvent::Log(log(Some("w"), &format!("w:{i}"))));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    w.finish().unwrap();
+    for (n, &run) in runs.iter().enumerate() {
+        let rows = s.logs(run, 0).unwrap();
+        let mine: Vec<_> = rows.iter().filter(|r| r.step.is_none()).collect();
+        assert_eq!(mine.len(), 300);
+        for (i, row) in mine.iter().enumerate() {
+            assert_eq!(row.message, format!("{run}:{i}"));
+        }
+        let batched = rows.len() - mine.len();
+        assert_eq!(batched, if n == 0 { 500 } else { 0 });
+    }
+}
+
+fn concurrent_opens_migrate_once(db: &Db) {
+    let barrier = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let s = store::open(&cfg).unwrap();
+                s.create_run(&new_run("p", Owner::External)).unwrap();
+                s.schema_version().unwrap()
+            })
+        })
+        .collect();
+    let versions: Vec<u32> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert!(
+        versions.iter().all(|&v| v == versions[0] && v >= 1),
+        "{versions:?}"
+    );
+    assert_eq!(db.open().list_runs(None, 0).unwrap().len(), 4);
+}
+
+fn item(integration: &str, priority: i64) -> Enqueue {
+    Enqueue {
+        priority,
+        ..Enqueue::new(integration, Trigger::Manual)
+    }
+}
+
+fn queue_priority_order(db: &Db) {
+    let s = db.open();
+    let now = t("2026-12-02T06:00:00Z");
+    let low = s.enqueue(&item("a", 0), now).unwrap().id;
+    let high = s.enqueue(&item("b", 10), now).unwrap().id;
+    let high2 = s.enqueue(&item("c", 10), now).unwrap().id;
+    let mut other = item("d", 100);
+    other.queue = "high_priority_queue".into();
+    let other = s.enqueue(&other, now).unwrap().id;
+    let lease = Duration::from_secs(30);
+    let w = "worker-1";
+    let default = vec!["default".to_string()];
+    let order: Vec<i64> = (0..3)
+        .map(|_| s.claim(w, &default, lease, now).unwrap().unwrap().id)
+        .collect();
+    assert_eq!(order, vec![high, high2, low]);
+    assert!(s.claim(w, &default, lease, now).unwrap().is_none());
+    // The other queue is served by a worker of that queue (or of all queues).
+    let got = s.claim(w, &[], lease, now).unwrap().unwrap();
+    assert_eq!(got.id, other);
+    assert_eq!(got.state, QueueState::Claimed);
+    assert_eq!(got.claimed_by.as_deref(), Some(w));
+    assert_eq!(got.queue, "high_priority_queue");
+    s.ack(got.id, AckOutcome::Done, now).unwrap();
+    s.ack(got.id, AckOutcome::Done, now).unwrap();
+    assert_eq!(s.get_item(got.id).unwrap().unwrap().state, QueueState::Done);
+    let queued = s.enqueue(&item("a", 0), now).unwrap().id;
+    assert!(matches!(
+        s.ack(queued, AckOutcome::Done, now).unwrap_err(),
+        StoreError::Conflict(_)
+    ));
+    assert!(matches!(
+        s.ack(99_999, AckOutcome::Done, now).unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    assert_eq!(s.count_queued("a").unwrap(), 1);
+    assert!(s.cancel_item(queued, now).unwrap());
+    assert!(!s.cancel_item(queued, now).unwrap());
+    assert_eq!(s.count_queued("a").unwrap(), 0);
+    let listed = s
+        .list_queue(&QueueFilter {
+            state: Some(QueueState::Claimed),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 3);
+    // The RunQueue view of the same store.
+    let q: Arc<dyn RunQueue> = s.clone();
+    let id = q.enqueue(&item("e", 1), now).unwrap().id;
+    assert_eq!(q.claim(w, &[], lease, now).unwrap().unwrap().id, id);
+}
+
+fn loaded(s: &dyn RunStore, name: &str, max: Option<u32>) {
+    let mut f = IntegrationFile::new(name, format!("pipelines/{name}.yaml"), "hash-1");
+    f.max_concurrent_runs = max;
+    s.load_integration(&f, Utc::now()).unwrap();
+}
+
+fn concurrency_cap_in_claim(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    loaded(s.as_ref(), "capped", Some(2));
+    for _ in 0..4 {
+        s.enqueue(&item("capped", 5), now).unwrap();
+    }
+    let free = s.enqueue(&item("free", 0), now).unwrap().id;
+    let lease = Duration::from_secs(30);
+    let a = s.claim("w", &[], lease, now).unwrap().unwrap();
+    let b = s.claim("w", &[], lease, now).unwrap().unwrap();
+    assert_eq!(
+        (a.integration.as_str(), b.integration.as_str()),
+        ("capped", "capped")
+    );
+    // Two claimed: the lower-priority item of another integration comes next.
+    let c = s.claim("w", &[], lease, now).unwrap().unwrap();
+    assert_eq!(c.id, free);
+    assert!(s.claim("w", &[], lease, now).unwrap().is_none());
+    assert_eq!(s.count_active("capped").unwrap(), 2);
+    // A claimed item's run counts instead of the item; a finished run frees its slot.
+    let run = s
+        .create_run(&NewRun {
+            queue_item: Some(a.id),
+            ..NewRun::new("capped", Trigger::Manual, Owner::Pipe)
+        })
+        .unwrap();
+    assert_eq!(s.get_item(a.id).unwrap().unwrap().run_id, Some(run));
+    assert_eq!(s.count_active("capped").unwrap(), 2);
+    assert!(s.claim("w", &[], lease, now).unwrap().is_none());
+    s.write_events(
+        run,
+        &[RunEvent::RunFinished {
+            status: Status::Succeeded,
+            error: None,
+            at: Utc::now(),
+        }],
+    )
+    .unwrap();
+    // The run's end marked its item done.
+    assert_eq!(s.get_item(a.id).unwrap().unwrap().state, QueueState::Done);
+    let d = s.claim("w", &[], lease, now).unwrap().unwrap();
+    assert_eq!(d.integration, "capped");
+    // A `pipe run` of the integration counts too.
+    s.ack(b.id, AckOutcome::Cancelled, now).unwrap();
+    let cli = s.create_run(&new_run("capped", Owner::Pipe)).unwrap();
+    assert!(s.claim("w", &[], lease, now).unwrap().is_none());
+    s.finish_run(cli, Status::Failed, None, true).unwrap();
+    assert!(s.claim("w", &[], lease, now).unwrap().is_some());
+    // A run for an item that is no longer claimed is refused.
+    let e = s.enqueue(&item("capped", 0), now).unwrap().id;
+    s.cancel_item(e, now).unwrap();
+    let err = s
+        .create_run(&NewRun {
+            queue_item: Some(e),
+            ..NewRun::new("capped", Trigger::Manual, Owner::Pipe)
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+}
+
+fn concurrent_claims_respect_the_cap(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    loaded(s.as_ref(), "one", Some(1));
+    loaded(s.as_ref(), "three", Some(3));
+    for _ in 0..10 {
+        s.enqueue(&item("one", 1), now).unwrap();
+        s.enqueue(&item("three", 1), now).unwrap();
+    }
+    let barrier = Arc::new(Barrier::new(6));
+    let threads: Vec<_> = (0..6)
+        .map(|n| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                barrier.wait();
+                let mut got = Vec::new();
+                for _ in 0..5 {
+                    if let Some(i) = s
+                        .claim(&format!("w{n}"), &[], Duration::from_secs(30), now)
+                        .unwrap()
+                    {
+                        got.push(i.integration);
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    let got: Vec<String> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let count = |name: &str| got.iter().filter(|g| *g == name).count();
+    assert_eq!(count("one"), 1, "{got:?}");
+    assert_eq!(count("three"), 3, "{got:?}");
+}
+
+fn backfill_max_parallel_in_claim(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    loaded(s.as_ref(), "bf", None);
+    let id = s
+        .create_backfill(
+            &NewBackfill {
+                integration: "bf".into(),
+                from: t("2026-11-01T00:00:00Z"),
+                to: t("2026-11-05T00:00:00Z"),
+                max_parallel: Some(2),
+            },
+            now,
+        )
+        .unwrap();
+    for day in 1..=5 {
+        let mut e = item("bf", -10);
+        e.trigger = Trigger::Backfill;
+        e.backfill_id = Some(id);
+        e.logical_date = Some(Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap());
+        e.dedup_key = Some(format!("bf@{day}"));
+        s.enqueue(&e, now).unwrap();
+    }
+    let lease = Duration::from_secs(30);
+    let a = s.claim("w", &[], lease, now).unwrap().unwrap();
+    let b = s.claim("w", &[], lease, now).unwrap().unwrap();
+    assert_eq!(a.logical_date, Some(t("2026-11-01T00:00:00Z")));
+    assert_eq!(b.logical_date, Some(t("2026-11-02T00:00:00Z")));
+    assert!(s.claim("w", &[], lease, now).unwrap().is_none());
+    s.ack(a.id, AckOutcome::Done, now).unwrap();
+    assert!(s.claim("w", &[], lease, now).unwrap().is_some());
+    let listed = s.list_backfills(Some("bf")).unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].queued, listed[0].claimed, listed[0].done),
+        (2, 2, 1)
+    );
+    assert_eq!(s.cancel_backfill(id, now).unwrap(), 2);
+    let listed = s.list_backfills(None).unwrap();
+    assert_eq!(listed[0].state, BackfillState::Cancelled);
+    assert_eq!((listed[0].queued, listed[0].cancelled), (0, 2));
+    assert!(matches!(
+        s.cancel_backfill(999, now).unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+}
+
+fn dedup_merges_queued_items(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    let mut e = item("d", 1);
+    e.dedup_key = Some("d@manual".into());
+    let first = s.enqueue(&e, now).unwrap();
+    assert!(!first.merged);
+    e.priority = 7;
+    let second = s.enqueue(&e, now).unwrap();
+    assert_eq!(
+        second,
+        Enqueued {
+            id: first.id,
+            merged: true
+        }
+    );
+    e.priority = 3;
+    s.enqueue(&e, now).unwrap();
+    let it = s.get_item(first.id).unwrap().unwrap();
+    assert_eq!(it.priority, 7, "a merge keeps the higher priority");
+    assert_eq!(s.count_queued("d").unwrap(), 1);
+    // Once claimed, the key is free again: a new item is queued beside the running one.
+    s.claim("w", &[], Duration::from_secs(30), now)
+        .unwrap()
+        .unwrap();
+    let third = s.enqueue(&e, now).unwrap();
+    assert!(!third.merged);
+    assert_ne!(third.id, first.id);
+    // Concurrent enqueues of one key make one item.
+    let barrier = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                barrier.wait();
+                let mut e = item("race", 0);
+                e.dedup_key = Some("race@1".into());
+                (0..5)
+                    .map(|_| s.enqueue(&e, Utc::now()).unwrap().id)
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let ids: Vec<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert!(ids.iter().all(|&i| i == ids[0]), "{ids:?}");
+    assert_eq!(s.count_queued("race").unwrap(), 1);
+}
+
+fn ticks_are_recorded_once_under_two_planners(db: &Db) {
+    let s = db.open();
+    loaded(s.as_ref(), "ticker", None);
+    assert_eq!(s.schedule_cursor("ticker").unwrap(), None);
+    let base = t("2026-12-02T06:00:00Z");
+    let ticks: Vec<DateTime<Utc>> = (0..40).map(|i| base + TimeDelta::seconds(i)).collect();
+    let barrier = Arc::new(Barrier::new(2));
+    let planners: Vec<_> = (0..2)
+        .map(|_| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            let ticks = ticks.clone();
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                barrier.wait();
+                let mut inserted = 0;
+                // Overlapping windows, as two servers planning the same schedule would.
+                for w in ticks.chunks(5) {
+                    let planned: Vec<PlannedTick> = w
+                        .iter()
+                        .map(|&at| PlannedTick {
+                            scheduled_at: at,
+                            enqueue: Some(Enqueue {
+                                trigger: Trigger::Schedule,
+                                logical_date: Some(at),
+                                ..Enqueue::new("ticker", Trigger::Schedule)
+                            }),
+                            note: None,
+                        })
+                        .collect();
+                    let out = s
+                        .record_ticks(
+                            "ticker",
+                            "cron:* * * * * *",
+                            &planned,
+                            *w.last().unwrap(),
+                            Utc::now(),
+                        )
+                        .unwrap();
+                    for o in &out {
+                        assert_eq!(o.inserted, o.queue_item.is_some());
+                    }
+                    inserted += out.iter().filter(|o| o.inserted).count();
+                }
+                inserted
+            })
+        })
+        .collect();
+    let total: usize = planners.into_iter().map(|p| p.join().unwrap()).sum();
+    assert_eq!(total, 40);
+    let items = s
+        .list_queue(&QueueFilter {
+            integration: Some("ticker".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(items.len(), 40);
+    let mut dates: Vec<_> = items.iter().map(|i| i.logical_date.unwrap()).collect();
+    dates.sort();
+    dates.dedup();
+    assert_eq!(dates, ticks);
+    let recorded = s.list_ticks("ticker", 0).unwrap();
+    assert_eq!(recorded.len(), 40);
+    assert_eq!(recorded[0].scheduled_at, *ticks.last().unwrap());
+    assert!(recorded
+        .iter()
+        .all(|r| r.state == TickState::Enqueued && r.queue_item.is_some()));
+    let cursor = s.schedule_cursor("ticker").unwrap().unwrap();
+    assert_eq!(cursor.last_planned, *ticks.last().unwrap());
+    assert_eq!(cursor.fingerprint, "cron:* * * * * *");
+    // The cursor never goes back; a skipped tick is recorded without an item.
+    let out = s
+        .record_ticks(
+            "ticker",
+            "interval:15m",
+            &[PlannedTick {
+                scheduled_at: base + TimeDelta::hours(1),
+                enqueue: None,
+                note: Some("overlap: skip".into()),
+            }],
+            base,
+            Utc::now(),
+        )
+        .unwrap();
+    assert_eq!(out[0].queue_item, None);
+    assert!(out[0].inserted);
+    let cursor = s.schedule_cursor("ticker").unwrap().unwrap();
+    assert_eq!(cursor.last_planned, *ticks.last().unwrap());
+    assert_eq!(cursor.fingerprint, "interval:15m");
+    let last = &s.list_ticks("ticker", 1).unwrap()[0];
+    assert_eq!(last.state, TickState::Skipped);
+    assert_eq!(last.note.as_deref(), Some("overlap: skip"));
+}
+
+fn lease_expiry_marks_runs_abandoned(db: &Db) {
+    let s = db.open();
+    let t0 = t("2030-01-01T00:00:00Z");
+    let ttl = Duration::from_secs(10);
+    let worker = remote_owner("worker-1");
+    s.heartbeat(&worker, ttl, t0).unwrap();
+    loaded(s.as_ref(), "lost", None);
+    let it = s.enqueue(&item("lost", 0), t0).unwrap().id;
+    let claimed = s.claim(&worker.id, &[], ttl, t0).unwrap().unwrap();
+    assert_eq!(claimed.id, it);
+    let run = s
+        .create_run(&NewRun {
+            lease_owner: Some(worker.id.clone()),
+            queue_item: Some(it),
+            ..NewRun::new("lost", Trigger::Manual, Owner::Pipe)
+        })
+        .unwrap();
+    s.write_events(
+        run,
+        &[RunEvent::StepStarted {
+            step: "extract".into(),
+            attempt: 1,
+            at: t0,
+        }],
+    )
+    .unwrap();
+    let outside = s.create_run(&new_run("lost", Owner::External)).unwrap();
+    // Within the lease (renewed at +8 s), nothing is lost.
+    assert!(s
+        .expire_lost(t0 + TimeDelta::seconds(5))
+        .unwrap()
+        .is_empty());
+    s.heartbeat(&worker, ttl, t0 + TimeDelta::seconds(8))
+        .unwrap();
+    assert!(s
+        .expire_lost(t0 + TimeDelta::seconds(15))
+        .unwrap()
+        .is_empty());
+    let err = s.finish_run(run, Status::Failed, None, false).unwrap_err();
+    assert!(err.to_string().contains("worker-1@elsewhere"), "{err}");
+    // One lease period after the last heartbeat, the run is abandoned.
+    let lost = s.expire_lost(t0 + TimeDelta::seconds(19)).unwrap();
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0].run_id, run);
+    assert_eq!(lost[0].pipeline, "lost");
+    assert_eq!(lost[0].lease_owner.as_deref(), Some(worker.id.as_str()));
+    let item = lost[0].queue_item.as_ref().unwrap();
+    assert_eq!((item.id, item.state), (it, QueueState::Done));
+    assert!(s
+        .expire_lost(t0 + TimeDelta::seconds(20))
+        .unwrap()
+        .is_empty());
+    let d = s.get_run(run).unwrap().unwrap();
+    assert_eq!(d.run.status, Status::Abandoned);
+    assert!(d.run.finished_at.is_some());
+    assert!(
+        d.run
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("stopped renewing its lease"),
+        "{:?}",
+        d.run.error
+    );
+    assert_eq!(d.steps[0].status, Status::Abandoned);
+    assert_eq!(s.run_status(outside).unwrap(), Some(Status::Running));
+    // A released lease (clean stop) with a run left running: lost at once.
+    let quitter = remote_owner("run");
+    s.heartbeat(&quitter, ttl, t0).unwrap();
+    let left = s
+        .create_run(&NewRun {
+            lease_owner: Some(quitter.id.clone()),
+            ..new_run("lost", Owner::Pipe)
+        })
+        .unwrap();
+    s.release(&quitter.id).unwrap();
+    let lost = s.expire_lost(t0).unwrap();
+    assert_eq!(
+        lost.iter().map(|l| l.run_id).collect::<Vec<_>>(),
+        vec![left]
+    );
+    // A lease owner of this boot and pid namespace whose pid is gone: lost before expiry.
+    let mut dead = LeaseOwner::this_process("run");
+    dead.pid = 999_999_999;
+    s.heartbeat(&dead, ttl, Utc::now()).unwrap();
+    let gone = s
+        .create_run(&NewRun {
+            lease_owner: Some(dead.id.clone()),
+            ..new_run("lost", Owner::Pipe)
+        })
+        .unwrap();
+    let me = LeaseOwner::this_process("run");
+    s.heartbeat(&me, ttl, Utc::now()).unwrap();
+    let alive = s
+        .create_run(&NewRun {
+            lease_owner: Some(me.id.clone()),
+            ..new_run("lost", Owner::Pipe)
+        })
+        .unwrap();
+    let lost = s.expire_lost(Utc::now()).unwrap();
+    assert_eq!(
+        lost.iter().map(|l| l.run_id).collect::<Vec<_>>(),
+        vec![gone]
+    );
+    assert_eq!(s.run_status(alive).unwrap(), Some(Status::Running));
+    assert_eq!(s.mark_abandoned().unwrap(), 0);
+    // The leases are listed for people.
+    let leases = s.list_leases().unwrap();
+    assert!(leases.iter().any(|l| l.name == worker.id
+        && l.kind == LeaseKind::Owner
+        && l.host.as_deref() == Some("elsewhere")));
+    assert!(!leases.iter().any(|l| l.name == quitter.id));
+}
+
+fn legacy_runs_are_judged_by_pid(db: &Db) {
+    let s = db.open();
+    let alive = s.create_run(&new_run("p", Owner::Pipe)).unwrap();
+    let insert = |pid: i64, pid_start: &str, owner: &str, host: &str| {
+        db.raw(&format!(
+            r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at, pid, pid_start,
+                               owner, host)
+               VALUES ('p', '{{}}', 'cli', 'running', '2026-01-01T00:00:00.000Z', {pid},
+                       '{pid_start}', '{owner}', {host})"#
+        ));
+    };
+    insert(999_999_999, "1", "pipe", "NULL");
+    insert(
+        i64::from(std::process::id()),
+        "not-my-start-time",
+        "pipe",
+        "NULL",
+    );
+    insert(999_999_999, "1", "external", "NULL");
+    insert(999_999_999, "1", "pipe", "'another-boot/pid:[1]'");
+    let runs = s.list_runs(None, 0).unwrap();
+    let ids: Vec<i64> = runs.iter().map(|r| r.id).rev().collect();
+    let (dead, reused, external, elsewhere) = (ids[1], ids[2], ids[3], ids[4]);
+    assert_eq!(s.mark_abandoned().unwrap(), 2);
+    assert_eq!(s.mark_abandoned().unwrap(), 0);
+    let status = |id| s.run_status(id).unwrap().unwrap();
+    assert_eq!(status(dead), Status::Abandoned);
+    assert_eq!(status(reused), Status::Abandoned);
+    assert_eq!(status(external), Status::Running);
+    assert_eq!(status(elsewhere), Status::Running);
+    assert_eq!(status(alive), Status::Running);
+    let d = s.get_run(dead).unwrap().unwrap();
+    assert!(d.run.error.unwrap().contains("999999999"));
+    let err = s
+        .finish_run(elsewhere, Status::Failed, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("another pid namespace") && err.contains("--force"),
+        "{err}"
+    );
+}
+
+fn claims_of_a_lost_worker_go_back_to_the_queue(db: &Db) {
+    let s = db.open();
+    let t0 = t("2030-01-01T00:00:00Z");
+    let ttl = Duration::from_secs(10);
+    let w = remote_owner("worker-2");
+    s.heartbeat(&w, ttl, t0).unwrap();
+    let mut e = item("rq", 3);
+    e.dedup_key = Some("rq@1".into());
+    let a = s.enqueue(&e, t0).unwrap().id;
+    let b = s.enqueue(&item("rq", 1), t0).unwrap().id;
+    assert_eq!(s.claim(&w.id, &[], ttl, t0).unwrap().unwrap().id, a);
+    assert_eq!(s.claim(&w.id, &[], ttl, t0).unwrap().unwrap().id, b);
+    // Meanwhile the same key is queued again (the claimed `a` no longer holds it) and claimed
+    // by a claimer without a lease, which is judged by the claim's own expiry.
+    let a2 = s.enqueue(&e, t0).unwrap().id;
+    let c = s.enqueue(&item("rq", 0), t0).unwrap().id;
+    assert_eq!(s.claim("no-lease", &[], ttl, t0).unwrap().unwrap().id, a2);
+    assert!(s
+        .expire_lost(t0 + TimeDelta::seconds(5))
+        .unwrap()
+        .is_empty());
+    s.expire_lost(t0 + TimeDelta::seconds(11)).unwrap();
+    let state = |id| s.get_item(id).unwrap().unwrap().state;
+    // Both claims of the key are lost: the first goes back, the second is merged away.
+    assert_eq!(state(a), QueueState::Queued);
+    assert_eq!(state(b), QueueState::Queued);
+    assert_eq!(state(a2), QueueState::Cancelled);
+    assert_eq!(state(c), QueueState::Queued);
+    let back = s.get_item(b).unwrap().unwrap();
+    assert_eq!(back.claimed_by, None);
+    assert_eq!(s.count_queued("rq").unwrap(), 3);
+}
+
+fn leader_lease_is_exclusive(db: &Db) {
+    let s = db.open();
+    let t0 = t("2030-01-01T00:00:00Z");
+    let ttl = Duration::from_secs(10);
+    let a = remote_owner("serve");
+    let b = remote_owner("serve");
+    assert!(s.try_lead("scheduler", &a, ttl, t0).unwrap());
+    assert!(!s
+        .try_lead("scheduler", &b, ttl, t0 + TimeDelta::seconds(1))
+        .unwrap());
+    assert!(s
+        .try_lead("scheduler", &a, ttl, t0 + TimeDelta::seconds(5))
+        .unwrap());
+    assert!(!s
+        .try_lead("scheduler", &b, ttl, t0 + TimeDelta::seconds(14))
+        .unwrap());
+    // Another name is another lease.
+    assert!(s.try_lead("janitor", &b, ttl, t0).unwrap());
+    // `a` stopped renewing: `b` takes over after the expiry, and `a` has lost it.
+    assert!(s
+        .try_lead("scheduler", &b, ttl, t0 + TimeDelta::seconds(16))
+        .unwrap());
+    assert!(!s
+        .try_lead("scheduler", &a, ttl, t0 + TimeDelta::seconds(17))
+        .unwrap());
+    let row = s
+        .list_leases()
+        .unwrap()
+        .into_iter()
+        .find(|l| l.name == "leader:scheduler")
+        .unwrap();
+    assert_eq!(row.owner, b.id);
+    assert_eq!(row.kind, LeaseKind::Leader);
+    assert_eq!(row.acquired_at, t0 + TimeDelta::seconds(16));
+    // Resigning frees it at once (only for its holder).
+    s.resign("scheduler", &a.id).unwrap();
+    assert!(!s
+        .try_lead("scheduler", &a, ttl, t0 + TimeDelta::seconds(18))
+        .unwrap());
+    s.resign("scheduler", &b.id).unwrap();
+    assert!(s
+        .try_lead("scheduler", &a, ttl, t0 + TimeDelta::seconds(18))
+        .unwrap());
+    // A holder of this pid namespace whose process is gone is replaced before its expiry.
+    let mut dead = LeaseOwner::this_process("serve");
+    dead.pid = 999_999_999;
+    let now = Utc::now();
+    assert!(s.try_lead("dead", &dead, ttl, now).unwrap());
+    assert!(s.try_lead("dead", &b, ttl, now).unwrap());
+    // Many contenders at one instant: exactly one wins.
+    let barrier = Arc::new(Barrier::new(6));
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                let me = remote_owner("serve");
+                barrier.wait();
+                s.try_lead("race", &me, Duration::from_secs(10), t0)
+                    .unwrap()
+            })
+        })
+        .collect();
+    let wins = threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|&w| w)
+        .count();
+    assert_eq!(wins, 1);
+}
+
+fn repair_attempts_keep_step_rows(db: &Db) {
+    let s = db.open();
+    let run = s.create_run(&new_run("rep", Owner::Pipe)).unwrap();
+    s.write_events(
+        run,
+        &[
+            step_finished("extract", "http.extract", Status::Succeeded, Some(10)),
+            step_finished("load", "sql.load", Status::Failed, None),
+            RunEvent::RunFinished {
+                status: Status::Failed,
+                error: Some("step load failed".into()),
+                at: Utc::now(),
+            },
+        ],
+    )
+    .unwrap();
+    let err = s.start_attempt(4242, None, Utc::now()).unwrap_err();
+    assert!(matches!(err, StoreError::NotFound(_)));
+    assert_eq!(
+        s.start_attempt(run, Some("repair-x"), Utc::now()).unwrap(),
+        2
+    );
+    assert!(matches!(
+        s.start_attempt(run, None, Utc::now()).unwrap_err(),
+        StoreError::Conflict(_)
+    ));
+    let d = s.get_run(run).unwrap().unwrap();
+    assert_eq!((d.run.status, d.run.attempt), (Status::Running, 2));
+    assert_eq!(d.run.lease_owner.as_deref(), Some("repair-x"));
+    assert_eq!(d.run.error, None);
+    s.write_events(
+        run,
+        &[
+            RunEvent::StepStarted {
+                step: "load".into(),
+                attempt: 1,
+                at: Utc::now(),
+            },
+            step_finished("load", "sql.load", Status::Succeeded, Some(10)),
+            RunEvent::RunFinished {
+                status: Status::Succeeded,
+                error: None,
+                at: Utc::now(),
+            },
+        ],
+    )
+    .unwrap();
+    let d = s.get_run(run).unwrap().unwrap();
+    assert_eq!(d.run.status, Status::Succeeded);
+    let rows: Vec<(String, u32, Status)> = d
+        .steps
+        .iter()
+        .map(|s| (s.step.clone(), s.run_attempt, s.status))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("extract".to_string(), 1, Status::Succeeded),
+            ("load".to_string(), 1, Status::Failed),
+            ("load".to_string(), 2, Status::Succeeded),
+        ]
+    );
+    let latest: Vec<(&str, u32)> = d
+        .latest_steps()
+        .iter()
+        .map(|s| (s.step.as_str(), s.run_attempt))
+        .collect();
+    assert_eq!(latest, vec![("extract", 1), ("load", 2)]);
+    assert_eq!(s.consecutive_failures("rep").unwrap(), 0);
+}
+
+fn integrations_keep_enabled_across_loads(db: &Db) {
+    let s = db.open();
+    let t0 = t("2026-12-02T06:00:00Z");
+    let mut f = IntegrationFile::new("sales", "pipelines/sales.yaml", "h1");
+    f.description = Some("nightly".into());
+    f.metadata = serde_json::json!({"group": "finance", "direction": "inward", "tags": ["a"]});
+    f.queue = "high_priority_queue".into();
+    f.priority = 5;
+    s.load_integration(&f, t0).unwrap();
+    let i = s.get_integration("sales").unwrap().unwrap();
+    assert!(i.enabled && !i.removed);
+    assert_eq!(i.metadata["group"], "finance");
+    assert_eq!(i.queue, "high_priority_queue");
+    assert_eq!((i.priority, i.max_concurrent_runs), (5, Some(1)));
+    assert_eq!(i.loaded_at, Some(t0));
+    assert!(s.set_enabled("sales", false, t0).unwrap());
+    assert!(!s.set_enabled("sales", false, t0).unwrap());
+    // An edited file keeps the flag.
+    f.content_hash = "h2".into();
+    s.load_integration(&f, t0 + TimeDelta::minutes(1)).unwrap();
+    let i = s.get_integration("sales").unwrap().unwrap();
+    assert!(!i.enabled);
+    assert_eq!(i.content_hash.as_deref(), Some("h2"));
+    assert!(!s.is_enabled("sales").unwrap());
+    // A broken edit is reported; the loaded version stays.
+    s.set_load_error(
+        "sales",
+        Some("sales.yaml:3: unknown key"),
+        t0 + TimeDelta::minutes(2),
+    )
+    .unwrap();
+    let i = s.get_integration("sales").unwrap().unwrap();
+    assert_eq!(i.load_error.as_deref(), Some("sales.yaml:3: unknown key"));
+    assert_eq!(i.load_error_at, Some(t0 + TimeDelta::minutes(2)));
+    assert_eq!(i.content_hash.as_deref(), Some("h2"));
+    // Re-enabling records the resume instant.
+    let back = t0 + TimeDelta::hours(3);
+    assert!(s.set_enabled("sales", true, back).unwrap());
+    let i = s.get_integration("sales").unwrap().unwrap();
+    assert!(i.enabled);
+    assert_eq!(i.resumed_at, Some(back));
+    s.set_next_run("sales", Some(back + TimeDelta::minutes(15)))
+        .unwrap();
+    s.set_removed("sales", true, back).unwrap();
+    let i = s.get_integration("sales").unwrap().unwrap();
+    assert!(i.removed);
+    assert_eq!(i.next_run_at, Some(back + TimeDelta::minutes(15)));
+    // Loading again clears the error and the removed flag.
+    s.load_integration(&f, back).unwrap();
+    let i = s.get_integration("sales").unwrap().unwrap();
+    assert!(!i.removed && i.load_error.is_none());
+    // Survives a reopen; the list has every integration by name with its last run.
+    drop(s);
+    let s = db.open();
+    let run = s.create_run(&new_run("sales", Owner::External)).unwrap();
+    s.set_enabled("zeta", false, back).unwrap();
+    let all = s.list_integrations().unwrap();
+    let names: Vec<&str> = all.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["sales", "zeta"]);
+    assert_eq!(all[0].last_run.as_ref().unwrap().id, run);
+    assert_eq!(all[0].last_run.as_ref().unwrap().status, Status::Running);
+    assert!(!all[1].enabled && all[1].last_run.is_none());
+    assert!(s.get_integration("nope").unwrap().is_none());
+    let json = serde_json::to_value(&all[0]).unwrap();
+    assert_eq!(json["metadata"]["direction"], "inward");
+}
+
+fn cancel_requests_and_backfills(db: &Db) {
+    let s = db.open();
+    let run = s.create_run(&new_run("c", Owner::Pipe)).unwrap();
+    assert!(!s.cancel_requested(run).unwrap());
+    assert!(s.request_cancel(run, Utc::now()).unwrap());
+    assert!(s.cancel_requested(run).unwrap());
+    s.finish_run(run, Status::Cancelled, None, true).unwrap();
+    assert!(!s.cancel_requested(run).unwrap());
+    assert!(!s.request_cancel(run, Utc::now()).unwrap());
+    assert!(matches!(
+        s.request_cancel(777, Utc::now()).unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    // Failures in a row, for pause_after_failures.
+    for status in [
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+        Status::Failed,
+    ] {
+        let r = s.create_run(&new_run("f", Owner::External)).unwrap();
+        s.finish_run(r, status, None, false).unwrap();
+    }
+    assert_eq!(s.consecutive_failures("f").unwrap(), 2);
+    assert_eq!(s.consecutive_failures("none").unwrap(), 0);
+}
+
+/// SQLite only: a history file written by a `pipe` from before the store (schema 3, no
+/// migrations table) opens, keeps its rows and gets the new schema.
+#[test]
+fn an_old_history_file_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let old = rusqlite::Connection::open(state.join(DB_FILE)).unwrap();
+    old.execute_batch(
+        r#"
+CREATE TABLE integrations (name TEXT PRIMARY KEY, description TEXT,
+    enabled INTEGER NOT NULL DEFAULT 1, last_run_id INTEGER, last_run_at TEXT);
+CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, pipeline TEXT NOT NULL,
+    params TEXT NOT NULL DEFAULT '{}', "trigger" TEXT NOT NULL, status TEXT NOT NULL,
+    started_at TEXT NOT NULL, finished_at TEXT, logical_date TEXT, error TEXT, pid INTEGER,
+    pid_start TEXT, owner TEXT NOT NULL DEFAULT 'pipe');
+CREATE INDEX runs_by_pipeline ON runs(pipeline, id);
+CREATE INDEX runs_by_status ON runs(status);
+CREATE TABLE step_runs (run_id INTEGER NOT NULL REFERENCES runs(id), step TEXT NOT NULL,
+    status TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, started_at TEXT,
+    finished_at TEXT, duration_ms INTEGER, "rows" INTEGER, error TEXT, outputs TEXT,
+    PRIMARY KEY (run_id, step));
+CREATE TABLE logs (id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL REFERENCES runs(id),
+    time TEXT NOT NULL, level TEXT NOT NULL, step TEXT, message TEXT NOT NULL,
+    description TEXT, file TEXT);
+CREATE INDEX logs_by_run ON logs(run_id, id);
+ALTER TABLE step_runs ADD COLUMN kind TEXT;
+ALTER TABLE runs ADD COLUMN host TEXT;
+PRAGMA user_version = 3;
+INSERT INTO integrations(name, description, enabled, last_run_id) VALUES ('old', 'legacy', 0, 1);
+INSERT INTO runs(pipeline, "trigger", status, started_at, finished_at, owner)
+    VALUES ('old', 'cli', 'succeeded', '2025-01-01T00:00:00.000Z', '2025-01-01T00:01:00.000Z', 'pipe');
+INSERT INTO step_runs(run_id, step, status, attempts, "rows", kind, finished_at)
+    VALUES (1, 'b', 'succeeded', 1, 5, 'sql.query', '2025-01-01T00:00:30.000Z');
+INSERT INTO step_runs(run_id, step, status, attempts, "rows", kind, finished_at)
+    VALUES (1, 'a', 'succeeded', 1, 7, 'sql.query', '2025-01-01T00:00:40.000Z');
+INSERT INTO logs(run_id, time, level, message) VALUES (1, '2025-01-01T00:00:10.000Z', 'info', 'hello');
+"#,
+    )
+    .unwrap();
+    drop(old);
+    let s = store::open(&StoreConfig::sqlite(&state)).unwrap();
+    let version = s.schema_version().unwrap();
+    assert!(version >= 4, "{version}");
+    let d = s.get_run(1).unwrap().unwrap();
+    assert_eq!(d.run.status, Status::Succeeded);
+    assert_eq!(d.run.attempt, 1);
+    assert_eq!(d.log_count, 1);
+    // Step rows keep their order and move to attempt 1.
+    let steps: Vec<(&str, u32)> = d
+        .steps
+        .iter()
+        .map(|s| (s.step.as_str(), s.run_attempt))
+        .collect();
+    assert_eq!(steps, vec![("b", 1), ("a", 1)]);
+    assert_eq!(
+        s.rows_since("old", "sql.query", t("2024-01-01T00:00:00Z"))
+            .unwrap(),
+        12
+    );
+    let i = s.get_integration("old").unwrap().unwrap();
+    assert!(!i.enabled);
+    assert_eq!(i.description.as_deref(), Some("legacy"));
+    assert_eq!(i.queue, DEFAULT_QUEUE);
+    // New runs get new ids; the new tables work.
+    let id = s.create_run(&new_run("old", Owner::External)).unwrap();
+    assert_eq!(id, 2);
+    s.enqueue(&item("old", 0), Utc::now()).unwrap();
+    drop(s);
+    let c = rusqlite::Connection::open(state.join(DB_FILE)).unwrap();
+    let user_version: i64 = c
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(user_version, i64::from(version));
+    let applied: Vec<i64> = c
+        .prepare("SELECT version FROM schema_migrations ORDER BY version")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    assert_eq!(applied, (1..=i64::from(version)).collect::<Vec<_>>());
+    // A newer file than this pipe knows is refused, not misread.
+    c.pragma_update(None, "user_version", 99).unwrap();
+    drop(c);
+    let err = store::open(&StoreConfig::sqlite(&state))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("newer than this pipe knows"), "{err}");
+}
+
+#[test]
+fn open_rejects_unknown_urls_and_hides_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = store::open(&StoreConfig {
+        url: Some("mysql://u:p@h/db".into()),
+        state_dir: dir.path().into(),
+    })
+    .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)));
+    assert!(
+        err.to_string().contains("unknown kind of database `mysql`"),
+        "{err}"
+    );
+    // A server that is not there: the message names it without the password.
+    let err = store::open(&StoreConfig {
+        url: Some("postgres://pipe:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=2".into()),
+        state_dir: dir.path().into(),
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("postgres://pipe@127.0.0.1:1/nowhere"), "{err}");
+    assert!(!err.contains("s3cret-pw"), "{err}");
+    // `sqlite:PATH` puts the database elsewhere; run folders stay in the state dir.
+    let s = store::open(&StoreConfig {
+        url: Some(format!(
+            "sqlite:{}",
+            dir.path().join("db/other.sqlite").display()
+        )),
+        state_dir: dir.path().join("state"),
+    })
+    .unwrap();
+    let id = s.create_run(&new_run("p", Owner::External)).unwrap();
+    assert!(dir.path().join("db/other.sqlite").is_file());
+    assert!(s.run_dir(id).starts_with(dir.path().join("state")));
+    assert!(s.describe().starts_with("sqlite "), "{}", s.describe());
+}
+
+fn prune_keeps_what_is_still_needed(db: &Db) {
+    let s = db.open();
+    let t0 = t("2026-12-01T00:00:00Z");
+    let tick = |at| PlannedTick {
+        scheduled_at: at,
+        enqueue: None,
+        note: None,
+    };
+    let old_ticks: Vec<_> = (0..3).map(|h| tick(t0 + TimeDelta::hours(h))).collect();
+    s.record_ticks("p", "f", &old_ticks, t0 + TimeDelta::hours(2), t0)
+        .unwrap();
+    // A tick ahead of the cursor (planned early) stays however old the limit.
+    s.record_ticks("p", "f", &[tick(t0 + TimeDelta::hours(30))], t0, t0)
+        .unwrap();
+    let done = s.enqueue(&item("p", 0), t0).unwrap().id;
+    s.claim("w", &[], Duration::from_secs(5), t0)
+        .unwrap()
+        .unwrap();
+    s.ack(done, AckOutcome::Done, t0).unwrap();
+    let queued = s.enqueue(&item("p", 0), t0).unwrap().id;
+    let gone = remote_owner("run");
+    s.heartbeat(&gone, Duration::from_secs(5), t0).unwrap();
+    let live = remote_owner("run");
+    s.heartbeat(&live, Duration::from_secs(3600 * 48), t0)
+        .unwrap();
+    let cut = t0 + TimeDelta::days(1);
+    let pruned = s.prune(cut).unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            ticks: 2,
+            queue_items: 1,
+            leases: 1
+        }
+    );
+    let left: Vec<_> = s
+        .list_ticks("p", 0)
+        .unwrap()
+        .iter()
+        .map(|t| t.scheduled_at)
+        .collect();
+    assert_eq!(
+        left,
+        vec![t0 + TimeDelta::hours(30), t0 + TimeDelta::hours(2)]
+    );
+    assert!(s.get_item(done).unwrap().is_none());
+    assert!(s.get_item(queued).unwrap().is_some());
+    let leases: Vec<String> = s
+        .list_leases()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(leases, vec![live.id]);
+    assert_eq!(s.prune(cut).unwrap(), Pruned::default());
+}
