@@ -801,15 +801,16 @@ fn backfill_max_parallel_and_cancel() {
         "json",
     ]);
     out.expect_code(0);
-    let id = out.json()["id"].as_i64().unwrap().to_string();
-    env.run(&["backfill", "cancel", &id]).expect_code(0);
+    let id = out.json()["id"].as_i64().unwrap();
+    env.run(&["backfill", "cancel", &id.to_string()])
+        .expect_code(0);
     let list = env.run(&["backfill", "list", "--format", "json"]);
     let bf = list
         .json()
         .as_array()
         .unwrap()
         .iter()
-        .find(|b| b["id"].to_string() == id)
+        .find(|b| b["id"] == id)
         .cloned()
         .unwrap();
     assert_eq!(bf["state"], "cancelled", "{bf}");
