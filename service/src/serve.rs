@@ -745,7 +745,8 @@ async fn run_item(shared: &Arc<Shared>, n: usize, item: QueueItem) {
                 "worker {n}: cannot start a run of {} (item {}): {e:#}",
                 item.integration, item.id
             ));
-            ack(shared, item.id, AckOutcome::Done).await;
+            // No run was recorded: the item is given up, not done.
+            ack(shared, item.id, AckOutcome::Cancelled).await;
             return;
         }
     };
