@@ -38,6 +38,7 @@ pub use engine::events::{Level, LogRecord, Observer, RunEvent, StepRecord};
 pub use engine::status::Status;
 
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,6 +217,21 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
         cursor: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<TickOutcome>>;
+    /// [`RunStore::record_ticks`] for many integrations in ONE transaction (a planner's
+    /// round: one commit for all its due integrations), each batch also setting the next run
+    /// when it says so. Outcomes in the order of `batches`.
+    fn record_ticks_many(
+        &self,
+        batches: &[TickBatch],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Vec<TickOutcome>>>;
+    /// Every integration's planner cursor, in one query (integrations never planned are
+    /// absent).
+    fn schedule_cursors(&self) -> Result<HashMap<String, ScheduleCursor>>;
+    /// Per integration with any: active runs (what `claim` compares with
+    /// `max_concurrent_runs`, as [`RunStore::count_active`]) and queued items (as
+    /// [`RunStore::count_queued`]), in one read.
+    fn integration_counts(&self) -> Result<HashMap<String, IntegrationCounts>>;
     /// The integration's recorded ticks, newest first (`limit` 0 is all).
     fn list_ticks(&self, integration: &str, limit: usize) -> Result<Vec<TickRow>>;
 

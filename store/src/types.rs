@@ -338,6 +338,43 @@ pub struct PlannedTick {
     pub note: Option<String>,
 }
 
+/// One integration's part of [`crate::RunStore::record_ticks_many`].
+#[derive(Debug, Clone)]
+pub struct TickBatch {
+    pub integration: String,
+    pub fingerprint: String,
+    pub ticks: Vec<PlannedTick>,
+    /// The cursor to move to (never backwards).
+    pub cursor: DateTime<Utc>,
+    /// `Some(x)` sets the next run to `x` in the same transaction; `None` leaves it.
+    pub next_run: Option<Option<DateTime<Utc>>>,
+}
+
+impl TickBatch {
+    pub fn new(
+        integration: impl Into<String>,
+        fingerprint: impl Into<String>,
+        cursor: DateTime<Utc>,
+    ) -> TickBatch {
+        TickBatch {
+            integration: integration.into(),
+            fingerprint: fingerprint.into(),
+            ticks: Vec::new(),
+            cursor,
+            next_run: None,
+        }
+    }
+}
+
+/// An integration's counts ([`crate::RunStore::integration_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct IntegrationCounts {
+    /// Running runs plus claimed items without a run yet.
+    pub active: u64,
+    /// Queued items.
+    pub queued: u64,
+}
+
 /// What [`crate::RunStore::record_ticks`] did with one tick.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct TickOutcome {
