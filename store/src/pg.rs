@@ -40,7 +40,8 @@ const MIGRATION_LOCK: i64 = 0x7069_7065_0019;
 
 /// Schema migrations, in order; the version is the position + 1. (The SQLite history
 /// needed four steps to get here; PostgreSQL starts at the current shape.)
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE integrations (
     name                 TEXT PRIMARY KEY,
     description          TEXT,
@@ -166,7 +167,16 @@ CREATE TABLE leases (
     heartbeat_at  TEXT NOT NULL,
     expires_at    TEXT NOT NULL
 );
-"#];
+"#,
+    // A change counter for pollers of the integrations list.
+    r#"
+CREATE TABLE store_meta (
+    key   TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO store_meta(key, value) VALUES ('integrations_version', 0);
+"#,
+];
 
 pub(crate) type PgStore = SqlStore<PgBackend>;
 

@@ -417,9 +417,22 @@ fn owner_lease(tx: &mut dyn Tx, id: &str) -> Result<Option<StoredLease>> {
 }
 
 fn ensure_integration(tx: &mut dyn Tx, name: &str) -> Result<()> {
-    tx.exec(
+    let created = tx.exec(
         "INSERT INTO integrations(name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
         p![name],
+    )?;
+    if created > 0 {
+        bump_integrations(tx)?;
+    }
+    Ok(())
+}
+
+/// Count a change of what `list_integrations` shows (not last or next runs), for
+/// [`RunStore::integrations_version`].
+fn bump_integrations(tx: &mut dyn Tx) -> Result<()> {
+    tx.exec(
+        "UPDATE store_meta SET value = value + 1 WHERE key = 'integrations_version'",
+        p![],
     )?;
     Ok(())
 }
@@ -676,6 +689,59 @@ fn attach_file(dir: &Path, src: &Path) -> Result<String> {
         return Ok(dest.to_string_lossy().into_owned());
     }
     unreachable!("ran out of file names")
+}
+
+/// How many runs of one tick (integration + logical date) may be lost and queued again.
+pub(crate) const MAX_LOST_RETRIES: i64 = 3;
+
+/// Queue a lost run's item again when its integration says `retry_on_lost` (in its
+/// metadata) and the same tick has not been lost [`MAX_LOST_RETRIES`] times already.
+fn requeue_lost(tx: &mut dyn Tx, item: &QueueItem, now: DateTime<Utc>) -> Result<Option<i64>> {
+    let metadata = tx
+        .one(
+            "SELECT metadata FROM integrations WHERE name = ?1",
+            p![item.integration.as_str()],
+        )?
+        .map(|r| r.opt_text(0))
+        .transpose()?
+        .flatten();
+    let wanted = parse_json(metadata.as_deref())
+        .get("retry_on_lost")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    if !wanted {
+        return Ok(None);
+    }
+    let lost_before = match item.logical_date {
+        Some(at) => tx.one(
+            "SELECT COUNT(*) FROM runs WHERE pipeline = ?1 AND logical_date = ?2
+               AND status = 'abandoned'",
+            p![item.integration.as_str(), at],
+        )?,
+        None => tx.one(
+            "SELECT COUNT(*) FROM runs WHERE pipeline = ?1 AND logical_date IS NULL
+               AND status = 'abandoned' AND params = ?2",
+            p![item.integration.as_str(), json_text(&item.params)?],
+        )?,
+    }
+    .map(|r| r.int(0))
+    .transpose()?
+    .unwrap_or(0);
+    if lost_before > MAX_LOST_RETRIES {
+        return Ok(None);
+    }
+    let again = Enqueue {
+        integration: item.integration.clone(),
+        queue: item.queue.clone(),
+        priority: item.priority,
+        trigger: item.trigger,
+        logical_date: item.logical_date,
+        params: item.params.clone(),
+        dedup_key: item.dedup_key.clone(),
+        backfill_id: item.backfill_id,
+        run_id: None,
+    };
+    Ok(Some(enqueue_tx(tx, &again, now)?.id))
 }
 
 /// Record one integration's ticks inside an open write transaction (see `record_ticks`).
@@ -1315,12 +1381,22 @@ impl<B: Backend> RunStore for SqlStore<B> {
                  SET description = COALESCE(excluded.description, integrations.description)",
                 p![name, description],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
 
     fn load_integration(&self, file: &IntegrationFile, now: DateTime<Utc>) -> Result<()> {
-        let metadata = json_text(&file.metadata)?;
+        let mut metadata = file.metadata.clone();
+        if file.retry_on_lost {
+            match &mut metadata {
+                serde_json::Value::Object(m) => {
+                    m.insert("retry_on_lost".into(), true.into());
+                }
+                _ => metadata = serde_json::json!({ "retry_on_lost": true }),
+            }
+        }
+        let metadata = json_text(&metadata)?;
         self.write(|tx| {
             tx.exec(
                 "INSERT INTO integrations(name, description, path, content_hash, metadata, queue,
@@ -1350,6 +1426,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     now
                 ],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1361,6 +1438,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE integrations SET load_error = ?2, load_error_at = ?3 WHERE name = ?1",
                 p![name, error, error.map(|_| now)],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1387,6 +1465,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     p![name],
                 )?;
             }
+            bump_integrations(tx)?;
             Ok(true)
         })
     }
@@ -1408,6 +1487,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE integrations SET removed = ?2 WHERE name = ?1",
                 p![name, removed],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1449,6 +1529,19 @@ impl<B: Backend> RunStore for SqlStore<B> {
             )?
             .map(|r| integration_row(&r))
             .transpose()
+        })
+    }
+
+    fn integrations_version(&self) -> Result<i64> {
+        self.read(|tx| {
+            Ok(tx
+                .one(
+                    "SELECT value FROM store_meta WHERE key = 'integrations_version'",
+                    p![],
+                )?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0))
         })
     }
 
@@ -2008,11 +2101,17 @@ impl<B: Backend> RunStore for SqlStore<B> {
                         .map(|r| queue_row(&r))
                         .transpose()?;
                 }
+                let pipeline = r.text(0)?;
+                let requeued = match &queue_item {
+                    Some(item) => requeue_lost(tx, item, now)?,
+                    None => None,
+                };
                 lost.push(LostRun {
                     run_id: c.id,
-                    pipeline: r.text(0)?,
+                    pipeline,
                     lease_owner: c.lease_owner.clone(),
                     queue_item,
+                    requeued,
                 });
             }
             for &item in &items {

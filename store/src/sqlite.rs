@@ -187,6 +187,14 @@ CREATE TABLE leases (
     expires_at    TEXT NOT NULL
 );
 "#,
+    // A change counter for pollers of the integrations list.
+    r#"
+CREATE TABLE store_meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO store_meta(key, value) VALUES ('integrations_version', 0);
+"#,
 ];
 
 pub(crate) type SqliteStore = SqlStore<SqliteBackend>;

@@ -266,6 +266,9 @@ pub struct IntegrationFile {
     pub priority: i64,
     /// How many of its runs may run at once (`claim` honours it); `None` for no limit.
     pub max_concurrent_runs: Option<u32>,
+    /// A run lost with its owner is queued again ([`crate::RunStore::expire_lost`]); stored
+    /// as `retry_on_lost` in the metadata.
+    pub retry_on_lost: bool,
 }
 
 impl IntegrationFile {
@@ -279,6 +282,7 @@ impl IntegrationFile {
             queue: DEFAULT_QUEUE.into(),
             priority: 0,
             max_concurrent_runs: Some(1),
+            retry_on_lost: false,
         }
     }
 }
@@ -518,8 +522,10 @@ pub struct LostRun {
     pub run_id: i64,
     pub pipeline: String,
     pub lease_owner: Option<String>,
-    /// The queue item it ran (now `done`), for a caller that re-queues it.
+    /// The queue item it ran (now `done`).
     pub queue_item: Option<QueueItem>,
+    /// The item queued again for it, when its integration says `retry_on_lost`.
+    pub requeued: Option<i64>,
 }
 
 /// What [`crate::RunStore::prune`] deleted.

@@ -145,6 +145,9 @@ both!(
     prune_keeps_what_is_still_needed,
     works_from_async_tasks,
     batched_ticks_and_counts,
+    integrations_version_moves_with_the_list,
+    a_database_one_version_behind_is_migrated,
+    lost_runs_are_requeued_when_the_integration_says_so,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1613,4 +1616,149 @@ fn batched_ticks_and_counts(db: &Db) {
         assert_eq!(counts[n].active, s.count_active(n).unwrap(), "{n}");
         assert_eq!(counts[n].queued, s.count_queued(n).unwrap(), "{n}");
     }
+}
+
+fn integrations_version_moves_with_the_list(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    let mut seen = vec![s.integrations_version().unwrap()];
+    let mut changed = |s: &dyn RunStore, what: &str| {
+        let v = s.integrations_version().unwrap();
+        assert!(
+            !seen.contains(&v),
+            "{what}: version {v} seen before ({seen:?})"
+        );
+        seen.push(v);
+    };
+    loaded(s.as_ref(), "v", Some(1));
+    changed(s.as_ref(), "load");
+    s.set_enabled("v", false, now).unwrap();
+    changed(s.as_ref(), "disable");
+    s.set_enabled("v", true, now).unwrap();
+    changed(s.as_ref(), "enable");
+    s.set_load_error("v", Some("bad"), now).unwrap();
+    changed(s.as_ref(), "load error");
+    s.set_removed("v", true, now).unwrap();
+    changed(s.as_ref(), "removed");
+    s.create_run(&new_run("brand_new", Owner::External))
+        .unwrap();
+    changed(s.as_ref(), "a run of a new integration");
+    // What the list shows as runs does not count; a no-op enable neither.
+    let v = s.integrations_version().unwrap();
+    s.create_run(&new_run("v", Owner::External)).unwrap();
+    s.set_next_run("v", Some(now)).unwrap();
+    assert!(!s.set_enabled("v", true, now).unwrap());
+    assert_eq!(s.integrations_version().unwrap(), v);
+}
+
+/// A store whose last migration is missing (as a `pipe` one version older left it) gets it
+/// when opened; what it held stays.
+fn a_database_one_version_behind_is_migrated(db: &Db) {
+    let s = db.open();
+    let version = s.schema_version().unwrap();
+    let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
+    drop(s);
+    db.raw(&format!(
+        "DROP TABLE store_meta; DELETE FROM schema_migrations WHERE version = {version};"
+    ));
+    if db.cfg.url.is_none() {
+        db.raw(&format!("PRAGMA user_version = {};", version - 1));
+    }
+    let s = db.open();
+    assert_eq!(s.schema_version().unwrap(), version);
+    assert_eq!(s.integrations_version().unwrap(), 0);
+    assert_eq!(s.run_status(run).unwrap(), Some(Status::Running));
+    loaded(s.as_ref(), "after", None);
+    assert_eq!(s.integrations_version().unwrap(), 1);
+}
+
+fn lost_runs_are_requeued_when_the_integration_says_so(db: &Db) {
+    let s = db.open();
+    let t0 = t("2020-01-01T00:00:00Z");
+    let ttl = Duration::from_secs(10);
+    let mut f = IntegrationFile::new("retry", "retry.yaml", "h");
+    f.retry_on_lost = true;
+    f.metadata = serde_json::json!({"owner": "data"});
+    s.load_integration(&f, t0).unwrap();
+    let meta = s.get_integration("retry").unwrap().unwrap().metadata;
+    assert_eq!(
+        meta,
+        serde_json::json!({"owner": "data", "retry_on_lost": true})
+    );
+    loaded(s.as_ref(), "no_retry", None);
+    let tick = t("2020-01-01T06:00:00Z");
+    let mut e = Enqueue::new("retry", Trigger::Schedule);
+    e.logical_date = Some(tick);
+    e.priority = 4;
+    e.dedup_key = Some("retry@06:00".into());
+    e.params = serde_json::json!({"day": "2020-01-01"});
+    let mut item_id = s.enqueue(&e, t0).unwrap().id;
+    let other = s.enqueue(&item("no_retry", 0), t0).unwrap().id;
+    // A worker takes both and dies; the first process to notice (a CLI here) re-queues.
+    let mut requeued = Vec::new();
+    for round in 0..5 {
+        let worker = remote_owner("worker");
+        s.heartbeat(&worker, ttl, t0).unwrap();
+        let mut mine = vec![item_id];
+        if round == 0 {
+            mine.push(other);
+        }
+        for &id in &mine {
+            let it = s.claim(&worker.id, &[], ttl, t0).unwrap().unwrap();
+            assert_eq!(it.id, id);
+            s.create_run(&NewRun {
+                lease_owner: Some(worker.id.clone()),
+                queue_item: Some(it.id),
+                logical_date: it.logical_date,
+                ..NewRun::new(it.integration.clone(), it.trigger, Owner::Pipe)
+            })
+            .unwrap();
+        }
+        let lost = if round == 0 {
+            assert_eq!(s.mark_abandoned().unwrap(), 2);
+            s.list_queue(&QueueFilter {
+                state: Some(QueueState::Queued),
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>()
+        } else {
+            s.expire_lost(Utc::now())
+                .unwrap()
+                .into_iter()
+                .filter_map(|l| l.requeued)
+                .collect()
+        };
+        match lost.as_slice() {
+            [] => break,
+            [again] => {
+                let it = s.get_item(*again).unwrap().unwrap();
+                assert_eq!(it.state, QueueState::Queued);
+                assert_eq!(
+                    (it.integration.as_str(), it.priority, it.trigger),
+                    ("retry", 4, Trigger::Schedule)
+                );
+                assert_eq!(it.logical_date, Some(tick));
+                assert_eq!(it.params, e.params);
+                assert_eq!(it.dedup_key, e.dedup_key);
+                requeued.push(*again);
+                item_id = *again;
+            }
+            more => panic!("one re-queue expected: {more:?}"),
+        }
+    }
+    // Three retries of one tick, then it stays lost.
+    assert_eq!(requeued.len(), 3, "{requeued:?}");
+    assert_eq!(s.count_queued("retry").unwrap(), 0);
+    assert_eq!(s.count_queued("no_retry").unwrap(), 0);
+    let abandoned = s
+        .find_runs(&RunFilter {
+            pipeline: Some("retry".into()),
+            status: Some(Status::Abandoned),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(abandoned.len(), 4);
 }
