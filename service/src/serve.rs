@@ -238,6 +238,7 @@ fn integration_file(i: &Integration) -> IntegrationFile {
     f.description = plan.description.clone();
     f.queue = meta.queue.clone();
     f.priority = i64::from(meta.priority);
+    f.retry_on_lost = meta.retry_on_lost;
     f.max_concurrent_runs = Some(
         plan.schedule
             .as_ref()
@@ -641,8 +642,10 @@ async fn expire_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Runs of dead owners: the store marks them abandoned and, in the same transaction,
+/// queues those of `retry_on_lost: true` integrations again (so does every `pipe` command
+/// that looks at the history: whoever notices first, the outcome is the same).
 async fn expire_lost(shared: &Arc<Shared>) {
-    let snapshot = shared.snapshot();
     let lost = match blocking(&shared.store, |s| s.expire_lost(Utc::now())).await {
         Ok(l) => l,
         Err(e) => {
@@ -651,30 +654,15 @@ async fn expire_lost(shared: &Arc<Shared>) {
         }
     };
     for run in lost {
-        let retry = snapshot
-            .get(&run.pipeline)
-            .is_some_and(|i| i.plan.integration.retry_on_lost);
-        match (&run.queue_item, retry) {
-            (Some(item), true) => {
-                let mut e = Enqueue::new(&item.integration, item.trigger);
-                e.queue = item.queue.clone();
-                e.priority = item.priority;
-                e.logical_date = item.logical_date;
-                e.params = item.params.clone();
-                e.backfill_id = item.backfill_id;
-                e.dedup_key = item.dedup_key.clone();
-                match blocking(&shared.store, move |s| s.enqueue(&e, Utc::now())).await {
-                    Ok(q) => log(format!(
-                        "run {} of {}: its owner is gone; queued again as item {} (retry_on_lost)",
-                        run.run_id, run.pipeline, q.id
-                    )),
-                    Err(err) => log(format!(
-                        "run {} of {}: cannot queue it again: {err:#}",
-                        run.run_id, run.pipeline
-                    )),
-                }
+        match run.requeued {
+            Some(item) => {
+                log(format!(
+                    "run {} of {}: its owner is gone; queued again as item {item} (retry_on_lost)",
+                    run.run_id, run.pipeline
+                ));
+                shared.work.notify_waiters();
             }
-            _ => log(format!(
+            None => log(format!(
                 "run {} of {}: its owner is gone; marked abandoned",
                 run.run_id, run.pipeline
             )),
