@@ -309,6 +309,11 @@ steps:
         "pipeline: iv\nschedule: { interval: 1500ms }\nsteps:\n  a:\n    type: log\n    with: { message: hi }\n",
     );
     assert!(has(&got, 2, 23, "whole number of seconds"), "{got:?}");
+    let got = diagnostics(
+        "never.yaml",
+        "pipeline: never\nschedule: { cron: \"0 0 30 2 *\" }\nsteps:\n  a:\n    type: log\n    with: { message: hi }\n",
+    );
+    assert!(has(&got, 2, 19, "never fires"), "{got:?}");
 
     let file = env.write(
         "neither.yaml",

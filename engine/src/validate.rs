@@ -749,6 +749,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         schedule,
         integration,
         concurrency: doc.concurrency,
+        keep_tables: doc.keep_tables,
         sandbox: doc.sandbox.unwrap_or_default(),
         steps,
         graph,
@@ -820,6 +821,9 @@ fn check_schedule(s: &Schedule, node: &Node, d: &mut Diags) -> Option<ScheduleCo
             );
             None
         }
+        // A template was reported above; it is not a cron too.
+        (Some(cron), None) if is_template(cron) => None,
+        (None, Some(crate::model::DurationSpec::Text(t))) if is_template(t) => None,
         (Some(cron), None) => match crate::schedule_check::cron(cron) {
             Ok(()) => Some(ScheduleTrigger::Cron(cron.clone())),
             Err(e) => {
@@ -874,10 +878,15 @@ fn check_schedule(s: &Schedule, node: &Node, d: &mut Diags) -> Option<ScheduleCo
     let mut range = |key: &str, value: Option<u32>, min: u32, max: u32, what: &str| {
         if let Some(v) = value {
             if v < min || v > max {
+                let allowed = if max == u32::MAX {
+                    format!("at least {min}")
+                } else {
+                    format!("from {min} to {max}")
+                };
                 d.push(
                     pos_of(node, key),
                     Code::InvalidValue,
-                    format!("`{key}` must be from {min} to {max}{what} (found {v})"),
+                    format!("`{key}` must be {allowed}{what} (found {v})"),
                 );
                 ok = false;
             }

@@ -58,9 +58,10 @@
 //! decides: `skip`, `queue` (while fewer than [`OverlapPolicy::queue_cap`] wait, else skip),
 //! or `cancel_running` (cancel the oldest running runs that keep it from a slot, then
 //! start). Duplicates (the same tick twice) are merged by the store's unique key, not here.
-//! Catch-up ticks (all but the newest of a [`TickPlan`]) were asked for by `catch_up: all`:
-//! decide them with [`OverlapPolicy::for_catch_up`], which queues them (up to
-//! `max_catch_up`) instead of skipping them.
+//! [`decide_ticks`] decides a whole [`TickPlan`] at once: a single tick follows `on_overlap`;
+//! several ticks are a catch-up (asked for by `catch_up: all`), and each of them queues behind
+//! the others (up to `max_catch_up` waiting, [`OverlapPolicy::for_catch_up`]) instead of being
+//! skipped for overlapping the ticks it came with.
 
 mod cron;
 mod overlap;
@@ -68,7 +69,9 @@ mod ticks;
 
 pub use cron::CronExpr;
 pub use engine::model::{CatchUp, OnOverlap};
-pub use overlap::{decide_overlap, OverlapDecision, OverlapPolicy, DEFAULT_QUEUE_CAP};
+pub use overlap::{
+    decide_overlap, decide_ticks, OverlapDecision, OverlapPolicy, DEFAULT_QUEUE_CAP,
+};
 pub use ticks::{plan_ticks, ticks_between, Cursor, TickPlan};
 
 /// The first instant at which `tz`'s wall clock shows `naive` or later: the instant itself,

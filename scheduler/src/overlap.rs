@@ -97,6 +97,26 @@ pub fn decide_overlap(policy: &OverlapPolicy, running: usize, queued: usize) -> 
     }
 }
 
+/// Decide for all `due` ticks of one [`crate::TickPlan`], oldest first, given the runs that
+/// were `running` and `queued` before it. One tick (the normal case) follows `on_overlap`.
+/// Several ticks are a catch-up (`catch_up: all` after downtime): every one of them queues
+/// behind the others, up to `max_catch_up` waiting ([`OverlapPolicy::for_catch_up`]), so the
+/// newest is not skipped for overlapping the older ones it came with.
+pub fn decide_ticks(
+    spec: &ScheduleSpec,
+    due: usize,
+    running: usize,
+    queued: usize,
+) -> Vec<OverlapDecision> {
+    if due == 1 {
+        return vec![decide_overlap(&OverlapPolicy::of(spec), running, queued)];
+    }
+    let policy = OverlapPolicy::for_catch_up(spec);
+    (0..due)
+        .map(|k| decide_overlap(&policy, running, queued.saturating_add(k)))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -154,6 +174,24 @@ mod tests {
         };
         assert_eq!(decide_overlap(&p, 0, 2), Queue);
         assert!(CancelRunning { cancel: 1 }.enqueues());
+    }
+
+    #[test]
+    fn a_catch_up_queues_every_tick_and_one_tick_follows_on_overlap() {
+        let mut spec = ScheduleSpec::cron("* * * * *", chrono_tz::UTC).unwrap();
+        spec.max_catch_up = 12;
+        // One tick while one runs: skip (the default on_overlap).
+        assert_eq!(decide_ticks(&spec, 1, 1, 0), [Skip]);
+        assert_eq!(decide_ticks(&spec, 1, 0, 0), [Start]);
+        // Five missed ticks, nothing running: the first starts, the rest wait, none skipped.
+        assert_eq!(
+            decide_ticks(&spec, 5, 0, 0),
+            [Start, Queue, Queue, Queue, Queue]
+        );
+        // Still bounded: beyond max_catch_up waiting, the newest are skipped.
+        let d = decide_ticks(&spec, 5, 1, 10);
+        assert_eq!(d, [Queue, Queue, Skip, Skip, Skip]);
+        assert!(decide_ticks(&spec, 0, 0, 0).is_empty());
     }
 
     #[test]

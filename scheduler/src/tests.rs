@@ -300,9 +300,18 @@ fn intervals_step_in_utc_from_the_epoch() {
 }
 
 #[test]
-fn a_cron_that_never_fires_gives_none_not_a_hang() {
-    let s = cron("0 0 30 2 *", "UTC");
-    assert_eq!(next_after(&s, utc("2024-01-01T00:00:00Z")), None);
+fn a_cron_that_never_fires_is_refused() {
+    for expr in ["0 0 30 2 *", "0 0 31 4,6 *", "0 0 31 2,4,6,9,11 *"] {
+        let e = ScheduleSpec::cron(expr, chrono_tz::UTC).unwrap_err();
+        assert!(e.0.contains("never fires"), "{expr}: {e}");
+    }
+    // Rare is fine: Feb 29, and a weekday OR a day of the month.
+    let leap = cron("0 0 29 2 *", "UTC");
+    assert_eq!(
+        next_after(&leap, utc("2024-03-01T00:00:00Z")),
+        Some(utc("2028-02-29T00:00:00Z"))
+    );
+    assert!(ScheduleSpec::cron("0 0 30 2 1", chrono_tz::UTC).is_ok());
 }
 
 #[test]
@@ -368,6 +377,9 @@ fn a_year_of_fire_times_matches_the_brute_force_and_strictly_increases() {
         ("Europe/Berlin", "0 2 * * 0"),
         ("America/Sao_Paulo", "0 0 * * *"),
         ("Australia/Lord_Howe", "*/10 1-3 * * *"),
+        ("Australia/Lord_Howe", "0 * * * *"),
+        ("America/Sao_Paulo", "*/30 22-23,0-1 * * *"),
+        ("Europe/Berlin", "15 2 * * *"),
     ];
     for (zone, expr) in cases {
         let zone = tz(zone);
@@ -421,5 +433,44 @@ fn a_year_of_second_level_fires_has_no_duplicates_near_changes() {
             }
             assert!(count > 20_000, "{zone} {day}: {count}");
         }
+    }
+}
+
+#[test]
+fn a_loop_waking_at_random_plans_every_tick_of_a_year_exactly_once() {
+    // catch_up: all with room for every tick: the union of the plans is the fire list, in
+    // order, whatever the wake-ups (seconds to hours apart, across both DST changes).
+    for (zone, expr) in [
+        ("America/New_York", "*/20 * * * *"),
+        ("Australia/Lord_Howe", "0,30 1-3 * * *"),
+    ] {
+        let mut spec = cron(expr, zone);
+        spec.catch_up = CatchUp::All;
+        spec.max_catch_up = 10_000;
+        let from = utc("2024-01-01T00:00:00Z");
+        let to = utc("2025-01-01T00:00:00Z");
+        let mut cursor = plan_ticks(&spec, None, from).cursor;
+        let mut planned = Vec::new();
+        let mut now = from;
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        while now < to {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            now += TimeDelta::milliseconds(1 + (seed >> 33) as i64 % 10_800_000);
+            let now = now.min(to);
+            let plan = plan_ticks(&spec, Some(&cursor), now);
+            assert!(!plan.reset && plan.dropped_since.is_none(), "{plan:?}");
+            planned.extend(plan.due);
+            cursor = plan.cursor;
+        }
+        let mut expected = Vec::new();
+        let mut t = from;
+        while let Some(next) = next_after(&spec, t).filter(|n| *n <= to) {
+            expected.push(next);
+            t = next;
+        }
+        assert!(expected.len() > 1000, "{expr}: {}", expected.len());
+        assert_eq!(planned, expected, "{expr} in {zone}");
     }
 }
