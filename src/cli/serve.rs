@@ -140,19 +140,44 @@ mod launcher {
         async fn start(&self, job: service::Job) -> anyhow::Result<service::RunHandle> {
             let runner = self.runner(&job);
             let item = &job.queue_item;
-            let mut spec = runner::RunSpec::new(runner::PlanSource::Plan(job.plan.clone()));
-            spec.trigger = item.trigger;
-            spec.logical_date = item.logical_date;
+            let json_params = |v: &serde_json::Value| -> Vec<(String, runner::ParamValue)> {
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .map(|(k, v)| (k.clone(), runner::ParamValue::Json(v.clone())))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let mut spec = match (item.trigger, item.run_id) {
+                // A queued repair: the next attempt of that run, as `pipe runs repair` does
+                // (its recorded params; the steps it keeps are the runner's decision).
+                (store::Trigger::Repair, Some(run_id)) => {
+                    let store = job.store.clone();
+                    let registry = self.registry.clone();
+                    let repair = tokio::task::spawn_blocking(move || {
+                        runner::repair::plan_repair(&*store, &registry, run_id)
+                            .map_err(|e| anyhow::anyhow!("repair of run {run_id}: {e}"))
+                    })
+                    .await??;
+                    let mut spec =
+                        runner::RunSpec::new(runner::PlanSource::Plan(repair.plan.clone()));
+                    spec.params = json_params(&repair.run.run.params);
+                    spec.logical_date = repair.run.run.logical_date;
+                    spec.trigger = repair.run.run.trigger;
+                    spec.resume = Some(run_id);
+                    spec.reuse = repair.reuse;
+                    spec
+                }
+                _ => {
+                    let mut spec = runner::RunSpec::new(runner::PlanSource::Plan(job.plan.clone()));
+                    spec.logical_date = item.logical_date;
+                    spec.params = json_params(&item.params);
+                    spec.trigger = item.trigger;
+                    spec
+                }
+            };
             spec.queue_item = Some(item.id);
-            spec.params = item
-                .params
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| (k.clone(), runner::ParamValue::Json(v.clone())))
-                        .collect()
-                })
-                .unwrap_or_default();
             let prepared = runner.prepare(spec).await?;
             let handle = prepared.start(Vec::new());
             let run_id = handle.id();
