@@ -47,7 +47,7 @@ const SCHEDULER_WAKE: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How long an idle worker waits before asking the queue again (it is also woken when
 /// this server enqueued something).
-const IDLE_POLL: Duration = Duration::from_millis(500);
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often a worker looks for a cancel request of its run.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
 
@@ -425,23 +425,12 @@ async fn plan_round(
     };
     next_due.retain(|name, _| snapshot.contains_key(name));
     // Which integrations are due, from the cache alone.
-    let mut due: Vec<(&Integration, scheduler::ScheduleSpec)> = Vec::new();
+    let mut due: Vec<(&Integration, &scheduler::ScheduleSpec)> = Vec::new();
     for (name, integration) in snapshot.iter() {
-        let Some(config) = integration.plan.schedule.as_ref() else {
+        let Some(spec) = integration.spec.as_ref() else {
             continue;
         };
-        let spec = match scheduler::ScheduleSpec::from_config(config) {
-            Ok(s) => s,
-            Err(e) => {
-                // Validation accepted it: this is a bug, not a user error; say so once.
-                if !next_due.contains_key(name) {
-                    log(format!("integration {name}: cannot schedule: {e}"));
-                    next_due.insert(name.clone(), (String::new(), DateTime::<Utc>::MAX_UTC));
-                }
-                continue;
-            }
-        };
-        let key = schedule_key(&spec);
+        let key = schedule_key(spec);
         if let Some((k, at)) = next_due.get(name) {
             if *k == key && *at > now {
                 note(*at, &mut earliest);
@@ -467,12 +456,12 @@ async fn plan_round(
     let mut cancels: Vec<(String, usize)> = Vec::new();
     for (integration, spec) in due {
         let name = &integration.name;
-        let key = schedule_key(&spec);
+        let key = schedule_key(spec);
         let row = rows.get(name);
         if row.is_some_and(|r| !r.enabled || r.removed) {
             // Looked at again at its next fire time; when it is enabled again its schedule
             // restarts from the instant it was enabled.
-            let at = scheduler::next_after(&spec, now).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let at = scheduler::next_after(spec, now).unwrap_or(DateTime::<Utc>::MAX_UTC);
             note(at, &mut earliest);
             next_due.insert(name.clone(), (key, at));
             continue;
@@ -496,7 +485,7 @@ async fn plan_round(
             }),
             (None, None) => None,
         };
-        let plan = scheduler::plan_ticks(&spec, cursor.as_ref(), now);
+        let plan = scheduler::plan_ticks(spec, cursor.as_ref(), now);
         if plan.reset && cursor.is_some() && spec.enabled {
             log(format!(
                 "integration {name}: the schedule changed; it restarts from now ({})",
@@ -516,13 +505,13 @@ async fn plan_round(
         let meta = &integration.plan.integration;
         let last = plan.due.len().saturating_sub(1);
         let mut batch = store::TickBatch::new(name, &fingerprint, plan.cursor.through);
-        let next = scheduler::next_after(&spec, plan.cursor.through);
+        let next = scheduler::next_after(spec, plan.cursor.through);
         batch.next_run = Some(if spec.enabled { next } else { None });
         for (k, at) in plan.due.iter().enumerate() {
             let policy = if k < last {
-                scheduler::OverlapPolicy::for_catch_up(&spec)
+                scheduler::OverlapPolicy::for_catch_up(spec)
             } else {
-                scheduler::OverlapPolicy::of(&spec)
+                scheduler::OverlapPolicy::of(spec)
             };
             let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             match scheduler::decide_overlap(&policy, running, queued) {
