@@ -5,7 +5,6 @@
 //! `pipe run`'s.
 
 use super::run::{execute, Terminal};
-use super::Format;
 use runner::{ParamValue, PlanSource, RunSpec, Runner};
 use std::path::Path;
 use std::sync::Arc;
@@ -21,15 +20,8 @@ pub struct RepairArgs {
     /// Steps at once (default: the pipeline's `concurrency`, else the number of CPUs).
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Summary format on stdout.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-    /// Only the summary: no progress on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// Also show every info log row on stderr.
-    #[arg(long, short)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub terminal: Terminal,
     /// Queue the repair for the running `pipe serve` instead of running it here (it runs
     /// as the run's next attempt on a worker; the run's recorded params are used).
     #[arg(long, conflicts_with = "params")]
@@ -87,7 +79,7 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
             params.push((name.clone(), ParamValue::Json(value.clone())));
         }
     }
-    if !args.quiet {
+    if !args.terminal.quiet {
         for (step, why) in &repair.rerun {
             eprintln!("repair: `{step}` runs again: {why}");
         }
@@ -104,16 +96,7 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     spec.concurrency = args.concurrency;
     spec.resume = Some(args.id);
     spec.reuse = repair.reuse;
-    execute(
-        &worker,
-        spec,
-        Terminal {
-            format: args.format,
-            quiet: args.quiet,
-            verbose: args.verbose,
-        },
-        state_dir,
-    )
+    execute(&worker, spec, args.terminal, state_dir)
 }
 
 /// `--queue`: one queue item (trigger `repair`, the run's id) that a service worker runs as
