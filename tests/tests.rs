@@ -19,6 +19,7 @@ mod repair;
 mod sandbox;
 mod schedule;
 mod schema;
+mod serve;
 mod sql;
 mod store;
 mod validate;

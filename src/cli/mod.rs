@@ -1,12 +1,14 @@
 //! The subcommands of `pipe`, one module each, plus what they share.
 
 pub mod graph;
+pub mod integrations;
 pub mod repair;
 pub mod run;
 pub mod runs;
 pub mod sandbox;
 pub mod schedule;
 pub mod schema;
+pub mod serve;
 pub mod validate;
 
 /// Panics print a redacted message: a secret inside a panic payload never reaches stderr

@@ -22,6 +22,10 @@ pub struct RepairArgs {
     pub concurrency: Option<usize>,
     #[command(flatten)]
     pub terminal: Terminal,
+    /// Queue the repair for the running `pipe serve` instead of running it here (it runs
+    /// as the run's next attempt on a worker; the run's recorded params are used).
+    #[arg(long, conflicts_with = "params")]
+    pub queue: bool,
 }
 
 fn usage(msg: impl std::fmt::Display) -> i32 {
@@ -46,6 +50,9 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
         Ok(r) => r,
         Err(e) => return usage(e),
     };
+    if args.queue {
+        return queue_repair(&*store, &repair, args.id);
+    }
     config.store = Some(store);
     let worker = Runner::new(config);
 
@@ -90,4 +97,42 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     spec.resume = Some(args.id);
     spec.reuse = repair.reuse;
     execute(&worker, spec, args.terminal, state_dir)
+}
+
+/// `--queue`: one queue item (trigger `repair`, the run's id) that a service worker runs as
+/// the run's next attempt.
+fn queue_repair(store: &dyn store::RunStore, repair: &runner::repair::Repair, id: i64) -> i32 {
+    let pipeline = &repair.run.run.pipeline;
+    let integration = match store.get_integration(pipeline) {
+        Ok(i) => i,
+        Err(e) => return usage(format!("cannot read integration `{pipeline}`: {e}")),
+    };
+    if integration.as_ref().is_some_and(|i| !i.enabled) {
+        return usage(format!(
+            "integration `{pipeline}` is disabled; nothing is queued (`pipe integrations enable {pipeline}` first)"
+        ));
+    }
+    let mut e = store::Enqueue::new(pipeline, store::Trigger::Repair);
+    e.run_id = Some(id);
+    e.logical_date = repair.run.run.logical_date;
+    e.dedup_key = Some(format!("repair:{id}"));
+    if let Some(i) = &integration {
+        e.queue = i.queue.clone();
+        e.priority = i.priority;
+    }
+    match store.enqueue(&e, chrono::Utc::now()) {
+        Ok(q) => {
+            println!(
+                "queued the repair of run {id} (queue item {}{}); `pipe serve` runs it as attempt {}",
+                q.id,
+                if q.merged { ", already queued" } else { "" },
+                repair.run.run.attempt + 1
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: cannot queue the repair: {e}");
+            1
+        }
+    }
 }

@@ -1,0 +1,248 @@
+//! `pipe serve`: run the integration service in the foreground (see the `service` crate).
+//!
+//! The CLI only parses arguments, opens the store and hands over; stopping is SIGTERM or
+//! Ctrl-C (drain, then cancel), and the exit code is 0 after a clean stop.
+
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// The folder of pipeline files, each one an integration (watched while serving).
+    #[arg(default_value = "pipelines")]
+    pub dir: PathBuf,
+    /// How many runs this server executes at once (in-process workers).
+    #[arg(long, default_value_t = 4)]
+    pub workers: usize,
+    /// On SIGTERM, how long running runs may take to finish before they are cancelled
+    /// (their teardown steps still run).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: std::time::Duration,
+}
+
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    engine::duration::parse(text)
+}
+
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Serve until SIGTERM or Ctrl-C. Exit codes: 0 after a clean stop, 1 when the service
+/// could not start (or failed), 2 for bad arguments.
+pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
+    if args.workers == 0 {
+        eprintln!("error: --workers must be at least 1");
+        return 2;
+    }
+    let store = match store::open(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot open the store: {e}");
+            return 1;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let shutdown = CancellationToken::new();
+    let hurry = CancellationToken::new();
+    let config = service::ServeConfig {
+        dir: args.dir,
+        workers: args.workers,
+        drain_timeout: args.drain_timeout,
+        registry: super::registry(),
+        store: store.clone(),
+        launcher: Arc::new(launcher::RunnerLauncher::new(
+            super::registry(),
+            &cfg.state_dir,
+        )),
+        hurry: hurry.clone(),
+    };
+    let result = runtime.block_on(async {
+        let signals = tokio::spawn(watch_signals(shutdown.clone(), hurry));
+        let r = service::Service::run(config, shutdown).await;
+        signals.abort();
+        r
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(_) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// The first SIGTERM or Ctrl-C stops the service (drain); a second ends the drain now
+/// (running runs are cancelled, their teardown steps still run).
+async fn watch_signals(shutdown: CancellationToken, hurry: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        count += 1;
+        if count == 1 {
+            shutdown.cancel();
+        } else {
+            service::serve::log("second signal: cancelling the running runs now");
+            hurry.cancel();
+        }
+    }
+}
+
+/// The service's [`service::Launcher`]: a claimed queue item becomes a run through the
+/// runner, the one run path `pipe run` uses too.
+mod launcher {
+    use std::sync::{Arc, OnceLock};
+
+    pub struct RunnerLauncher {
+        registry: Arc<engine::step::Registry>,
+        state_dir: std::path::PathBuf,
+        /// One runner for all workers (they share its token caches), made at the first run:
+        /// it records runs under the service's lease, known once the service started.
+        runner: OnceLock<Arc<runner::Runner>>,
+    }
+
+    impl RunnerLauncher {
+        pub fn new(registry: engine::step::Registry, state_dir: &std::path::Path) -> Self {
+            RunnerLauncher {
+                registry: Arc::new(registry),
+                state_dir: state_dir.to_path_buf(),
+                runner: OnceLock::new(),
+            }
+        }
+
+        fn runner(&self, job: &service::Job) -> Arc<runner::Runner> {
+            self.runner
+                .get_or_init(|| {
+                    let mut config = runner::RunnerConfig::new(&self.state_dir);
+                    config.registry = self.registry.clone();
+                    config.store = Some(job.store.clone());
+                    config.lease_owner = Some(job.lease_owner.clone());
+                    Arc::new(runner::Runner::new(config))
+                })
+                .clone()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl service::Launcher for RunnerLauncher {
+        /// `notify: on: [paused]`: the integration was just disabled after its failures; the
+        /// summary is its last run's. What cannot be sent is logged, as for a run.
+        async fn paused(
+            &self,
+            plan: Arc<engine::plan::Plan>,
+            last_run: i64,
+            failures: u32,
+            store: Arc<dyn store::RunStore>,
+        ) {
+            let Ok(Ok(Some(d))) =
+                tokio::task::spawn_blocking(move || store.get_run(last_run)).await
+            else {
+                return;
+            };
+            let r = &d.run;
+            let mut summary = notify::RunSummary::started(
+                &r.pipeline,
+                r.id,
+                r.trigger.as_str(),
+                r.logical_date,
+                r.started_at,
+            );
+            summary.status = r.status;
+            summary.error = r.error.clone();
+            summary.finished_at = r.finished_at;
+            summary.duration_ms = r.duration_ms.unwrap_or(0);
+            let redactor = engine::secrets::Redactor::new();
+            let report = notify::paused(&plan, &summary, &redactor).await;
+            for f in &report.failed {
+                service::serve::log(format!(
+                    "{}: paused after {failures} failed runs; a notification was not sent: {f}",
+                    plan.name
+                ));
+            }
+        }
+
+        async fn start(&self, job: service::Job) -> anyhow::Result<service::RunHandle> {
+            let runner = self.runner(&job);
+            let item = &job.queue_item;
+            let json_params = |v: &serde_json::Value| -> Vec<(String, runner::ParamValue)> {
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .map(|(k, v)| (k.clone(), runner::ParamValue::Json(v.clone())))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let mut spec = match (item.trigger, item.run_id) {
+                // A queued repair: the next attempt of that run, as `pipe runs repair` does
+                // (its recorded params; the steps it keeps are the runner's decision).
+                (store::Trigger::Repair, Some(run_id)) => {
+                    let store = job.store.clone();
+                    let registry = self.registry.clone();
+                    let repair = tokio::task::spawn_blocking(move || {
+                        runner::repair::plan_repair(&*store, &registry, run_id)
+                            .map_err(|e| anyhow::anyhow!("repair of run {run_id}: {e}"))
+                    })
+                    .await??;
+                    let mut spec =
+                        runner::RunSpec::new(runner::PlanSource::Plan(repair.plan.clone()));
+                    spec.params = json_params(&repair.run.run.params);
+                    spec.logical_date = repair.run.run.logical_date;
+                    spec.trigger = repair.run.run.trigger;
+                    spec.resume = Some(run_id);
+                    spec.reuse = repair.reuse;
+                    spec
+                }
+                _ => {
+                    let mut spec = runner::RunSpec::new(runner::PlanSource::Plan(job.plan.clone()));
+                    spec.logical_date = item.logical_date;
+                    spec.params = json_params(&item.params);
+                    spec.trigger = item.trigger;
+                    spec
+                }
+            };
+            spec.queue_item = Some(item.id);
+            let prepared = runner.prepare(spec).await?;
+            let handle = prepared.start(Vec::new());
+            let run_id = handle.id();
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let controls = handle.controls();
+            let watch = cancel.clone();
+            tokio::spawn(async move {
+                let join = handle.join();
+                tokio::pin!(join);
+                let outcome = tokio::select! {
+                    o = &mut join => o,
+                    _ = watch.cancelled() => {
+                        controls.cancel();
+                        join.await
+                    }
+                };
+                if let Some(e) = &outcome.history_error {
+                    service::serve::log(format!(
+                        "run {run_id}: its history may be incomplete: {e}"
+                    ));
+                }
+                let _ = tx.send(outcome.status);
+            });
+            Ok(service::RunHandle {
+                run_id,
+                cancel,
+                done: rx,
+            })
+        }
+    }
+}
