@@ -22,15 +22,15 @@ const SMTP_PASSWORD: &str = "pw-3c7d9e21-smtp";
 
 /// One request the receiver got.
 #[derive(Debug, Clone)]
-struct Request {
-    path: String,
+pub(crate) struct Request {
+    pub(crate) path: String,
     /// Lower-case names.
     headers: HashMap<String, String>,
     body: Vec<u8>,
 }
 
 impl Request {
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_slice(&self.body).expect("a JSON body")
     }
     fn header(&self, name: &str) -> &str {
@@ -42,17 +42,18 @@ impl Request {
 }
 
 /// What the receiver answers: status and extra headers, given the request's index.
-type Script = dyn Fn(usize, &Request) -> (u16, Vec<(&'static str, String)>) + Send + Sync;
+pub(crate) type Script =
+    dyn Fn(usize, &Request) -> (u16, Vec<(&'static str, String)>) + Send + Sync;
 
 /// An HTTP/1.1 receiver on 127.0.0.1 (one request per connection), stopped when dropped.
-struct Receiver {
+pub(crate) struct Receiver {
     port: u16,
     requests: Arc<Mutex<Vec<Request>>>,
     stop: Arc<AtomicBool>,
 }
 
 impl Receiver {
-    fn start(script: Box<Script>) -> Receiver {
+    pub(crate) fn start(script: Box<Script>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -75,10 +76,10 @@ impl Receiver {
             stop,
         }
     }
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
-    fn requests(&self) -> Vec<Request> {
+    pub(crate) fn requests(&self) -> Vec<Request> {
         self.requests.lock().unwrap().clone()
     }
 }

@@ -695,6 +695,34 @@ fn pause_after_failures_disables_the_integration() {
 }
 
 #[test]
+fn a_paused_integration_sends_its_paused_notification() {
+    let rx = crate::notify::Receiver::start(Box::new(|_, _| (200, vec![])));
+    let env = Env::new();
+    env.write(
+        "pipelines/flaky.yaml",
+        &format!(
+            "pipeline: flaky\nschedule: {{ cron: \"* * * * * *\", pause_after_failures: 2 }}\nsteps:\n  s: {{ type: log, with: {{ message: broken, level: error }} }}\nnotify:\n  - on: [paused]\n    webhook: {{ url: \"{}\" }}\n",
+            rx.url("/paused")
+        ),
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    let got = wait_for("the paused notification", &server, || {
+        rx.requests().into_iter().find(|r| r.path == "/paused")
+    });
+    let body = got.json();
+    assert_eq!(body["event"], "paused", "{body}");
+    assert_eq!(body["pipeline"], "flaky", "{body}");
+    assert_eq!(body["status"], "failed", "the last run's status: {body}");
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let paused: Vec<_> = rx
+        .requests()
+        .into_iter()
+        .filter(|r| r.path == "/paused")
+        .collect();
+    assert_eq!(paused.len(), 1, "sent once");
+}
+
+#[test]
 fn overlap_cancel_running_cancels_the_old_run_for_the_new_tick() {
     let env = Env::new();
     pipeline(

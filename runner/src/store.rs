@@ -115,7 +115,12 @@ impl StoreHandle {
             ),
         };
         let owner = given.or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
-        let _ = store.mark_abandoned();
+        // A lone `pipe run` looks for dead owners' runs as every pipe command does; a
+        // service's worker leaves that to its server, which expires them every lease period
+        // (a scan per run start was a third of a busy server's time).
+        if self.lease_owner.is_none() {
+            let _ = store.mark_abandoned();
+        }
         let (run_id, attempt) = match new.resume {
             Some(id) => {
                 let attempt = store
