@@ -39,6 +39,15 @@ enum Command {
     /// Schedules: `pipe schedule next FILE` prints the coming fire times.
     #[command(subcommand)]
     Schedule(cli::schedule::ScheduleCommand),
+    /// Run the integration service: schedule, queue and run every pipeline of a folder.
+    Serve(cli::serve::ServeArgs),
+    /// The integrations of the service: list, show, enable, disable.
+    #[command(subcommand)]
+    Integrations(cli::integrations::IntegrationsCommand),
+    /// Queue a manual run of an integration (the running service picks it up).
+    Trigger(cli::integrations::TriggerArgs),
+    /// Queue one run per scheduled tick of a past range; `backfill list`, `backfill cancel ID`.
+    Backfill(cli::integrations::BackfillArgs),
     /// Local fakes of the external services (`pipe sandbox serve`).
     Sandbox {
         #[command(subcommand)]
@@ -51,6 +60,10 @@ fn main() {
     steps::init_crypto();
     let cli = Cli::parse();
     let state_dir = cli.state_dir.unwrap_or_else(|| PathBuf::from(".pipe"));
+    let store_config = store::StoreConfig {
+        url: cli.db.clone(),
+        state_dir: state_dir.clone(),
+    };
     let code = match cli.command {
         Command::Run(args) => cli::run::main(args, &state_dir, cli.db.as_deref()),
         Command::Validate(args) => cli::validate::main(args),
@@ -65,6 +78,10 @@ fn main() {
         ),
         Command::Sandbox { cmd } => cli::sandbox::main_in(cmd, &state_dir),
         Command::Schedule(cmd) => cli::schedule::main(cmd),
+        Command::Serve(args) => cli::serve::main(args, &store_config),
+        Command::Integrations(cmd) => cli::integrations::integrations_main(cmd, &store_config),
+        Command::Trigger(args) => cli::integrations::trigger_main(args, &store_config),
+        Command::Backfill(args) => cli::integrations::backfill_main(args, &store_config),
     };
     std::process::exit(code);
 }

@@ -17,6 +17,7 @@ mod redaction;
 mod sandbox;
 mod schedule;
 mod schema;
+mod serve;
 mod sql;
 mod store;
 mod validate;

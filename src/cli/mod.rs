@@ -1,11 +1,13 @@
 //! The subcommands of `pipe`, one module each, plus what they share.
 
 pub mod graph;
+pub mod integrations;
 pub mod run;
 pub mod runs;
 pub mod sandbox;
 pub mod schedule;
 pub mod schema;
+pub mod serve;
 pub mod validate;
 
 use engine::secrets::Redactor;

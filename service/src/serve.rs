@@ -1,0 +1,923 @@
+//! The service loop: the watcher, the scheduler, the workers, leases, and the drain.
+//!
+//! Tasks (tokio; every store call goes through `spawn_blocking`, the store being a sync
+//! interface):
+//!
+//! - **watcher**: scans the folder once a second ([`crate::catalog`]) and records what
+//!   changed in the store (loaded version, load error, removed), then publishes a new
+//!   snapshot of the integrations for the other tasks;
+//! - **scheduler**: while this server holds the `scheduler` leader lease, plans each enabled
+//!   integration's due ticks (`scheduler::plan_ticks`, from the cursor the store keeps),
+//!   decides overlaps, and records ticks and their queue items in ONE store transaction
+//!   whose UNIQUE (integration, scheduled_at) makes every tick exist once. The leader lease
+//!   only saves work: if two servers ever both plan (a lease expiring mid-round), the unique
+//!   key still enqueues each tick once. It wakes at the next due instant, at least every
+//!   second;
+//! - **workers**: N loops that claim the highest-priority queued item the store allows
+//!   (each integration's `max_concurrent_runs` is honoured inside `claim`), run it through
+//!   the runner with the tick's instant as the logical date, watch for cancel requests, and
+//!   ack it; a failed run may pause its integration (`pause_after_failures`);
+//! - **lease**: this process's owner lease (runs and claims carry its id) is renewed by a
+//!   [`store::LeaseKeeper`]; every lease period the server expires the runs of dead owners
+//!   (abandoned, or re-queued when their integration says `retry_on_lost: true`).
+//!
+//! Stopping ([`Service::run`]'s `shutdown` token, SIGTERM in `pipe serve`): scheduling and
+//! claiming stop at once; running runs get `drain_timeout` to finish, are then cancelled
+//! (their teardown steps run) and awaited; everything is recorded, the leases are released,
+//! and `run` returns. A restart continues from the cursors in the store.
+
+use crate::catalog::{Catalog, Change, Integration};
+use chrono::{DateTime, Utc};
+use engine::step::Registry;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use store::{
+    AckOutcome, Enqueue, IntegrationFile, LeaseKeeper, LeaseOwner, PlannedTick, QueueItem,
+    RunFilter, RunStore, Status, Trigger,
+};
+use tokio_util::sync::CancellationToken;
+
+/// The leader lease the scheduler loop runs under.
+pub const SCHEDULER_LEASE: &str = "scheduler";
+/// How long the scheduler sleeps at most between rounds.
+const SCHEDULER_WAKE: Duration = Duration::from_secs(1);
+/// How often the folder is scanned.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// How long an idle worker waits before asking the queue again (it is also woken when
+/// this server enqueued something).
+const IDLE_POLL: Duration = Duration::from_millis(500);
+/// How often a worker looks for a cancel request of its run.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
+
+/// What `pipe serve` asks for.
+pub struct ServeConfig {
+    /// The folder of pipeline files.
+    pub dir: PathBuf,
+    /// In-process workers.
+    pub workers: usize,
+    /// How long running runs may take to finish once stopping.
+    pub drain_timeout: Duration,
+    /// The step types (to validate files).
+    pub registry: Registry,
+    pub store: Arc<dyn RunStore>,
+    /// Starts runs (the one run path shared with `pipe run`).
+    pub launcher: Arc<dyn crate::Launcher>,
+    /// Cancelled to end the drain early (a second SIGTERM): running runs are cancelled.
+    pub hurry: CancellationToken,
+}
+
+/// What happened, for the exit message.
+#[derive(Debug, Default, Clone)]
+pub struct ServeReport {
+    /// Runs this server finished.
+    pub runs: u64,
+    /// Runs cancelled because the drain timeout passed.
+    pub cancelled_at_drain: u64,
+}
+
+/// The integrations in use, shared between the tasks.
+type Snapshot = Arc<BTreeMap<String, Integration>>;
+
+struct Shared {
+    store: Arc<dyn RunStore>,
+    owner: LeaseOwner,
+    lease: Duration,
+    snapshot: RwLock<Snapshot>,
+    /// Stop scheduling and claiming.
+    stopping: CancellationToken,
+    /// The drain timeout passed: cancel running runs.
+    drain_over: CancellationToken,
+    /// Wakes idle workers after an enqueue.
+    work: tokio::sync::Notify,
+    launcher: Arc<dyn crate::Launcher>,
+    report: std::sync::Mutex<ServeReport>,
+}
+
+impl Shared {
+    fn snapshot(&self) -> Snapshot {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// A line on stderr, with the time: the service's log.
+pub fn log(msg: impl std::fmt::Display) {
+    eprintln!(
+        "{} {msg}",
+        Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    );
+}
+
+/// Run a store call on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    store: &Arc<dyn RunStore>,
+    f: impl FnOnce(&dyn RunStore) -> store::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
+    let store = store.clone();
+    Ok(tokio::task::spawn_blocking(move || f(store.as_ref())).await??)
+}
+
+/// The service.
+pub struct Service;
+
+impl Service {
+    /// Serve until `shutdown` is cancelled, then drain and return.
+    pub async fn run(cfg: ServeConfig, shutdown: CancellationToken) -> anyhow::Result<ServeReport> {
+        let ServeConfig {
+            dir,
+            workers,
+            drain_timeout,
+            registry,
+            store,
+            launcher,
+            hurry,
+        } = cfg;
+        let mut catalog = Catalog::new(&dir, registry);
+        // The first scan must see the folder: a typo in DIR is an error, not an empty
+        // service.
+        let changes = tokio::task::block_in_place(|| catalog.scan()).map_err(|e| {
+            anyhow::anyhow!("cannot read the pipelines folder {}: {e}", dir.display())
+        })?;
+        let lease = store::lease_period();
+        let owner = LeaseOwner::this_process("serve");
+        let keeper = {
+            let store = store.clone();
+            let owner = owner.clone();
+            tokio::task::spawn_blocking(move || LeaseKeeper::start(store, owner, lease)).await??
+        };
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            owner,
+            lease,
+            snapshot: RwLock::new(Arc::new(BTreeMap::new())),
+            stopping: CancellationToken::new(),
+            drain_over: CancellationToken::new(),
+            work: tokio::sync::Notify::new(),
+            launcher,
+            report: Default::default(),
+        });
+        record_changes(&shared, &catalog, changes).await;
+        log(format!(
+            "serving {} integration(s) from {} with {workers} worker(s); store: {}",
+            catalog.integrations().len(),
+            dir.display(),
+            store.describe()
+        ));
+        // Runs of owners that died while nobody was serving.
+        expire_lost(&shared).await;
+
+        let watcher = tokio::spawn(watch(shared.clone(), catalog));
+        let scheduler = tokio::spawn(schedule_loop(shared.clone()));
+        let expirer = tokio::spawn(expire_loop(shared.clone()));
+        let mut pool = Vec::new();
+        for n in 0..workers.max(1) {
+            pool.push(tokio::spawn(worker(shared.clone(), n + 1)));
+        }
+
+        shutdown.cancelled().await;
+        log("stopping: no new ticks or claims; waiting for running runs");
+        shared.stopping.cancel();
+        let _ = scheduler.await;
+        let _ = watcher.await;
+        let _ = expirer.await;
+        let drain = async {
+            for w in &mut pool {
+                let _ = w.await;
+            }
+        };
+        tokio::pin!(drain);
+        tokio::select! {
+            _ = &mut drain => {}
+            _ = async {
+                tokio::select! {
+                    _ = tokio::time::sleep(drain_timeout) => {}
+                    _ = hurry.cancelled() => {}
+                }
+            } => {
+                log(format!(
+                    "drain timeout ({}) passed: cancelling the running runs (teardown steps run)",
+                    engine::duration::human(drain_timeout)
+                ));
+                shared.drain_over.cancel();
+                drain.await;
+            }
+        }
+        {
+            let store = store.clone();
+            let id = shared.owner.id.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = store.resign(SCHEDULER_LEASE, &id);
+                keeper.stop();
+            })
+            .await;
+        }
+        let report = shared
+            .report
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        log(format!("stopped after {} run(s)", report.runs));
+        Ok(report)
+    }
+}
+
+/// The `integration:` and `schedule:` of a loaded file, as the store records them.
+fn integration_file(i: &Integration) -> IntegrationFile {
+    let plan = &i.plan;
+    let meta = &plan.integration;
+    let mut f = IntegrationFile::new(&i.name, i.file.display().to_string(), &i.hash);
+    f.description = plan.description.clone();
+    f.queue = meta.queue.clone();
+    f.priority = i64::from(meta.priority);
+    f.max_concurrent_runs = Some(
+        plan.schedule
+            .as_ref()
+            .map(|s| s.max_concurrent_runs.max(1))
+            .unwrap_or(1),
+    );
+    f.metadata = serde_json::json!({
+        "group": meta.group,
+        "direction": meta.direction.map(|d| d.as_str()),
+        "external_system": meta.external_system,
+        "owner": meta.owner,
+        "tags": meta.tags,
+        "queue": meta.queue,
+        "priority": meta.priority,
+        "retry_on_lost": meta.retry_on_lost,
+        "schedule": plan.schedule.as_ref().and_then(|s| scheduler::ScheduleSpec::from_config(s).ok()).map(|s| s.describe()),
+    });
+    f
+}
+
+/// Record a scan's changes in the store and publish the new snapshot.
+async fn record_changes(shared: &Arc<Shared>, catalog: &Catalog, changes: Vec<Change>) {
+    let now = Utc::now();
+    for change in changes {
+        let store = shared.store.clone();
+        let result = match &change {
+            Change::Added(name) | Change::Changed(name) => {
+                let Some(i) = catalog.get(name) else { continue };
+                let file = integration_file(i);
+                log(format!(
+                    "{} integration {name} ({})",
+                    if matches!(change, Change::Added(_)) {
+                        "loaded"
+                    } else {
+                        "reloaded"
+                    },
+                    i.file.display()
+                ));
+                blocking(&store, move |s| s.load_integration(&file, now)).await
+            }
+            Change::Invalid { file, name, error } => {
+                match name {
+                    Some(n) => log(format!(
+                        "integration {n}: {} no longer validates; the previous version stays in use:\n{error}",
+                        file.display()
+                    )),
+                    None => log(format!("{} is not loaded:\n{error}", file.display())),
+                }
+                match name.clone() {
+                    Some(n) => {
+                        let e = error.clone();
+                        blocking(&store, move |s| s.set_load_error(&n, Some(&e), now)).await
+                    }
+                    None => Ok(()),
+                }
+            }
+            Change::Removed(name) => {
+                log(format!(
+                    "integration {name}: its file is gone; it is no longer scheduled"
+                ));
+                let n = name.clone();
+                blocking(&store, move |s| s.set_removed(&n, true, now)).await
+            }
+        };
+        if let Err(e) = result {
+            log(format!("cannot record {change:?} in the store: {e:#}"));
+        }
+    }
+    *shared.snapshot.write().unwrap_or_else(|p| p.into_inner()) =
+        Arc::new(catalog.integrations().clone());
+}
+
+async fn watch(shared: Arc<Shared>, mut catalog: Catalog) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = shared.stopping.cancelled() => return,
+            _ = tokio::time::sleep(WATCH_EVERY) => {}
+        }
+        let (back, result) = tokio::task::spawn_blocking(move || {
+            let r = catalog.scan();
+            (catalog, r)
+        })
+        .await
+        .expect("scan thread");
+        catalog = back;
+        match result {
+            Ok(changes) => {
+                if failing {
+                    log(format!("{} is readable again", catalog.dir().display()));
+                    failing = false;
+                }
+                if !changes.is_empty() {
+                    record_changes(&shared, &catalog, changes).await;
+                }
+            }
+            Err(e) if !failing => {
+                log(format!(
+                    "cannot read {} ({e}); the loaded integrations stay in use",
+                    catalog.dir().display()
+                ));
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// The scheduler loop: plans while holding the leader lease.
+async fn schedule_loop(shared: Arc<Shared>) {
+    // When each integration's next tick is due, as last planned (a cache: the store's
+    // cursor is the truth, another server may have moved it).
+    let mut next_due: HashMap<String, (String, DateTime<Utc>)> = HashMap::new();
+    let mut leading = false;
+    let mut last_lead_check: Option<std::time::Instant> = None;
+    loop {
+        if shared.stopping.is_cancelled() {
+            return;
+        }
+        // Renew (or try to take) the leader lease every third of its period.
+        if last_lead_check.is_none_or(|t| t.elapsed() >= shared.lease / 3) {
+            let owner = shared.owner.clone();
+            let ttl = shared.lease;
+            match blocking(&shared.store, move |s| {
+                s.try_lead(SCHEDULER_LEASE, &owner, ttl, Utc::now())
+            })
+            .await
+            {
+                Ok(now_leading) => {
+                    if now_leading != leading {
+                        log(if now_leading {
+                            "this server now plans the schedules (leader)"
+                        } else {
+                            "another server plans the schedules"
+                        });
+                        // A new leader reads every cursor again.
+                        next_due.clear();
+                    }
+                    leading = now_leading;
+                }
+                Err(e) => log(format!("cannot renew the scheduler lease: {e:#}")),
+            }
+            last_lead_check = Some(std::time::Instant::now());
+        }
+        let mut wake = Utc::now() + chrono::Duration::from_std(SCHEDULER_WAKE).unwrap();
+        if leading {
+            match plan_round(&shared, &mut next_due).await {
+                Ok(Some(next)) => wake = wake.min(next),
+                Ok(None) => {}
+                Err(e) => log(format!("scheduler: {e:#}")),
+            }
+        }
+        let sleep = (wake - Utc::now())
+            .to_std()
+            .unwrap_or(Duration::from_millis(10))
+            .max(Duration::from_millis(10));
+        tokio::select! {
+            _ = shared.stopping.cancelled() => return,
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+}
+
+/// One round: plan every due integration; the earliest next due instant.
+async fn plan_round(
+    shared: &Arc<Shared>,
+    next_due: &mut HashMap<String, (String, DateTime<Utc>)>,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let snapshot = shared.snapshot();
+    let rows: HashMap<String, store::Integration> =
+        blocking(&shared.store, |s| s.list_integrations())
+            .await?
+            .into_iter()
+            .map(|i| (i.name.clone(), i))
+            .collect();
+    let now = Utc::now();
+    let mut earliest: Option<DateTime<Utc>> = None;
+    next_due.retain(|name, _| snapshot.contains_key(name));
+    for (name, integration) in snapshot.iter() {
+        if shared.stopping.is_cancelled() {
+            break;
+        }
+        let Some(config) = integration.plan.schedule.as_ref() else {
+            continue;
+        };
+        let spec = match scheduler::ScheduleSpec::from_config(config) {
+            Ok(s) => s,
+            Err(e) => {
+                // Validation accepted it: this is a bug, not a user error; say so once.
+                if next_due.get(name).is_none() {
+                    log(format!("integration {name}: cannot schedule: {e}"));
+                    next_due.insert(name.clone(), (String::new(), DateTime::<Utc>::MAX_UTC));
+                }
+                continue;
+            }
+        };
+        let fingerprint = spec.fingerprint();
+        let row = rows.get(name);
+        let enabled = row.is_none_or(|r| r.enabled && !r.removed) && spec.enabled;
+        if !enabled {
+            // Its cursor is restarted from the resume instant when enabled again.
+            next_due.remove(name);
+            continue;
+        }
+        if let Some((fp, due)) = next_due.get(name) {
+            if *fp == fingerprint && *due > now {
+                earliest = Some(earliest.map_or(*due, |e| e.min(*due)));
+                continue;
+            }
+        }
+        let next = plan_integration(shared, integration, &spec, row, now).await?;
+        if let Some(next) = next {
+            earliest = Some(earliest.map_or(next, |e| e.min(next)));
+        }
+        next_due.insert(
+            name.clone(),
+            (fingerprint, next.unwrap_or(DateTime::<Utc>::MAX_UTC)),
+        );
+    }
+    Ok(earliest)
+}
+
+/// Plan one integration's due ticks and record them; its next fire time.
+async fn plan_integration(
+    shared: &Arc<Shared>,
+    integration: &Integration,
+    spec: &scheduler::ScheduleSpec,
+    row: Option<&store::Integration>,
+    now: DateTime<Utc>,
+) -> anyhow::Result<Option<DateTime<Utc>>> {
+    let name = integration.name.clone();
+    let cursor = {
+        let n = name.clone();
+        blocking(&shared.store, move |s| s.schedule_cursor(&n)).await?
+    };
+    // Re-enabled after the cursor: the schedule resumes from now (no flood of the pause).
+    let resumed = row.and_then(|r| r.resumed_at);
+    let cursor = cursor
+        .filter(|c| resumed.is_none_or(|r| r <= c.last_planned))
+        .map(|c| scheduler::Cursor {
+            through: c.last_planned,
+            fingerprint: c.fingerprint,
+        });
+    let plan = scheduler::plan_ticks(spec, cursor.as_ref(), now);
+    if plan.reset && cursor.is_some() {
+        log(format!(
+            "integration {name}: the schedule changed; it restarts from now ({})",
+            spec.describe()
+        ));
+    }
+    if let Some(since) = plan.dropped_since {
+        log(format!(
+            "integration {name}: ticks since {} were not run (catch_up: {}, max_catch_up {})",
+            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            spec.catch_up.as_str(),
+            spec.max_catch_up
+        ));
+    }
+    let mut ticks = Vec::new();
+    if !plan.due.is_empty() {
+        let (running, queued) = {
+            let n = name.clone();
+            blocking(&shared.store, move |s| {
+                Ok((s.count_active(&n)?, s.count_queued(&n)?))
+            })
+            .await?
+        };
+        let (mut running, mut queued) = (running as usize, queued as usize);
+        let last = plan.due.len() - 1;
+        let meta = &integration.plan.integration;
+        for (k, at) in plan.due.iter().enumerate() {
+            let policy = if k < last {
+                scheduler::OverlapPolicy::for_catch_up(spec)
+            } else {
+                scheduler::OverlapPolicy::of(spec)
+            };
+            let decision = scheduler::decide_overlap(&policy, running, queued);
+            let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let tick = match decision {
+                scheduler::OverlapDecision::Skip => PlannedTick {
+                    scheduled_at: *at,
+                    enqueue: None,
+                    note: Some(format!(
+                        "skipped: {running} running, {queued} queued (max_concurrent_runs {}, on_overlap {})",
+                        spec.max_concurrent_runs,
+                        spec.on_overlap.as_str()
+                    )),
+                },
+                d => {
+                    if let scheduler::OverlapDecision::CancelRunning { cancel } = d {
+                        cancel_oldest(shared, &name, cancel).await;
+                    }
+                    let mut e = Enqueue::new(&name, Trigger::Schedule);
+                    e.queue = meta.queue.clone();
+                    e.priority = i64::from(meta.priority);
+                    e.logical_date = Some(*at);
+                    e.dedup_key = Some(format!("{name}@{stamp}"));
+                    queued += 1;
+                    PlannedTick {
+                        scheduled_at: *at,
+                        enqueue: Some(e),
+                        note: None,
+                    }
+                }
+            };
+            if tick.enqueue.is_none() {
+                log(format!(
+                    "integration {name}: tick {stamp} {}",
+                    tick.note.as_deref().unwrap_or("skipped")
+                ));
+            }
+            let _ = &mut running;
+            ticks.push(tick);
+        }
+    }
+    let fingerprint = plan.cursor.fingerprint.clone();
+    let through = plan.cursor.through;
+    let next = scheduler::next_after(spec, through);
+    let outcomes = {
+        let n = name.clone();
+        blocking(&shared.store, move |s| {
+            let o = s.record_ticks(&n, &fingerprint, &ticks, through, Utc::now())?;
+            s.set_next_run(&n, next)?;
+            Ok(o)
+        })
+        .await?
+    };
+    if outcomes
+        .iter()
+        .any(|o| o.inserted && o.queue_item.is_some())
+    {
+        shared.work.notify_waiters();
+    }
+    Ok(next)
+}
+
+/// `on_overlap: cancel_running`: ask the oldest running runs to cancel.
+async fn cancel_oldest(shared: &Arc<Shared>, name: &str, count: usize) {
+    let n = name.to_string();
+    let result = blocking(&shared.store, move |s| {
+        let mut running = s.find_runs(&RunFilter {
+            pipeline: Some(n),
+            status: Some(Status::Running),
+            ..Default::default()
+        })?;
+        running.sort_by_key(|r| r.id);
+        let mut ids = Vec::new();
+        for r in running.into_iter().take(count) {
+            if s.request_cancel(r.id, Utc::now())? {
+                ids.push(r.id);
+            }
+        }
+        Ok(ids)
+    })
+    .await;
+    match result {
+        Ok(ids) if !ids.is_empty() => log(format!(
+            "integration {name}: cancelling run(s) {ids:?} for a new tick (on_overlap: cancel_running)"
+        )),
+        Ok(_) => {}
+        Err(e) => log(format!("integration {name}: cannot cancel running runs: {e:#}")),
+    }
+}
+
+/// Every lease period: runs of dead owners become abandoned, or queued again.
+async fn expire_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.stopping.cancelled() => return,
+            _ = tokio::time::sleep(shared.lease) => {}
+        }
+        expire_lost(&shared).await;
+    }
+}
+
+async fn expire_lost(shared: &Arc<Shared>) {
+    let snapshot = shared.snapshot();
+    let lost = match blocking(&shared.store, |s| s.expire_lost(Utc::now())).await {
+        Ok(l) => l,
+        Err(e) => {
+            log(format!("cannot expire lost runs: {e:#}"));
+            return;
+        }
+    };
+    for run in lost {
+        let retry = snapshot
+            .get(&run.pipeline)
+            .is_some_and(|i| i.plan.integration.retry_on_lost);
+        match (&run.queue_item, retry) {
+            (Some(item), true) => {
+                let mut e = Enqueue::new(&item.integration, item.trigger);
+                e.queue = item.queue.clone();
+                e.priority = item.priority;
+                e.logical_date = item.logical_date;
+                e.params = item.params.clone();
+                e.backfill_id = item.backfill_id;
+                e.dedup_key = item.dedup_key.clone();
+                match blocking(&shared.store, move |s| s.enqueue(&e, Utc::now())).await {
+                    Ok(q) => log(format!(
+                        "run {} of {}: its owner is gone; queued again as item {} (retry_on_lost)",
+                        run.run_id, run.pipeline, q.id
+                    )),
+                    Err(err) => log(format!(
+                        "run {} of {}: cannot queue it again: {err:#}",
+                        run.run_id, run.pipeline
+                    )),
+                }
+            }
+            _ => log(format!(
+                "run {} of {}: its owner is gone; marked abandoned",
+                run.run_id, run.pipeline
+            )),
+        }
+    }
+}
+
+/// One worker: claim, run, ack, until stopping.
+async fn worker(shared: Arc<Shared>, n: usize) {
+    loop {
+        if shared.stopping.is_cancelled() {
+            return;
+        }
+        let claimed = {
+            let id = shared.owner.id.clone();
+            let lease = shared.lease;
+            blocking(&shared.store, move |s| s.claim(&id, &[], lease, Utc::now())).await
+        };
+        match claimed {
+            Ok(Some(item)) => run_item(&shared, n, item).await,
+            Ok(None) => {
+                tokio::select! {
+                    _ = shared.stopping.cancelled() => return,
+                    _ = shared.work.notified() => {}
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                }
+            }
+            Err(e) => {
+                log(format!("worker {n}: cannot claim from the queue: {e:#}"));
+                tokio::select! {
+                    _ = shared.stopping.cancelled() => return,
+                    _ = tokio::time::sleep(IDLE_POLL * 4) => {}
+                }
+            }
+        }
+    }
+}
+
+async fn ack(shared: &Arc<Shared>, item: i64, outcome: AckOutcome) {
+    if let Err(e) = blocking(&shared.store, move |s| s.ack(item, outcome, Utc::now())).await {
+        log(format!("cannot ack queue item {item}: {e:#}"));
+    }
+}
+
+/// Run one claimed item to its end.
+async fn run_item(shared: &Arc<Shared>, n: usize, item: QueueItem) {
+    let snapshot = shared.snapshot();
+    let Some(integration) = snapshot.get(&item.integration).cloned() else {
+        log(format!(
+            "worker {n}: queue item {} is for {}, which is not loaded here; given up",
+            item.id, item.integration
+        ));
+        ack(shared, item.id, AckOutcome::Cancelled).await;
+        return;
+    };
+    let enabled = {
+        let name = item.integration.clone();
+        blocking(&shared.store, move |s| s.is_enabled(&name)).await
+    };
+    if matches!(enabled, Ok(false)) {
+        log(format!(
+            "worker {n}: integration {} is disabled; its queued run (item {}) is dropped",
+            item.integration, item.id
+        ));
+        ack(shared, item.id, AckOutcome::Cancelled).await;
+        return;
+    }
+    let job = crate::Job {
+        plan: integration.plan.clone(),
+        queue_item: item.clone(),
+        lease_owner: shared.owner.id.clone(),
+        store: shared.store.clone(),
+    };
+    let handle = match shared.launcher.start(job).await {
+        Ok(h) => h,
+        Err(e) => {
+            log(format!(
+                "worker {n}: cannot start a run of {} (item {}): {e:#}",
+                item.integration, item.id
+            ));
+            ack(shared, item.id, AckOutcome::Done).await;
+            return;
+        }
+    };
+    let run_id = handle.run_id;
+    log(format!(
+        "worker {n}: run {run_id} of {} started ({}{})",
+        item.integration,
+        item.trigger,
+        item.logical_date
+            .map(|d| format!(
+                ", logical date {}",
+                d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ))
+            .unwrap_or_default()
+    ));
+    let crate::RunHandle {
+        cancel, mut done, ..
+    } = handle;
+    let mut cancelled_at_drain = false;
+    let status = loop {
+        tokio::select! {
+            status = &mut done => break status.unwrap_or(Status::Failed),
+            _ = shared.drain_over.cancelled(), if !cancelled_at_drain => {
+                cancelled_at_drain = true;
+                cancel.cancel();
+            }
+            _ = tokio::time::sleep(CANCEL_POLL) => {
+                let requested = blocking(&shared.store, move |s| s.cancel_requested(run_id)).await;
+                if matches!(requested, Ok(true)) && !cancel.is_cancelled() {
+                    log(format!("run {run_id}: cancel requested"));
+                    cancel.cancel();
+                }
+            }
+        }
+    };
+    ack(shared, item.id, AckOutcome::Done).await;
+    {
+        let mut r = shared.report.lock().unwrap_or_else(|p| p.into_inner());
+        r.runs += 1;
+        if cancelled_at_drain {
+            r.cancelled_at_drain += 1;
+        }
+    }
+    log(format!(
+        "worker {n}: run {run_id} of {} {}",
+        item.integration,
+        status.label()
+    ));
+    if status == Status::Failed {
+        pause_if_failing(shared, &integration).await;
+    }
+}
+
+/// `pause_after_failures: N`: disable after N consecutive failed runs.
+async fn pause_if_failing(shared: &Arc<Shared>, integration: &Integration) {
+    let Some(limit) = integration
+        .plan
+        .schedule
+        .as_ref()
+        .and_then(|s| s.pause_after_failures)
+    else {
+        return;
+    };
+    let name = integration.name.clone();
+    let result = blocking(&shared.store, move |s| {
+        let failures = s.consecutive_failures(&name)?;
+        if failures >= limit {
+            let changed = s.set_enabled(&name, false, Utc::now())?;
+            return Ok(Some((failures, changed)));
+        }
+        Ok(None)
+    })
+    .await;
+    match result {
+        Ok(Some((failures, true))) => {
+            log(format!(
+                "integration {}: paused (disabled) after {failures} consecutive failed runs (pause_after_failures: {limit}); `pipe integrations enable {}` resumes it",
+                integration.name, integration.name
+            ));
+            // TODO(notify): call the notify crate's `paused` notification once h/notify
+            // publishes one.
+        }
+        Ok(_) => {}
+        Err(e) => log(format!(
+            "integration {}: cannot check pause_after_failures: {e:#}",
+            integration.name
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Records the run and finishes it at once, as succeeded.
+    struct Instant {
+        started: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::Launcher for Instant {
+        async fn start(&self, job: crate::Job) -> anyhow::Result<crate::RunHandle> {
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let item = job.queue_item.clone();
+            let store = job.store.clone();
+            let run_id = tokio::task::spawn_blocking(move || {
+                let mut new =
+                    store::NewRun::new(&item.integration, item.trigger, store::Owner::Pipe);
+                new.logical_date = item.logical_date;
+                new.params = item.params.clone();
+                new.lease_owner = Some(job.lease_owner.clone());
+                new.queue_item = Some(item.id);
+                let id = store.create_run(&new)?;
+                store.write_events(
+                    id,
+                    &[store::RunEvent::RunFinished {
+                        status: Status::Succeeded,
+                        error: None,
+                        at: Utc::now(),
+                    }],
+                )?;
+                anyhow::Ok(id)
+            })
+            .await??;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let _ = tx.send(Status::Succeeded);
+            Ok(crate::RunHandle {
+                run_id,
+                cancel: CancellationToken::new(),
+                done: rx,
+            })
+        }
+    }
+
+    fn config(
+        dir: &std::path::Path,
+        store: Arc<dyn RunStore>,
+        launcher: Arc<Instant>,
+    ) -> ServeConfig {
+        ServeConfig {
+            dir: dir.join("p"),
+            workers: 2,
+            drain_timeout: Duration::from_secs(5),
+            registry: crate::test_support::registry(),
+            store,
+            launcher,
+            hurry: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_second_tick_runs_once_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("p")).unwrap();
+        std::fs::write(
+            dir.path().join("p/t.yaml"),
+            "pipeline: t\nschedule: { cron: \"* * * * * *\", catch_up: all, max_concurrent_runs: 5, on_overlap: queue }\nsteps:\n  s: { type: log, with: { message: hi } }\n",
+        )
+        .unwrap();
+        let store = store::open(&store::StoreConfig::sqlite(dir.path().join("state"))).unwrap();
+        let launcher = Arc::new(Instant {
+            started: AtomicUsize::new(0),
+        });
+        for _ in 0..2 {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(Service::run(
+                config(dir.path(), store.clone(), launcher.clone()),
+                stop.clone(),
+            ));
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            let before = store.list_runs(Some("t"), 0).unwrap().len();
+            while store.list_runs(Some("t"), 0).unwrap().len() < before + 3 {
+                assert!(std::time::Instant::now() < until, "no runs");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            stop.cancel();
+            task.await.unwrap().unwrap();
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let runs = store.list_runs(Some("t"), 0).unwrap();
+        let mut dates: Vec<i64> = runs
+            .iter()
+            .map(|r| r.logical_date.unwrap().timestamp())
+            .collect();
+        dates.sort();
+        let n = dates.len();
+        dates.dedup();
+        assert_eq!(dates.len(), n, "a tick ran twice");
+        assert_eq!(
+            (dates[n - 1] - dates[0] + 1) as usize,
+            n,
+            "a tick is missing: {dates:?}"
+        );
+        assert!(runs.iter().all(|r| r.trigger == store::Trigger::Schedule));
+        assert_eq!(launcher.started.load(Ordering::SeqCst), n);
+    }
+}

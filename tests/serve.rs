@@ -1,0 +1,647 @@
+//! `pipe serve`, `pipe integrations`, `pipe trigger` and `pipe backfill` through the real
+//! binary: second-level cron schedules (six fields) on tiny pipelines in a temp dir.
+//!
+//! Waits are generous polls (a slow, shared CI machine must not fail them); no assertion is
+//! about how long something took. PostgreSQL tests use a fresh database on the machine's
+//! server (`PIPE_TEST_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`),
+//! dropped afterwards; a missing server fails them.
+
+use crate::util::Env;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Hang guard for every wait: far above what any of these tests needs.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// A `pipe serve` child whose output goes to a file (a full pipe must never block it).
+struct Server {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Server {
+    fn start(env: &Env, name: &str, args: &[&str]) -> Server {
+        let log = env.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = env
+            .cmd()
+            .arg("serve")
+            .args(args)
+            .env("PIPE_LEASE_SECONDS", "3")
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start pipe serve");
+        Server {
+            child: Some(child),
+            log,
+        }
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    /// SIGTERM and wait for the exit; its exit code.
+    fn stop(&mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    /// `kill -9` and reap.
+    fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait();
+    }
+
+    fn wait(&mut self) -> i32 {
+        let mut child = self.child.take().unwrap();
+        let until = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("pipe serve did not exit:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Poll `f` until it returns `Some`, failing with `what` and the server's log past the
+/// hang guard.
+fn wait_for<T>(what: &str, server: &Server, mut f: impl FnMut() -> Option<T>) -> T {
+    let until = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > until {
+            panic!(
+                "timed out waiting for {what}; server log:\n{}",
+                server.output()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn runs_with(env: &Env, db: Option<&str>, pipeline: &str) -> Vec<Value> {
+    let mut args = vec!["runs", "list", "--limit", "0", "--format", "json"];
+    args.extend(["--pipeline", pipeline]);
+    let out = match db {
+        Some(db) => env.run(&[&["--db", db][..], &args].concat()),
+        None => env.run(&args),
+    };
+    out.expect_code(0);
+    out.json().as_array().unwrap().clone()
+}
+
+fn runs(env: &Env, pipeline: &str) -> Vec<Value> {
+    runs_with(env, None, pipeline)
+}
+
+fn finished(runs: &[Value]) -> Vec<&Value> {
+    runs.iter()
+        .filter(|r| !matches!(r["status"].as_str(), Some("running") | Some("queued")))
+        .collect()
+}
+
+fn logical(r: &Value) -> chrono::DateTime<chrono::Utc> {
+    r["logical_date"]
+        .as_str()
+        .unwrap_or_else(|| panic!("run without logical date: {r}"))
+        .parse()
+        .unwrap()
+}
+
+/// A pipeline file in `pipelines/` of the env.
+fn pipeline(env: &Env, name: &str, schedule: &str, steps: &str) {
+    env.write(
+        &format!("pipelines/{name}.yaml"),
+        &format!("pipeline: {name}\nschedule: {schedule}\nsteps:\n{steps}"),
+    );
+}
+
+const LOG_STEP: &str = "  s: { type: log, with: { message: \"tick {{ run.logical_date }}\" } }\n";
+
+/// Every logical date appears once, and they are consecutive seconds from the first to the
+/// last (`ticks` per-second ticks with nothing missing and nothing twice).
+#[track_caller]
+fn assert_every_second_once(runs: &[Value]) {
+    let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+    for r in runs {
+        *counts.entry(logical(r).timestamp()).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
+    let first = *counts.keys().next().unwrap();
+    let last = *counts.keys().last().unwrap();
+    let missing: Vec<i64> = (first..=last).filter(|t| !counts.contains_key(t)).collect();
+    assert!(missing.is_empty(), "ticks never run: {missing:?}");
+}
+
+#[test]
+fn serve_runs_scheduled_ticks_with_trigger_schedule_and_stops_on_sigterm() {
+    let env = Env::new();
+    pipeline(&env, "tick", "{ cron: \"* * * * * *\" }", LOG_STEP);
+    let mut server = Server::start(&env, "serve", &["pipelines", "--workers", "2"]);
+    let done = wait_for("three scheduled runs", &server, || {
+        let r = runs(&env, "tick");
+        (finished(&r).len() >= 3).then_some(r)
+    });
+    for r in finished(&done) {
+        assert_eq!(r["trigger"], "schedule", "{r}");
+        assert_eq!(r["status"], "succeeded", "{r}");
+        assert_eq!(logical(r).timestamp_subsec_nanos(), 0, "{r}");
+    }
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    // Nothing is left running after a clean stop.
+    let after = runs(&env, "tick");
+    assert!(after.iter().all(|r| r["status"] != "running"), "{after:?}");
+    assert_every_second_once(&after);
+    // The integration is in the store with its last run.
+    let out = env.run(&["integrations", "show", "tick", "--format", "json"]);
+    out.expect_code(0);
+    let v = out.json();
+    assert_eq!(v["name"], "tick");
+    assert_eq!(v["enabled"], true);
+}
+
+#[test]
+fn disabled_integrations_are_not_scheduled_nor_triggered_and_resume_from_now() {
+    let env = Env::new();
+    pipeline(&env, "onoff", "{ cron: \"* * * * * *\" }", LOG_STEP);
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    wait_for("a first run", &server, || {
+        (!finished(&runs(&env, "onoff")).is_empty()).then_some(())
+    });
+    env.run(&["integrations", "disable", "onoff"])
+        .expect_code(0);
+    let disabled_at = chrono::Utc::now();
+    let listed = env.run(&["integrations", "list", "--format", "json"]);
+    listed.expect_code(0);
+    let row = listed
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "onoff")
+        .cloned()
+        .expect("onoff listed");
+    assert_eq!(row["enabled"], false, "{row}");
+    let out = env.run(&["trigger", "onoff"]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr().contains("disabled"), "{}", out.stderr());
+
+    // Several seconds of ticks pass while disabled: none of them is run, then or later.
+    std::thread::sleep(Duration::from_secs(4));
+    let enabled_at = chrono::Utc::now();
+    env.run(&["integrations", "enable", "onoff"]).expect_code(0);
+    wait_for("runs after re-enabling", &server, || {
+        let r = runs(&env, "onoff");
+        r.iter()
+            .any(|r| logical(r) > enabled_at && r["status"] == "succeeded")
+            .then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let all = runs(&env, "onoff");
+    let during: Vec<_> = all
+        .iter()
+        .filter(|r| {
+            let t = logical(r);
+            // One tick may have been due as the disable landed.
+            t > disabled_at + chrono::Duration::seconds(1)
+                && t < enabled_at - chrono::Duration::seconds(1)
+        })
+        .collect();
+    assert!(
+        during.is_empty(),
+        "ticks of the disabled time ran: {during:?}"
+    );
+}
+
+#[test]
+fn overlap_skip_never_runs_two_at_once() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "slow",
+        "{ cron: \"* * * * * *\", max_concurrent_runs: 1, on_overlap: skip }",
+        "  s: { type: exec, with: { command: sleep, args: [\"2\"] } }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines", "--workers", "4"]);
+    let done = wait_for("three slow runs", &server, || {
+        let r = runs(&env, "slow");
+        (finished(&r).len() >= 3).then_some(r)
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let mut spans: Vec<(String, String)> = finished(&done)
+        .iter()
+        .map(|r| {
+            (
+                r["started_at"].as_str().unwrap().to_string(),
+                r["finished_at"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two runs overlapped: {w:?}");
+    }
+    // Ticks that came while a run was running were skipped, not queued for later.
+    let mut dates: Vec<i64> = done.iter().map(|r| logical(r).timestamp()).collect();
+    dates.sort();
+    assert!(
+        dates.windows(2).any(|w| w[1] - w[0] > 1),
+        "no tick was skipped: {dates:?}"
+    );
+}
+
+#[test]
+fn trigger_queues_a_manual_run_that_the_service_runs() {
+    let env = Env::new();
+    env.write(
+        "pipelines/manual.yaml",
+        "pipeline: manual\nparams:\n  who: { type: string, default: nobody }\nsteps:\n  s: { type: log, with: { message: \"hi {{ params.who }}\" } }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    wait_for("the integration to be loaded", &server, || {
+        (env.run(&["integrations", "show", "manual"]).code() == 0).then_some(())
+    });
+    env.run(&["trigger", "manual", "--param", "who=ana", "--priority", "5"])
+        .expect_code(0);
+    let out = env.run(&["trigger", "nosuch"]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr().contains("nosuch"), "{}", out.stderr());
+    let run = wait_for("the triggered run", &server, || {
+        runs(&env, "manual")
+            .into_iter()
+            .find(|r| r["status"] == "succeeded")
+    });
+    assert_eq!(run["trigger"], "manual", "{run}");
+    assert_eq!(run["params"]["who"], "ana", "{run}");
+    assert_eq!(server.stop(), 0, "{}", server.output());
+}
+
+#[test]
+fn catch_up_all_after_a_stop_runs_the_missed_ticks() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "catchup",
+        "{ cron: \"* * * * * *\", catch_up: all, max_concurrent_runs: 10, on_overlap: queue }",
+        LOG_STEP,
+    );
+    let mut server = Server::start(&env, "serve1", &["pipelines", "--workers", "4"]);
+    wait_for("a first run", &server, || {
+        (!finished(&runs(&env, "catchup")).is_empty()).then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let stopped_at = chrono::Utc::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let mut server = Server::start(&env, "serve2", &["pipelines", "--workers", "4"]);
+    wait_for("runs after the restart", &server, || {
+        let r = runs(&env, "catchup");
+        finished(&r)
+            .iter()
+            .any(|r| logical(r) > stopped_at + chrono::Duration::seconds(5))
+            .then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let all = runs(&env, "catchup");
+    assert_every_second_once(&all);
+}
+
+#[test]
+fn catch_up_none_skips_the_downtime() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "nocatch",
+        "{ cron: \"* * * * * *\", catch_up: none }",
+        LOG_STEP,
+    );
+    let mut server = Server::start(&env, "serve1", &["pipelines"]);
+    wait_for("a first run", &server, || {
+        (!finished(&runs(&env, "nocatch")).is_empty()).then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    std::thread::sleep(Duration::from_secs(4));
+    let mut server = Server::start(&env, "serve2", &["pipelines"]);
+    let restarted = chrono::Utc::now();
+    wait_for("runs after the restart", &server, || {
+        finished(&runs(&env, "nocatch"))
+            .iter()
+            .any(|r| logical(r) > restarted)
+            .then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let mut dates: Vec<i64> = runs(&env, "nocatch")
+        .iter()
+        .map(|r| logical(r).timestamp())
+        .collect();
+    dates.sort();
+    assert!(
+        dates.windows(2).any(|w| w[1] - w[0] >= 3),
+        "the downtime's ticks ran: {dates:?}"
+    );
+}
+
+#[test]
+fn kill_9_during_ticks_then_restart_runs_every_tick_exactly_once() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "crashy",
+        "{ cron: \"* * * * * *\", catch_up: all, max_catch_up: 1000, max_concurrent_runs: 10, on_overlap: queue }",
+        "  s: { type: exec, with: { command: sleep, args: [\"0.3\"] } }\n",
+    );
+    for round in 0..3 {
+        let mut server = Server::start(
+            &env,
+            &format!("serve{round}"),
+            &["pipelines", "--workers", "4"],
+        );
+        let before = runs(&env, "crashy").len();
+        wait_for("new runs", &server, || {
+            (runs(&env, "crashy").len() >= before + 2).then_some(())
+        });
+        // A varying moment inside the second.
+        std::thread::sleep(Duration::from_millis(150 * round as u64 + 100));
+        server.kill9();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let mut server = Server::start(&env, "final", &["pipelines", "--workers", "4"]);
+    let restarted = chrono::Utc::now();
+    wait_for("caught up, no run left running", &server, || {
+        let r = runs(&env, "crashy");
+        let caught_up = r
+            .iter()
+            .any(|r| logical(r) > restarted + chrono::Duration::seconds(2));
+        let running = r
+            .iter()
+            .any(|r| logical(r) < restarted && r["status"] == "running");
+        (caught_up && !running).then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let all = runs(&env, "crashy");
+    assert!(all.iter().all(|r| r["status"] != "running"), "{all:?}");
+    assert_every_second_once(&all);
+}
+
+#[test]
+fn sigterm_drains_running_runs_then_cancels_them_with_teardown() {
+    let env = Env::new();
+    // One run that finishes within the drain timeout…
+    env.write(
+        "quick/short.yaml",
+        "pipeline: short\nsteps:\n  s: { type: exec, with: { command: sleep, args: [\"2\"] } }\n",
+    );
+    let mut server = Server::start(&env, "serve1", &["quick", "--drain-timeout", "60s"]);
+    wait_for("short loaded", &server, || {
+        (env.run(&["integrations", "show", "short"]).code() == 0).then_some(())
+    });
+    env.run(&["trigger", "short"]).expect_code(0);
+    wait_for("short running", &server, || {
+        runs(&env, "short")
+            .iter()
+            .any(|r| r["status"] == "running")
+            .then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let r = runs(&env, "short");
+    assert_eq!(r[0]["status"], "succeeded", "{r:?}");
+
+    // …and one that does not: it is cancelled and its teardown step runs.
+    env.write(
+        "slow/long.yaml",
+        "pipeline: long\nsteps:\n  s: { type: exec, with: { command: sleep, args: [\"600\"] } }\n  bye: { type: log, always: true, needs: [s], with: { message: goodbye } }\n",
+    );
+    let mut server = Server::start(&env, "serve2", &["slow", "--drain-timeout", "1s"]);
+    wait_for("long loaded", &server, || {
+        (env.run(&["integrations", "show", "long"]).code() == 0).then_some(())
+    });
+    env.run(&["trigger", "long"]).expect_code(0);
+    wait_for("long running", &server, || {
+        runs(&env, "long")
+            .iter()
+            .any(|r| r["status"] == "running")
+            .then_some(())
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let r = runs(&env, "long");
+    assert_eq!(r[0]["status"], "cancelled", "{r:?}");
+    let id = r[0]["id"].as_i64().unwrap().to_string();
+    let show = env.run(&["runs", "show", &id, "--format", "json"]);
+    show.expect_code(0);
+    let bye = show.json()["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "bye")
+        .cloned()
+        .expect("teardown step recorded");
+    assert_eq!(bye["status"], "succeeded", "{bye}");
+}
+
+#[test]
+fn an_edit_that_fails_validation_keeps_the_previous_version_and_is_reported() {
+    let env = Env::new();
+    env.write(
+        "pipelines/edit.yaml",
+        "pipeline: edit\nsteps:\n  s: { type: log, with: { message: v1 } }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    wait_for("edit loaded", &server, || {
+        (env.run(&["integrations", "show", "edit"]).code() == 0).then_some(())
+    });
+    env.write(
+        "pipelines/edit.yaml",
+        "pipeline: edit\nsteps:\n  s: { type: nosuchstep }\n",
+    );
+    let shown = wait_for("the load error", &server, || {
+        let out = env.run(&["integrations", "show", "edit", "--format", "json"]);
+        let v = out.json();
+        v["load_error"].is_string().then_some(v)
+    });
+    assert!(
+        shown["load_error"].as_str().unwrap().contains("nosuchstep"),
+        "{shown}"
+    );
+    // The previous version still runs.
+    env.run(&["trigger", "edit"]).expect_code(0);
+    let run = wait_for("the run of the kept version", &server, || {
+        runs(&env, "edit")
+            .into_iter()
+            .find(|r| r["status"] == "succeeded")
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    assert!(
+        server.output().contains("nosuchstep"),
+        "{}",
+        server.output()
+    );
+    let id = run["id"].as_i64().unwrap().to_string();
+    let logs = env.run(&["runs", "logs", &id]);
+    assert!(logs.stdout().contains("v1"), "{}", logs.stdout());
+}
+
+#[test]
+fn backfill_queues_one_run_per_tick_with_its_logical_date() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "daily",
+        "{ cron: \"0 6 * * *\", timezone: America/Sao_Paulo }",
+        LOG_STEP,
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines", "--workers", "2"]);
+    wait_for("daily loaded", &server, || {
+        (env.run(&["integrations", "show", "daily"]).code() == 0).then_some(())
+    });
+    let out = env.run(&[
+        "backfill",
+        "daily",
+        "--from",
+        "2026-01-01",
+        "--to",
+        "2026-01-03",
+        "--max-parallel",
+        "2",
+        "--format",
+        "json",
+    ]);
+    out.expect_code(0);
+    let bf = out.json();
+    assert_eq!(bf["runs"], 3, "{bf}");
+    let done = wait_for("three backfill runs", &server, || {
+        let r = runs(&env, "daily");
+        (r.iter().filter(|r| r["status"] == "succeeded").count() == 3).then_some(r)
+    });
+    let mut dates: Vec<String> = done
+        .iter()
+        .map(|r| {
+            assert_eq!(r["trigger"], "backfill", "{r}");
+            logical(r).to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        })
+        .collect();
+    dates.sort();
+    // 06:00 in São Paulo (UTC-3) is 09:00 UTC.
+    assert_eq!(
+        dates,
+        [
+            "2026-01-01T09:00:00Z",
+            "2026-01-02T09:00:00Z",
+            "2026-01-03T09:00:00Z"
+        ]
+    );
+    let list = env.run(&["backfill", "list", "--format", "json"]);
+    list.expect_code(0);
+    assert_eq!(
+        list.json().as_array().unwrap().len(),
+        1,
+        "{}",
+        list.stdout()
+    );
+    assert_eq!(server.stop(), 0, "{}", server.output());
+}
+
+// PostgreSQL: two servers on one database.
+
+fn pg_base() -> String {
+    std::env::var("PIPE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn psql(sql: &str) {
+    let out = Command::new("psql")
+        .args([&pg_base(), "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .output()
+        .expect("psql (apt-get install postgresql-client)");
+    assert!(
+        out.status.success(),
+        "psql failed: {}\nThis test needs PostgreSQL at PIPE_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test).",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh database, dropped on drop.
+struct PgDb {
+    name: String,
+}
+
+impl PgDb {
+    fn new() -> PgDb {
+        let name = format!(
+            "pipe_serve_{}_{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_micros()
+        );
+        psql(&format!("CREATE DATABASE {name}"));
+        PgDb { name }
+    }
+    fn url(&self) -> String {
+        let base = pg_base();
+        let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
+        format!("{prefix}/{}", self.name)
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .args([
+                &pg_base(),
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .output();
+    }
+}
+
+#[test]
+fn two_servers_on_one_postgresql_run_every_tick_once() {
+    let env = Env::new();
+    let db = PgDb::new();
+    let url = db.url();
+    pipeline(
+        &env,
+        "shared",
+        "{ cron: \"* * * * * *\", catch_up: all, max_concurrent_runs: 10, on_overlap: queue }",
+        LOG_STEP,
+    );
+    let mut a = Server::start(&env, "a", &["--db", &url, "pipelines", "--workers", "2"]);
+    let mut b = Server::start(&env, "b", &["--db", &url, "pipelines", "--workers", "2"]);
+    wait_for("ten runs", &a, || {
+        (finished(&runs_with(&env, Some(&url), "shared")).len() >= 10).then_some(())
+    });
+    assert_eq!(a.stop(), 0, "{}", a.output());
+    assert_eq!(b.stop(), 0, "{}", b.output());
+    let all = runs_with(&env, Some(&url), "shared");
+    assert!(all.iter().all(|r| r["status"] != "running"), "{all:?}");
+    assert_every_second_once(&all);
+}
