@@ -748,6 +748,7 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
     let mut missing = 0usize;
     let mut failed = 0usize;
     let mut rates = Vec::new();
+    let mut enqueue_rates = Vec::new();
     for m in &r.minutes {
         if m.drained_at.is_none() {
             eprintln!(
@@ -776,6 +777,10 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
         // Never run by the stop: at least this late.
         for _ in runs.len()..n {
             lags.push(secs(stopped - m.instant));
+        }
+        if let Some(last_queued) = runs.iter().filter_map(|x| x.enqueued).max() {
+            let span = secs(last_queued - m.instant).max(1e-3);
+            enqueue_rates.push((m.instant, runs.len() as f64 / span, span));
         }
         let first_start = runs.iter().map(|x| x.started).min();
         let last_finish = runs.iter().filter_map(|x| x.finished).max();
@@ -864,6 +869,18 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
                 rate / RUNS_PER_S_GOAL,
                 if *rate >= RUNS_PER_S_GOAL { "met" } else { "missed" }
             ),
+        );
+    }
+    for (instant, rate, span) in &enqueue_rates {
+        row(
+            rows,
+            format!(
+                "[{b}]   scheduler: ticks queued/s, {} burst",
+                instant.format("%H:%M")
+            ),
+            format!("{rate:.0} ticks/s (the last queued {span:.1} s after the instant)"),
+            "-",
+            "runs/s above cannot exceed it",
         );
     }
     let (one, each) = r.floors;
