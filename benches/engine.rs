@@ -434,6 +434,8 @@ fn run_dag(
         cancel: CancellationToken::new(),
         hard_cancel: CancellationToken::new(),
         history: None,
+        started_at: Utc::now(),
+        resources: Arc::default(),
     }));
     let execute = t.elapsed();
 

@@ -645,3 +645,199 @@ fn two_servers_on_one_postgresql_run_every_tick_once() {
     assert!(all.iter().all(|r| r["status"] != "running"), "{all:?}");
     assert_every_second_once(&all);
 }
+
+/// Runs' (started, finished) spans never overlap.
+#[track_caller]
+fn assert_one_at_a_time(runs: &[&Value]) {
+    let mut spans: Vec<(String, String)> = runs
+        .iter()
+        .map(|r| {
+            (
+                r["started_at"].as_str().unwrap().to_string(),
+                r["finished_at"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two runs overlapped: {w:?}");
+    }
+}
+
+#[test]
+fn pause_after_failures_disables_the_integration() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "flaky",
+        "{ cron: \"* * * * * *\", pause_after_failures: 2 }",
+        "  s: { type: log, with: { message: broken, level: error } }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    let shown = wait_for("the integration paused", &server, || {
+        let out = env.run(&["integrations", "show", "flaky", "--format", "json"]);
+        let v = out.json();
+        (v["enabled"] == false).then_some(v)
+    });
+    assert_eq!(shown["last_run"]["status"], "failed", "{shown}");
+    let failed = runs(&env, "flaky")
+        .iter()
+        .filter(|r| r["status"] == "failed")
+        .count();
+    assert!(failed >= 2, "paused after {failed} failure(s)");
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    assert!(server.output().contains("paused"), "{}", server.output());
+    let out = env.run(&["trigger", "flaky"]);
+    assert_ne!(out.code(), 0, "a paused integration is not triggered");
+}
+
+#[test]
+fn overlap_cancel_running_cancels_the_old_run_for_the_new_tick() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "replace",
+        "{ cron: \"*/2 * * * * *\", max_concurrent_runs: 1, on_overlap: cancel_running }",
+        "  s: { type: exec, with: { command: sleep, args: [\"600\"] } }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines", "--workers", "3"]);
+    let done = wait_for("two runs cancelled by newer ticks", &server, || {
+        let r = runs(&env, "replace");
+        (r.iter().filter(|r| r["status"] == "cancelled").count() >= 2).then_some(r)
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let cancelled: Vec<&Value> = done.iter().filter(|r| r["status"] == "cancelled").collect();
+    assert_one_at_a_time(&cancelled);
+}
+
+#[test]
+fn retry_on_lost_queues_a_killed_servers_run_again() {
+    let env = Env::new();
+    env.write(
+        "pipelines/lost.yaml",
+        "pipeline: lost\nintegration: { retry_on_lost: true }\nparams:\n  n: { type: integer, default: 0 }\nsteps:\n  s: { type: exec, with: { command: sleep, args: [\"{{ 2 if params.n == 7 else 1 }}\"] } }\n",
+    );
+    let mut server = Server::start(&env, "serve1", &["pipelines"]);
+    wait_for("lost loaded", &server, || {
+        (env.run(&["integrations", "show", "lost"]).code() == 0).then_some(())
+    });
+    // A long first attempt, so the kill lands while it runs.
+    env.write(
+        "pipelines/lost.yaml",
+        "pipeline: lost\nintegration: { retry_on_lost: true }\nparams:\n  n: { type: integer, default: 0 }\nsteps:\n  s: { type: exec, with: { command: sh, args: [\"-c\", \"if [ -e first.done ]; then exit 0; fi; touch first.done; sleep 600\"] } }\n",
+    );
+    wait_for("the new version", &server, || {
+        server
+            .output()
+            .contains("reloaded integration lost")
+            .then_some(())
+    });
+    env.run(&["trigger", "lost", "--param", "n=7"])
+        .expect_code(0);
+    wait_for("the run", &server, || {
+        runs(&env, "lost")
+            .iter()
+            .any(|r| r["status"] == "running")
+            .then_some(())
+    });
+    server.kill9();
+    let mut server = Server::start(&env, "serve2", &["pipelines"]);
+    let all = wait_for("the lost run abandoned and run again", &server, || {
+        let r = runs(&env, "lost");
+        (r.iter().any(|r| r["status"] == "abandoned")
+            && r.iter().any(|r| r["status"] == "succeeded"))
+        .then_some(r)
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    assert_eq!(all.len(), 2, "{all:?}");
+    for r in &all {
+        assert_eq!(r["trigger"], "manual", "{r}");
+        assert_eq!(r["params"]["n"], 7, "{r}");
+    }
+}
+
+#[test]
+fn backfill_max_parallel_and_cancel() {
+    let env = Env::new();
+    pipeline(
+        &env,
+        "hourly",
+        "{ cron: \"0 * * * *\", max_concurrent_runs: 5 }",
+        "  s: { type: exec, with: { command: sleep, args: [\"1\"] } }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines", "--workers", "4"]);
+    wait_for("hourly loaded", &server, || {
+        (env.run(&["integrations", "show", "hourly"]).code() == 0).then_some(())
+    });
+    // 3 ticks, one at a time.
+    let out = env.run(&[
+        "backfill",
+        "hourly",
+        "--from",
+        "2026-01-01T00:00:00Z",
+        "--to",
+        "2026-01-01T02:00:00Z",
+        "--max-parallel",
+        "1",
+        "--format",
+        "json",
+    ]);
+    out.expect_code(0);
+    assert_eq!(out.json()["runs"], 3);
+    let done = wait_for("the backfill's runs", &server, || {
+        let r = runs(&env, "hourly");
+        (r.iter().filter(|r| r["status"] == "succeeded").count() == 3).then_some(r)
+    });
+    assert_one_at_a_time(&finished(&done));
+    // A long range, cancelled: what was still queued never runs.
+    let out = env.run(&[
+        "backfill",
+        "hourly",
+        "--from",
+        "2025-01-01",
+        "--to",
+        "2025-01-31",
+        "--format",
+        "json",
+    ]);
+    out.expect_code(0);
+    let id = out.json()["id"].as_i64().unwrap();
+    env.run(&["backfill", "cancel", &id.to_string()])
+        .expect_code(0);
+    let list = env.run(&["backfill", "list", "--format", "json"]);
+    let bf = list
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .cloned()
+        .unwrap();
+    assert_eq!(bf["state"], "cancelled", "{bf}");
+    assert_eq!(bf["queued"], 0, "{bf}");
+    assert!(bf["cancelled"].as_u64().unwrap() > 700, "{bf}");
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    let after = runs(&env, "hourly");
+    assert!(after.len() <= 3 + 4, "cancelled items ran: {}", after.len());
+}
+
+#[test]
+fn a_removed_file_is_marked_removed_and_no_longer_scheduled() {
+    let env = Env::new();
+    pipeline(&env, "gone", "{ cron: \"* * * * * *\" }", LOG_STEP);
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    wait_for("a first run", &server, || {
+        (!finished(&runs(&env, "gone")).is_empty()).then_some(())
+    });
+    std::fs::remove_file(env.path().join("pipelines/gone.yaml")).unwrap();
+    wait_for("the integration removed", &server, || {
+        let v = env
+            .run(&["integrations", "show", "gone", "--format", "json"])
+            .json();
+        (v["removed"] == true).then_some(())
+    });
+    let out = env.run(&["trigger", "gone"]);
+    assert_ne!(out.code(), 0);
+    assert!(out.stderr().contains("gone"), "{}", out.stderr());
+    assert_eq!(server.stop(), 0, "{}", server.output());
+}

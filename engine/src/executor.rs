@@ -48,6 +48,10 @@ pub struct RunRequest {
     pub hard_cancel: CancellationToken,
     /// What steps may read of the run history.
     pub history: Option<Arc<dyn crate::step::HistoryView>>,
+    /// When the run started (`run.started_at`).
+    pub started_at: DateTime<Utc>,
+    /// What the worker shares between its runs (token caches).
+    pub resources: Arc<crate::step::Resources>,
 }
 
 pub struct RunResult {
@@ -116,6 +120,16 @@ impl Shared {
             .chain(spec.inputs.iter())
             .filter_map(|name| tables.get(name).map(|t| (name.clone(), t.clone())))
             .collect()
+    }
+    /// The unrendered connection `name` as this run sees it: the plan's, or what the run's
+    /// connection overrides make of it (`--sandbox`). The plan itself is never changed.
+    fn connection_node(&self, name: &str) -> std::borrow::Cow<'_, crate::yaml::Node> {
+        self.req
+            .templates
+            .runtime()
+            .overrides
+            .connections
+            .node(name, &self.req.plan.connection_nodes[name])
     }
     /// Make a step's value visible to later templates.
     fn publish(&self, id: &str, value: serde_json::Value) {
@@ -1057,6 +1071,8 @@ async fn attempt_once(
         ctx.attempt = attempt;
         ctx.pipeline = shared.req.plan.name.clone();
         ctx.history = shared.req.history.clone();
+        ctx.run_started_at = shared.req.started_at;
+        ctx.resources = shared.req.resources.clone();
         ctx.inputs = inputs.clone();
         ctx.connection = connection.clone();
         ctx.cancel = token.clone();
@@ -1152,11 +1168,11 @@ fn render_connection(
     scope: &Scope,
     depth: usize,
 ) -> Result<serde_json::Value, String> {
-    let node = &shared.req.plan.connection_nodes[name];
+    let node = shared.connection_node(name);
     let rendered = shared
         .req
         .templates
-        .render_node(node, scope)
+        .render_node(&node, scope)
         .map_err(|(pos, e)| format!("connection `{name}`, template at line {}: {e}", pos.line))?;
     let mut json = rendered.to_json();
     if let Some(other) = json
@@ -1190,8 +1206,13 @@ fn learn_secrets_up_front(shared: &Shared) {
         }
     }
     let plan = &shared.req.plan;
+    let nodes: Vec<_> = plan
+        .connection_nodes
+        .keys()
+        .map(|name| shared.connection_node(name))
+        .collect();
     let mut templates: Vec<&str> = Vec::new();
-    for node in plan.connection_nodes.values() {
+    for node in &nodes {
         strings(node, &mut templates);
     }
     for step in &plan.steps {

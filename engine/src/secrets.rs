@@ -417,6 +417,64 @@ pub fn literal_secret_names(template: &str) -> Vec<String> {
     names
 }
 
+/// Where a run's `secret()` reads from. The default, [`EnvSecrets`], is the process
+/// environment; a service replaces it with its stored credentials, so that two runs in one
+/// process can see different values for the same name.
+pub trait SecretSource: Send + Sync {
+    /// The value of the secret `name`, if this source has it.
+    fn lookup(&self, name: &str) -> Option<String>;
+    /// What the user should do when `name` is not set (the end of the step's error).
+    fn missing(&self, name: &str) -> String {
+        format!("secret {name} is not set")
+    }
+}
+
+/// `secret(NAME)` = the environment variable `NAME`, else the file `NAME_FILE` names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EnvSecrets;
+
+impl SecretSource for EnvSecrets {
+    fn lookup(&self, name: &str) -> Option<String> {
+        lookup_secret(name)
+    }
+    fn missing(&self, name: &str) -> String {
+        format!("secret {name} is not set: set the environment variable {name} or {name}_FILE")
+    }
+}
+
+/// Fixed values by name (tests, and sources built from stored credentials).
+#[derive(Debug, Clone, Default)]
+pub struct MapSecrets(pub std::collections::HashMap<String, String>);
+
+impl SecretSource for MapSecrets {
+    fn lookup(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+}
+
+/// A run's [`SecretSource`], cheap to clone (the default is the environment).
+#[derive(Clone)]
+pub struct Secrets(pub std::sync::Arc<dyn SecretSource>);
+
+impl Secrets {
+    pub fn new(source: impl SecretSource + 'static) -> Secrets {
+        Secrets(std::sync::Arc::new(source))
+    }
+}
+
+impl Default for Secrets {
+    fn default() -> Self {
+        Secrets::new(EnvSecrets)
+    }
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the values.
+        f.write_str("Secrets(..)")
+    }
+}
+
 /// Read a secret by name: the environment variable `NAME`, else the file named by `NAME_FILE`.
 pub fn lookup_secret(name: &str) -> Option<String> {
     if let Ok(v) = std::env::var(name) {

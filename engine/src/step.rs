@@ -165,6 +165,58 @@ impl std::fmt::Display for StepError {
     }
 }
 
+/// What a worker keeps for all the runs it executes (a token cache per kind of login), by
+/// type, so the engine needs to know none of them: a step asks
+/// `ctx.resources.get_or_init(|| MyCache::new(ctx.resources.token_ttl()))`. One per
+/// worker (`runner::Runner`); a step context built by hand (unit tests) gets a fresh one,
+/// so nothing is shared through the process.
+pub struct Resources {
+    token_ttl: std::time::Duration,
+    map: std::sync::Mutex<std::collections::HashMap<std::any::TypeId, Arc<dyn Any + Send + Sync>>>,
+}
+
+/// How long a worker trusts a credential it obtained (an OAuth2 token without an expiry)
+/// or keeps one nobody used, unless the worker says otherwise.
+pub const DEFAULT_TOKEN_TTL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+impl Resources {
+    pub fn new(token_ttl: std::time::Duration) -> Resources {
+        Resources {
+            token_ttl,
+            map: Default::default(),
+        }
+    }
+
+    /// How long caches of credentials keep an entry (see [`DEFAULT_TOKEN_TTL`]).
+    pub fn token_ttl(&self) -> std::time::Duration {
+        self.token_ttl
+    }
+
+    /// The worker's `T`, made by `init` the first time it is asked for.
+    pub fn get_or_init<T: Any + Send + Sync>(&self, init: impl FnOnce() -> T) -> Arc<T> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = map
+            .entry(std::any::TypeId::of::<T>())
+            .or_insert_with(|| Arc::new(init()));
+        entry
+            .clone()
+            .downcast::<T>()
+            .expect("entries are stored under their own type")
+    }
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources::new(DEFAULT_TOKEN_TTL)
+    }
+}
+
+impl std::fmt::Debug for Resources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Resources(token_ttl {:?})", self.token_ttl)
+    }
+}
+
 /// The running step's view of the world.
 #[derive(Clone)]
 pub struct StepContext {
@@ -189,6 +241,10 @@ pub struct StepContext {
     /// Read access to the run history (a heartbeat's record counts); `None` in unit tests
     /// that give none.
     pub history: Option<Arc<dyn HistoryView>>,
+    /// When the run started (a heartbeat's default `startTime`).
+    pub run_started_at: chrono::DateTime<chrono::Utc>,
+    /// What the worker shares between its runs (token caches); see [`Resources`].
+    pub resources: Arc<Resources>,
     pub(crate) observer: Arc<dyn Observer>,
     pub(crate) evaluator: Option<(Arc<crate::template::Templates>, crate::template::Scope)>,
 }
@@ -214,6 +270,8 @@ impl StepContext {
             pipeline_dir,
             pipeline: String::new(),
             history: None,
+            run_started_at: chrono::Utc::now(),
+            resources: Arc::default(),
             observer,
             evaluator: None,
         }

@@ -328,12 +328,19 @@ pub fn json_to_value(v: &serde_json::Value) -> Value {
     Value::from_serialize(v)
 }
 
-/// Values that `env()` and `secret()` return before looking at the environment: under
-/// `--sandbox`, the pipeline's `sandbox:` block points them at the local fakes.
+/// How names resolve in one run, instead of the process defaults: values that `env()` and
+/// `secret()` return before anything else (under `--sandbox`, the pipeline's `sandbox:`
+/// block points them at the local fakes), where `secret()` looks next (the environment by
+/// default; a service gives its stored credentials), and what a connection name stands for
+/// (under `--sandbox`, the fakes). The validated plan is never rewritten for a run.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub env: std::collections::HashMap<String, String>,
     pub secrets: std::collections::HashMap<String, String>,
+    /// Where `secret()` reads a name that `secrets` does not hold.
+    pub secret_source: crate::secrets::Secrets,
+    /// Connections that stand in for the plan's, by name (see [`crate::connection`]).
+    pub connections: crate::connection::ConnectionOverrides,
 }
 
 /// Settings of one run that templates need.
@@ -1204,6 +1211,7 @@ fn register(env: &mut Environment<'static>, rt: &Runtime) {
     let redactor = rt.redactor.clone();
     let dry_run = rt.dry_run;
     let secret_overrides = rt.overrides.secrets.clone();
+    let source = rt.overrides.secret_source.clone();
     env.add_function("secret", move |name: String| {
         if dry_run {
             return Ok(Value::from(crate::secrets::MASK));
@@ -1211,15 +1219,13 @@ fn register(env: &mut Environment<'static>, rt: &Runtime) {
         match secret_overrides
             .get(&name)
             .cloned()
-            .or_else(|| crate::secrets::lookup_secret(&name))
+            .or_else(|| source.0.lookup(&name))
         {
             Some(v) => {
                 redactor.add(&v);
                 Ok(Value::from(v))
             }
-            None => Err(err(format!(
-                "secret {name} is not set: set the environment variable {name} or {name}_FILE"
-            ))),
+            None => Err(err(source.0.missing(&name))),
         }
     });
 

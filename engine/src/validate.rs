@@ -142,6 +142,26 @@ pub fn validate_file(path: &Path, display: &str, registry: &Registry) -> Outcome
     }
 }
 
+/// [`validate_file`], also returning the text it validated (a run keeps it with its history,
+/// so a repair re-validates exactly what ran even when the file changed since).
+pub fn validate_file_with_text(
+    path: &Path,
+    display: &str,
+    registry: &Registry,
+) -> (Outcome, Option<String>) {
+    let mut d = Diags::new(display);
+    match read_pipeline(path, &mut d) {
+        Some(text) => (validate_text(&text, path, display, registry), Some(text)),
+        None => (
+            Outcome {
+                diagnostics: finish(d),
+                plan: None,
+            },
+            None,
+        ),
+    }
+}
+
 /// Validate many files on all cores (files are independent); outcomes in input order.
 /// Each item is (path to read, path as the user should see it).
 pub fn validate_files(files: &[(std::path::PathBuf, String)], registry: &Registry) -> Vec<Outcome> {

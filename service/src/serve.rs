@@ -51,6 +51,11 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// How often a worker looks for a cancel request of its run.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
 
+/// How often old ticks, queue items and leases are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// How long ticks, finished queue items and dead leases are kept.
+const KEEP: Duration = Duration::from_secs(7 * 86_400);
+
 /// What `pipe serve` asks for.
 pub struct ServeConfig {
     /// The folder of pipeline files.
@@ -597,14 +602,32 @@ async fn cancel_oldest(shared: &Arc<Shared>, name: &str, count: usize) {
     }
 }
 
-/// Every lease period: runs of dead owners become abandoned, or queued again.
+/// Every lease period: runs of dead owners become abandoned, or queued again. Every
+/// [`PRUNE_EVERY`]: ticks, finished queue items and dead leases older than [`KEEP`] are
+/// deleted (runs and logs stay), so a per-second schedule does not grow the store forever.
 async fn expire_loop(shared: Arc<Shared>) {
+    let mut last_prune: Option<std::time::Instant> = None;
     loop {
         tokio::select! {
             _ = shared.stopping.cancelled() => return,
             _ = tokio::time::sleep(shared.lease) => {}
         }
         expire_lost(&shared).await;
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            last_prune = Some(std::time::Instant::now());
+            let before = Utc::now() - chrono::Duration::from_std(KEEP).expect("a week");
+            match blocking(&shared.store, move |s| s.prune(before)).await {
+                Ok(p) if p.ticks + p.queue_items + p.leases > 0 => log(format!(
+                    "pruned {} tick(s), {} queue item(s), {} lease(s) older than {}",
+                    p.ticks,
+                    p.queue_items,
+                    p.leases,
+                    engine::duration::human(KEEP)
+                )),
+                Ok(_) => {}
+                Err(e) => log(format!("cannot prune the store: {e:#}")),
+            }
+        }
     }
 }
 

@@ -10,17 +10,8 @@ pub mod schema;
 pub mod serve;
 pub mod validate;
 
-use engine::secrets::Redactor;
-use std::sync::OnceLock;
-
-/// The redactor of the current run, for the panic hook.
-static REDACTOR: OnceLock<Redactor> = OnceLock::new();
-
-pub fn set_panic_redactor(r: &Redactor) {
-    let _ = REDACTOR.set(r.clone());
-}
-
-/// Panics print a redacted message: a secret inside a panic payload never reaches stderr.
+/// Panics print a redacted message: a secret inside a panic payload never reaches stderr
+/// (masked by the redactors of every live run, see `runner::redaction`).
 pub fn install_panic_hook() {
     std::panic::set_hook(Box::new(|info| {
         let payload = info
@@ -34,10 +25,7 @@ pub fn install_panic_hook() {
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
         let text = format!("pipe panicked{location}: {payload}");
-        let text = match REDACTOR.get() {
-            Some(r) => r.redact(&text),
-            None => text,
-        };
+        let text = runner::redaction::redact_live(&text);
         eprintln!("{text}\nThis is a bug in pipe; please report it.");
     }));
 }

@@ -1,4 +1,6 @@
-//! `pipe run`: validate, resolve params, record a run, execute, summarise.
+//! `pipe run`: the terminal around one run of the `runner` crate — its progress on
+//! stderr, the summary on stdout, Ctrl-C/SIGTERM, exit codes. Validating, params, the
+//! sandbox, recording and executing are [`runner::Runner`]'s, shared with the service.
 //!
 //! Exit codes: 0 succeeded (with or without warnings), 1 failed or cancelled, 2 nothing ran
 //! (invalid pipeline, bad param, usage). Progress goes to stderr, the summary to stdout.
@@ -6,18 +8,14 @@
 use super::Format;
 use chrono::{DateTime, NaiveDate, Utc};
 use engine::events::{Level, Observer, RunEvent, StepRecord};
-use engine::executor::{self, RunRequest};
 use engine::plan::Plan;
-use engine::secrets::Redactor;
 use engine::status::Status;
-use engine::template::{Runtime, Templates};
 use indexmap::IndexMap;
+use runner::{ParamValue, PlanSource, PrepareError, RunSpec, Runner};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use store::{HistoryWriter, NewRun, Owner, Trigger};
-use tokio_util::sync::CancellationToken;
 
 /// After the summary, how long blocking work left by cancelled steps may take to stop.
 const BLOCKING_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -61,203 +59,105 @@ fn usage(msg: impl std::fmt::Display) -> i32 {
 
 pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     let display = args.path.display().to_string();
-    let outcome = engine::validate::validate_file(&args.path, &display, &super::registry());
-    let Some(mut plan) = outcome.plan else {
-        for d in &outcome.diagnostics {
-            eprintln!("{d}");
+    let mut config = runner::RunnerConfig::new(state_dir);
+    config.db = db.map(str::to_string);
+    config.registry = Arc::new(super::registry());
+    let worker = Runner::new(config);
+    let loaded = match worker.load(&args.path, &display) {
+        Ok(l) => l,
+        Err(e) => {
+            if let PrepareError::Invalid { diagnostics, .. } = &e {
+                for d in diagnostics {
+                    eprintln!("{d}");
+                }
+            }
+            return usage(e);
         }
-        eprintln!("error: {display} is not a valid pipeline; nothing ran");
-        return 2;
     };
     if !args.quiet {
-        for d in &outcome.diagnostics {
+        for d in &loaded.diagnostics {
             eprintln!("{d}");
         }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    // Under --sandbox the logical date defaults to the fakes' anchor date, so the same
-    // command extracts the same data every time.
-    let (fakes, overrides, default_date) = if args.sandbox {
-        match runtime.block_on(attach_sandbox(&mut plan, state_dir)) {
-            Ok((fakes, overrides, anchor)) => (Some(fakes), overrides, Some(anchor)),
-            Err(e) => return usage(format!("--sandbox: {e}")),
-        }
-    } else {
-        (None, Default::default(), None)
-    };
-    let plan = Arc::new(plan);
-    let tz = plan.timezone();
     let logical_date = match args
         .logical_date
         .as_deref()
         .map(parse_logical_date)
         .transpose()
     {
-        Ok(d) => d.or(default_date).unwrap_or_else(Utc::now),
+        Ok(d) => d,
         Err(e) => return usage(e),
     };
-    let params = match resolve_params(&plan, &args.params) {
+    let mut params = Vec::new();
+    for item in &args.params {
+        let Some((name, text)) = item.split_once('=') else {
+            return usage(format!("--param expects NAME=VALUE, got `{item}`"));
+        };
+        params.push((name.to_string(), ParamValue::Text(text.to_string())));
+    }
+    let mut spec = RunSpec::new(PlanSource::Loaded(loaded));
+    spec.params = params;
+    spec.logical_date = logical_date;
+    spec.concurrency = args.concurrency;
+    spec.sandbox = args.sandbox;
+    spec.dry_run = args.dry_run;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let prepared = match runtime.block_on(worker.prepare(spec)) {
         Ok(p) => p,
+        Err(PrepareError::Sandbox(e)) => return usage(format!("--sandbox: {e}")),
         Err(e) => return usage(e),
     };
-    let redactor = Redactor::new();
-    super::set_panic_redactor(&redactor);
-    let templates = Arc::new(Templates::new(Runtime {
-        redactor: redactor.clone(),
-        tz,
-        logical_date,
-        dry_run: args.dry_run,
-        overrides,
-    }));
-    let mut param_values = std::collections::BTreeMap::new();
-    for (name, value) in &params {
-        match engine::params::template_value(&plan.params[name], value, logical_date, tz) {
-            Ok(v) => {
-                param_values.insert(name.clone(), v);
-            }
-            Err(e) => return usage(format!("param `{name}`: {e}")),
-        }
-    }
-    let params_value = minijinja::Value::from(param_values);
-    let started_at = Utc::now();
-
+    let plan = prepared.plan().clone();
     if args.dry_run {
-        let run = engine::template::run_value(0, started_at, logical_date, tz);
-        return dry_run(&plan, &templates, params_value, run, &redactor, args.format);
+        return dry_run(&plan, prepared.preview(), args.format);
     }
-
-    let store = match store::open(&store::StoreConfig {
-        url: db.map(str::to_string),
-        state_dir: state_dir.to_path_buf(),
-    }) {
-        Ok(s) => s,
-        Err(e) => {
-            return usage(format!(
-                "cannot open run history in {}: {e:#}",
-                state_dir.display()
-            ))
-        }
-    };
-    // The run's owner: a lease renewed while this process lives (see store::lease).
-    let lease = match store::LeaseKeeper::start(
-        store.clone(),
-        store::LeaseOwner::this_process("run"),
-        store::lease_period(),
-    ) {
-        Ok(l) => l,
-        Err(e) => return usage(format!("cannot record the run's owner: {e:#}")),
-    };
-    let _ = store.mark_abandoned();
-    let recorded_params = redactor.redact_json(&serde_json::Value::Object(
-        params.clone().into_iter().collect(),
-    ));
-    let run_id = match store
-        .upsert_integration(&plan.name, plan.description.as_deref())
-        .and_then(|_| {
-            store.create_run(&NewRun {
-                params: recorded_params,
-                logical_date: Some(logical_date),
-                lease_owner: Some(lease.owner().id.clone()),
-                ..NewRun::new(plan.name.clone(), Trigger::Cli, Owner::Pipe)
-            })
-        }) {
-        Ok(id) => id,
-        Err(e) => return usage(format!("cannot record the run: {e:#}")),
-    };
-    let run_dir = store.run_dir(run_id);
-    let writer = match HistoryWriter::start(store.clone(), run_id) {
-        Ok(w) => Arc::new(w),
-        Err(e) => return usage(format!("cannot write run history: {e:#}")),
-    };
+    let run_id = prepared.id().unwrap_or_default();
     let progress = Arc::new(Progress::new(args.quiet, args.verbose));
-    let observer: Arc<dyn Observer> = Arc::new(Fanout(vec![writer.clone(), progress.clone()]));
-    let concurrency = args
-        .concurrency
-        .or(plan.concurrency.map(|c| c as usize))
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        });
-
-    let cancel = CancellationToken::new();
-    let hard_cancel = CancellationToken::new();
-    let clock = Instant::now();
     if !args.quiet {
         eprintln!(
-            "run {run_id}: {} ({} steps, concurrency {concurrency})",
+            "run {run_id}: {} ({} steps, concurrency {})",
             plan.name,
-            plan.steps.len()
+            plan.steps.len(),
+            prepared.concurrency()
         );
     }
-    let result = runtime.block_on(async {
-        let signals = tokio::spawn(watch_signals(cancel.clone(), hard_cancel.clone()));
-        let run = engine::template::run_value(run_id, started_at, logical_date, tz);
-        let result = executor::execute(RunRequest {
-            plan: plan.clone(),
-            params: params_value,
-            run,
-            run_id,
-            concurrency,
-            run_dir,
-            templates,
-            redactor: redactor.clone(),
-            observer,
-            cancel: cancel.clone(),
-            hard_cancel,
-            history: Some(Arc::new(store::HistoryReader {
-                store: store.clone(),
-                writer: Some(writer.clone()),
-            })),
-        })
-        .await;
+    let outcome = runtime.block_on(async {
+        let handle = prepared.start(vec![progress.clone()]);
+        let signals = tokio::spawn(watch_signals(handle.controls()));
+        let outcome = handle.join().await;
         signals.abort();
-        result
+        outcome
     });
     progress.stop();
-    // What the fakes saw (requests, logins, logouts), for the summary.
-    // What the fakes received, for the summary (tests and curious users read it there).
-    let sandbox_stats = fakes.as_ref().map(|f| {
-        let mut v = serde_json::to_value(f.stats()).unwrap_or_default();
-        v["qockpit_results"] = f.qockpit_results();
-        v["carol_state"] = f.carol_state(false);
-        v
-    });
-    if let Some(fakes) = fakes {
-        runtime.block_on(fakes.shutdown());
-    }
-    let elapsed = clock.elapsed();
-    let writer = Arc::try_unwrap(writer).ok();
-    if let Some(w) = writer {
-        if let Err(e) = w.finish() {
-            eprintln!("warning: run history may be incomplete: {e:#}");
-        }
+    if let Some(e) = &outcome.history_error {
+        eprintln!("warning: run history may be incomplete: {e}");
     }
     let summary = Summary {
         run_id,
         plan: &plan,
-        status: result.status,
-        error: result.error.as_deref(),
-        steps: &result.steps,
-        elapsed,
-        sandbox: sandbox_stats,
+        status: outcome.status,
+        error: outcome.error.as_deref(),
+        steps: &outcome.steps,
+        elapsed: outcome.elapsed,
+        sandbox: outcome.sandbox.clone(),
     };
     print_summary(&summary, args.format, state_dir);
     // The history is closed and the summary printed: blocking work a cancelled step left
     // behind (a big file still being parsed) gets a moment to see its cancellation, and
     // is then dropped with the process instead of holding it for minutes.
     runtime.shutdown_timeout(BLOCKING_GRACE);
-    if result.status.is_success() {
+    if outcome.status.is_success() {
         0
     } else {
         1
     }
 }
 
-async fn watch_signals(cancel: CancellationToken, hard: CancellationToken) {
+async fn watch_signals(run: runner::RunControls) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
@@ -274,10 +174,10 @@ async fn watch_signals(cancel: CancellationToken, hard: CancellationToken) {
         count += 1;
         if count == 1 {
             eprintln!("\ncancelling: running steps are stopped, teardown steps still run (press Ctrl-C again to stop them too)");
-            cancel.cancel();
+            run.cancel();
         } else {
             eprintln!("\nstopping teardown steps too");
-            hard.cancel();
+            run.hard_cancel();
         }
     }
 }
@@ -294,63 +194,7 @@ fn parse_logical_date(text: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
-/// Params from `--param` and defaults, typed; every problem is a usage error.
-fn resolve_params(
-    plan: &Plan,
-    given: &[String],
-) -> Result<IndexMap<String, serde_json::Value>, String> {
-    let mut values = IndexMap::new();
-    for item in given {
-        let Some((name, text)) = item.split_once('=') else {
-            return Err(format!("--param expects NAME=VALUE, got `{item}`"));
-        };
-        let Some(spec) = plan.params.get(name) else {
-            let known: Vec<&str> = plan.params.keys().map(String::as_str).collect();
-            let hint = engine::diag::did_you_mean(name, known.iter().copied())
-                .map(|s| format!("; did you mean `{s}`?"))
-                .unwrap_or_default();
-            return Err(format!(
-                "unknown param `{name}`{hint} (this pipeline declares: {})",
-                if known.is_empty() {
-                    "none".to_string()
-                } else {
-                    known.join(", ")
-                }
-            ));
-        };
-        let v =
-            engine::params::parse_cli(spec, text).map_err(|e| format!("param `{name}`: {e}"))?;
-        values.insert(name.to_string(), v);
-    }
-    for (name, spec) in &plan.params {
-        if values.contains_key(name) {
-            continue;
-        }
-        match &spec.default {
-            Some(d) => {
-                let v = engine::params::check_value(spec, d)
-                    .map_err(|e| format!("default of param `{name}`: {e}"))?;
-                values.insert(name.clone(), v);
-            }
-            None => {
-                return Err(format!(
-                    "param `{name}` is required: pass --param {name}=VALUE"
-                ))
-            }
-        }
-    }
-    Ok(values)
-}
-
-fn dry_run(
-    plan: &Plan,
-    templates: &Templates,
-    params: minijinja::Value,
-    run: minijinja::Value,
-    redactor: &Redactor,
-    format: Format,
-) -> i32 {
-    let preview = executor::preview(plan, templates, params, run, redactor);
+fn dry_run(plan: &Plan, preview: Vec<runner::StepPreview>, format: Format) -> i32 {
     match format {
         Format::Json => {
             let items: Vec<serde_json::Value> = preview
@@ -494,16 +338,6 @@ fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
                     bq.display()
                 );
             }
-        }
-    }
-}
-
-struct Fanout(Vec<Arc<dyn Observer>>);
-
-impl Observer for Fanout {
-    fn event(&self, e: &RunEvent) {
-        for o in &self.0 {
-            o.event(e);
         }
     }
 }
@@ -674,158 +508,4 @@ impl Observer for Progress {
             RunEvent::RunFinished { .. } => {}
         }
     }
-}
-
-/// Connection types that `--sandbox` replaces with the demo SQLite database.
-const SQL_TYPES: &[&str] = steps::sql::conn::CONNECTION_TYPES;
-
-/// `--sandbox`: start the local fakes, point the pipeline's connections at them and give
-/// `secret()`/`env()` the values of its `sandbox:` block. A pipeline written for production
-/// runs unchanged and offline.
-///
-/// Connections map by type (`google_service_account` → the Google fake, `carol` → the
-/// Carol fake, a database → the demo SQLite database); an `http`
-/// connection names its stand-in with `sandbox: <service>` (an http connection without one
-/// would reach the real network, so it is refused).
-async fn attach_sandbox(
-    plan: &mut Plan,
-    state_dir: &Path,
-) -> Result<(sandbox::Sandbox, engine::template::Overrides, DateTime<Utc>), String> {
-    let mut options = sandbox::Options::from_env().map_err(|e| format!("PIPE_SANDBOX: {e:#}"))?;
-    // The fake BigQuery keeps its tables under pipe's state dir, where `pipe sandbox
-    // tables` (and anyone with a Parquet reader) can read what was loaded.
-    options
-        .state_dir
-        .get_or_insert_with(|| state_dir.to_path_buf());
-    let anchor = options.anchor;
-    let fakes = sandbox::Sandbox::start(options)
-        .await
-        .map_err(|e| format!("cannot start the local fakes: {e:#}"))?;
-    let values = fakes.values();
-    let names: Vec<String> = plan.connections.keys().cloned().collect();
-    for name in &names {
-        let spec = &plan.connections[name];
-        // A database connection becomes the demo SQLite database, whatever its server.
-        if SQL_TYPES.contains(&spec.kind.as_str()) {
-            let path = fakes.demo_db().display().to_string();
-            let node = plan
-                .connection_nodes
-                .get_mut(name)
-                .expect("every connection has its node");
-            let pos = node.pos;
-            let s =
-                |t: &str| engine::yaml::Node::new(pos, engine::yaml::Value::String(t.to_string()));
-            node.value =
-                engine::yaml::Value::Map(vec![(s("type"), s("sqlite")), (s("path"), s(&path))]);
-            let spec = plan.connections.get_mut(name).expect("listed");
-            spec.kind = "sqlite".to_string();
-            spec.fields.clear();
-            spec.fields.insert("path".into(), path.into());
-            continue;
-        }
-        let stand_in = spec.fields.get("sandbox").and_then(|v| v.as_str());
-        let borrows_key = spec
-            .fields
-            .get("credentials")
-            .is_some_and(|c| c.is_string());
-        let fields: Vec<(&str, String)> = match (spec.kind.as_str(), stand_in) {
-            (_, Some("tiflux")) => vec![("base_url", fakes.tiflux_url())],
-            (_, Some("qockpit")) => vec![(
-                "base_url",
-                format!(
-                    "{}/{}",
-                    fakes.qockpit_url(),
-                    values["qockpit"]["domain"].as_str().unwrap_or_default()
-                ),
-            )],
-            ("carol", None | Some("carol")) => ["url", "tenant", "organization", "connector_id"]
-                .into_iter()
-                .map(|f| (f, values["carol"][f].as_str().unwrap_or_default().to_string()))
-                .collect(),
-            ("google_service_account", None | Some("google")) => vec![
-                ("key_file", fakes.key_file().display().to_string()),
-                ("sheets_base_url", format!("{}/", fakes.google_url())),
-            ],
-            ("bigquery", None | Some("google") | Some("bigquery")) => {
-                let project = values["bigquery"]["project"].as_str().unwrap_or("pipe-sandbox").to_string();
-                let mut fields = vec![
-                    ("base_url", fakes.bigquery_url()),
-                    ("upload_url", fakes.upload_url()),
-                    ("project", project),
-                ];
-                // Its own key (when it does not borrow one with `credentials:`) is the fake's.
-                if !borrows_key {
-                    fields.push(("key_file", fakes.key_file().display().to_string()));
-                }
-                fields
-            }
-            (_, Some(other)) => {
-                return Err(format!(
-                    "connection `{name}` names an unknown stand-in `sandbox: {other}` (known: tiflux, qockpit, google, bigquery, carol)"
-                ))
-            }
-            ("http", None) => {
-                return Err(format!(
-                    "connection `{name}` has no stand-in: add `sandbox: tiflux` (or another fake) so --sandbox stays offline"
-                ))
-            }
-            _ => vec![],
-        };
-        let node = plan
-            .connection_nodes
-            .get_mut(name)
-            .expect("every connection has its node");
-        if let engine::yaml::Value::Map(entries) = &mut node.value {
-            // The fake's key file replaces an inline key.
-            if fields.iter().any(|(f, _)| *f == "key_file") {
-                entries.retain(|(k, _)| k.key_str() != Some("key_json"));
-            }
-            for (field, value) in fields {
-                let pos = node.pos;
-                let new = engine::yaml::Node::new(pos, engine::yaml::Value::String(value));
-                match entries.iter_mut().find(|(k, _)| k.key_str() == Some(field)) {
-                    Some((_, v)) => *v = new,
-                    None => entries.push((
-                        engine::yaml::Node::new(
-                            pos,
-                            engine::yaml::Value::String(field.to_string()),
-                        ),
-                        new,
-                    )),
-                }
-            }
-        }
-    }
-    // The `sandbox:` block, rendered with `sandbox` = the fakes' values.
-    let scratch = Templates::new(Runtime {
-        redactor: Redactor::new(),
-        tz: plan.timezone(),
-        logical_date: Utc::now(),
-        dry_run: false,
-        overrides: Default::default(),
-    });
-    let scope = engine::template::Scope::new(
-        minijinja::Value::UNDEFINED,
-        minijinja::Value::UNDEFINED,
-        minijinja::Value::UNDEFINED,
-    )
-    .with("sandbox", minijinja::Value::from_serialize(&values));
-    let mut overrides = engine::template::Overrides::default();
-    for (target, source) in [
-        (&mut overrides.secrets, &plan.sandbox.secrets),
-        (&mut overrides.env, &plan.sandbox.env),
-    ] {
-        for (name, template) in source {
-            let v = scratch
-                .render_str(template, &scope)
-                .map_err(|e| format!("sandbox.{name}: {e}"))?;
-            target.insert(
-                name.clone(),
-                v.as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| v.to_string()),
-            );
-        }
-    }
-    Ok((fakes, overrides, anchor))
 }

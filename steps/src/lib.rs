@@ -18,6 +18,7 @@ pub mod log;
 pub mod sheets;
 pub mod sql;
 pub mod table;
+pub mod tokens;
 pub mod transform;
 
 use engine::connection::ConnectionKind;
@@ -51,27 +52,40 @@ pub fn registry() -> Registry {
     r.register(StepKind::of::<carol::CarolDelete>());
     r.register(StepKind::of::<carol::CarolHeartbeat>());
     let c = &mut r.connections;
-    c.register(ConnectionKind::of::<http::client::Connection>(
-        "http",
-        "An HTTP API: base URL, headers and auth of the http.* steps",
-    ));
-    c.register(ConnectionKind::of::<sheets::GoogleConnection>(
-        "google_service_account",
-        "A Google service-account key (sheets.read; bigquery's `credentials`)",
-    ));
-    c.register(ConnectionKind::of::<bigquery::Connection>(
-        "bigquery",
-        "A BigQuery project (bigquery.load)",
-    ));
-    c.register(ConnectionKind::of::<carol::client::Connection>(
-        "carol",
-        "A TOTVS Carol tenant and connector (carol.* steps)",
-    ));
+    // Each kind with its `--sandbox` mapping onto the local fakes (in its own module).
+    c.register(
+        ConnectionKind::of::<http::client::Connection>(
+            "http",
+            "An HTTP API: base URL, headers and auth of the http.* steps",
+        )
+        .with_sandbox(http::client::sandbox),
+    );
+    c.register(
+        ConnectionKind::of::<sheets::GoogleConnection>(
+            "google_service_account",
+            "A Google service-account key (sheets.read; bigquery's `credentials`)",
+        )
+        .with_sandbox(sheets::sandbox),
+    );
+    c.register(
+        ConnectionKind::of::<bigquery::Connection>(
+            "bigquery",
+            "A BigQuery project (bigquery.load)",
+        )
+        .with_sandbox(bigquery::sandbox),
+    );
+    c.register(
+        ConnectionKind::of::<carol::client::Connection>(
+            "carol",
+            "A TOTVS Carol tenant and connector (carol.* steps)",
+        )
+        .with_sandbox(carol::client::sandbox),
+    );
     for &name in sql::conn::CONNECTION_TYPES {
-        c.register(ConnectionKind::of::<sql::conn::Spec>(
-            name,
-            "A SQL database (sql.query, sql.write)",
-        ));
+        c.register(
+            ConnectionKind::of::<sql::conn::Spec>(name, "A SQL database (sql.query, sql.write)")
+                .with_sandbox(sql::conn::sandbox),
+        );
     }
     r
 }
@@ -84,6 +98,18 @@ mod tests {
         let mut expected = vec!["http", "google_service_account", "bigquery", "carol"];
         expected.extend(super::sql::conn::CONNECTION_TYPES);
         assert_eq!(r.connections.names().collect::<Vec<_>>(), expected);
+    }
+
+    #[test]
+    fn every_connection_type_says_what_it_becomes_under_sandbox() {
+        // Else `--sandbox` would run it against the real service.
+        for kind in super::registry().connections.kinds() {
+            assert!(
+                kind.sandbox.is_some(),
+                "`{}` has no sandbox hook",
+                kind.name
+            );
+        }
     }
 
     #[test]

@@ -615,6 +615,22 @@ const BOTH_KEYS: &str =
     "the google_service_account connection has both `key_file` and `key_json`: give exactly one";
 const NO_KEY: &str = "the google_service_account connection needs `key_file` (a path to the service-account key JSON) or `key_json` (the key itself)";
 
+/// `--sandbox`: the fake Google's key file (instead of any inline key) and Sheets URL.
+pub fn sandbox(
+    t: &engine::connection::SandboxTarget,
+) -> Result<Option<engine::connection::ConnectionOverride>, String> {
+    match t.stand_in() {
+        None | Some("google") => Ok(Some(engine::connection::ConnectionOverride::Patch {
+            set: vec![
+                ("key_file".into(), t.fake("google.key_file")),
+                ("sheets_base_url".into(), t.fake("google.sheets_url")),
+            ],
+            remove: vec!["key_json".into()],
+        })),
+        Some(other) => Err(t.unknown_stand_in(other, &["google"])),
+    }
+}
+
 impl engine::connection::ConnectionConfig for GoogleConnection {
     fn problems(&self) -> Vec<Problem> {
         match (&self.key_file, &self.key_json) {

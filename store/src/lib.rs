@@ -270,6 +270,10 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// (`pipe runs start`) are never touched. Returns the runs marked, for the caller to
     /// re-queue those whose integration says `retry_on_lost`.
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>>;
+    /// Delete what only the recent past needs, older than `older_than`: ticks behind their
+    /// integration's cursor (never planned again), done and cancelled queue items, and owner
+    /// leases that expired (their runs were marked long ago). Runs and logs stay.
+    fn prune(&self, older_than: DateTime<Utc>) -> Result<Pruned>;
     /// [`RunStore::expire_lost`] at the current time, counting the runs marked.
     fn mark_abandoned(&self) -> Result<usize> {
         self.expire_lost(Utc::now()).map(|v| v.len())

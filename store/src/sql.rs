@@ -1737,6 +1737,30 @@ impl<B: Backend> RunStore for SqlStore<B> {
         })
     }
 
+    fn prune(&self, older_than: DateTime<Utc>) -> Result<Pruned> {
+        self.write(|tx| {
+            let ticks = tx.exec(
+                "DELETE FROM ticks WHERE scheduled_at < ?1 AND scheduled_at < COALESCE(
+                     (SELECT i.schedule_cursor FROM integrations i
+                      WHERE i.name = ticks.integration), '')",
+                p![older_than],
+            )?;
+            let queue_items = tx.exec(
+                "DELETE FROM queue WHERE state IN ('done', 'cancelled') AND finished_at < ?1",
+                p![older_than],
+            )?;
+            let leases = tx.exec(
+                "DELETE FROM leases WHERE kind = 'owner' AND expires_at < ?1",
+                p![older_than],
+            )?;
+            Ok(Pruned {
+                ticks,
+                queue_items,
+                leases,
+            })
+        })
+    }
+
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>> {
         // Judge outside the write lock (reading /proc takes a moment), then mark in one
         // transaction, each row only if it is still running.

@@ -484,3 +484,11 @@ pub struct LostRun {
     /// The queue item it ran (now `done`), for a caller that re-queues it.
     pub queue_item: Option<QueueItem>,
 }
+
+/// What [`crate::RunStore::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Pruned {
+    pub ticks: u64,
+    pub queue_items: u64,
+    pub leases: u64,
+}

@@ -142,6 +142,7 @@ both!(
     repair_attempts_keep_step_rows,
     integrations_keep_enabled_across_loads,
     cancel_requests_and_backfills,
+    prune_keeps_what_is_still_needed,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1411,4 +1412,61 @@ fn open_rejects_unknown_urls_and_hides_passwords() {
     assert!(dir.path().join("db/other.sqlite").is_file());
     assert!(s.run_dir(id).starts_with(dir.path().join("state")));
     assert!(s.describe().starts_with("sqlite "), "{}", s.describe());
+}
+
+fn prune_keeps_what_is_still_needed(db: &Db) {
+    let s = db.open();
+    let t0 = t("2026-12-01T00:00:00Z");
+    let tick = |at| PlannedTick {
+        scheduled_at: at,
+        enqueue: None,
+        note: None,
+    };
+    let old_ticks: Vec<_> = (0..3).map(|h| tick(t0 + TimeDelta::hours(h))).collect();
+    s.record_ticks("p", "f", &old_ticks, t0 + TimeDelta::hours(2), t0)
+        .unwrap();
+    // A tick ahead of the cursor (planned early) stays however old the limit.
+    s.record_ticks("p", "f", &[tick(t0 + TimeDelta::hours(30))], t0, t0)
+        .unwrap();
+    let done = s.enqueue(&item("p", 0), t0).unwrap().id;
+    s.claim("w", &[], Duration::from_secs(5), t0)
+        .unwrap()
+        .unwrap();
+    s.ack(done, AckOutcome::Done, t0).unwrap();
+    let queued = s.enqueue(&item("p", 0), t0).unwrap().id;
+    let gone = remote_owner("run");
+    s.heartbeat(&gone, Duration::from_secs(5), t0).unwrap();
+    let live = remote_owner("run");
+    s.heartbeat(&live, Duration::from_secs(3600 * 48), t0)
+        .unwrap();
+    let cut = t0 + TimeDelta::days(1);
+    let pruned = s.prune(cut).unwrap();
+    assert_eq!(
+        pruned,
+        Pruned {
+            ticks: 2,
+            queue_items: 1,
+            leases: 1
+        }
+    );
+    let left: Vec<_> = s
+        .list_ticks("p", 0)
+        .unwrap()
+        .iter()
+        .map(|t| t.scheduled_at)
+        .collect();
+    assert_eq!(
+        left,
+        vec![t0 + TimeDelta::hours(30), t0 + TimeDelta::hours(2)]
+    );
+    assert!(s.get_item(done).unwrap().is_none());
+    assert!(s.get_item(queued).unwrap().is_some());
+    let leases: Vec<String> = s
+        .list_leases()
+        .unwrap()
+        .into_iter()
+        .map(|l| l.name)
+        .collect();
+    assert_eq!(leases, vec![live.id]);
+    assert_eq!(s.prune(cut).unwrap(), Pruned::default());
 }

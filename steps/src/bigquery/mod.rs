@@ -271,6 +271,39 @@ pub struct Connection {
 
 impl engine::connection::ConnectionConfig for Connection {}
 
+/// `--sandbox`: the fake BigQuery's URLs and project; its own key (when it does not borrow
+/// one with `credentials:`) is the fake Google's.
+pub fn sandbox(
+    t: &engine::connection::SandboxTarget,
+) -> Result<Option<engine::connection::ConnectionOverride>, String> {
+    match t.stand_in() {
+        None | Some("google") | Some("bigquery") => {}
+        Some(other) => return Err(t.unknown_stand_in(other, &["google", "bigquery"])),
+    }
+    let project = Some(t.fake("bigquery.project"))
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "pipe-sandbox".to_string());
+    let mut set = vec![
+        ("base_url".to_string(), t.fake("bigquery.url")),
+        ("upload_url".to_string(), t.fake("bigquery.upload_url")),
+        ("project".to_string(), project),
+    ];
+    let mut remove = vec![];
+    let borrows_key = t
+        .spec
+        .fields
+        .get("credentials")
+        .is_some_and(|c| c.is_string());
+    if !borrows_key {
+        set.push(("key_file".into(), t.fake("google.key_file")));
+        remove.push("key_json".into());
+    }
+    Ok(Some(engine::connection::ConnectionOverride::Patch {
+        set,
+        remove,
+    }))
+}
+
 #[async_trait]
 impl StepConfig for BigQueryLoad {
     const TYPE: &'static str = "bigquery.load";

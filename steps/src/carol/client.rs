@@ -6,8 +6,6 @@ use engine::step::{StepContext, StepError};
 use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 /// The statuses pycarol retries a send on (and so do these steps).
@@ -58,6 +56,23 @@ pub struct Connection {
     pub sandbox: Option<Value>,
 }
 
+/// `--sandbox`: the Carol fake's tenant and connector (the login keys come from the
+/// pipeline's `sandbox:` block through `secret()`).
+pub fn sandbox(
+    t: &engine::connection::SandboxTarget,
+) -> Result<Option<engine::connection::ConnectionOverride>, String> {
+    match t.stand_in() {
+        None | Some("carol") => Ok(Some(engine::connection::ConnectionOverride::Patch {
+            set: ["url", "tenant", "organization", "connector_id"]
+                .into_iter()
+                .map(|f| (f.to_string(), t.fake(&format!("carol.{f}"))))
+                .collect(),
+            remove: vec![],
+        })),
+        Some(other) => Err(t.unknown_stand_in(other, &["carol"])),
+    }
+}
+
 /// The rule between the login keys.
 const LOGIN_KEYS: &str = "the carol connection needs either `username` and `password` or `api_key`";
 
@@ -87,16 +102,18 @@ enum Auth {
     ApiKey(String),
 }
 
+/// A Carol access token, as the worker's [`crate::tokens::TokenCache`] keeps it.
 #[derive(Debug, Clone)]
-struct Token {
+pub struct Token {
     access: String,
     refresh: Option<String>,
     expires_at: Instant,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Token>>>;
-/// Tokens by (base URL, tenant, username, connector): the steps of a run share one login.
-static TOKENS: LazyLock<Mutex<HashMap<String, Slot>>> = LazyLock::new(Mutex::default);
+type Slot = crate::tokens::Slot<Token>;
+/// Tokens by (base URL, tenant, username, connector) and a fingerprint of the password, in
+/// the worker's resources: the steps of a run (and runs with the same login) share one.
+type TokenCache = crate::tokens::TokenCache<Token>;
 
 /// A request body.
 #[derive(Debug, Clone)]
@@ -157,6 +174,8 @@ pub struct Carol {
     auth: Auth,
     timeout: Duration,
     slot: Slot,
+    /// The longest a token is used (the worker's token TTL).
+    token_ttl: Duration,
 }
 
 impl Carol {
@@ -202,15 +221,13 @@ impl Carol {
         }
         let timeout =
             crate::http::client::duration("timeout", conn.timeout.as_deref(), DEFAULT_TIMEOUT)?;
-        let user = match &auth {
-            Auth::Password { username, .. } => username.as_str(),
-            Auth::ApiKey(_) => "",
+        let (user, secret) = match &auth {
+            Auth::Password { username, password } => (username.as_str(), password.as_str()),
+            Auth::ApiKey(key) => ("", key.as_str()),
         };
-        let key = format!(
-            "{base}\u{1f}{}\u{1f}{user}\u{1f}{}",
-            conn.tenant, conn.connector_id
-        );
-        let slot = TOKENS.lock().unwrap().entry(key).or_default().clone();
+        let token_ttl = ctx.resources.token_ttl();
+        let cache = ctx.resources.get_or_init(|| TokenCache::new(token_ttl));
+        let slot = cache.slot(&[&base, &conn.tenant, user, &conn.connector_id], &[secret]);
         Ok(Carol {
             base,
             tenant: conn.tenant,
@@ -219,6 +236,7 @@ impl Carol {
             auth,
             timeout,
             slot,
+            token_ttl,
         })
     }
 
@@ -234,6 +252,11 @@ impl Carol {
             .as_ref()
             .filter(|t| Instant::now() + EXPIRY_MARGIN < t.expires_at)
         {
+            // Maybe another run of this worker logged in: this run masks the token too.
+            learn_credential(ctx, &t.access);
+            if let Some(r) = &t.refresh {
+                learn_credential(ctx, r);
+            }
             return Ok(t.access.clone());
         }
         let refresh = guard.as_ref().and_then(|t| t.refresh.clone());
@@ -345,7 +368,10 @@ impl Carol {
         Ok(Token {
             access,
             refresh: v["refresh_token"].as_str().map(str::to_string),
-            expires_at: Instant::now() + Duration::from_secs_f64(expires_in),
+            expires_at: Instant::now()
+                + Duration::try_from_secs_f64(expires_in)
+                    .unwrap_or(self.token_ttl)
+                    .min(self.token_ttl),
         })
     }
 

@@ -16,10 +16,6 @@ use reqwest::Method;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::sync::LazyLock;
-
-/// When this process first touched a heartbeat (the default `startTime`).
-static STARTED: LazyLock<DateTime<Utc>> = LazyLock::new(Utc::now);
 
 /// Send a heartbeat for the connection's connector, with record counts from the run history.
 #[derive(Debug, Clone, Deserialize, JsonSchema)]
@@ -28,8 +24,8 @@ pub struct CarolHeartbeat {
     /// The databases the connector reads (`[{database: PostgreSQL, version: "16"}]`).
     #[serde(default)]
     pub databases: Option<Vec<Value>>,
-    /// When the connector started sending (default: when this pipe process sent its first
-    /// heartbeat; `{{ run.started_at }}` is a good value).
+    /// When the connector started sending (default: when the run started, as
+    /// `{{ run.started_at }}`).
     #[serde(default)]
     pub start_time: Option<String>,
     /// The step type whose rows count as records sent (default `carol.send`).
@@ -88,7 +84,7 @@ impl StepConfig for CarolHeartbeat {
     }
 
     async fn run(self, ctx: StepContext) -> Result<StepOutput, StepError> {
-        let started = *STARTED;
+        let started: DateTime<Utc> = ctx.run_started_at;
         let carol = Carol::from_ctx(&ctx)?;
         let kind = self.step_type.as_deref().unwrap_or("carol.send");
         let now = Utc::now();

@@ -1,11 +1,12 @@
 //! Authentication of HTTP steps: `basic`, `bearer`, `api_key` and `oauth2`.
 //!
-//! OAuth2 tokens are cached for the whole process, keyed by (token URL, client id, grant,
-//! username): the steps of a run — and the concurrent pages of one extraction — share one
-//! token instead of each logging in (some APIs revoke the previous token on every login, and
-//! token endpoints are often rate limited hard). A token is fetched again 60 s before it
-//! expires, and once when the API answers 401 (revoked early). When the token endpoint
-//! returned a refresh token, that is tried first.
+//! OAuth2 tokens are cached by the worker ([`crate::tokens`]), keyed by (token URL, client
+//! id, grant, username) and a fingerprint of the secrets: the steps of a run — and the
+//! concurrent pages of one extraction — share one token instead of each logging in (some
+//! APIs revoke the previous token on every login, and token endpoints are often rate limited
+//! hard). A token is fetched again 60 s before it expires (a token without `expires_in` after
+//! the worker's token TTL), and once when the API answers 401 (revoked early). When the token
+//! endpoint returned a refresh token, that is tried first.
 
 use super::client::{cancellable, client, Policy};
 use engine::secrets::Redactor;
@@ -13,8 +14,6 @@ use engine::step::{StepContext, StepError};
 use reqwest::RequestBuilder;
 use schemars::JsonSchema;
 use serde::Deserialize;
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 /// Refresh a token this long before it expires.
@@ -116,31 +115,28 @@ pub const SECRET_FIELDS: &[&str] = &[
     "refresh_token",
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CacheKey {
-    token_url: String,
-    client_id: Option<String>,
-    grant: Grant,
-    username: Option<String>,
-}
-
+/// An OAuth2 token of the http steps, as the worker's [`TokenCache`] keeps it.
 #[derive(Debug, Clone)]
-struct Token {
+pub struct Token {
     access: String,
-    expires_at: Option<Instant>,
+    expires_at: Instant,
     refresh: Option<String>,
 }
 
 impl Token {
     fn fresh(&self) -> bool {
-        self.expires_at
-            .is_none_or(|t| Instant::now() + EXPIRY_MARGIN < t)
+        Instant::now() + EXPIRY_MARGIN < self.expires_at
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Token>>>;
+type Slot = crate::tokens::Slot<Token>;
+type TokenCache = crate::tokens::TokenCache<Token>;
 
-static CACHE: LazyLock<Mutex<HashMap<CacheKey, Slot>>> = LazyLock::new(Mutex::default);
+/// The worker's cache of http OAuth2 tokens.
+fn cache(ctx: &StepContext) -> std::sync::Arc<TokenCache> {
+    let ttl = ctx.resources.token_ttl();
+    ctx.resources.get_or_init(|| TokenCache::new(ttl))
+}
 
 #[derive(Deserialize)]
 struct TokenResponse {
@@ -174,24 +170,33 @@ impl Auth {
         }
     }
 
-    fn slot(&self) -> Option<Slot> {
+    fn slot(&self, ctx: &StepContext) -> Option<Slot> {
         let Auth::Oauth2 {
             grant,
             token_url,
             client_id,
+            client_secret,
             username,
-            ..
+            password,
+            refresh_token,
+            scope,
         } = self
         else {
             return None;
         };
-        let key = CacheKey {
-            token_url: token_url.clone(),
-            client_id: client_id.clone(),
-            grant: *grant,
-            username: username.clone(),
-        };
-        Some(CACHE.lock().unwrap().entry(key).or_default().clone())
+        let opt = |v: &Option<String>| v.clone().unwrap_or_default();
+        let public = [
+            token_url.clone(),
+            grant.as_str().to_string(),
+            opt(client_id),
+            opt(username),
+            opt(scope),
+        ];
+        let secret = [opt(client_secret), opt(password), opt(refresh_token)];
+        Some(cache(ctx).slot(
+            &public.iter().map(String::as_str).collect::<Vec<_>>(),
+            &secret.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
     }
 
     /// Add the credentials to a request. Returns the OAuth2 token used, if any (to
@@ -223,12 +228,12 @@ impl Auth {
     }
 
     /// Forget `used` (the API rejected it) so the next request fetches a new token.
-    pub async fn invalidate(&self, used: &str) {
-        if let Some(slot) = self.slot() {
+    pub async fn invalidate(&self, ctx: &StepContext, used: &str) {
+        if let Some(slot) = self.slot(ctx) {
             let mut g = slot.lock().await;
             if let Some(t) = g.as_mut() {
                 if t.access == used {
-                    t.expires_at = Some(Instant::now());
+                    t.expires_at = Instant::now();
                 }
             }
         }
@@ -236,9 +241,14 @@ impl Auth {
 
     /// A valid OAuth2 access token, from the cache or the token endpoint.
     async fn token(&self, ctx: &StepContext, policy: &Policy) -> Result<String, StepError> {
-        let slot = self.slot().expect("oauth2");
+        let slot = self.slot(ctx).expect("oauth2");
         let mut guard = cancellable(ctx, slot.lock()).await?;
         if let Some(t) = guard.as_ref().filter(|t| t.fresh()) {
+            // Maybe fetched by another run of this worker: this run masks it too.
+            ctx.redactor.add(&t.access);
+            if let Some(r) = &t.refresh {
+                ctx.redactor.add(r);
+            }
             return Ok(t.access.clone());
         }
         let previous_refresh = guard.as_ref().and_then(|t| t.refresh.clone());
@@ -357,9 +367,7 @@ impl Auth {
         });
         Ok(Token {
             access: parsed.access_token,
-            expires_at: expires_in
-                .and_then(super::client::server_delay)
-                .map(|d| Instant::now() + d),
+            expires_at: cache(ctx).expiry(expires_in.and_then(super::client::server_delay)),
             refresh: parsed.refresh_token.or_else(|| refresh.map(str::to_string)),
         })
     }

@@ -76,6 +76,32 @@ pub struct Connection {
 
 impl engine::connection::ConnectionConfig for Connection {}
 
+/// `--sandbox`: an `http` connection names its fake with `sandbox: <service>`; one without
+/// is refused, since it would reach the real network.
+pub fn sandbox(
+    t: &engine::connection::SandboxTarget,
+) -> Result<Option<engine::connection::ConnectionOverride>, String> {
+    let base_url = match t.stand_in() {
+        Some("tiflux") => t.fake("tiflux.url"),
+        Some("qockpit") => format!(
+            "{}/{}",
+            t.fake("qockpit.base_endpoint"),
+            t.fake("qockpit.domain")
+        ),
+        Some(other) => return Err(t.unknown_stand_in(other, &["tiflux", "qockpit"])),
+        None => {
+            return Err(format!(
+                "connection `{}` has no stand-in: add `sandbox: tiflux` (or another fake) so --sandbox stays offline",
+                t.name
+            ))
+        }
+    };
+    Ok(Some(engine::connection::ConnectionOverride::Patch {
+        set: vec![("base_url".into(), base_url)],
+        remove: vec![],
+    }))
+}
+
 impl Connection {
     /// The step's connection, when it names one.
     pub fn from_ctx(ctx: &StepContext) -> Result<Option<Connection>, StepError> {
@@ -923,7 +949,7 @@ impl<'a> Sender<'a> {
                         Level::Info,
                         &format!("{shown}: HTTP 401, refreshing the OAuth2 token"),
                     );
-                    auth.invalidate(used).await;
+                    auth.invalidate(ctx, used).await;
                     continue;
                 }
             }

@@ -1696,7 +1696,7 @@ mod tests {
                     let i = i.clone();
                     async move {
                         assert!(body.contains("grant_type=client_credentials"), "{body}");
-                        assert!(body.contains("client_secret=s3cr3t-value"), "{body}");
+                        assert!(body.contains("client_secret=s3cr3t-"), "{body}");
                         let n = i.fetch_add(1, Ordering::SeqCst) + 1;
                         Json(json!({"access_token": format!("tok-{n}-abcdef"), "expires_in": 3600, "token_type": "bearer"}))
                     }
@@ -1718,18 +1718,39 @@ mod tests {
         let auth = json!({"type": "oauth2", "grant": "client_credentials", "token_url": format!("{base}/token"),
             "client_id": "me", "client_secret": "s3cr3t-value"});
         let cfg = extract(json!({"path": "/data", "auth": auth}));
-        let (out, obs) = run(cfg.clone(), &base).await.unwrap();
+        // The steps of one worker share its token cache.
+        let worker = Arc::new(engine::step::Resources::default());
+        let step = |obs: &Arc<Collect>, worker: &Arc<engine::step::Resources>| {
+            let mut c = ctx(obs, Some(json!({"type": "http", "base_url": base})));
+            c.resources = worker.clone();
+            c
+        };
+        let obs = Arc::new(Collect::default());
+        let out = cfg.clone().run(step(&obs, &worker)).await.unwrap();
         assert_eq!(ids(&out), vec![1]);
         assert_eq!(
             issued.load(Ordering::SeqCst),
             2,
             "one refresh after the 401"
         );
-        // The next step of the run reuses the cached token.
-        let (out, _) = run(cfg, &base).await.unwrap();
+        // The next step (or run) of the worker reuses the cached token, and its own
+        // redactor learns it, though another run fetched it.
+        let other_run = Arc::new(Collect::default());
+        let c = step(&other_run, &worker);
+        let out = cfg.clone().run(c.clone()).await.unwrap();
         assert_eq!(ids(&out), vec![1]);
         assert_eq!(issued.load(Ordering::SeqCst), 2);
-        for (_, m) in obs.rows() {
+        assert_eq!(c.redactor.redact("tok-2-abcdef"), "***");
+        // Other credentials for the same client never ride on that token.
+        let mut wrong = auth.clone();
+        wrong["client_secret"] = json!("s3cr3t-other");
+        let other = extract(json!({"path": "/data", "auth": wrong}));
+        other.run(step(&obs, &worker)).await.unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 3);
+        // Another worker has its own cache.
+        cfg.run(step(&obs, &Arc::default())).await.unwrap();
+        assert_eq!(issued.load(Ordering::SeqCst), 4);
+        for (_, m) in obs.rows().into_iter().chain(other_run.rows()) {
             assert!(!m.contains("tok-") && !m.contains("s3cr3t"), "{m}");
         }
     }

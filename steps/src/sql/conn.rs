@@ -101,6 +101,17 @@ pub struct Spec {
 
 impl engine::connection::ConnectionConfig for Spec {}
 
+/// `--sandbox`: every database connection becomes the fakes' demo SQLite database, whatever
+/// its server (its `sandbox:` field is not needed).
+pub fn sandbox(
+    t: &engine::connection::SandboxTarget,
+) -> Result<Option<engine::connection::ConnectionOverride>, String> {
+    Ok(Some(engine::connection::ConnectionOverride::Replace(vec![
+        ("type".into(), "sqlite".into()),
+        ("path".into(), t.fake("demo_db.path")),
+    ])))
+}
+
 impl Spec {
     /// The step's connection, checked, with every password taught to the redactor.
     pub fn from_ctx(ctx: &StepContext, step: &str) -> Result<(Backend, Spec), StepError> {

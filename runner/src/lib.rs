@@ -1,0 +1,623 @@
+//! One run path: [`Runner::prepare`]`(`[`RunSpec`]`)` → [`PreparedRun::start`] →
+//! [`RunHandle::join`], shared by `pipe run`, the service's embedded workers and (later)
+//! remote workers, so none of them copies the run lifecycle.
+//!
+//! Why this shape (DataFusion's plan / task context / runtime split):
+//! - The validated [`Plan`] is immutable and shared (`Arc<Plan>`), by several runs at once.
+//! - What one run needs — its params, logical date, redactor, template runtime, connection
+//!   overrides (`--sandbox`), secret source, history writer, cancellation — is built by
+//!   [`Runner::prepare`] and owned by the run; nothing of it is a process-wide `static`.
+//! - What a worker shares between its runs — the registry of step and connection kinds,
+//!   the state dir / store, the token caches (with a TTL), the default secret source —
+//!   is the [`Runner`].
+//! - Terminal concerns stay in the CLI: progress, the summary, signals, exit codes. They
+//!   reach the run through observers and [`RunControls`].
+//!
+//! Every access to the run history goes through the `store` module (one place to switch to
+//! the `store` crate's `RunStore`).
+
+pub mod params;
+pub mod redaction;
+mod sandbox;
+mod store;
+
+pub use params::ParamValue;
+pub use store::{StoreConfig, Trigger, PIPELINE_SNAPSHOT};
+
+use chrono::{DateTime, Utc};
+use engine::diag::Diagnostic;
+use engine::events::{Observer, RunEvent, StepRecord};
+use engine::executor::{self, RunRequest};
+use engine::plan::Plan;
+use engine::secrets::{Redactor, Secrets};
+use engine::status::Status;
+use engine::step::{Registry, Resources};
+use engine::template::{Overrides, Runtime, Templates};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// How a worker is set up.
+pub struct RunnerConfig {
+    /// Where run files live (`--state-dir`), and the SQLite history by default.
+    pub state_dir: PathBuf,
+    /// The run store (`--db` / `PIPE_DB`): `None` for SQLite in the state dir.
+    pub db: Option<String>,
+    /// An open store to use instead of opening `db` (a service shares one).
+    pub store: Option<Arc<dyn ::store::RunStore>>,
+    /// The lease id that owns this runner's runs, kept renewed by the caller (a service's
+    /// worker). `None`: each run takes a lease of its own for as long as it runs.
+    pub lease_owner: Option<String>,
+    /// The step types and connection kinds.
+    pub registry: Arc<Registry>,
+    /// Where `secret()` reads from, unless a run's spec brings its own.
+    pub secrets: Secrets,
+    /// How long cached login tokens are trusted at most and kept unused.
+    pub token_ttl: Duration,
+}
+
+impl RunnerConfig {
+    /// Every step type of `steps`, secrets from the environment, the default token TTL.
+    pub fn new(state_dir: impl Into<PathBuf>) -> RunnerConfig {
+        RunnerConfig {
+            state_dir: state_dir.into(),
+            db: None,
+            store: None,
+            lease_owner: None,
+            registry: Arc::new(steps::registry()),
+            secrets: Secrets::default(),
+            token_ttl: engine::step::DEFAULT_TOKEN_TTL,
+        }
+    }
+}
+
+/// A worker's environment: what its runs share. Cheap to share behind an `Arc`.
+pub struct Runner {
+    store: Arc<store::StoreHandle>,
+    registry: Arc<Registry>,
+    secrets: Secrets,
+    resources: Arc<Resources>,
+}
+
+/// A pipeline file, validated, with its warnings and the text that was validated.
+#[derive(Clone)]
+pub struct Loaded {
+    pub plan: Arc<Plan>,
+    /// Warnings and notes (no errors: the file is valid).
+    pub diagnostics: Vec<Diagnostic>,
+    /// The file's text as validated (kept in the run folder as [`PIPELINE_SNAPSHOT`]).
+    pub source: Arc<str>,
+}
+
+/// Which pipeline a run runs.
+#[derive(Clone)]
+pub enum PlanSource {
+    /// Validate this file first (its warnings end up in [`PreparedRun::diagnostics`]).
+    File(PathBuf),
+    /// A file validated by [`Runner::load`] (its text is what the run keeps).
+    Loaded(Loaded),
+    /// An already validated plan (a service validates each file once and runs it often);
+    /// the run keeps the file's text as it reads it when the run is recorded.
+    Plan(Arc<Plan>),
+}
+
+/// What to run, and how.
+#[derive(Clone)]
+pub struct RunSpec {
+    pub plan: PlanSource,
+    /// What started the run (recorded).
+    pub trigger: Trigger,
+    /// Param values by name, in the order given; the rest take their defaults.
+    pub params: Vec<(String, ParamValue)>,
+    /// "Today" in templates. Default: under `sandbox` the fakes' anchor date, else now.
+    pub logical_date: Option<DateTime<Utc>>,
+    /// Steps at once (default: the pipeline's `concurrency`, else the number of CPUs).
+    pub concurrency: Option<usize>,
+    /// Run against the local fakes (`pipe run --sandbox`).
+    pub sandbox: bool,
+    /// Render the plan, run nothing, record nothing ([`PreparedRun::preview`]).
+    pub dry_run: bool,
+    /// Where `secret()` reads from for this run (default: the runner's).
+    pub secrets: Option<Secrets>,
+    /// The queue item this run comes from (linked to the run when it is recorded; the
+    /// service acks it).
+    pub queue_item: Option<i64>,
+    /// Continue this finished run as its next attempt (a repair: `pipe runs repair ID`)
+    /// instead of recording a new run; [`PreparedRun::attempt`] says which attempt.
+    pub resume: Option<i64>,
+}
+
+impl RunSpec {
+    /// A CLI run of `plan` with every default.
+    pub fn new(plan: PlanSource) -> RunSpec {
+        RunSpec {
+            plan,
+            trigger: Trigger::Cli,
+            params: Vec::new(),
+            logical_date: None,
+            concurrency: None,
+            sandbox: false,
+            dry_run: false,
+            secrets: None,
+            queue_item: None,
+            resume: None,
+        }
+    }
+}
+
+/// Why a run could not be prepared; nothing ran. The `Display` is the message `pipe run`
+/// prints after `error: `.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PrepareError {
+    /// The file is not a valid pipeline (every diagnostic, errors and warnings).
+    Invalid {
+        file: String,
+        diagnostics: Vec<Diagnostic>,
+    },
+    /// The local fakes could not start, or a connection cannot run against them.
+    Sandbox(String),
+    /// A param value (or default) is missing or wrong.
+    Param(String),
+    /// The run history cannot be opened or written.
+    History(String),
+}
+
+impl std::fmt::Display for PrepareError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrepareError::Invalid { file, .. } => {
+                write!(f, "{file} is not a valid pipeline; nothing ran")
+            }
+            PrepareError::Sandbox(e) => write!(f, "sandbox: {e}"),
+            PrepareError::Param(e) | PrepareError::History(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for PrepareError {}
+
+impl Runner {
+    pub fn new(config: RunnerConfig) -> Runner {
+        Runner {
+            store: Arc::new(store::StoreHandle::new(
+                StoreConfig {
+                    url: config.db,
+                    state_dir: config.state_dir,
+                },
+                config.store,
+                config.lease_owner,
+            )),
+            registry: config.registry,
+            secrets: config.secrets,
+            resources: Arc::new(Resources::new(config.token_ttl)),
+        }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        self.store.state_dir()
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// What this worker's runs share (token caches).
+    pub fn resources(&self) -> &Arc<Resources> {
+        &self.resources
+    }
+
+    /// Validate a pipeline file (`display` is how diagnostics name it).
+    pub fn load(&self, path: &Path, display: &str) -> Result<Loaded, PrepareError> {
+        let (outcome, text) =
+            engine::validate::validate_file_with_text(path, display, &self.registry);
+        match (outcome.plan, text) {
+            (Some(plan), Some(text)) => Ok(Loaded {
+                plan: Arc::new(plan),
+                diagnostics: outcome.diagnostics,
+                source: text.into(),
+            }),
+            _ => Err(PrepareError::Invalid {
+                file: display.to_string(),
+                diagnostics: outcome.diagnostics,
+            }),
+        }
+    }
+
+    /// Everything before the first step: the plan (validated), the fakes (`sandbox`), the
+    /// logical date, the params (typed), the template runtime of the run, and — unless a
+    /// dry run — the run recorded as `running` with its history writer.
+    pub async fn prepare(&self, spec: RunSpec) -> Result<PreparedRun, PrepareError> {
+        let loaded = match &spec.plan {
+            PlanSource::Plan(plan) => (plan.clone(), Vec::new(), None),
+            PlanSource::Loaded(l) => (
+                l.plan.clone(),
+                l.diagnostics.clone(),
+                Some(l.source.clone()),
+            ),
+            PlanSource::File(path) => {
+                let l = self.load(path, &path.display().to_string())?;
+                (l.plan, l.diagnostics, Some(l.source))
+            }
+        };
+        let (plan, diagnostics, source) = loaded;
+        // A service's plan came from a file: the run keeps that file's text as it is now.
+        let source = source.or_else(|| std::fs::read_to_string(&plan.file).ok().map(Into::into));
+        let (fakes, mut overrides, default_date) = if spec.sandbox {
+            let a = sandbox::attach(&plan, &self.registry, self.state_dir())
+                .await
+                .map_err(PrepareError::Sandbox)?;
+            (Some(a.fakes), a.overrides, Some(a.anchor))
+        } else {
+            (None, Overrides::default(), None)
+        };
+        let mut prepared = self
+            .prepare_with(&spec, plan, source, &mut overrides, default_date)
+            .await;
+        match &mut prepared {
+            Ok(p) => {
+                p.fakes = fakes;
+                p.diagnostics = diagnostics;
+            }
+            Err(_) => {
+                if let Some(f) = fakes {
+                    f.shutdown().await;
+                }
+            }
+        }
+        prepared
+    }
+
+    async fn prepare_with(
+        &self,
+        spec: &RunSpec,
+        plan: Arc<Plan>,
+        source: Option<Arc<str>>,
+        overrides: &mut Overrides,
+        default_date: Option<DateTime<Utc>>,
+    ) -> Result<PreparedRun, PrepareError> {
+        let tz = plan.timezone();
+        let logical_date = spec.logical_date.or(default_date).unwrap_or_else(Utc::now);
+        let params = params::resolve(&plan, &spec.params).map_err(PrepareError::Param)?;
+        let redactor = Redactor::new();
+        let registration = redaction::register(&redactor);
+        overrides.secret_source = spec.secrets.clone().unwrap_or_else(|| self.secrets.clone());
+        let templates = Arc::new(Templates::new(Runtime {
+            redactor: redactor.clone(),
+            tz,
+            logical_date,
+            dry_run: spec.dry_run,
+            overrides: std::mem::take(overrides),
+        }));
+        let mut param_values = std::collections::BTreeMap::new();
+        for (name, value) in &params {
+            let v = engine::params::template_value(&plan.params[name], value, logical_date, tz)
+                .map_err(|e| PrepareError::Param(format!("param `{name}`: {e}")))?;
+            param_values.insert(name.clone(), v);
+        }
+        let started_at = Utc::now();
+        let recorded = if spec.dry_run {
+            None
+        } else {
+            let recorded_params = redactor.redact_json(&serde_json::Value::Object(
+                params.clone().into_iter().collect(),
+            ));
+            let (handle, plan2) = (self.store.clone(), plan.clone());
+            let (trigger, queue_item, resume) = (spec.trigger, spec.queue_item, spec.resume);
+            // A literal value in the file that the run masks is `***` in the kept text
+            // (rewritten once the run has learnt everything it masks).
+            let kept = source.as_deref().map(|s| redactor.redact(s));
+            let r = tokio::task::spawn_blocking(move || {
+                handle.record_run(store::NewRecord {
+                    plan: &plan2,
+                    source: kept.as_deref(),
+                    params: recorded_params,
+                    trigger,
+                    logical_date,
+                    queue_item,
+                    resume,
+                })
+            })
+            .await
+            .map_err(|e| PrepareError::History(format!("cannot record the run: {e}")))??;
+            Some(r)
+        };
+        let concurrency = spec
+            .concurrency
+            .or(plan.concurrency.map(|c| c as usize))
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            });
+        Ok(PreparedRun {
+            plan,
+            params: minijinja::Value::from(param_values),
+            templates,
+            redactor,
+            registration,
+            logical_date,
+            started_at,
+            concurrency,
+            recorded,
+            fakes: None,
+            resources: self.resources.clone(),
+            diagnostics: Vec::new(),
+            queue_item: spec.queue_item,
+            source: source.filter(|_| spec.resume.is_none()),
+        })
+    }
+}
+
+/// A run ready to start: recorded (unless a dry run), nothing executed yet.
+pub struct PreparedRun {
+    plan: Arc<Plan>,
+    /// What templates see as `params`.
+    params: minijinja::Value,
+    templates: Arc<Templates>,
+    redactor: Redactor,
+    registration: redaction::Registration,
+    logical_date: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+    concurrency: usize,
+    recorded: Option<store::Recorded>,
+    fakes: Option<::sandbox::Sandbox>,
+    resources: Arc<Resources>,
+    diagnostics: Vec<Diagnostic>,
+    queue_item: Option<i64>,
+    /// The pipeline text, to keep (redacted) in the run folder once the run is over.
+    source: Option<Arc<str>>,
+}
+
+/// One step of [`PreparedRun::preview`]: id, type, the rendered (redacted) config or why it
+/// cannot be rendered yet.
+pub type StepPreview = (String, String, Result<serde_json::Value, String>);
+
+impl PreparedRun {
+    /// The run's id in the history (`None` for a dry run, which records nothing).
+    pub fn id(&self) -> Option<i64> {
+        self.recorded.as_ref().map(|r| r.run_id)
+    }
+    pub fn plan(&self) -> &Arc<Plan> {
+        &self.plan
+    }
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+    pub fn logical_date(&self) -> DateTime<Utc> {
+        self.logical_date
+    }
+    /// The run's redactor (masks every secret the run has learnt).
+    pub fn redactor(&self) -> &Redactor {
+        &self.redactor
+    }
+    /// The validator's warnings when the spec named a file.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        &self.diagnostics
+    }
+    pub fn queue_item(&self) -> Option<i64> {
+        self.queue_item
+    }
+    /// 1 for a new run; the repair's attempt number for a resumed one (0 for a dry run).
+    pub fn attempt(&self) -> u32 {
+        self.recorded.as_ref().map_or(0, |r| r.attempt)
+    }
+    /// The run's folder (`None` for a dry run).
+    pub fn run_dir(&self) -> Option<&Path> {
+        self.recorded.as_ref().map(|r| r.run_dir.as_path())
+    }
+
+    fn run_value(&self) -> minijinja::Value {
+        engine::template::run_value(
+            self.id().unwrap_or(0),
+            self.started_at,
+            self.logical_date,
+            self.plan.timezone(),
+        )
+    }
+
+    /// Each step's config rendered with placeholders for other steps' outputs, secrets as
+    /// `***` (`--dry-run`). Runs nothing.
+    pub fn preview(&self) -> Vec<StepPreview> {
+        executor::preview(
+            &self.plan,
+            &self.templates,
+            self.params.clone(),
+            self.run_value(),
+            &self.redactor,
+        )
+    }
+
+    /// Start executing on the current tokio runtime; `observers` see every event after the
+    /// history writer has. A dry run starts nothing: its outcome is `skipped` at once.
+    pub fn start(self, observers: Vec<Arc<dyn Observer>>) -> RunHandle {
+        let controls = RunControls {
+            cancel: CancellationToken::new(),
+            hard_cancel: CancellationToken::new(),
+        };
+        let id = self.id().unwrap_or(0);
+        let c = controls.clone();
+        let task = tokio::spawn(self.execute(observers, c));
+        RunHandle { id, controls, task }
+    }
+
+    async fn execute(self, observers: Vec<Arc<dyn Observer>>, controls: RunControls) -> RunOutcome {
+        let run = self.run_value();
+        let PreparedRun {
+            plan,
+            params,
+            templates,
+            redactor,
+            registration,
+            started_at,
+            concurrency,
+            recorded,
+            fakes,
+            resources,
+            source,
+            ..
+        } = self;
+        let Some(store::Recorded {
+            run_id,
+            run_dir,
+            writer,
+            reader,
+            lease,
+            ..
+        }) = recorded
+        else {
+            return RunOutcome {
+                run_id: 0,
+                status: Status::Skipped,
+                error: Some("a dry run runs nothing".into()),
+                steps: Vec::new(),
+                elapsed: Duration::ZERO,
+                sandbox: None,
+                history_error: None,
+                _registration: Some(registration),
+            };
+        };
+        let (run_dir_kept, redactor_kept) = (run_dir.clone(), redactor.clone());
+        let mut all: Vec<Arc<dyn Observer>> = vec![writer.clone()];
+        all.extend(observers);
+        let clock = Instant::now();
+        let result = executor::execute(RunRequest {
+            plan,
+            params,
+            run,
+            run_id,
+            concurrency,
+            run_dir,
+            templates,
+            redactor,
+            observer: Arc::new(Fanout(all)),
+            cancel: controls.cancel.clone(),
+            hard_cancel: controls.hard_cancel.clone(),
+            history: Some(reader),
+            started_at,
+            resources,
+        })
+        .await;
+        if let Some(text) = &source {
+            store::keep_pipeline_text(&run_dir_kept, &redactor_kept.redact(text));
+        }
+        let sandbox = match fakes {
+            Some(f) => {
+                let stats = sandbox::stats(&f);
+                f.shutdown().await;
+                Some(stats)
+            }
+            None => None,
+        };
+        let elapsed = clock.elapsed();
+        let history_error = tokio::task::spawn_blocking(move || store::finish(writer, lease))
+            .await
+            .unwrap_or_else(|e| Some(format!("the history writer panicked: {e}")));
+        RunOutcome {
+            run_id,
+            status: result.status,
+            error: result.error,
+            steps: result.steps,
+            elapsed,
+            sandbox,
+            history_error,
+            _registration: Some(registration),
+        }
+    }
+}
+
+/// Cancel a running run from anywhere (a signal handler, the service's drain).
+#[derive(Clone, Debug)]
+pub struct RunControls {
+    cancel: CancellationToken,
+    hard_cancel: CancellationToken,
+}
+
+impl RunControls {
+    /// Stop running steps; teardown (`always:`) steps still run.
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+    /// Stop teardown steps too.
+    pub fn hard_cancel(&self) {
+        self.cancel.cancel();
+        self.hard_cancel.cancel();
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+/// A started run.
+pub struct RunHandle {
+    id: i64,
+    controls: RunControls,
+    task: tokio::task::JoinHandle<RunOutcome>,
+}
+
+impl RunHandle {
+    /// The run's id in the history.
+    pub fn id(&self) -> i64 {
+        self.id
+    }
+    /// See [`RunControls::cancel`].
+    pub fn cancel(&self) {
+        self.controls.cancel();
+    }
+    /// See [`RunControls::hard_cancel`].
+    pub fn hard_cancel(&self) {
+        self.controls.hard_cancel();
+    }
+    /// A clonable way to cancel this run from another task.
+    pub fn controls(&self) -> RunControls {
+        self.controls.clone()
+    }
+    /// Wait for the run to finish (recorded, fakes stopped, history drained).
+    pub async fn join(self) -> RunOutcome {
+        match self.task.await {
+            Ok(outcome) => outcome,
+            // The executor catches a step's panic; this is a bug of the run path itself.
+            Err(e) => RunOutcome {
+                run_id: self.id,
+                status: Status::Failed,
+                error: Some(format!("the run stopped unexpectedly: {e}")),
+                steps: Vec::new(),
+                elapsed: Duration::ZERO,
+                sandbox: None,
+                history_error: None,
+                _registration: None,
+            },
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub run_id: i64,
+    pub status: Status,
+    /// The first failure, named.
+    pub error: Option<String>,
+    /// In plan order.
+    pub steps: Vec<StepRecord>,
+    /// From the first step's start to the fakes' shutdown.
+    pub elapsed: Duration,
+    /// Under `sandbox`: what the fakes received.
+    pub sandbox: Option<serde_json::Value>,
+    /// Set when the run history may be incomplete.
+    pub history_error: Option<String>,
+    /// The run's redactor stays registered for the panic hook while the outcome is held
+    /// (a summary printed from it is still covered).
+    _registration: Option<redaction::Registration>,
+}
+
+struct Fanout(Vec<Arc<dyn Observer>>);
+
+impl Observer for Fanout {
+    fn event(&self, e: &RunEvent) {
+        for o in &self.0 {
+            o.event(e);
+        }
+    }
+}

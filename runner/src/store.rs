@@ -1,0 +1,177 @@
+//! Every access of the runner to the run store, in one place.
+//!
+//! Why one module: what the runner asks of the store — mark runs of lost owners abandoned,
+//! record a new run (or the next attempt of one, a repair) owned by a lease, keep the
+//! pipeline text it ran, the event writer, the reader steps get — is these few functions,
+//! so a change of the store (another backend, a remote API for remote workers) is this file.
+//!
+//! The store's clients block (SQLite; PostgreSQL's client must not run on an async worker
+//! thread), so everything here is called from `spawn_blocking`.
+
+use crate::PrepareError;
+use engine::plan::Plan;
+use std::sync::{Arc, Mutex};
+use store::{HistoryReader, HistoryWriter, LeaseKeeper, LeaseOwner, NewRun, Owner, RunStore};
+
+pub use store::{StoreConfig, Trigger};
+
+/// The file a run keeps the exact pipeline text it ran in, in its run folder.
+pub const PIPELINE_SNAPSHOT: &str = "pipeline.yaml";
+
+/// The store of a runner: opened on first use (a dry run never opens it), or given.
+pub(crate) struct StoreHandle {
+    config: StoreConfig,
+    store: Mutex<Option<Arc<dyn RunStore>>>,
+    /// The lease that owns this runner's runs (a service's worker keeps it renewed);
+    /// `None`: each run takes a lease of its own for as long as it runs.
+    lease_owner: Option<String>,
+}
+
+/// What a new run records.
+pub(crate) struct NewRecord<'a> {
+    pub plan: &'a Plan,
+    /// The pipeline text that was validated, redacted, kept in the run folder.
+    pub source: Option<&'a str>,
+    pub params: serde_json::Value,
+    pub trigger: Trigger,
+    pub logical_date: chrono::DateTime<chrono::Utc>,
+    pub queue_item: Option<i64>,
+    /// Continue this finished run as its next attempt instead of creating one.
+    pub resume: Option<i64>,
+}
+
+/// Keep the pipeline text a run ran (already redacted by the caller) in its folder. Best
+/// effort: the run goes on without it; a repair then says it is missing.
+pub(crate) fn keep_pipeline_text(run_dir: &std::path::Path, text: &str) {
+    let _ = std::fs::create_dir_all(run_dir)
+        .and_then(|_| std::fs::write(run_dir.join(PIPELINE_SNAPSHOT), text));
+}
+
+/// A run recorded in the store, with its event writer.
+pub(crate) struct Recorded {
+    pub run_id: i64,
+    pub attempt: u32,
+    pub run_dir: std::path::PathBuf,
+    pub writer: Arc<HistoryWriter>,
+    /// What steps may read of the history (the writer's events so far included).
+    pub reader: Arc<dyn engine::step::HistoryView>,
+    /// The run's own lease, renewed until the run is over (none under a worker's lease).
+    pub lease: Option<LeaseKeeper>,
+}
+
+impl StoreHandle {
+    pub fn new(
+        config: StoreConfig,
+        store: Option<Arc<dyn RunStore>>,
+        lease_owner: Option<String>,
+    ) -> Self {
+        StoreHandle {
+            config,
+            store: Mutex::new(store),
+            lease_owner,
+        }
+    }
+
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.config.state_dir
+    }
+
+    fn get(&self) -> Result<Arc<dyn RunStore>, PrepareError> {
+        let mut slot = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slot.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = store::open(&self.config).map_err(|e| {
+            PrepareError::History(format!(
+                "cannot open run history in {}: {e:#}",
+                self.config.state_dir.display()
+            ))
+        })?;
+        *slot = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Mark runs of lost owners abandoned, then record a `running` run (or the next attempt
+    /// of `resume`) owned by a lease, keep the pipeline text, and start the event writer.
+    pub fn record_run(&self, new: NewRecord) -> Result<Recorded, PrepareError> {
+        let store = self.get()?;
+        let lease = match &self.lease_owner {
+            Some(_) => None,
+            None => Some(
+                LeaseKeeper::start(
+                    store.clone(),
+                    LeaseOwner::this_process("run"),
+                    store::lease_period(),
+                )
+                .map_err(|e| {
+                    PrepareError::History(format!("cannot record the run's owner: {e:#}"))
+                })?,
+            ),
+        };
+        let owner = self
+            .lease_owner
+            .clone()
+            .or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
+        let _ = store.mark_abandoned();
+        let (run_id, attempt) = match new.resume {
+            Some(id) => {
+                let attempt = store
+                    .start_attempt(id, owner.as_deref(), chrono::Utc::now())
+                    .map_err(|e| PrepareError::History(format!("cannot repair run {id}: {e:#}")))?;
+                (id, attempt)
+            }
+            None => {
+                let id = store
+                    .upsert_integration(&new.plan.name, new.plan.description.as_deref())
+                    .and_then(|_| {
+                        store.create_run(&NewRun {
+                            params: new.params,
+                            logical_date: Some(new.logical_date),
+                            lease_owner: owner,
+                            queue_item: new.queue_item,
+                            ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
+                        })
+                    })
+                    .map_err(|e| PrepareError::History(format!("cannot record the run: {e:#}")))?;
+                (id, 1)
+            }
+        };
+        let run_dir = store.run_dir(run_id);
+        if new.resume.is_none() {
+            if let Some(text) = new.source {
+                keep_pipeline_text(&run_dir, text);
+            }
+        }
+        let writer = HistoryWriter::start(store.clone(), run_id)
+            .map(Arc::new)
+            .map_err(|e| PrepareError::History(format!("cannot write run history: {e:#}")))?;
+        let reader = Arc::new(HistoryReader {
+            store,
+            writer: Some(writer.clone()),
+        });
+        Ok(Recorded {
+            run_id,
+            attempt,
+            run_dir,
+            writer,
+            reader,
+            lease,
+        })
+    }
+}
+
+/// Drain the writer once the run is over; the error, if the history may be incomplete. When
+/// a step abandoned after its cancellation still holds the writer, what was sent so far is
+/// committed and the writer closes when the last holder lets go. The run's own lease is
+/// released only then. Blocking (joins the writer's thread).
+pub(crate) fn finish(writer: Arc<HistoryWriter>, lease: Option<LeaseKeeper>) -> Option<String> {
+    let error = match Arc::try_unwrap(writer) {
+        Ok(w) => w.finish().err().map(|e| format!("{e:#}")),
+        Err(shared) => {
+            shared.flush();
+            None
+        }
+    };
+    drop(lease);
+    error
+}
