@@ -588,6 +588,7 @@ struct Round {
     minutes: Vec<Minute>,
     quiet: Option<(f64, f64)>, // (cpu seconds, wall seconds)
     stopped_at: DateTime<Utc>,
+    loaded_rss_kib: u64,
     hwm_kib: u64,
     rss_max_kib: u64,
     exit: i32,
@@ -656,6 +657,7 @@ fn round(s: &Settings, backend: &str) -> Round {
         std::thread::sleep(Duration::from_millis(250));
     }
     let first_plan_s = started.elapsed().as_secs_f64();
+    let loaded_rss_kib = status_kib(pid, "VmRSS:").unwrap_or(0);
     let planned = Utc::now();
     eprintln!("[{backend}] all integrations planned after {first_plan_s:.1} s");
     let first = planned.duration_trunc(TimeDelta::minutes(1)).unwrap() + TimeDelta::minutes(1);
@@ -725,6 +727,7 @@ fn round(s: &Settings, backend: &str) -> Round {
         minutes,
         quiet,
         stopped_at,
+        loaded_rss_kib,
         hwm_kib,
         rss_max_kib,
         exit,
@@ -953,7 +956,8 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
         rows,
         format!("[{b}] server peak RSS (VmHWM)"),
         format!(
-            "{hwm:.0} MB (VmHWM {:.0} MB before SIGTERM, sampled VmRSS max {:.0} MB)",
+            "{hwm:.0} MB (VmRSS {:.0} MB once loaded and planned, before the first tick; VmHWM {:.0} MB before SIGTERM, sampled VmRSS max {:.0} MB)",
+            r.loaded_rss_kib as f64 / 1024.0,
             r.hwm_kib as f64 / 1024.0,
             r.rss_max_kib as f64 / 1024.0
         ),
