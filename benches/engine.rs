@@ -433,6 +433,7 @@ fn run_dag(
         observer,
         cancel: CancellationToken::new(),
         hard_cancel: CancellationToken::new(),
+        reuse: Default::default(),
         history: None,
         started_at: Utc::now(),
         resources: Arc::default(),

@@ -676,6 +676,9 @@ fn pause_after_failures_disables_the_integration() {
     let mut server = Server::start(&env, "serve", &["pipelines"]);
     let shown = wait_for("the integration paused", &server, || {
         let out = env.run(&["integrations", "show", "flaky", "--format", "json"]);
+        if out.code() != 0 {
+            return None;
+        }
         let v = out.json();
         (v["enabled"] == false).then_some(v)
     });

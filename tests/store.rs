@@ -1,5 +1,5 @@
 //! The run store through the binary: `--db postgres://…` / `PIPE_DB` (a fresh database of
-//! the machine's PostgreSQL per test, at `PIPE_TEST_PG`, default
+//! the machine's PostgreSQL per test, at `PIPE_TEST_POSTGRES_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/test`), and a repaired run in `runs show`.
 
 use crate::util::Env;
@@ -13,7 +13,7 @@ struct PgDb {
 }
 
 fn admin_url() -> String {
-    std::env::var("PIPE_TEST_PG")
+    std::env::var("PIPE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
 }
 
@@ -33,7 +33,7 @@ impl PgDb {
         let mut admin =
             postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
                 panic!(
-                    "PostgreSQL is needed for this test (PIPE_TEST_PG={}): {e}",
+                    "PostgreSQL is needed for this test (PIPE_TEST_POSTGRES_URL={}): {e}",
                     admin_url()
                 )
             });
@@ -308,4 +308,59 @@ fn runs_show_displays_each_attempt_of_a_repaired_run() {
     let v = out.json();
     assert_eq!(v["attempt"], 2);
     assert_eq!(v["steps"][2]["run_attempt"], 2);
+}
+
+#[test]
+fn two_pipe_runs_writing_to_postgres_at_once_lose_nothing() {
+    let db = PgDb::new();
+    let env = Env::new();
+    let mut children = Vec::new();
+    for name in ["left", "right"] {
+        let p = env.write(
+            &format!("{name}.yaml"),
+            &format!(
+                "pipeline: {name}\nsteps:\n  lines:\n    type: exec\n    with: {{ command: sh, args: ['-c', 'i=1; while [ $i -le 3000 ]; do echo {name}-$i; i=$((i+1)); done'] }}\n"
+            ),
+        );
+        children.push(env.spawn(&[
+            "run",
+            p.to_str().unwrap(),
+            "--quiet",
+            "--format",
+            "json",
+            "--db",
+            &db.url,
+        ]));
+    }
+    let outs: Vec<crate::util::Out> = children
+        .into_iter()
+        .map(|c| crate::util::wait_with_deadline(c, Duration::from_secs(180)))
+        .collect();
+    for (out, name) in outs.iter().zip(["left", "right"]) {
+        out.expect_code(0);
+        let id = out.json()["run_id"].as_i64().unwrap();
+        let logs = env.run(&[
+            "runs",
+            "logs",
+            &id.to_string(),
+            "--format",
+            "json",
+            "--db",
+            &db.url,
+        ]);
+        logs.expect_code(0);
+        let messages: Vec<String> = logs
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["step"] == "lines")
+            .map(|r| r["message"].as_str().unwrap().to_string())
+            .collect();
+        let expected: Vec<String> = (1..=3000).map(|i| format!("{name}-{i}")).collect();
+        assert_eq!(messages, expected, "run {id} ({name})");
+    }
+    let runs = runs_json(&env, &db.url);
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|r| r["status"] == "succeeded"), "{runs:?}");
 }

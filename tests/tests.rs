@@ -14,6 +14,7 @@ mod fresh_machine;
 mod history;
 mod qockpit;
 mod redaction;
+mod repair;
 mod sandbox;
 mod schedule;
 mod schema;

@@ -52,6 +52,26 @@ pub struct RunRequest {
     pub started_at: DateTime<Utc>,
     /// What the worker shares between its runs (token caches).
     pub resources: Arc<crate::step::Resources>,
+    /// `pipe runs repair`: steps settled by an earlier attempt of this run, by id. They do
+    /// not run again: their recorded outputs are what `steps.<id>` shows and their table
+    /// (when one was kept) is what later steps read. Empty for a first attempt.
+    pub reuse: HashMap<String, ReusedStep>,
+}
+
+/// A step of an earlier attempt that a repair keeps (see [`crate::repair`]).
+#[derive(Clone)]
+pub struct ReusedStep {
+    /// Its record from the attempt that ran it.
+    pub record: StepRecord,
+    /// Its table, read back from the run folder (`keep_tables:`).
+    pub table: Option<Table>,
+    /// The attempt it comes from.
+    pub attempt: u32,
+}
+
+/// Where `keep_tables:` writes step `id`'s table in a run folder.
+pub fn kept_table_path(run_dir: &std::path::Path, id: &str) -> PathBuf {
+    run_dir.join("tables").join(format!("{id}.parquet"))
 }
 
 pub struct RunResult {
@@ -165,6 +185,11 @@ pub async fn execute(req: RunRequest) -> RunResult {
 
     while board.done < n {
         while let Some(i) = board.ready.pop_front() {
+            if let Some(reused) = shared.req.reuse.get(&plan.steps[i].id) {
+                let record = reuse(&shared, i, reused);
+                board.settle(i, record);
+                continue;
+            }
             match board.decide(&plan, i, shared.req.cancel.is_cancelled()) {
                 Some((status, why)) => {
                     let record = not_run(&shared, i, status, &why);
@@ -320,6 +345,11 @@ impl Board {
             .req
             .observer
             .event(&RunEvent::StepFinished(record.clone()));
+        self.settle(i, record);
+    }
+
+    /// Record step `i` as done (its event, if any, already sent) and release its dependents.
+    fn settle(&mut self, i: usize, record: StepRecord) {
         self.records[i] = Some(record);
         self.done += 1;
         for &k in &self.dependents[i] {
@@ -345,6 +375,40 @@ fn builtins(record: &StepRecord) -> serde_json::Map<String, serde_json::Value> {
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// A step an earlier attempt settled: its recorded values and table become this attempt's,
+/// and one log row says so. Its own history rows stay those of the attempt that ran it.
+fn reuse(shared: &Shared, i: usize, reused: &ReusedStep) -> StepRecord {
+    let id = &shared.req.plan.steps[i].id;
+    if let Some(table) = &reused.table {
+        shared
+            .tables
+            .lock()
+            .unwrap()
+            .insert(id.clone(), table.clone());
+    }
+    let mut visible = match &reused.record.outputs {
+        serde_json::Value::Object(m) => m.clone(),
+        _ => Default::default(),
+    };
+    visible.extend(builtins(&reused.record));
+    shared.publish(id, serde_json::Value::Object(visible));
+    let table = if reused.table.is_some() {
+        " and its kept table"
+    } else {
+        ""
+    };
+    shared.log(
+        Some(id),
+        Level::Info,
+        format!(
+            "{} in attempt {}: not run again (its outputs{table} are reused)",
+            reused.record.status.label(),
+            reused.attempt
+        ),
+    );
+    reused.record.clone()
 }
 
 /// A step that never started (skipped, or cancelled before it began).
@@ -520,6 +584,9 @@ async fn run_attempts(
                 }
             }
             if let Some(table) = out.table {
+                if shared.req.plan.keep_tables && record.error.is_none() {
+                    keep_table(shared, id, &table).await;
+                }
                 shared.tables.lock().unwrap().insert(id.to_string(), table);
             }
             record.outputs = redactor.redact_json(&serde_json::Value::Object(values.clone()));
@@ -545,6 +612,28 @@ async fn run_attempts(
     }
     shared.publish(id, serde_json::Value::Object(builtins(&record)));
     record
+}
+
+/// `keep_tables:`: write a succeeded step's table into the run folder for a later repair.
+/// A table that cannot be written is a warning: the run goes on, and a repair runs that
+/// step again instead of reusing it.
+async fn keep_table(shared: &Shared, id: &str, table: &Table) {
+    let Some(ops) = shared.req.plan.table_ops.clone() else {
+        return;
+    };
+    let path = kept_table_path(&shared.req.run_dir, id);
+    let t = table.clone();
+    let written = tokio::task::spawn_blocking(move || ops.save(&t, &path))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    if let Err(e) = written {
+        shared.log(
+            Some(id),
+            Level::Warning,
+            format!("keep_tables: cannot keep this step's table: {e}"),
+        );
+    }
 }
 
 /// The step's `outputs:` templates, evaluated over its result object.

@@ -18,6 +18,7 @@ pub mod host;
 pub mod model;
 pub mod params;
 pub mod plan;
+pub mod repair;
 pub mod schedule_check;
 pub mod schema;
 pub mod secrets;

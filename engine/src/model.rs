@@ -39,6 +39,10 @@ pub struct PipelineDoc {
     /// How many steps may run at once (default: the number of CPUs).
     #[serde(default)]
     pub concurrency: Option<u32>,
+    /// Write each step's table as Parquet in the run's folder (`tables/<step>.parquet`), so
+    /// `pipe runs repair` can reuse a succeeded step's table instead of running it again.
+    #[serde(default)]
+    pub keep_tables: bool,
     /// The steps, by id. Order does not matter: dependencies come from `needs`, `input(s)`
     /// and template references to `steps.<id>`.
     #[schemars(with = "IndexMap<String, StepSpec>")]

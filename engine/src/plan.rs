@@ -38,6 +38,8 @@ pub struct Plan {
     /// The validated `integration:` block (its defaults when the file has none).
     pub integration: Integration,
     pub concurrency: Option<u32>,
+    /// `keep_tables:`: each step's table is written as Parquet in the run folder.
+    pub keep_tables: bool,
     /// What `--sandbox` uses for secrets and env (unrendered templates over `sandbox`).
     pub sandbox: SandboxBlock,
     /// In a topological order (file order among independent steps).

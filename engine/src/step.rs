@@ -367,6 +367,10 @@ pub trait TableOps: Send + Sync {
     /// when the table has no `item` column.
     fn rows_of_item(&self, table: &Table, key: &serde_json::Value)
         -> Result<Option<Table>, String>;
+    /// Write `table` to `path` (Parquet), for `keep_tables:`.
+    fn save(&self, table: &Table, path: &std::path::Path) -> Result<(), String>;
+    /// Read a table [`TableOps::save`] wrote.
+    fn load(&self, path: &std::path::Path) -> Result<Table, String>;
 }
 
 /// What steps may ask the run history.

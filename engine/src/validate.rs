@@ -749,6 +749,7 @@ pub fn validate_text(text: &str, path: &Path, display: &str, registry: &Registry
         schedule,
         integration,
         concurrency: doc.concurrency,
+        keep_tables: doc.keep_tables,
         sandbox: doc.sandbox.unwrap_or_default(),
         steps,
         graph,

@@ -18,6 +18,7 @@
 
 pub mod params;
 pub mod redaction;
+pub mod repair;
 mod sandbox;
 mod store;
 
@@ -27,12 +28,13 @@ pub use store::{StoreConfig, Trigger, PIPELINE_SNAPSHOT};
 use chrono::{DateTime, Utc};
 use engine::diag::Diagnostic;
 use engine::events::{Observer, RunEvent, StepRecord};
-use engine::executor::{self, RunRequest};
+use engine::executor::{self, ReusedStep, RunRequest};
 use engine::plan::Plan;
 use engine::secrets::{Redactor, Secrets};
 use engine::status::Status;
 use engine::step::{Registry, Resources};
 use engine::template::{Overrides, Runtime, Templates};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,6 +128,9 @@ pub struct RunSpec {
     /// Continue this finished run as its next attempt (a repair: `pipe runs repair ID`)
     /// instead of recording a new run; [`PreparedRun::attempt`] says which attempt.
     pub resume: Option<i64>,
+    /// With `resume`: the steps an earlier attempt settled that this one keeps (see
+    /// [`repair::plan_repair`]); they do not run again.
+    pub reuse: HashMap<String, ReusedStep>,
 }
 
 impl RunSpec {
@@ -142,6 +147,7 @@ impl RunSpec {
             secrets: None,
             queue_item: None,
             resume: None,
+            reuse: HashMap::new(),
         }
     }
 }
@@ -346,6 +352,7 @@ impl Runner {
             diagnostics: Vec::new(),
             queue_item: spec.queue_item,
             source: source.filter(|_| spec.resume.is_none()),
+            reuse: spec.reuse.clone(),
         })
     }
 }
@@ -368,6 +375,7 @@ pub struct PreparedRun {
     queue_item: Option<i64>,
     /// The pipeline text, to keep (redacted) in the run folder once the run is over.
     source: Option<Arc<str>>,
+    reuse: HashMap<String, ReusedStep>,
 }
 
 /// One step of [`PreparedRun::preview`]: id, type, the rendered (redacted) config or why it
@@ -456,6 +464,7 @@ impl PreparedRun {
             fakes,
             resources,
             source,
+            reuse,
             ..
         } = self;
         let Some(store::Recorded {
@@ -497,6 +506,7 @@ impl PreparedRun {
             history: Some(reader),
             started_at,
             resources,
+            reuse,
         })
         .await;
         if let Some(text) = &source {

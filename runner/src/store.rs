@@ -17,6 +17,8 @@ pub use store::{StoreConfig, Trigger};
 
 /// The file a run keeps the exact pipeline text it ran in, in its run folder.
 pub const PIPELINE_SNAPSHOT: &str = "pipeline.yaml";
+/// Beside it: the pipeline file's absolute path when the run started (one line).
+pub const PIPELINE_PATH: &str = "pipeline.path";
 
 /// The store of a runner: opened on first use (a dry run never opens it), or given.
 pub(crate) struct StoreHandle {
@@ -140,6 +142,9 @@ impl StoreHandle {
         if new.resume.is_none() {
             if let Some(text) = new.source {
                 keep_pipeline_text(&run_dir, text);
+                // Where the file was, so a repair resolves its relative paths as the run did.
+                let file = std::path::absolute(&new.plan.file).unwrap_or(new.plan.file.clone());
+                let _ = std::fs::write(run_dir.join(PIPELINE_PATH), file.display().to_string());
             }
         }
         let writer = HistoryWriter::start(store.clone(), run_id)

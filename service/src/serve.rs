@@ -238,6 +238,7 @@ fn integration_file(i: &Integration) -> IntegrationFile {
     f.description = plan.description.clone();
     f.queue = meta.queue.clone();
     f.priority = i64::from(meta.priority);
+    f.retry_on_lost = meta.retry_on_lost;
     f.max_concurrent_runs = Some(
         plan.schedule
             .as_ref()
@@ -401,25 +402,31 @@ async fn schedule_loop(shared: Arc<Shared>) {
     }
 }
 
-/// One round: plan every due integration; the earliest next due instant.
+/// How many integrations' ticks are written in one store transaction.
+const RECORD_CHUNK: usize = 500;
+
+/// The cache key of an integration's schedule: what makes a cached due instant stale.
+fn schedule_key(spec: &scheduler::ScheduleSpec) -> String {
+    format!("{}:{}", spec.fingerprint(), spec.enabled)
+}
+
+/// One round: plan every due integration together (three reads for all of them, then one
+/// write transaction per [`RECORD_CHUNK`] integrations, so 10,000 per-minute schedules are
+/// a few transactions a minute, not tens of thousands); the earliest next due instant.
 async fn plan_round(
     shared: &Arc<Shared>,
     next_due: &mut HashMap<String, (String, DateTime<Utc>)>,
 ) -> anyhow::Result<Option<DateTime<Utc>>> {
     let snapshot = shared.snapshot();
-    let rows: HashMap<String, store::Integration> =
-        blocking(&shared.store, |s| s.list_integrations())
-            .await?
-            .into_iter()
-            .map(|i| (i.name.clone(), i))
-            .collect();
     let now = Utc::now();
     let mut earliest: Option<DateTime<Utc>> = None;
+    let note = |t: DateTime<Utc>, earliest: &mut Option<DateTime<Utc>>| {
+        *earliest = Some(earliest.map_or(t, |e| e.min(t)));
+    };
     next_due.retain(|name, _| snapshot.contains_key(name));
+    // Which integrations are due, from the cache alone.
+    let mut due: Vec<(&Integration, scheduler::ScheduleSpec)> = Vec::new();
     for (name, integration) in snapshot.iter() {
-        if shared.stopping.is_cancelled() {
-            break;
-        }
         let Some(config) = integration.plan.schedule.as_ref() else {
             continue;
         };
@@ -427,151 +434,155 @@ async fn plan_round(
             Ok(s) => s,
             Err(e) => {
                 // Validation accepted it: this is a bug, not a user error; say so once.
-                if next_due.get(name).is_none() {
+                if !next_due.contains_key(name) {
                     log(format!("integration {name}: cannot schedule: {e}"));
                     next_due.insert(name.clone(), (String::new(), DateTime::<Utc>::MAX_UTC));
                 }
                 continue;
             }
         };
-        let fingerprint = spec.fingerprint();
-        let row = rows.get(name);
-        let enabled = row.is_none_or(|r| r.enabled && !r.removed) && spec.enabled;
-        if !enabled {
-            // Its cursor is restarted from the resume instant when enabled again.
-            next_due.remove(name);
-            continue;
-        }
-        if let Some((fp, due)) = next_due.get(name) {
-            if *fp == fingerprint && *due > now {
-                earliest = Some(earliest.map_or(*due, |e| e.min(*due)));
+        let key = schedule_key(&spec);
+        if let Some((k, at)) = next_due.get(name) {
+            if *k == key && *at > now {
+                note(*at, &mut earliest);
                 continue;
             }
         }
-        let next = plan_integration(shared, integration, &spec, row, now).await?;
-        if let Some(next) = next {
-            earliest = Some(earliest.map_or(next, |e| e.min(next)));
+        due.push((integration, spec));
+    }
+    if due.is_empty() {
+        return Ok(earliest);
+    }
+    let (rows, cursors, counts) = blocking(&shared.store, |s| {
+        Ok((
+            s.list_integrations()?,
+            s.schedule_cursors()?,
+            s.integration_counts()?,
+        ))
+    })
+    .await?;
+    let rows: HashMap<String, store::Integration> =
+        rows.into_iter().map(|i| (i.name.clone(), i)).collect();
+    let mut batches = Vec::new();
+    let mut cancels: Vec<(String, usize)> = Vec::new();
+    for (integration, spec) in due {
+        let name = &integration.name;
+        let key = schedule_key(&spec);
+        let row = rows.get(name);
+        if row.is_some_and(|r| !r.enabled || r.removed) {
+            // Looked at again at its next fire time; when it is enabled again its schedule
+            // restarts from the instant it was enabled.
+            let at = scheduler::next_after(&spec, now).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            note(at, &mut earliest);
+            next_due.insert(name.clone(), (key, at));
+            continue;
         }
-        next_due.insert(
-            name.clone(),
-            (fingerprint, next.unwrap_or(DateTime::<Utc>::MAX_UTC)),
-        );
-    }
-    Ok(earliest)
-}
-
-/// Plan one integration's due ticks and record them; its next fire time.
-async fn plan_integration(
-    shared: &Arc<Shared>,
-    integration: &Integration,
-    spec: &scheduler::ScheduleSpec,
-    row: Option<&store::Integration>,
-    now: DateTime<Utc>,
-) -> anyhow::Result<Option<DateTime<Utc>>> {
-    let name = integration.name.clone();
-    let cursor = {
-        let n = name.clone();
-        blocking(&shared.store, move |s| s.schedule_cursor(&n)).await?
-    };
-    // Re-enabled after the cursor: the schedule resumes from now (no flood of the pause).
-    let resumed = row.and_then(|r| r.resumed_at);
-    let cursor = cursor
-        .filter(|c| resumed.is_none_or(|r| r <= c.last_planned))
-        .map(|c| scheduler::Cursor {
-            through: c.last_planned,
-            fingerprint: c.fingerprint,
-        });
-    let plan = scheduler::plan_ticks(spec, cursor.as_ref(), now);
-    if plan.reset && cursor.is_some() {
-        log(format!(
-            "integration {name}: the schedule changed; it restarts from now ({})",
-            spec.describe()
-        ));
-    }
-    if let Some(since) = plan.dropped_since {
-        log(format!(
-            "integration {name}: ticks since {} were not run (catch_up: {}, max_catch_up {})",
-            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            spec.catch_up.as_str(),
-            spec.max_catch_up
-        ));
-    }
-    let mut ticks = Vec::new();
-    if !plan.due.is_empty() {
-        let (running, queued) = {
-            let n = name.clone();
-            blocking(&shared.store, move |s| {
-                Ok((s.count_active(&n)?, s.count_queued(&n)?))
-            })
-            .await?
+        let fingerprint = spec.fingerprint();
+        let stored = cursors.get(name);
+        // Re-enabled after the cursor: the schedule resumes from the enable instant, so
+        // the pause is never caught up.
+        let cursor = match (stored, row.and_then(|r| r.resumed_at)) {
+            (Some(c), Some(r)) if r > c.last_planned => Some(scheduler::Cursor {
+                through: r.min(now),
+                fingerprint: fingerprint.clone(),
+            }),
+            (None, Some(r)) => Some(scheduler::Cursor {
+                through: r.min(now),
+                fingerprint: fingerprint.clone(),
+            }),
+            (Some(c), _) => Some(scheduler::Cursor {
+                through: c.last_planned,
+                fingerprint: c.fingerprint.clone(),
+            }),
+            (None, None) => None,
         };
-        let (mut running, mut queued) = (running as usize, queued as usize);
-        let last = plan.due.len() - 1;
+        let plan = scheduler::plan_ticks(&spec, cursor.as_ref(), now);
+        if plan.reset && cursor.is_some() && spec.enabled {
+            log(format!(
+                "integration {name}: the schedule changed; it restarts from now ({})",
+                spec.describe()
+            ));
+        }
+        if let Some(since) = plan.dropped_since {
+            log(format!(
+                "integration {name}: ticks since {} were not run (catch_up: {}, max_catch_up {})",
+                since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                spec.catch_up.as_str(),
+                spec.max_catch_up
+            ));
+        }
+        let c = counts.get(name).copied().unwrap_or_default();
+        let (running, mut queued) = (c.active as usize, c.queued as usize);
         let meta = &integration.plan.integration;
+        let last = plan.due.len().saturating_sub(1);
+        let mut batch = store::TickBatch::new(name, &fingerprint, plan.cursor.through);
+        let next = scheduler::next_after(&spec, plan.cursor.through);
+        batch.next_run = Some(if spec.enabled { next } else { None });
         for (k, at) in plan.due.iter().enumerate() {
             let policy = if k < last {
-                scheduler::OverlapPolicy::for_catch_up(spec)
+                scheduler::OverlapPolicy::for_catch_up(&spec)
             } else {
-                scheduler::OverlapPolicy::of(spec)
+                scheduler::OverlapPolicy::of(&spec)
             };
-            let decision = scheduler::decide_overlap(&policy, running, queued);
             let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-            let tick = match decision {
-                scheduler::OverlapDecision::Skip => PlannedTick {
-                    scheduled_at: *at,
-                    enqueue: None,
-                    note: Some(format!(
+            match scheduler::decide_overlap(&policy, running, queued) {
+                scheduler::OverlapDecision::Skip => {
+                    let why = format!(
                         "skipped: {running} running, {queued} queued (max_concurrent_runs {}, on_overlap {})",
                         spec.max_concurrent_runs,
                         spec.on_overlap.as_str()
-                    )),
-                },
+                    );
+                    log(format!("integration {name}: tick {stamp} {why}"));
+                    batch.ticks.push(PlannedTick {
+                        scheduled_at: *at,
+                        enqueue: None,
+                        note: Some(why),
+                    });
+                }
                 d => {
                     if let scheduler::OverlapDecision::CancelRunning { cancel } = d {
-                        cancel_oldest(shared, &name, cancel).await;
+                        cancels.push((name.clone(), cancel));
                     }
-                    let mut e = Enqueue::new(&name, Trigger::Schedule);
+                    let mut e = Enqueue::new(name, Trigger::Schedule);
                     e.queue = meta.queue.clone();
                     e.priority = i64::from(meta.priority);
                     e.logical_date = Some(*at);
                     e.dedup_key = Some(format!("{name}@{stamp}"));
                     queued += 1;
-                    PlannedTick {
+                    batch.ticks.push(PlannedTick {
                         scheduled_at: *at,
                         enqueue: Some(e),
                         note: None,
-                    }
+                    });
                 }
-            };
-            if tick.enqueue.is_none() {
-                log(format!(
-                    "integration {name}: tick {stamp} {}",
-                    tick.note.as_deref().unwrap_or("skipped")
-                ));
             }
-            let _ = &mut running;
-            ticks.push(tick);
         }
+        // An integration switched off in its file moves its cursor at the schedule's pace
+        // (so switching it on later floods nothing) and is looked at again then.
+        let at = next.unwrap_or(DateTime::<Utc>::MAX_UTC);
+        note(at, &mut earliest);
+        next_due.insert(name.clone(), (key, at));
+        batches.push(batch);
     }
-    let fingerprint = plan.cursor.fingerprint.clone();
-    let through = plan.cursor.through;
-    let next = scheduler::next_after(spec, through);
-    let outcomes = {
-        let n = name.clone();
-        blocking(&shared.store, move |s| {
-            let o = s.record_ticks(&n, &fingerprint, &ticks, through, Utc::now())?;
-            s.set_next_run(&n, next)?;
-            Ok(o)
+    for (name, count) in cancels {
+        cancel_oldest(shared, &name, count).await;
+    }
+    let mut enqueued = false;
+    for chunk in batches.chunks(RECORD_CHUNK) {
+        let chunk = chunk.to_vec();
+        let outcomes = blocking(&shared.store, move |s| {
+            s.record_ticks_many(&chunk, Utc::now())
         })
-        .await?
-    };
-    if outcomes
-        .iter()
-        .any(|o| o.inserted && o.queue_item.is_some())
-    {
+        .await?;
+        enqueued |= outcomes
+            .iter()
+            .flatten()
+            .any(|o| o.inserted && o.queue_item.is_some());
+    }
+    if enqueued {
         shared.work.notify_waiters();
     }
-    Ok(next)
+    Ok(earliest)
 }
 
 /// `on_overlap: cancel_running`: ask the oldest running runs to cancel.
@@ -631,8 +642,10 @@ async fn expire_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Runs of dead owners: the store marks them abandoned and, in the same transaction,
+/// queues those of `retry_on_lost: true` integrations again (so does every `pipe` command
+/// that looks at the history: whoever notices first, the outcome is the same).
 async fn expire_lost(shared: &Arc<Shared>) {
-    let snapshot = shared.snapshot();
     let lost = match blocking(&shared.store, |s| s.expire_lost(Utc::now())).await {
         Ok(l) => l,
         Err(e) => {
@@ -641,30 +654,15 @@ async fn expire_lost(shared: &Arc<Shared>) {
         }
     };
     for run in lost {
-        let retry = snapshot
-            .get(&run.pipeline)
-            .is_some_and(|i| i.plan.integration.retry_on_lost);
-        match (&run.queue_item, retry) {
-            (Some(item), true) => {
-                let mut e = Enqueue::new(&item.integration, item.trigger);
-                e.queue = item.queue.clone();
-                e.priority = item.priority;
-                e.logical_date = item.logical_date;
-                e.params = item.params.clone();
-                e.backfill_id = item.backfill_id;
-                e.dedup_key = item.dedup_key.clone();
-                match blocking(&shared.store, move |s| s.enqueue(&e, Utc::now())).await {
-                    Ok(q) => log(format!(
-                        "run {} of {}: its owner is gone; queued again as item {} (retry_on_lost)",
-                        run.run_id, run.pipeline, q.id
-                    )),
-                    Err(err) => log(format!(
-                        "run {} of {}: cannot queue it again: {err:#}",
-                        run.run_id, run.pipeline
-                    )),
-                }
+        match run.requeued {
+            Some(item) => {
+                log(format!(
+                    "run {} of {}: its owner is gone; queued again as item {item} (retry_on_lost)",
+                    run.run_id, run.pipeline
+                ));
+                shared.work.notify_waiters();
             }
-            _ => log(format!(
+            None => log(format!(
                 "run {} of {}: its owner is gone; marked abandoned",
                 run.run_id, run.pipeline
             )),
@@ -745,7 +743,8 @@ async fn run_item(shared: &Arc<Shared>, n: usize, item: QueueItem) {
                 "worker {n}: cannot start a run of {} (item {}): {e:#}",
                 item.integration, item.id
             ));
-            ack(shared, item.id, AckOutcome::Done).await;
+            // No run was recorded: the item is given up, not done.
+            ack(shared, item.id, AckOutcome::Cancelled).await;
             return;
         }
     };

@@ -2,6 +2,7 @@
 
 pub mod graph;
 pub mod integrations;
+pub mod repair;
 pub mod run;
 pub mod runs;
 pub mod sandbox;

@@ -101,7 +101,31 @@ pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     spec.concurrency = args.concurrency;
     spec.sandbox = args.sandbox;
     spec.dry_run = args.dry_run;
+    let terminal = Terminal {
+        format: args.format,
+        quiet: args.quiet,
+        verbose: args.verbose,
+    };
+    execute(&worker, spec, terminal, state_dir)
+}
 
+/// How a run shows itself on the terminal.
+#[derive(Clone, Copy)]
+pub struct Terminal {
+    pub format: Format,
+    pub quiet: bool,
+    pub verbose: bool,
+}
+
+/// Prepare and run `spec` with progress, signals and the summary; the exit code. Shared by
+/// `pipe run` and `pipe runs repair`.
+pub fn execute(worker: &Runner, spec: RunSpec, terminal: Terminal, state_dir: &Path) -> i32 {
+    let Terminal {
+        format,
+        quiet,
+        verbose,
+    } = terminal;
+    let dry = spec.dry_run;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -112,14 +136,20 @@ pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
         Err(e) => return usage(e),
     };
     let plan = prepared.plan().clone();
-    if args.dry_run {
-        return dry_run(&plan, prepared.preview(), args.format);
+    if dry {
+        return dry_run(&plan, prepared.preview(), format);
     }
     let run_id = prepared.id().unwrap_or_default();
-    let progress = Arc::new(Progress::new(args.quiet, args.verbose));
-    if !args.quiet {
+    let progress = Arc::new(Progress::new(quiet, verbose));
+    let attempt = prepared.attempt();
+    if !quiet {
+        let again = if attempt > 1 {
+            format!(", attempt {attempt}")
+        } else {
+            String::new()
+        };
         eprintln!(
-            "run {run_id}: {} ({} steps, concurrency {})",
+            "run {run_id}: {} ({} steps, concurrency {}{again})",
             plan.name,
             plan.steps.len(),
             prepared.concurrency()
@@ -144,8 +174,9 @@ pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
         steps: &outcome.steps,
         elapsed: outcome.elapsed,
         sandbox: outcome.sandbox.clone(),
+        attempt,
     };
-    print_summary(&summary, args.format, state_dir);
+    print_summary(&summary, format, state_dir);
     // The history is closed and the summary printed: blocking work a cancelled step left
     // behind (a big file still being parsed) gets a moment to see its cancellation, and
     // is then dropped with the process instead of holding it for minutes.
@@ -262,6 +293,8 @@ struct Summary<'a> {
     elapsed: std::time::Duration,
     /// Under --sandbox: what the fakes received.
     sandbox: Option<serde_json::Value>,
+    /// 1, or the repair's attempt.
+    attempt: u32,
 }
 
 fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
@@ -287,7 +320,7 @@ fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
                 })
                 .collect();
             let mut v = serde_json::json!({
-                "run_id": run_id, "pipeline": plan.name, "status": status, "error": error,
+                "run_id": run_id, "attempt": summary.attempt, "pipeline": plan.name, "status": status, "error": error,
                 "duration_ms": elapsed.as_millis() as u64, "steps": steps,
             });
             if let Some(stats) = &summary.sandbox {
@@ -312,8 +345,13 @@ fn print_summary(summary: &Summary, format: Format, state_dir: &Path) {
                     ]
                 })
                 .collect();
+            let attempt = if summary.attempt > 1 {
+                format!(" (attempt {})", summary.attempt)
+            } else {
+                String::new()
+            };
             println!(
-                "\nrun {run_id} {}: {} in {}",
+                "\nrun {run_id}{attempt} {}: {} in {}",
                 plan.name,
                 status.label(),
                 engine::duration::human(elapsed)

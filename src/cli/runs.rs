@@ -66,6 +66,9 @@ pub enum RunsCommand {
         #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
         params: Vec<(String, String)>,
     },
+    /// Repair a finished run: its failed, cancelled and skipped steps (and what depends on
+    /// them) run again as the run's next attempt; succeeded steps are reused.
+    Repair(super::repair::RepairArgs),
     /// Add a log row to a run.
     Log {
         /// The run id.
@@ -152,6 +155,15 @@ fn run(cmd: RunsCommand, cfg: &StoreConfig, out: &mut impl Write) -> Result<i32>
     let store: Arc<dyn RunStore> = store::open(cfg)?;
     store.mark_abandoned()?;
     match cmd {
+        RunsCommand::Repair(args) => {
+            // Its own store and run, as `pipe run`.
+            drop(store);
+            return Ok(super::repair::main(
+                args,
+                &cfg.state_dir,
+                cfg.url.as_deref(),
+            ));
+        }
         RunsCommand::List {
             pipeline,
             limit,

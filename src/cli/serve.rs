@@ -52,7 +52,10 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
         drain_timeout: args.drain_timeout,
         registry: super::registry(),
         store: store.clone(),
-        launcher: Arc::new(launcher::RunnerLauncher::new(super::registry())),
+        launcher: Arc::new(launcher::RunnerLauncher::new(
+            super::registry(),
+            &cfg.state_dir,
+        )),
         hurry: hurry.clone(),
     };
     let result = runtime.block_on(async {
@@ -97,152 +100,107 @@ async fn watch_signals(shutdown: CancellationToken, hurry: CancellationToken) {
     }
 }
 
-/// The service's [`service::Launcher`]: how a claimed queue item becomes a run.
+/// The service's [`service::Launcher`]: a claimed queue item becomes a run through the
+/// runner, the one run path `pipe run` uses too.
 mod launcher {
-    use chrono::Utc;
-    use engine::executor::{self, RunRequest};
-    use engine::secrets::Redactor;
-    use engine::status::Status;
-    use engine::template::{Runtime, Templates};
-    use std::sync::Arc;
-    use store::{HistoryWriter, NewRun, Owner, RunEvent};
-    use tokio_util::sync::CancellationToken;
+    use std::sync::{Arc, OnceLock};
 
     pub struct RunnerLauncher {
-        concurrency: usize,
+        registry: Arc<engine::step::Registry>,
+        state_dir: std::path::PathBuf,
+        /// One runner for all workers (they share its token caches), made at the first run:
+        /// it records runs under the service's lease, known once the service started.
+        runner: OnceLock<Arc<runner::Runner>>,
     }
 
     impl RunnerLauncher {
-        pub fn new(_registry: engine::step::Registry) -> Self {
+        pub fn new(registry: engine::step::Registry, state_dir: &std::path::Path) -> Self {
             RunnerLauncher {
-                concurrency: std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2),
+                registry: Arc::new(registry),
+                state_dir: state_dir.to_path_buf(),
+                runner: OnceLock::new(),
             }
         }
-    }
 
-    /// The queued params (typed JSON, checked again against this version of the plan)
-    /// plus the defaults of the others.
-    fn params(
-        plan: &engine::plan::Plan,
-        given: &serde_json::Value,
-    ) -> Result<indexmap::IndexMap<String, serde_json::Value>, String> {
-        let empty = serde_json::Map::new();
-        let given = given.as_object().unwrap_or(&empty);
-        let mut out = indexmap::IndexMap::new();
-        for name in given.keys() {
-            if !plan.params.contains_key(name) {
-                return Err(format!(
-                    "unknown param `{name}` (the pipeline changed since the run was queued?)"
-                ));
-            }
+        fn runner(&self, job: &service::Job) -> Arc<runner::Runner> {
+            self.runner
+                .get_or_init(|| {
+                    let mut config = runner::RunnerConfig::new(&self.state_dir);
+                    config.registry = self.registry.clone();
+                    config.store = Some(job.store.clone());
+                    config.lease_owner = Some(job.lease_owner.clone());
+                    Arc::new(runner::Runner::new(config))
+                })
+                .clone()
         }
-        for (name, spec) in &plan.params {
-            let v = match given.get(name).or(spec.default.as_ref()) {
-                Some(v) => engine::params::check_value(spec, v)
-                    .map_err(|e| format!("param `{name}`: {e}"))?,
-                None => return Err(format!("param `{name}` is required and has no default: pass it with `pipe trigger --param {name}=VALUE`")),
-            };
-            out.insert(name.clone(), v);
-        }
-        Ok(out)
     }
 
     #[async_trait::async_trait]
     impl service::Launcher for RunnerLauncher {
         async fn start(&self, job: service::Job) -> anyhow::Result<service::RunHandle> {
-            let service::Job {
-                plan,
-                queue_item: item,
-                lease_owner,
-                store,
-            } = job;
-            let tz = plan.timezone();
-            let logical_date = item.logical_date.unwrap_or_else(Utc::now);
-            let redactor = Redactor::new();
-            let resolved = params(&plan, &item.params);
-            let recorded = match &resolved {
-                Ok(p) => redactor
-                    .redact_json(&serde_json::Value::Object(p.clone().into_iter().collect())),
-                Err(_) => item.params.clone(),
+            let runner = self.runner(&job);
+            let item = &job.queue_item;
+            let json_params = |v: &serde_json::Value| -> Vec<(String, runner::ParamValue)> {
+                v.as_object()
+                    .map(|o| {
+                        o.iter()
+                            .map(|(k, v)| (k.clone(), runner::ParamValue::Json(v.clone())))
+                            .collect()
+                    })
+                    .unwrap_or_default()
             };
-            let run_id = {
-                let store = store.clone();
-                let new = NewRun {
-                    params: recorded,
-                    logical_date: Some(logical_date),
-                    lease_owner: Some(lease_owner),
-                    queue_item: Some(item.id),
-                    ..NewRun::new(plan.name.clone(), item.trigger, Owner::Pipe)
-                };
-                tokio::task::spawn_blocking(move || store.create_run(&new)).await??
-            };
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            let cancel = CancellationToken::new();
-            let params = match resolved {
-                Ok(p) => p,
-                Err(e) => {
-                    let store = store.clone();
-                    tokio::task::spawn_blocking(move || {
-                        store.write_events(
-                            run_id,
-                            &[RunEvent::RunFinished {
-                                status: Status::Failed,
-                                error: Some(e),
-                                at: Utc::now(),
-                            }],
-                        )
+            let mut spec = match (item.trigger, item.run_id) {
+                // A queued repair: the next attempt of that run, as `pipe runs repair` does
+                // (its recorded params; the steps it keeps are the runner's decision).
+                (store::Trigger::Repair, Some(run_id)) => {
+                    let store = job.store.clone();
+                    let registry = self.registry.clone();
+                    let repair = tokio::task::spawn_blocking(move || {
+                        runner::repair::plan_repair(&*store, &registry, run_id)
+                            .map_err(|e| anyhow::anyhow!("repair of run {run_id}: {e}"))
                     })
                     .await??;
-                    let _ = tx.send(Status::Failed);
-                    return Ok(service::RunHandle {
-                        run_id,
-                        cancel,
-                        done: rx,
-                    });
+                    let mut spec =
+                        runner::RunSpec::new(runner::PlanSource::Plan(repair.plan.clone()));
+                    spec.params = json_params(&repair.run.run.params);
+                    spec.logical_date = repair.run.run.logical_date;
+                    spec.trigger = repair.run.run.trigger;
+                    spec.resume = Some(run_id);
+                    spec.reuse = repair.reuse;
+                    spec
+                }
+                _ => {
+                    let mut spec = runner::RunSpec::new(runner::PlanSource::Plan(job.plan.clone()));
+                    spec.logical_date = item.logical_date;
+                    spec.params = json_params(&item.params);
+                    spec.trigger = item.trigger;
+                    spec
                 }
             };
-            let templates = Arc::new(Templates::new(Runtime {
-                redactor: redactor.clone(),
-                tz,
-                logical_date,
-                dry_run: false,
-                overrides: Default::default(),
-            }));
-            let mut values = std::collections::BTreeMap::new();
-            for (name, value) in &params {
-                let v = engine::params::template_value(&plan.params[name], value, logical_date, tz)
-                    .map_err(|e| anyhow::anyhow!("param `{name}`: {e}"))?;
-                values.insert(name.clone(), v);
-            }
-            let writer = Arc::new(HistoryWriter::start(store.clone(), run_id)?);
-            let concurrency = plan
-                .concurrency
-                .map(|c| c as usize)
-                .unwrap_or(self.concurrency);
-            let request = RunRequest {
-                plan: plan.clone(),
-                params: minijinja::Value::from(values),
-                run: engine::template::run_value(run_id, Utc::now(), logical_date, tz),
-                run_id,
-                concurrency,
-                run_dir: store.run_dir(run_id),
-                templates,
-                redactor,
-                observer: writer.clone(),
-                cancel: cancel.clone(),
-                hard_cancel: CancellationToken::new(),
-                history: Some(Arc::new(store::HistoryReader {
-                    store: store.clone(),
-                    writer: Some(writer.clone()),
-                })),
-            };
+            spec.queue_item = Some(item.id);
+            let prepared = runner.prepare(spec).await?;
+            let handle = prepared.start(Vec::new());
+            let run_id = handle.id();
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let controls = handle.controls();
+            let watch = cancel.clone();
             tokio::spawn(async move {
-                let result = executor::execute(request).await;
-                let status = result.status;
-                let _ = tokio::task::spawn_blocking(move || writer.close()).await;
-                let _ = tx.send(status);
+                let join = handle.join();
+                tokio::pin!(join);
+                let outcome = tokio::select! {
+                    o = &mut join => o,
+                    _ = watch.cancelled() => {
+                        controls.cancel();
+                        join.await
+                    }
+                };
+                if let Some(e) = &outcome.history_error {
+                    service::serve::log(format!(
+                        "run {run_id}: its history may be incomplete: {e}"
+                    ));
+                }
+                let _ = tx.send(outcome.status);
             });
             Ok(service::RunHandle {
                 run_id,

@@ -121,6 +121,30 @@ impl engine::step::TableOps for FrameOps {
             .map_err(|e| e.to_string())?;
         Ok(Some(table(own)))
     }
+
+    fn save(&self, t: &Table, path: &std::path::Path) -> Result<(), String> {
+        let mut df = frame(t).ok_or("not a table")?.clone();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        // Written beside and renamed, so a reader never sees half a file.
+        let partial = path.with_extension("parquet.partial");
+        let file =
+            std::fs::File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+        ParquetWriter::new(file)
+            .finish(&mut df)
+            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        // (the size written is not needed)
+        std::fs::rename(&partial, path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn load(&self, path: &std::path::Path) -> Result<Table, String> {
+        let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        ParquetReader::new(file)
+            .finish()
+            .map(table)
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
 }
 
 #[cfg(test)]

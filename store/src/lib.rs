@@ -38,6 +38,7 @@ pub use engine::events::{Level, LogRecord, Observer, RunEvent, StepRecord};
 pub use engine::status::Status;
 
 use chrono::{DateTime, Utc};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -194,6 +195,10 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     fn set_removed(&self, name: &str, removed: bool, now: DateTime<Utc>) -> Result<()>;
     /// The next planned fire time (written by the scheduler; `None` for none).
     fn set_next_run(&self, name: &str, next: Option<DateTime<Utc>>) -> Result<()>;
+    /// A number that changes whenever anything [`RunStore::list_integrations`] shows changes
+    /// (a row added, loaded, enabled or disabled, removed, a load error), except last and next
+    /// runs: a poller reads this cheap number and lists only when it moved.
+    fn integrations_version(&self) -> Result<i64>;
     /// Every integration, by name, with its last run.
     fn list_integrations(&self) -> Result<Vec<Integration>>;
     /// One integration with its last run.
@@ -216,6 +221,21 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
         cursor: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<TickOutcome>>;
+    /// [`RunStore::record_ticks`] for many integrations in ONE transaction (a planner's
+    /// round: one commit for all its due integrations), each batch also setting the next run
+    /// when it says so. Outcomes in the order of `batches`.
+    fn record_ticks_many(
+        &self,
+        batches: &[TickBatch],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Vec<TickOutcome>>>;
+    /// Every integration's planner cursor, in one query (integrations never planned are
+    /// absent).
+    fn schedule_cursors(&self) -> Result<HashMap<String, ScheduleCursor>>;
+    /// Per integration with any: active runs (what `claim` compares with
+    /// `max_concurrent_runs`, as [`RunStore::count_active`]) and queued items (as
+    /// [`RunStore::count_queued`]), in one read.
+    fn integration_counts(&self) -> Result<HashMap<String, IntegrationCounts>>;
     /// The integration's recorded ticks, newest first (`limit` 0 is all).
     fn list_ticks(&self, integration: &str, limit: usize) -> Result<Vec<TickRow>>;
 
@@ -267,8 +287,10 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// put claimed items that never started a run back in the queue. An owner is lost when
     /// its lease expired before `now` (or it has none); a run recorded before leases is
     /// judged by its pid as before (never a run from another pid namespace). External runs
-    /// (`pipe runs start`) are never touched. Returns the runs marked, for the caller to
-    /// re-queue those whose integration says `retry_on_lost`.
+    /// (`pipe runs start`) are never touched. A marked run's queue item is queued again in
+    /// the same transaction when its integration says `retry_on_lost` (metadata), at most a
+    /// few times per tick, so whichever process notices first (a CLI command too) honours it.
+    /// Returns the runs marked, with what was re-queued.
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>>;
     /// Delete what only the recent past needs, older than `older_than`: ticks behind their
     /// integration's cursor (never planned again), done and cancelled queue items, and owner

@@ -2,11 +2,11 @@
 //! machines share one database.
 //!
 //! The client is the sync `postgres` crate, which drives the tokio-postgres already in the
-//! tree on a small runtime of its own per connection. So the store's methods must not be
-//! called on an async runtime's worker thread (that runtime would be entered twice and
-//! panic): async callers use `tokio::task::spawn_blocking`, as for any blocking call, and
-//! [`crate::HistoryReader`] hops to a plain thread itself. Connections are kept in a small
-//! pool with their prepared statements.
+//! tree on a small runtime of its own per connection. That runtime cannot be entered from a
+//! thread of another runtime, so a call made there (an async task, or `spawn_blocking`) runs
+//! its transaction on a plain scoped thread; async callers should still use
+//! `spawn_blocking`, as for any blocking call, so as not to stall a worker. Connections are
+//! kept in a small pool with their prepared statements.
 //!
 //! Writes are read-committed transactions; the queue's claim locks its candidate with
 //! `FOR UPDATE SKIP LOCKED` (claimers never wait for each other's items) and then the
@@ -19,7 +19,7 @@
 //! falls back to one).
 
 use crate::error::Context as _;
-use crate::sql::{Backend, Dialect, Row, SqlStore, Tx, Value};
+use crate::sql::{Backend, Dialect, Row, SqlStore, Tx, Value, Work};
 use crate::{Result, StoreError};
 use bytes::BytesMut;
 use chrono::Utc;
@@ -40,7 +40,8 @@ const MIGRATION_LOCK: i64 = 0x7069_7065_0019;
 
 /// Schema migrations, in order; the version is the position + 1. (The SQLite history
 /// needed four steps to get here; PostgreSQL starts at the current shape.)
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE integrations (
     name                 TEXT PRIMARY KEY,
     description          TEXT,
@@ -166,7 +167,16 @@ CREATE TABLE leases (
     heartbeat_at  TEXT NOT NULL,
     expires_at    TEXT NOT NULL
 );
-"#];
+"#,
+    // A change counter for pollers of the integrations list.
+    r#"
+CREATE TABLE store_meta (
+    key   TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+INSERT INTO store_meta(key, value) VALUES ('integrations_version', 0);
+"#,
+];
 
 pub(crate) type PgStore = SqlStore<PgBackend>;
 
@@ -234,9 +244,18 @@ pub(crate) fn open(url: &str, state_dir: &Path) -> Result<PgStore> {
         shown: shown.clone(),
         pool: Mutex::new(Vec::new()),
     };
-    let mut conn = backend.connect()?;
-    migrate(&mut conn.client).with_context(|| format!("cannot prepare the run store {shown}"))?;
-    backend.put(conn);
+    let prepare = || -> Result<()> {
+        let mut conn = backend.connect()?;
+        migrate(&mut conn.client)
+            .with_context(|| format!("cannot prepare the run store {shown}"))?;
+        backend.put(conn);
+        Ok(())
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        off_runtime(prepare)?;
+    } else {
+        prepare()?;
+    }
     Ok(SqlStore { backend, state_dir })
 }
 
@@ -344,11 +363,16 @@ impl PgBackend {
         }
     }
 
-    fn transaction<T>(
-        &self,
-        read_only: bool,
-        f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>,
-    ) -> Result<T> {
+    /// On a thread that belongs to an async runtime (a worker, or `spawn_blocking`'s), the
+    /// client's own runtime cannot be entered: the transaction runs on a plain thread then.
+    fn transaction<T: Send>(&self, read_only: bool, f: &mut Work<'_, T>) -> Result<T> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return off_runtime(|| self.transaction_here(read_only, f));
+        }
+        self.transaction_here(read_only, f)
+    }
+
+    fn transaction_here<T>(&self, read_only: bool, f: &mut Work<'_, T>) -> Result<T> {
         let mut pause = Duration::from_millis(5);
         let mut tries = 0;
         loop {
@@ -388,11 +412,11 @@ impl PgBackend {
 impl Backend for PgBackend {
     const DIALECT: Dialect = Dialect::Postgres;
 
-    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction(false, f)
     }
 
-    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction(true, f)
     }
 
@@ -527,6 +551,15 @@ impl ToSql for Value {
     }
 
     postgres::types::to_sql_checked!();
+}
+
+/// Run `f` on a plain thread and wait for it.
+fn off_runtime<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    std::thread::scope(|scope| scope.spawn(f).join()).unwrap_or_else(|_| {
+        Err(StoreError::Backend(anyhow::anyhow!(
+            "a PostgreSQL call panicked"
+        )))
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

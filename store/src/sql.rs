@@ -156,14 +156,17 @@ pub(crate) trait Tx {
     }
 }
 
+/// What a transaction does (`Send`: the PostgreSQL backend may run it on another thread).
+pub(crate) type Work<'a, T> = dyn FnMut(&mut dyn Tx) -> Result<T> + Send + 'a;
+
 /// A backend: runs closures in write or read transactions, retrying on contention.
 pub(crate) trait Backend: Send + Sync + 'static {
     const DIALECT: Dialect;
     /// A write transaction (SQLite: `BEGIN IMMEDIATE`; PostgreSQL: read committed), tried
     /// again from the start while it fails on contention (busy, deadlock, serialization).
-    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T>;
+    fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T>;
     /// A read transaction (one snapshot for all its statements).
-    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T>;
+    fn read<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T>;
     /// Whether the error is contention that trying again may cure.
     fn is_contention(e: &StoreError) -> bool;
     fn describe(&self) -> String;
@@ -414,9 +417,22 @@ fn owner_lease(tx: &mut dyn Tx, id: &str) -> Result<Option<StoredLease>> {
 }
 
 fn ensure_integration(tx: &mut dyn Tx, name: &str) -> Result<()> {
-    tx.exec(
+    let created = tx.exec(
         "INSERT INTO integrations(name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
         p![name],
+    )?;
+    if created > 0 {
+        bump_integrations(tx)?;
+    }
+    Ok(())
+}
+
+/// Count a change of what `list_integrations` shows (not last or next runs), for
+/// [`RunStore::integrations_version`].
+fn bump_integrations(tx: &mut dyn Tx) -> Result<()> {
+    tx.exec(
+        "UPDATE store_meta SET value = value + 1 WHERE key = 'integrations_version'",
+        p![],
     )?;
     Ok(())
 }
@@ -675,11 +691,126 @@ fn attach_file(dir: &Path, src: &Path) -> Result<String> {
     unreachable!("ran out of file names")
 }
 
+/// How many runs of one tick (integration + logical date) may be lost and queued again.
+pub(crate) const MAX_LOST_RETRIES: i64 = 3;
+
+/// Queue a lost run's item again when its integration says `retry_on_lost` (in its
+/// metadata) and the same tick has not been lost [`MAX_LOST_RETRIES`] times already.
+fn requeue_lost(tx: &mut dyn Tx, item: &QueueItem, now: DateTime<Utc>) -> Result<Option<i64>> {
+    let metadata = tx
+        .one(
+            "SELECT metadata FROM integrations WHERE name = ?1",
+            p![item.integration.as_str()],
+        )?
+        .map(|r| r.opt_text(0))
+        .transpose()?
+        .flatten();
+    let wanted = parse_json(metadata.as_deref())
+        .get("retry_on_lost")
+        .and_then(serde_json::Value::as_bool)
+        .unwrap_or(false);
+    if !wanted {
+        return Ok(None);
+    }
+    let lost_before = match item.logical_date {
+        Some(at) => tx.one(
+            "SELECT COUNT(*) FROM runs WHERE pipeline = ?1 AND logical_date = ?2
+               AND status = 'abandoned'",
+            p![item.integration.as_str(), at],
+        )?,
+        None => tx.one(
+            "SELECT COUNT(*) FROM runs WHERE pipeline = ?1 AND logical_date IS NULL
+               AND status = 'abandoned' AND params = ?2",
+            p![item.integration.as_str(), json_text(&item.params)?],
+        )?,
+    }
+    .map(|r| r.int(0))
+    .transpose()?
+    .unwrap_or(0);
+    if lost_before > MAX_LOST_RETRIES {
+        return Ok(None);
+    }
+    let again = Enqueue {
+        integration: item.integration.clone(),
+        queue: item.queue.clone(),
+        priority: item.priority,
+        trigger: item.trigger,
+        logical_date: item.logical_date,
+        params: item.params.clone(),
+        dedup_key: item.dedup_key.clone(),
+        backfill_id: item.backfill_id,
+        run_id: None,
+    };
+    Ok(Some(enqueue_tx(tx, &again, now)?.id))
+}
+
+/// Record one integration's ticks inside an open write transaction (see `record_ticks`).
+fn record_ticks_tx(
+    tx: &mut dyn Tx,
+    integration: &str,
+    fingerprint: &str,
+    ticks: &[PlannedTick],
+    cursor: DateTime<Utc>,
+    next_run: Option<Option<DateTime<Utc>>>,
+    now: DateTime<Utc>,
+) -> Result<Vec<TickOutcome>> {
+    ensure_integration(tx, integration)?;
+    let mut out = Vec::with_capacity(ticks.len());
+    for t in ticks {
+        let state = if t.enqueue.is_some() {
+            TickState::Enqueued
+        } else {
+            TickState::Skipped
+        };
+        let inserted = tx.exec(
+            "INSERT INTO ticks(integration, scheduled_at, planned_at, state, note)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT(integration, scheduled_at) DO NOTHING",
+            p![
+                integration,
+                t.scheduled_at,
+                now,
+                state.as_str(),
+                t.note.as_deref()
+            ],
+        )? > 0;
+        let mut queue_item = None;
+        if let (true, Some(item)) = (inserted, &t.enqueue) {
+            let q = enqueue_tx(tx, item, now)?;
+            tx.exec(
+                "UPDATE ticks SET queue_item = ?3 WHERE integration = ?1 AND scheduled_at = ?2",
+                p![integration, t.scheduled_at, q.id],
+            )?;
+            queue_item = Some(q.id);
+        }
+        out.push(TickOutcome {
+            scheduled_at: t.scheduled_at,
+            inserted,
+            queue_item,
+        });
+    }
+    tx.exec(
+        "UPDATE integrations SET
+             schedule_cursor = CASE WHEN schedule_cursor IS NULL OR schedule_cursor < ?2
+                                    THEN ?2 ELSE schedule_cursor END,
+             schedule_fingerprint = ?3
+         WHERE name = ?1",
+        p![integration, cursor, fingerprint],
+    )?;
+    if let Some(next) = next_run {
+        tx.exec(
+            "UPDATE integrations SET next_run_at = ?2 WHERE name = ?1",
+            p![integration, next],
+        )?;
+    }
+    Ok(out)
+}
+
 impl<B: Backend> SqlStore<B> {
-    fn write<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn write<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.backend.write(&mut f)
     }
-    fn read<T>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.backend.read(&mut f)
     }
 
@@ -692,7 +823,7 @@ impl<B: Backend> SqlStore<B> {
     ) -> Result<ClaimTry> {
         self.write(|tx| {
             let mut sql = format!(
-                r#"SELECT q.id, q.integration FROM queue q
+                r#"SELECT q.id, q.integration, q.backfill_id FROM queue q
                    LEFT JOIN integrations i ON i.name = q.integration
                    LEFT JOIN backfills b ON b.id = q.backfill_id
                    WHERE q.state = 'queued'
@@ -714,7 +845,7 @@ impl<B: Backend> SqlStore<B> {
             let Some(pick) = tx.one(&sql, &params)? else {
                 return Ok(ClaimTry::Nothing);
             };
-            let (id, integration) = (pick.int(0)?, pick.text(1)?);
+            let (id, integration, backfill) = (pick.int(0)?, pick.text(1)?, pick.opt_int(2)?);
             if B::DIALECT == Dialect::Postgres {
                 // Claimers of one integration take turns here, so two of them never both
                 // see room for one more run; then the count is read again under the lock.
@@ -731,7 +862,20 @@ impl<B: Backend> SqlStore<B> {
                     ),
                     p![integration.as_str()],
                 )?;
-                if full.is_some() {
+                // A backfill's items are all of one integration: the lock covers them too.
+                let backfill_full = match backfill {
+                    Some(b) => tx
+                        .one(
+                            "SELECT 1 FROM backfills b WHERE b.id = ?1
+                             AND b.max_parallel IS NOT NULL
+                             AND (SELECT COUNT(*) FROM queue c WHERE c.backfill_id = b.id
+                                    AND c.state = 'claimed') >= b.max_parallel",
+                            p![b],
+                        )?
+                        .is_some(),
+                    None => false,
+                };
+                if full.is_some() || backfill_full {
                     return Ok(ClaimTry::Raced);
                 }
             }
@@ -776,6 +920,18 @@ impl<B: Backend> RunQueue for SqlStore<B> {
         lease: Duration,
         now: DateTime<Utc>,
     ) -> Result<Option<QueueItem>> {
+        // Idle workers poll: on SQLite an empty queue is seen without taking the (one,
+        // file-wide) write lock. PostgreSQL claimers do not block each other anyway.
+        if B::DIALECT == Dialect::Sqlite {
+            let any = self.read(|tx| {
+                Ok(tx
+                    .one("SELECT 1 FROM queue WHERE state = 'queued' LIMIT 1", p![])?
+                    .is_some())
+            })?;
+            if !any {
+                return Ok(None);
+            }
+        }
         for _ in 0..3 {
             match self.claim_once(worker, queues, lease, now)? {
                 ClaimTry::Nothing => return Ok(None),
@@ -1225,12 +1381,22 @@ impl<B: Backend> RunStore for SqlStore<B> {
                  SET description = COALESCE(excluded.description, integrations.description)",
                 p![name, description],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
 
     fn load_integration(&self, file: &IntegrationFile, now: DateTime<Utc>) -> Result<()> {
-        let metadata = json_text(&file.metadata)?;
+        let mut metadata = file.metadata.clone();
+        if file.retry_on_lost {
+            match &mut metadata {
+                serde_json::Value::Object(m) => {
+                    m.insert("retry_on_lost".into(), true.into());
+                }
+                _ => metadata = serde_json::json!({ "retry_on_lost": true }),
+            }
+        }
+        let metadata = json_text(&metadata)?;
         self.write(|tx| {
             tx.exec(
                 "INSERT INTO integrations(name, description, path, content_hash, metadata, queue,
@@ -1260,6 +1426,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     now
                 ],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1271,6 +1438,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE integrations SET load_error = ?2, load_error_at = ?3 WHERE name = ?1",
                 p![name, error, error.map(|_| now)],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1297,6 +1465,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     p![name],
                 )?;
             }
+            bump_integrations(tx)?;
             Ok(true)
         })
     }
@@ -1318,6 +1487,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE integrations SET removed = ?2 WHERE name = ?1",
                 p![name, removed],
             )?;
+            bump_integrations(tx)?;
             Ok(())
         })
     }
@@ -1362,6 +1532,19 @@ impl<B: Backend> RunStore for SqlStore<B> {
         })
     }
 
+    fn integrations_version(&self) -> Result<i64> {
+        self.read(|tx| {
+            Ok(tx
+                .one(
+                    "SELECT value FROM store_meta WHERE key = 'integrations_version'",
+                    p![],
+                )?
+                .map(|r| r.int(0))
+                .transpose()?
+                .unwrap_or(0))
+        })
+    }
+
     fn schedule_cursor(&self, integration: &str) -> Result<Option<ScheduleCursor>> {
         self.read(|tx| {
             let Some(r) = tx.one(
@@ -1389,51 +1572,78 @@ impl<B: Backend> RunStore for SqlStore<B> {
         cursor: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<Vec<TickOutcome>> {
+        self.write(|tx| record_ticks_tx(tx, integration, fingerprint, ticks, cursor, None, now))
+    }
+
+    fn record_ticks_many(
+        &self,
+        batches: &[TickBatch],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Vec<TickOutcome>>> {
+        // Rows are locked in name order, whatever the caller's order, so two servers
+        // planning the same integrations never deadlock on each other.
+        let mut order: Vec<usize> = (0..batches.len()).collect();
+        order.sort_by(|&a, &b| batches[a].integration.cmp(&batches[b].integration));
         self.write(|tx| {
-            ensure_integration(tx, integration)?;
-            let mut out = Vec::with_capacity(ticks.len());
-            for t in ticks {
-                let state = if t.enqueue.is_some() {
-                    TickState::Enqueued
-                } else {
-                    TickState::Skipped
-                };
-                let inserted = tx.exec(
-                    "INSERT INTO ticks(integration, scheduled_at, planned_at, state, note)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(integration, scheduled_at) DO NOTHING",
-                    p![
-                        integration,
-                        t.scheduled_at,
-                        now,
-                        state.as_str(),
-                        t.note.as_deref()
-                    ],
-                )? > 0;
-                let mut queue_item = None;
-                if let (true, Some(item)) = (inserted, &t.enqueue) {
-                    let q = enqueue_tx(tx, item, now)?;
-                    tx.exec(
-                        "UPDATE ticks SET queue_item = ?3 WHERE integration = ?1
-                         AND scheduled_at = ?2",
-                        p![integration, t.scheduled_at, q.id],
-                    )?;
-                    queue_item = Some(q.id);
-                }
-                out.push(TickOutcome {
-                    scheduled_at: t.scheduled_at,
-                    inserted,
-                    queue_item,
-                });
+            let mut out: Vec<Vec<TickOutcome>> = vec![Vec::new(); batches.len()];
+            for &i in &order {
+                let b = &batches[i];
+                out[i] = record_ticks_tx(
+                    tx,
+                    &b.integration,
+                    &b.fingerprint,
+                    &b.ticks,
+                    b.cursor,
+                    b.next_run,
+                    now,
+                )?;
             }
-            tx.exec(
-                "UPDATE integrations SET
-                     schedule_cursor = CASE WHEN schedule_cursor IS NULL OR schedule_cursor < ?2
-                                            THEN ?2 ELSE schedule_cursor END,
-                     schedule_fingerprint = ?3
-                 WHERE name = ?1",
-                p![integration, cursor, fingerprint],
-            )?;
+            Ok(out)
+        })
+    }
+
+    fn schedule_cursors(&self) -> Result<HashMap<String, ScheduleCursor>> {
+        self.read(|tx| {
+            let mut out = HashMap::new();
+            for r in tx.query(
+                "SELECT name, schedule_cursor, schedule_fingerprint FROM integrations
+                 WHERE schedule_cursor IS NOT NULL",
+                p![],
+            )? {
+                out.insert(
+                    r.text(0)?,
+                    ScheduleCursor {
+                        last_planned: r.time(1)?,
+                        fingerprint: r.opt_text(2)?.unwrap_or_default(),
+                    },
+                );
+            }
+            Ok(out)
+        })
+    }
+
+    fn integration_counts(&self) -> Result<HashMap<String, IntegrationCounts>> {
+        self.read(|tx| {
+            let mut out: HashMap<String, IntegrationCounts> = HashMap::new();
+            for r in tx.query(
+                "SELECT pipeline, COUNT(*) FROM runs WHERE status = 'running' GROUP BY pipeline",
+                p![],
+            )? {
+                out.entry(r.text(0)?).or_default().active += r.opt_u64(1)?.unwrap_or(0);
+            }
+            for r in tx.query(
+                "SELECT integration, state, COUNT(*) FROM queue
+                 WHERE state = 'queued' OR (state = 'claimed' AND run_id IS NULL)
+                 GROUP BY integration, state",
+                p![],
+            )? {
+                let n = r.opt_u64(2)?.unwrap_or(0);
+                let c = out.entry(r.text(0)?).or_default();
+                match r.parsed::<QueueState>(1)? {
+                    QueueState::Queued => c.queued += n,
+                    _ => c.active += n,
+                }
+            }
             Ok(out)
         })
     }
@@ -1891,11 +2101,17 @@ impl<B: Backend> RunStore for SqlStore<B> {
                         .map(|r| queue_row(&r))
                         .transpose()?;
                 }
+                let pipeline = r.text(0)?;
+                let requeued = match &queue_item {
+                    Some(item) => requeue_lost(tx, item, now)?,
+                    None => None,
+                };
                 lost.push(LostRun {
                     run_id: c.id,
-                    pipeline: r.text(0)?,
+                    pipeline,
                     lease_owner: c.lease_owner.clone(),
                     queue_item,
+                    requeued,
                 });
             }
             for &item in &items {

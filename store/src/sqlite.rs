@@ -12,7 +12,7 @@
 //! older `pipe` refuses a newer file instead of misreading it).
 
 use crate::error::Context as _;
-use crate::sql::{Backend, Dialect, Row, SqlStore, Tx, Value};
+use crate::sql::{Backend, Dialect, Row, SqlStore, Tx, Value, Work};
 use crate::{Result, StoreError};
 use chrono::Utc;
 use rusqlite::{params, Connection, ErrorCode};
@@ -187,6 +187,14 @@ CREATE TABLE leases (
     expires_at    TEXT NOT NULL
 );
 "#,
+    // A change counter for pollers of the integrations list.
+    r#"
+CREATE TABLE store_meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO store_meta(key, value) VALUES ('integrations_version', 0);
+"#,
 ];
 
 pub(crate) type SqliteStore = SqlStore<SqliteBackend>;
@@ -243,6 +251,8 @@ impl SqliteBackend {
         })?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
+        // Every statement of the store stays prepared (the default keeps only 16).
+        conn.set_prepared_statement_cache_capacity(256);
         Ok(conn)
     }
 
@@ -261,11 +271,7 @@ impl SqliteBackend {
         }
     }
 
-    fn transaction<T>(
-        &self,
-        begin: &str,
-        f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>,
-    ) -> Result<T> {
+    fn transaction<T>(&self, begin: &str, f: &mut Work<'_, T>) -> Result<T> {
         let conn = self.take()?;
         let result = retry(|| {
             if !conn.is_autocommit() {
@@ -290,11 +296,11 @@ impl SqliteBackend {
 impl Backend for SqliteBackend {
     const DIALECT: Dialect = Dialect::Sqlite;
 
-    fn write<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction("BEGIN IMMEDIATE", f)
     }
 
-    fn read<T>(&self, f: &mut dyn FnMut(&mut dyn Tx) -> Result<T>) -> Result<T> {
+    fn read<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction("BEGIN", f)
     }
 

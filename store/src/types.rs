@@ -266,6 +266,9 @@ pub struct IntegrationFile {
     pub priority: i64,
     /// How many of its runs may run at once (`claim` honours it); `None` for no limit.
     pub max_concurrent_runs: Option<u32>,
+    /// A run lost with its owner is queued again ([`crate::RunStore::expire_lost`]); stored
+    /// as `retry_on_lost` in the metadata.
+    pub retry_on_lost: bool,
 }
 
 impl IntegrationFile {
@@ -279,6 +282,7 @@ impl IntegrationFile {
             queue: DEFAULT_QUEUE.into(),
             priority: 0,
             max_concurrent_runs: Some(1),
+            retry_on_lost: false,
         }
     }
 }
@@ -336,6 +340,43 @@ pub struct PlannedTick {
     pub enqueue: Option<Enqueue>,
     /// Why it was skipped (or any note), shown with the tick.
     pub note: Option<String>,
+}
+
+/// One integration's part of [`crate::RunStore::record_ticks_many`].
+#[derive(Debug, Clone)]
+pub struct TickBatch {
+    pub integration: String,
+    pub fingerprint: String,
+    pub ticks: Vec<PlannedTick>,
+    /// The cursor to move to (never backwards).
+    pub cursor: DateTime<Utc>,
+    /// `Some(x)` sets the next run to `x` in the same transaction; `None` leaves it.
+    pub next_run: Option<Option<DateTime<Utc>>>,
+}
+
+impl TickBatch {
+    pub fn new(
+        integration: impl Into<String>,
+        fingerprint: impl Into<String>,
+        cursor: DateTime<Utc>,
+    ) -> TickBatch {
+        TickBatch {
+            integration: integration.into(),
+            fingerprint: fingerprint.into(),
+            ticks: Vec::new(),
+            cursor,
+            next_run: None,
+        }
+    }
+}
+
+/// An integration's counts ([`crate::RunStore::integration_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct IntegrationCounts {
+    /// Running runs plus claimed items without a run yet.
+    pub active: u64,
+    /// Queued items.
+    pub queued: u64,
 }
 
 /// What [`crate::RunStore::record_ticks`] did with one tick.
@@ -481,8 +522,10 @@ pub struct LostRun {
     pub run_id: i64,
     pub pipeline: String,
     pub lease_owner: Option<String>,
-    /// The queue item it ran (now `done`), for a caller that re-queues it.
+    /// The queue item it ran (now `done`).
     pub queue_item: Option<QueueItem>,
+    /// The item queued again for it, when its integration says `retry_on_lost`.
+    pub requeued: Option<i64>,
 }
 
 /// What [`crate::RunStore::prune`] deleted.

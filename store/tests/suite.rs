@@ -1,6 +1,6 @@
 //! One suite over both backends: each behaviour is a function of a [`Db`], run once on
 //! SQLite (a temp dir) and once on the machine's PostgreSQL (a fresh database per test,
-//! dropped afterwards). PostgreSQL is at `PIPE_TEST_PG` (default
+//! dropped afterwards). PostgreSQL is at `PIPE_TEST_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/test`, the admin connection used to create and drop
 //! the test databases); a missing server fails the PostgreSQL half loudly.
 
@@ -13,7 +13,7 @@ use store::*;
 const DEFAULT_PG: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn admin_url() -> String {
-    std::env::var("PIPE_TEST_PG").unwrap_or_else(|_| DEFAULT_PG.to_string())
+    std::env::var("PIPE_TEST_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_PG.to_string())
 }
 
 /// A store location for one test; dropping it removes the temp dir and the database.
@@ -44,7 +44,7 @@ impl Db {
         let mut admin =
             postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
                 panic!(
-                    "PostgreSQL is needed for this test (PIPE_TEST_PG={}): {e}",
+                    "PostgreSQL is needed for this test (PIPE_TEST_POSTGRES_URL={}): {e}",
                     admin_url()
                 )
             });
@@ -143,6 +143,11 @@ both!(
     integrations_keep_enabled_across_loads,
     cancel_requests_and_backfills,
     prune_keeps_what_is_still_needed,
+    works_from_async_tasks,
+    batched_ticks_and_counts,
+    integrations_version_moves_with_the_list,
+    a_database_one_version_behind_is_migrated,
+    lost_runs_are_requeued_when_the_integration_says_so,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -631,9 +636,24 @@ fn concurrent_claims_respect_the_cap(db: &Db) {
     let now = Utc::now();
     loaded(s.as_ref(), "one", Some(1));
     loaded(s.as_ref(), "three", Some(3));
+    loaded(s.as_ref(), "backfilled", None);
+    let bf = s
+        .create_backfill(
+            &NewBackfill {
+                integration: "backfilled".into(),
+                from: now,
+                to: now,
+                max_parallel: Some(2),
+            },
+            now,
+        )
+        .unwrap();
     for _ in 0..10 {
         s.enqueue(&item("one", 1), now).unwrap();
         s.enqueue(&item("three", 1), now).unwrap();
+        let mut e = item("backfilled", 1);
+        e.backfill_id = Some(bf);
+        s.enqueue(&e, now).unwrap();
     }
     let barrier = Arc::new(Barrier::new(6));
     let threads: Vec<_> = (0..6)
@@ -663,6 +683,7 @@ fn concurrent_claims_respect_the_cap(db: &Db) {
     let count = |name: &str| got.iter().filter(|g| *g == name).count();
     assert_eq!(count("one"), 1, "{got:?}");
     assert_eq!(count("three"), 3, "{got:?}");
+    assert_eq!(count("backfilled"), 2, "{got:?}");
 }
 
 fn backfill_max_parallel_in_claim(db: &Db) {
@@ -1469,4 +1490,275 @@ fn prune_keeps_what_is_still_needed(db: &Db) {
         .collect();
     assert_eq!(leases, vec![live.id]);
     assert_eq!(s.prune(cut).unwrap(), Pruned::default());
+}
+
+/// The service calls the store from async code: directly (it should not, but must not
+/// panic), through `spawn_blocking`, and drops its last handle on a runtime thread.
+fn works_from_async_tasks(db: &Db) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cfg = db.cfg.clone();
+    rt.block_on(async move {
+        let s = store::open(&cfg).unwrap();
+        let id = s.create_run(&new_run("a", Owner::External)).unwrap();
+        let s2 = s.clone();
+        let status = tokio::task::spawn_blocking(move || s2.run_status(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status, Some(Status::Running));
+        let w = HistoryWriter::start(s.clone(), id).unwrap();
+        w.event(&RunEvent::Log(log(None, "from async")));
+        w.flush();
+        assert_eq!(s.logs(id, 0).unwrap().len(), 1);
+        let reader = HistoryReader {
+            store: s.clone(),
+            writer: Some(Arc::new(w)),
+        };
+        use engine::step::HistoryView;
+        assert_eq!(reader.rows_since("a", "log", Utc::now()).unwrap(), 0);
+        let task = tokio::spawn(async move {
+            drop(reader);
+            drop(s);
+        });
+        task.await.unwrap();
+    });
+}
+
+/// A planner's round: many integrations' ticks in one transaction, from two servers at once
+/// (in opposite orders), and the counts it reads first.
+fn batched_ticks_and_counts(db: &Db) {
+    let s = db.open();
+    let base = t("2026-12-02T06:00:00Z");
+    let names: Vec<String> = (0..30).map(|i| format!("int{i:02}")).collect();
+    for n in &names {
+        loaded(s.as_ref(), n, Some(1));
+    }
+    assert!(s.schedule_cursors().unwrap().is_empty());
+    let batches = |reverse: bool| -> Vec<TickBatch> {
+        let mut v: Vec<TickBatch> = names
+            .iter()
+            .map(|n| {
+                let mut b = TickBatch::new(n.clone(), "cron:*", base + TimeDelta::minutes(2));
+                b.ticks = (0..3)
+                    .map(|m| PlannedTick {
+                        scheduled_at: base + TimeDelta::minutes(m),
+                        enqueue: Some(Enqueue {
+                            logical_date: Some(base + TimeDelta::minutes(m)),
+                            ..Enqueue::new(n.clone(), Trigger::Schedule)
+                        }),
+                        note: None,
+                    })
+                    .collect();
+                b.next_run = Some(Some(base + TimeDelta::minutes(3)));
+                b
+            })
+            .collect();
+        if reverse {
+            v.reverse();
+        }
+        v
+    };
+    let barrier = Arc::new(Barrier::new(2));
+    let planners: Vec<_> = [false, true]
+        .into_iter()
+        .map(|reverse| {
+            let cfg = db.cfg.clone();
+            let barrier = barrier.clone();
+            let batches = batches(reverse);
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                barrier.wait();
+                let out = s.record_ticks_many(&batches, Utc::now()).unwrap();
+                assert_eq!(out.len(), batches.len());
+                for (b, o) in batches.iter().zip(&out) {
+                    assert_eq!(o.len(), 3);
+                    assert_eq!(o[0].scheduled_at, b.ticks[0].scheduled_at);
+                }
+                out.iter()
+                    .flatten()
+                    .filter(|o| o.inserted && o.queue_item.is_some())
+                    .count()
+            })
+        })
+        .collect();
+    let inserted: usize = planners.into_iter().map(|p| p.join().unwrap()).sum();
+    assert_eq!(inserted, 90);
+    let cursors = s.schedule_cursors().unwrap();
+    assert_eq!(cursors.len(), 30);
+    assert_eq!(cursors["int07"].last_planned, base + TimeDelta::minutes(2));
+    assert_eq!(cursors["int07"].fingerprint, "cron:*");
+    let i = s.get_integration("int07").unwrap().unwrap();
+    assert_eq!(i.next_run_at, Some(base + TimeDelta::minutes(3)));
+    // Counts: three queued each; one claimed (no run yet) and one running elsewhere.
+    let now = Utc::now();
+    let c = s
+        .claim("w", &[], Duration::from_secs(30), now)
+        .unwrap()
+        .unwrap();
+    s.create_run(&new_run("int29", Owner::Pipe)).unwrap();
+    let counts = s.integration_counts().unwrap();
+    assert_eq!(
+        counts[&c.integration],
+        IntegrationCounts {
+            active: 1,
+            queued: 2
+        }
+    );
+    assert_eq!(
+        counts["int29"].active,
+        if c.integration == "int29" { 2 } else { 1 }
+    );
+    for n in &names {
+        assert_eq!(counts[n].active, s.count_active(n).unwrap(), "{n}");
+        assert_eq!(counts[n].queued, s.count_queued(n).unwrap(), "{n}");
+    }
+}
+
+fn integrations_version_moves_with_the_list(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    let mut seen = vec![s.integrations_version().unwrap()];
+    let mut changed = |s: &dyn RunStore, what: &str| {
+        let v = s.integrations_version().unwrap();
+        assert!(
+            !seen.contains(&v),
+            "{what}: version {v} seen before ({seen:?})"
+        );
+        seen.push(v);
+    };
+    loaded(s.as_ref(), "v", Some(1));
+    changed(s.as_ref(), "load");
+    s.set_enabled("v", false, now).unwrap();
+    changed(s.as_ref(), "disable");
+    s.set_enabled("v", true, now).unwrap();
+    changed(s.as_ref(), "enable");
+    s.set_load_error("v", Some("bad"), now).unwrap();
+    changed(s.as_ref(), "load error");
+    s.set_removed("v", true, now).unwrap();
+    changed(s.as_ref(), "removed");
+    s.create_run(&new_run("brand_new", Owner::External))
+        .unwrap();
+    changed(s.as_ref(), "a run of a new integration");
+    // What the list shows as runs does not count; a no-op enable neither.
+    let v = s.integrations_version().unwrap();
+    s.create_run(&new_run("v", Owner::External)).unwrap();
+    s.set_next_run("v", Some(now)).unwrap();
+    assert!(!s.set_enabled("v", true, now).unwrap());
+    assert_eq!(s.integrations_version().unwrap(), v);
+}
+
+/// A store whose last migration is missing (as a `pipe` one version older left it) gets it
+/// when opened; what it held stays.
+fn a_database_one_version_behind_is_migrated(db: &Db) {
+    let s = db.open();
+    let version = s.schema_version().unwrap();
+    let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
+    drop(s);
+    db.raw(&format!(
+        "DROP TABLE store_meta; DELETE FROM schema_migrations WHERE version = {version};"
+    ));
+    if db.cfg.url.is_none() {
+        db.raw(&format!("PRAGMA user_version = {};", version - 1));
+    }
+    let s = db.open();
+    assert_eq!(s.schema_version().unwrap(), version);
+    assert_eq!(s.integrations_version().unwrap(), 0);
+    assert_eq!(s.run_status(run).unwrap(), Some(Status::Running));
+    loaded(s.as_ref(), "after", None);
+    assert_eq!(s.integrations_version().unwrap(), 1);
+}
+
+fn lost_runs_are_requeued_when_the_integration_says_so(db: &Db) {
+    let s = db.open();
+    let t0 = t("2020-01-01T00:00:00Z");
+    let ttl = Duration::from_secs(10);
+    let mut f = IntegrationFile::new("retry", "retry.yaml", "h");
+    f.retry_on_lost = true;
+    f.metadata = serde_json::json!({"owner": "data"});
+    s.load_integration(&f, t0).unwrap();
+    let meta = s.get_integration("retry").unwrap().unwrap().metadata;
+    assert_eq!(
+        meta,
+        serde_json::json!({"owner": "data", "retry_on_lost": true})
+    );
+    loaded(s.as_ref(), "no_retry", None);
+    let tick = t("2020-01-01T06:00:00Z");
+    let mut e = Enqueue::new("retry", Trigger::Schedule);
+    e.logical_date = Some(tick);
+    e.priority = 4;
+    e.dedup_key = Some("retry@06:00".into());
+    e.params = serde_json::json!({"day": "2020-01-01"});
+    let mut item_id = s.enqueue(&e, t0).unwrap().id;
+    let other = s.enqueue(&item("no_retry", 0), t0).unwrap().id;
+    // A worker takes both and dies; the first process to notice (a CLI here) re-queues.
+    let mut requeued = Vec::new();
+    for round in 0..5 {
+        let worker = remote_owner("worker");
+        s.heartbeat(&worker, ttl, t0).unwrap();
+        let mut mine = vec![item_id];
+        if round == 0 {
+            mine.push(other);
+        }
+        for &id in &mine {
+            let it = s.claim(&worker.id, &[], ttl, t0).unwrap().unwrap();
+            assert_eq!(it.id, id);
+            s.create_run(&NewRun {
+                lease_owner: Some(worker.id.clone()),
+                queue_item: Some(it.id),
+                logical_date: it.logical_date,
+                ..NewRun::new(it.integration.clone(), it.trigger, Owner::Pipe)
+            })
+            .unwrap();
+        }
+        let lost = if round == 0 {
+            assert_eq!(s.mark_abandoned().unwrap(), 2);
+            s.list_queue(&QueueFilter {
+                state: Some(QueueState::Queued),
+                ..Default::default()
+            })
+            .unwrap()
+            .into_iter()
+            .map(|i| i.id)
+            .collect::<Vec<_>>()
+        } else {
+            s.expire_lost(Utc::now())
+                .unwrap()
+                .into_iter()
+                .filter_map(|l| l.requeued)
+                .collect()
+        };
+        match lost.as_slice() {
+            [] => break,
+            [again] => {
+                let it = s.get_item(*again).unwrap().unwrap();
+                assert_eq!(it.state, QueueState::Queued);
+                assert_eq!(
+                    (it.integration.as_str(), it.priority, it.trigger),
+                    ("retry", 4, Trigger::Schedule)
+                );
+                assert_eq!(it.logical_date, Some(tick));
+                assert_eq!(it.params, e.params);
+                assert_eq!(it.dedup_key, e.dedup_key);
+                requeued.push(*again);
+                item_id = *again;
+            }
+            more => panic!("one re-queue expected: {more:?}"),
+        }
+    }
+    // Three retries of one tick, then it stays lost.
+    assert_eq!(requeued.len(), 3, "{requeued:?}");
+    assert_eq!(s.count_queued("retry").unwrap(), 0);
+    assert_eq!(s.count_queued("no_retry").unwrap(), 0);
+    let abandoned = s
+        .find_runs(&RunFilter {
+            pipeline: Some("retry".into()),
+            status: Some(Status::Abandoned),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(abandoned.len(), 4);
 }
