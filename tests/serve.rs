@@ -844,3 +844,35 @@ fn a_removed_file_is_marked_removed_and_no_longer_scheduled() {
     assert!(out.stderr().contains("gone"), "{}", out.stderr());
     assert_eq!(server.stop(), 0, "{}", server.output());
 }
+
+#[test]
+fn a_queued_repair_runs_on_the_service_as_the_next_attempt() {
+    let env = Env::new();
+    env.write(
+        "pipelines/fixme.yaml",
+        "pipeline: fixme\nsteps:\n  first: { type: log, with: { message: kept } }\n  check:\n    type: exec\n    needs: [first]\n    with: { command: sh, args: [\"-c\", \"test -e fixed\"], on_nonzero: fail }\n",
+    );
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    wait_for("fixme loaded", &server, || {
+        (env.run(&["integrations", "show", "fixme"]).code() == 0).then_some(())
+    });
+    env.run(&["trigger", "fixme"]).expect_code(0);
+    let failed = wait_for("the failed run", &server, || {
+        runs(&env, "fixme")
+            .into_iter()
+            .find(|r| r["status"] == "failed")
+    });
+    let id = failed["id"].as_i64().unwrap();
+    std::fs::write(env.path().join("pipelines/fixed"), "").unwrap();
+    let out = env.run(&["runs", "repair", &id.to_string(), "--queue"]);
+    out.expect_code(0);
+    assert!(out.stdout().contains("attempt 2"), "{}", out.stdout());
+    let repaired = wait_for("the repaired run", &server, || {
+        runs(&env, "fixme")
+            .into_iter()
+            .find(|r| r["id"] == id && r["status"] == "succeeded")
+    });
+    assert_eq!(server.stop(), 0, "{}", server.output());
+    assert_eq!(repaired["attempt"], 2, "{repaired}");
+    assert_eq!(runs(&env, "fixme").len(), 1, "the repair is the same run");
+}

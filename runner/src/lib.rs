@@ -125,6 +125,9 @@ pub struct RunSpec {
     /// The queue item this run comes from (linked to the run when it is recorded; the
     /// service acks it).
     pub queue_item: Option<i64>,
+    /// The lease id that owns this run, kept renewed by the caller (a service's worker);
+    /// default: the runner's [`RunnerConfig::lease_owner`], else a lease of the run's own.
+    pub lease_owner: Option<String>,
     /// Continue this finished run as its next attempt (a repair: `pipe runs repair ID`)
     /// instead of recording a new run; [`PreparedRun::attempt`] says which attempt.
     pub resume: Option<i64>,
@@ -146,6 +149,7 @@ impl RunSpec {
             dry_run: false,
             secrets: None,
             queue_item: None,
+            lease_owner: None,
             resume: None,
             reuse: HashMap::new(),
         }
@@ -311,6 +315,7 @@ impl Runner {
             ));
             let (handle, plan2) = (self.store.clone(), plan.clone());
             let (trigger, queue_item, resume) = (spec.trigger, spec.queue_item, spec.resume);
+            let lease_owner = spec.lease_owner.clone();
             // A literal value in the file that the run masks is `***` in the kept text
             // (rewritten once the run has learnt everything it masks).
             let kept = source.as_deref().map(|s| redactor.redact(s));
@@ -323,6 +328,7 @@ impl Runner {
                     logical_date,
                     queue_item,
                     resume,
+                    lease_owner,
                 })
             })
             .await
@@ -435,6 +441,22 @@ impl PreparedRun {
             self.run_value(),
             &self.redactor,
         )
+    }
+
+    /// Do not run after all: the recorded run is finished `cancelled` with `why` (rather
+    /// than left `running` until its lease expires), the fakes are stopped. A dry run has
+    /// nothing to finish.
+    pub async fn discard(self, why: &str) -> Result<(), String> {
+        if let Some(f) = self.fakes {
+            f.shutdown().await;
+        }
+        let Some(recorded) = self.recorded else {
+            return Ok(());
+        };
+        let why = why.to_string();
+        tokio::task::spawn_blocking(move || store::discard(recorded, &why))
+            .await
+            .map_err(|e| format!("cannot finish the run: {e}"))?
     }
 
     /// Start executing on the current tokio runtime; `observers` see every event after the

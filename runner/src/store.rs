@@ -40,6 +40,8 @@ pub(crate) struct NewRecord<'a> {
     pub queue_item: Option<i64>,
     /// Continue this finished run as its next attempt instead of creating one.
     pub resume: Option<i64>,
+    /// The lease that owns the run (else the handle's, else one of the run's own).
+    pub lease_owner: Option<String>,
 }
 
 /// Keep the pipeline text a run ran (already redacted by the caller) in its folder. Best
@@ -59,6 +61,7 @@ pub(crate) struct Recorded {
     pub reader: Arc<dyn engine::step::HistoryView>,
     /// The run's own lease, renewed until the run is over (none under a worker's lease).
     pub lease: Option<LeaseKeeper>,
+    pub store: Arc<dyn RunStore>,
 }
 
 impl StoreHandle {
@@ -97,7 +100,8 @@ impl StoreHandle {
     /// of `resume`) owned by a lease, keep the pipeline text, and start the event writer.
     pub fn record_run(&self, new: NewRecord) -> Result<Recorded, PrepareError> {
         let store = self.get()?;
-        let lease = match &self.lease_owner {
+        let given = new.lease_owner.clone().or_else(|| self.lease_owner.clone());
+        let lease = match &given {
             Some(_) => None,
             None => Some(
                 LeaseKeeper::start(
@@ -110,10 +114,7 @@ impl StoreHandle {
                 })?,
             ),
         };
-        let owner = self
-            .lease_owner
-            .clone()
-            .or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
+        let owner = given.or_else(|| lease.as_ref().map(|l| l.owner().id.clone()));
         let _ = store.mark_abandoned();
         let (run_id, attempt) = match new.resume {
             Some(id) => {
@@ -151,7 +152,7 @@ impl StoreHandle {
             .map(Arc::new)
             .map_err(|e| PrepareError::History(format!("cannot write run history: {e:#}")))?;
         let reader = Arc::new(HistoryReader {
-            store,
+            store: store.clone(),
             writer: Some(writer.clone()),
         });
         Ok(Recorded {
@@ -161,6 +162,7 @@ impl StoreHandle {
             writer,
             reader,
             lease,
+            store,
         })
     }
 }
@@ -179,4 +181,22 @@ pub(crate) fn finish(writer: Arc<HistoryWriter>, lease: Option<LeaseKeeper>) -> 
     };
     drop(lease);
     error
+}
+
+/// A recorded run that will not start (a worker drained before it): finish it as
+/// `cancelled` now rather than leaving it `running` until its lease expires. Blocking.
+pub(crate) fn discard(r: Recorded, why: &str) -> Result<(), String> {
+    let Recorded {
+        run_id,
+        writer,
+        lease,
+        store,
+        ..
+    } = r;
+    let _ = finish(writer, None);
+    let result = store
+        .finish_run(run_id, engine::status::Status::Cancelled, Some(why), true)
+        .map_err(|e| format!("cannot finish run {run_id}: {e:#}"));
+    drop(lease);
+    result
 }

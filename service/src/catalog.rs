@@ -40,6 +40,8 @@ pub struct Integration {
     pub modified: Option<SystemTime>,
     /// Why the file's latest content is not in use (it failed validation), if so.
     pub load_error: Option<String>,
+    /// The plan's `schedule:` ready for fire times (parsed once per version, not per tick).
+    pub spec: Option<scheduler::ScheduleSpec>,
 }
 
 impl std::fmt::Debug for Integration {
@@ -216,11 +218,14 @@ impl Catalog {
                     plan.name,
                     other.file.display()
                 )),
-                _ => Ok(plan),
+                _ => match scheduler::ScheduleSpec::from_plan(&plan) {
+                    Ok(spec) => Ok((plan, spec)),
+                    Err(e) => Err(format!("{display}: schedule: {e}")),
+                },
             },
         };
         match result {
-            Ok(plan) => {
+            Ok((plan, spec)) => {
                 let name = plan.name.clone();
                 if let Some(old) = previous.as_ref().filter(|old| **old != name) {
                     self.integrations.remove(old);
@@ -236,6 +241,7 @@ impl Catalog {
                         plan: Arc::new(plan),
                         modified,
                         load_error: None,
+                        spec,
                     },
                 );
                 state.name = Some(name.clone());

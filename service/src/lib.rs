@@ -48,6 +48,18 @@ pub trait Launcher: Send + Sync {
     /// Record the run (linked to its queue item, owned by the lease owner) and start it.
     /// An error means no run was recorded.
     async fn start(&self, job: Job) -> anyhow::Result<RunHandle>;
+
+    /// `pause_after_failures` just disabled the integration of `plan` after `failures`
+    /// failed runs in a row, the last being `last_run`: send its `notify: on: [paused]`
+    /// notifications. Errors are the implementation's to log; the default sends nothing.
+    async fn paused(
+        &self,
+        _plan: Arc<Plan>,
+        _last_run: i64,
+        _failures: u32,
+        _store: Arc<dyn store::RunStore>,
+    ) {
+    }
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ const SCHEDULER_WAKE: Duration = Duration::from_secs(1);
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How long an idle worker waits before asking the queue again (it is also woken when
 /// this server enqueued something).
-const IDLE_POLL: Duration = Duration::from_millis(500);
+const IDLE_POLL: Duration = Duration::from_secs(1);
 /// How often a worker looks for a cancel request of its run.
 const CANCEL_POLL: Duration = Duration::from_millis(500);
 
@@ -425,23 +425,12 @@ async fn plan_round(
     };
     next_due.retain(|name, _| snapshot.contains_key(name));
     // Which integrations are due, from the cache alone.
-    let mut due: Vec<(&Integration, scheduler::ScheduleSpec)> = Vec::new();
+    let mut due: Vec<(&Integration, &scheduler::ScheduleSpec)> = Vec::new();
     for (name, integration) in snapshot.iter() {
-        let Some(config) = integration.plan.schedule.as_ref() else {
+        let Some(spec) = integration.spec.as_ref() else {
             continue;
         };
-        let spec = match scheduler::ScheduleSpec::from_config(config) {
-            Ok(s) => s,
-            Err(e) => {
-                // Validation accepted it: this is a bug, not a user error; say so once.
-                if !next_due.contains_key(name) {
-                    log(format!("integration {name}: cannot schedule: {e}"));
-                    next_due.insert(name.clone(), (String::new(), DateTime::<Utc>::MAX_UTC));
-                }
-                continue;
-            }
-        };
-        let key = schedule_key(&spec);
+        let key = schedule_key(spec);
         if let Some((k, at)) = next_due.get(name) {
             if *k == key && *at > now {
                 note(*at, &mut earliest);
@@ -467,12 +456,12 @@ async fn plan_round(
     let mut cancels: Vec<(String, usize)> = Vec::new();
     for (integration, spec) in due {
         let name = &integration.name;
-        let key = schedule_key(&spec);
+        let key = schedule_key(spec);
         let row = rows.get(name);
         if row.is_some_and(|r| !r.enabled || r.removed) {
             // Looked at again at its next fire time; when it is enabled again its schedule
             // restarts from the instant it was enabled.
-            let at = scheduler::next_after(&spec, now).unwrap_or(DateTime::<Utc>::MAX_UTC);
+            let at = scheduler::next_after(spec, now).unwrap_or(DateTime::<Utc>::MAX_UTC);
             note(at, &mut earliest);
             next_due.insert(name.clone(), (key, at));
             continue;
@@ -496,7 +485,7 @@ async fn plan_round(
             }),
             (None, None) => None,
         };
-        let plan = scheduler::plan_ticks(&spec, cursor.as_ref(), now);
+        let plan = scheduler::plan_ticks(spec, cursor.as_ref(), now);
         if plan.reset && cursor.is_some() && spec.enabled {
             log(format!(
                 "integration {name}: the schedule changed; it restarts from now ({})",
@@ -516,13 +505,13 @@ async fn plan_round(
         let meta = &integration.plan.integration;
         let last = plan.due.len().saturating_sub(1);
         let mut batch = store::TickBatch::new(name, &fingerprint, plan.cursor.through);
-        let next = scheduler::next_after(&spec, plan.cursor.through);
+        let next = scheduler::next_after(spec, plan.cursor.through);
         batch.next_run = Some(if spec.enabled { next } else { None });
         for (k, at) in plan.due.iter().enumerate() {
             let policy = if k < last {
-                scheduler::OverlapPolicy::for_catch_up(&spec)
+                scheduler::OverlapPolicy::for_catch_up(spec)
             } else {
-                scheduler::OverlapPolicy::of(&spec)
+                scheduler::OverlapPolicy::of(spec)
             };
             let stamp = at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             match scheduler::decide_overlap(&policy, running, queued) {
@@ -794,12 +783,12 @@ async fn run_item(shared: &Arc<Shared>, n: usize, item: QueueItem) {
         status.label()
     ));
     if status == Status::Failed {
-        pause_if_failing(shared, &integration).await;
+        pause_if_failing(shared, &integration, run_id).await;
     }
 }
 
 /// `pause_after_failures: N`: disable after N consecutive failed runs.
-async fn pause_if_failing(shared: &Arc<Shared>, integration: &Integration) {
+async fn pause_if_failing(shared: &Arc<Shared>, integration: &Integration, last_run: i64) {
     let Some(limit) = integration
         .plan
         .schedule
@@ -824,8 +813,15 @@ async fn pause_if_failing(shared: &Arc<Shared>, integration: &Integration) {
                 "integration {}: paused (disabled) after {failures} consecutive failed runs (pause_after_failures: {limit}); `pipe integrations enable {}` resumes it",
                 integration.name, integration.name
             ));
-            // TODO(notify): call the notify crate's `paused` notification once h/notify
-            // publishes one.
+            shared
+                .launcher
+                .paused(
+                    integration.plan.clone(),
+                    last_run,
+                    failures,
+                    shared.store.clone(),
+                )
+                .await;
         }
         Ok(_) => {}
         Err(e) => log(format!(
@@ -838,11 +834,24 @@ async fn pause_if_failing(shared: &Arc<Shared>, integration: &Integration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use engine::plan::Plan;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Records the run and finishes it at once, as succeeded.
+    /// Records the run and finishes it at once, with `status`.
     struct Instant {
         started: AtomicUsize,
+        status: Status,
+        paused: AtomicUsize,
+    }
+
+    impl Instant {
+        fn new(status: Status) -> Arc<Instant> {
+            Arc::new(Instant {
+                started: AtomicUsize::new(0),
+                status,
+                paused: AtomicUsize::new(0),
+            })
+        }
     }
 
     #[async_trait::async_trait]
@@ -851,6 +860,7 @@ mod tests {
             self.started.fetch_add(1, Ordering::SeqCst);
             let item = job.queue_item.clone();
             let store = job.store.clone();
+            let status = self.status;
             let run_id = tokio::task::spawn_blocking(move || {
                 let mut new =
                     store::NewRun::new(&item.integration, item.trigger, store::Owner::Pipe);
@@ -862,7 +872,7 @@ mod tests {
                 store.write_events(
                     id,
                     &[store::RunEvent::RunFinished {
-                        status: Status::Succeeded,
+                        status,
                         error: None,
                         at: Utc::now(),
                     }],
@@ -871,12 +881,17 @@ mod tests {
             })
             .await??;
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let _ = tx.send(Status::Succeeded);
+            let _ = tx.send(status);
             Ok(crate::RunHandle {
                 run_id,
                 cancel: CancellationToken::new(),
                 done: rx,
             })
+        }
+
+        async fn paused(&self, _: Arc<Plan>, _: i64, failures: u32, _: Arc<dyn RunStore>) {
+            assert_eq!(failures, 2);
+            self.paused.fetch_add(1, Ordering::SeqCst);
         }
     }
 
@@ -906,9 +921,7 @@ mod tests {
         )
         .unwrap();
         let store = store::open(&store::StoreConfig::sqlite(dir.path().join("state"))).unwrap();
-        let launcher = Arc::new(Instant {
-            started: AtomicUsize::new(0),
-        });
+        let launcher = Instant::new(Status::Succeeded);
         for _ in 0..2 {
             let stop = CancellationToken::new();
             let task = tokio::spawn(Service::run(
@@ -941,5 +954,36 @@ mod tests {
         );
         assert!(runs.iter().all(|r| r.trigger == store::Trigger::Schedule));
         assert_eq!(launcher.started.load(Ordering::SeqCst), n);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pause_after_failures_disables_once_and_calls_the_paused_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("p")).unwrap();
+        std::fs::write(
+            dir.path().join("p/f.yaml"),
+            "pipeline: f\nschedule: { cron: \"* * * * * *\", pause_after_failures: 2 }\nsteps:\n  s: { type: log, with: { message: hi } }\n",
+        )
+        .unwrap();
+        let store = store::open(&store::StoreConfig::sqlite(dir.path().join("state"))).unwrap();
+        let launcher = Instant::new(Status::Failed);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(Service::run(
+            config(dir.path(), store.clone(), launcher.clone()),
+            stop.clone(),
+        ));
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while store.is_enabled("f").unwrap() || store.get_integration("f").unwrap().is_none() {
+            assert!(std::time::Instant::now() < until, "never paused");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Ticks after the pause are not run.
+        let started = launcher.started.load(Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.cancel();
+        task.await.unwrap().unwrap();
+        assert_eq!(launcher.paused.load(Ordering::SeqCst), 1);
+        assert_eq!(launcher.started.load(Ordering::SeqCst), started);
+        assert!(store.consecutive_failures("f").unwrap() >= 2);
     }
 }

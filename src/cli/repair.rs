@@ -5,7 +5,6 @@
 //! `pipe run`'s.
 
 use super::run::{execute, Terminal};
-use super::Format;
 use runner::{ParamValue, PlanSource, RunSpec, Runner};
 use std::path::Path;
 use std::sync::Arc;
@@ -21,15 +20,12 @@ pub struct RepairArgs {
     /// Steps at once (default: the pipeline's `concurrency`, else the number of CPUs).
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Summary format on stdout.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-    /// Only the summary: no progress on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// Also show every info log row on stderr.
-    #[arg(long, short)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub terminal: Terminal,
+    /// Queue the repair for the running `pipe serve` instead of running it here (it runs
+    /// as the run's next attempt on a worker; the run's recorded params are used).
+    #[arg(long, conflicts_with = "params")]
+    pub queue: bool,
 }
 
 fn usage(msg: impl std::fmt::Display) -> i32 {
@@ -54,6 +50,9 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
         Ok(r) => r,
         Err(e) => return usage(e),
     };
+    if args.queue {
+        return queue_repair(&*store, &repair, args.id);
+    }
     config.store = Some(store);
     let worker = Runner::new(config);
 
@@ -80,7 +79,7 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
             params.push((name.clone(), ParamValue::Json(value.clone())));
         }
     }
-    if !args.quiet {
+    if !args.terminal.quiet {
         for (step, why) in &repair.rerun {
             eprintln!("repair: `{step}` runs again: {why}");
         }
@@ -97,14 +96,43 @@ pub fn main(args: RepairArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     spec.concurrency = args.concurrency;
     spec.resume = Some(args.id);
     spec.reuse = repair.reuse;
-    execute(
-        &worker,
-        spec,
-        Terminal {
-            format: args.format,
-            quiet: args.quiet,
-            verbose: args.verbose,
-        },
-        state_dir,
-    )
+    execute(&worker, spec, args.terminal, state_dir)
+}
+
+/// `--queue`: one queue item (trigger `repair`, the run's id) that a service worker runs as
+/// the run's next attempt.
+fn queue_repair(store: &dyn store::RunStore, repair: &runner::repair::Repair, id: i64) -> i32 {
+    let pipeline = &repair.run.run.pipeline;
+    let integration = match store.get_integration(pipeline) {
+        Ok(i) => i,
+        Err(e) => return usage(format!("cannot read integration `{pipeline}`: {e}")),
+    };
+    if integration.as_ref().is_some_and(|i| !i.enabled) {
+        return usage(format!(
+            "integration `{pipeline}` is disabled; nothing is queued (`pipe integrations enable {pipeline}` first)"
+        ));
+    }
+    let mut e = store::Enqueue::new(pipeline, store::Trigger::Repair);
+    e.run_id = Some(id);
+    e.logical_date = repair.run.run.logical_date;
+    e.dedup_key = Some(format!("repair:{id}"));
+    if let Some(i) = &integration {
+        e.queue = i.queue.clone();
+        e.priority = i.priority;
+    }
+    match store.enqueue(&e, chrono::Utc::now()) {
+        Ok(q) => {
+            println!(
+                "queued the repair of run {id} (queue item {}{}); `pipe serve` runs it as attempt {}",
+                q.id,
+                if q.merged { ", already queued" } else { "" },
+                repair.run.run.attempt + 1
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("error: cannot queue the repair: {e}");
+            1
+        }
+    }
 }

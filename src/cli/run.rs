@@ -36,15 +36,8 @@ pub struct RunArgs {
     /// Print the plan in execution order with rendered, redacted configs; run nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Summary format on stdout.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-    /// Only the summary: no progress on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
-    /// Also show every info log row on stderr.
-    #[arg(long, short)]
-    pub verbose: bool,
+    #[command(flatten)]
+    pub terminal: Terminal,
     /// Run offline against pipe's local fakes of the external services (see `pipe sandbox
     /// serve`): connections are pointed at them and `secret()`/`env()` take the values of
     /// the pipeline's `sandbox:` block. `PIPE_SANDBOX` (JSON) tunes the fakes.
@@ -74,7 +67,7 @@ pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
             return usage(e);
         }
     };
-    if !args.quiet {
+    if !args.terminal.quiet {
         for d in &loaded.diagnostics {
             eprintln!("{d}");
         }
@@ -101,19 +94,20 @@ pub fn main(args: RunArgs, state_dir: &Path, db: Option<&str>) -> i32 {
     spec.concurrency = args.concurrency;
     spec.sandbox = args.sandbox;
     spec.dry_run = args.dry_run;
-    let terminal = Terminal {
-        format: args.format,
-        quiet: args.quiet,
-        verbose: args.verbose,
-    };
-    execute(&worker, spec, terminal, state_dir)
+    execute(&worker, spec, args.terminal, state_dir)
 }
 
-/// How a run shows itself on the terminal.
-#[derive(Clone, Copy)]
+/// How a run shows itself on the terminal (the options of `pipe run` and `pipe runs repair`).
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct Terminal {
+    /// Summary format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Only the summary: no progress on stderr.
+    #[arg(long, short)]
     pub quiet: bool,
+    /// Also show every info log row on stderr.
+    #[arg(long, short)]
     pub verbose: bool,
 }
 
