@@ -26,6 +26,7 @@ bench:
     cargo bench --bench load
     cargo bench --bench sql
     cargo bench --bench carol
+    cargo bench --bench serve
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:
