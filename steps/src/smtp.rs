@@ -87,6 +87,14 @@ impl engine::connection::ConnectionConfig for SmtpConnection {
     }
 }
 
+/// `--sandbox`: a mail server is left as it is; nothing is sent under `--sandbox` (the
+/// notify crate sends no notification there), so the connection is never used offline.
+pub fn sandbox(
+    _: &engine::connection::SandboxTarget,
+) -> Result<Option<engine::connection::ConnectionOverride>, String> {
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,10 +116,3 @@ mod tests {
     }
 }
 
-/// `--sandbox`: a mail server is left as it is; nothing is sent under `--sandbox` (the
-/// notify crate sends no notification there), so the connection is never used offline.
-pub fn sandbox(
-    _: &engine::connection::SandboxTarget,
-) -> Result<Option<engine::connection::ConnectionOverride>, String> {
-    Ok(None)
-}
