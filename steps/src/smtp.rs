@@ -115,4 +115,3 @@ mod tests {
         assert_eq!(c(SmtpTls::Tls).port(), 465);
     }
 }
-
