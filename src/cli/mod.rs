@@ -31,6 +31,29 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// Ctrl-C and SIGTERM for a command that stops in two stages: `first` on the first signal,
+/// `again` on each later one. Returns only if the handlers cannot be installed.
+pub async fn on_signals(first: impl FnOnce(), mut again: impl FnMut()) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut first = Some(first);
+    loop {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        match first.take() {
+            Some(f) => f(),
+            None => again(),
+        }
+    }
+}
+
 /// Output formats shared by several subcommands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Format {

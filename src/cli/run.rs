@@ -183,28 +183,18 @@ pub fn execute(worker: &Runner, spec: RunSpec, terminal: Terminal, state_dir: &P
 }
 
 async fn watch_signals(run: runner::RunControls) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    let mut count = 0;
-    loop {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        count += 1;
-        if count == 1 {
+    let hard = run.clone();
+    super::on_signals(
+        move || {
             eprintln!("\ncancelling: running steps are stopped, teardown steps still run (press Ctrl-C again to stop them too)");
             run.cancel();
-        } else {
+        },
+        move || {
             eprintln!("\nstopping teardown steps too");
-            run.hard_cancel();
-        }
-    }
+            hard.hard_cancel();
+        },
+    )
+    .await
 }
 
 fn parse_logical_date(text: &str) -> Result<DateTime<Utc>, String> {

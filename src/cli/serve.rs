@@ -77,27 +77,14 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
 /// The first SIGTERM or Ctrl-C stops the service (drain); a second ends the drain now
 /// (running runs are cancelled, their teardown steps still run).
 async fn watch_signals(shutdown: CancellationToken, hurry: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    let mut count = 0;
-    loop {
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        count += 1;
-        if count == 1 {
-            shutdown.cancel();
-        } else {
+    super::on_signals(
+        move || shutdown.cancel(),
+        move || {
             service::serve::log("second signal: cancelling the running runs now");
             hurry.cancel();
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// The service's [`service::Launcher`]: a claimed queue item becomes a run through the
