@@ -129,8 +129,14 @@ impl StoreHandle {
                 (id, attempt)
             }
             None => {
-                let id = store
-                    .upsert_integration(&new.plan.name, new.plan.description.as_deref())
+                // A service recorded the integration (and its description) when it loaded
+                // the file; a lone run records it here. `create_run` makes a missing row.
+                let described = if self.lease_owner.is_none() {
+                    store.upsert_integration(&new.plan.name, new.plan.description.as_deref())
+                } else {
+                    Ok(())
+                };
+                let id = described
                     .and_then(|_| {
                         store.create_run(&NewRun {
                             params: new.params,

@@ -707,18 +707,7 @@ async fn run_item(shared: &Arc<Shared>, n: usize, item: QueueItem) {
         ack(shared, item.id, AckOutcome::Cancelled).await;
         return;
     };
-    let enabled = {
-        let name = item.integration.clone();
-        blocking(&shared.store, move |s| s.is_enabled(&name)).await
-    };
-    if matches!(enabled, Ok(false)) {
-        log(format!(
-            "worker {n}: integration {} is disabled; its queued run (item {}) is dropped",
-            item.integration, item.id
-        ));
-        ack(shared, item.id, AckOutcome::Cancelled).await;
-        return;
-    }
+    // A disabled integration's items are never claimed (the claim cancels them).
     let job = crate::Job {
         plan: integration.plan.clone(),
         queue_item: item.clone(),

@@ -22,6 +22,7 @@
 //! so tests need no sleeps and two servers agree on what their callers saw.
 
 mod error;
+mod group;
 mod lease;
 mod pg;
 mod sql;
@@ -104,7 +105,8 @@ pub trait RunQueue: Send + Sync {
     /// (the existing item keeps its place and takes the higher priority).
     fn enqueue(&self, item: &Enqueue, now: DateTime<Utc>) -> Result<Enqueued>;
     /// Take the highest-priority, then oldest, queued item of `queues` (all queues when
-    /// empty) whose integration has fewer running runs than its `max_concurrent_runs`, and
+    /// empty) whose integration has fewer running runs than its `max_concurrent_runs`
+    /// (items of a disabled integration met on the way are cancelled), and
     /// mark it claimed by `worker` until `now + lease` (or for as long as `worker`'s lease is
     /// held, see [`RunStore::heartbeat`]). `None` when nothing can be claimed now.
     fn claim(

@@ -256,7 +256,11 @@ pub(crate) fn open(url: &str, state_dir: &Path) -> Result<PgStore> {
     } else {
         prepare()?;
     }
-    Ok(SqlStore { backend, state_dir })
+    Ok(SqlStore {
+        backend,
+        state_dir,
+        group: crate::group::Group::new(<PgBackend as Backend>::GROUP_LEADERS),
+    })
 }
 
 fn migrate(client: &mut Client) -> Result<()> {
@@ -411,6 +415,8 @@ impl PgBackend {
 
 impl Backend for PgBackend {
     const DIALECT: Dialect = Dialect::Postgres;
+    /// Concurrent commits share PostgreSQL's log flush; as many as idle connections.
+    const GROUP_LEADERS: usize = POOL_IDLE;
 
     fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
         self.transaction(false, f)

@@ -25,8 +25,10 @@ use std::time::Duration;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often a transaction that still met `SQLITE_BUSY` is tried again.
 const BUSY_RETRIES: u32 = 10;
-/// Idle connections kept per store.
-const POOL_IDLE: usize = 4;
+/// Idle connections kept per store: as many as the threads that use it at once (a
+/// service's workers and run writers), so none pays for opening a connection and preparing
+/// its statements again.
+const POOL_IDLE: usize = 32;
 
 /// Schema migrations, in order; the version is the position + 1.
 pub(crate) const MIGRATIONS: &[&str] = &[
@@ -202,6 +204,10 @@ pub(crate) type SqliteStore = SqlStore<SqliteBackend>;
 pub(crate) struct SqliteBackend {
     path: PathBuf,
     pool: Mutex<Vec<Connection>>,
+    /// The threads of this process take turns for the file's one write lock here, woken as
+    /// soon as it is free, instead of in SQLite's busy handler, which sleeps 1–100 ms
+    /// between tries (other processes still meet the busy timeout).
+    writing: Mutex<()>,
 }
 
 /// Open the store in `state_dir`, its database at `file` (default `history.sqlite` in it).
@@ -225,11 +231,16 @@ pub(crate) fn open(state_dir: &Path, file: Option<&Path>) -> Result<SqliteStore>
     let backend = SqliteBackend {
         path: path.clone(),
         pool: Mutex::new(Vec::new()),
+        writing: Mutex::new(()),
     };
     let conn = backend.connect()?;
     migrate(&conn).with_context(|| format!("cannot prepare run history {}", path.display()))?;
     backend.put(conn);
-    Ok(SqlStore { backend, state_dir })
+    Ok(SqlStore {
+        backend,
+        state_dir,
+        group: crate::group::Group::new(<SqliteBackend as Backend>::GROUP_LEADERS),
+    })
 }
 
 impl SqliteBackend {
@@ -295,8 +306,11 @@ impl SqliteBackend {
 
 impl Backend for SqliteBackend {
     const DIALECT: Dialect = Dialect::Sqlite;
+    /// One writer at a time per file.
+    const GROUP_LEADERS: usize = 1;
 
     fn write<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T> {
+        let _turn = lock(&self.writing);
         self.transaction("BEGIN IMMEDIATE", f)
     }
 

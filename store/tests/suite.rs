@@ -148,6 +148,8 @@ both!(
     integrations_version_moves_with_the_list,
     a_database_one_version_behind_is_migrated,
     lost_runs_are_requeued_when_the_integration_says_so,
+    claim_walks_past_full_integrations_and_cancels_disabled_ones,
+    grouped_writes_of_many_threads_each_get_their_own_outcome,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1761,4 +1763,103 @@ fn lost_runs_are_requeued_when_the_integration_says_so(db: &Db) {
         })
         .unwrap();
     assert_eq!(abandoned.len(), 4);
+}
+
+/// More blocked items than a claim reads at once stand before the one that can run: the
+/// claim pages on and finds it; a disabled integration's queued items are cancelled on the
+/// way, never claimed.
+fn claim_walks_past_full_integrations_and_cancels_disabled_ones(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    let lease = Duration::from_secs(30);
+    loaded(s.as_ref(), "busy", Some(1));
+    loaded(s.as_ref(), "off", None);
+    for _ in 0..300 {
+        s.enqueue(&item("busy", 9), now).unwrap();
+    }
+    let first = s.claim("w", &[], lease, now).unwrap().unwrap();
+    assert_eq!(first.integration, "busy");
+    let off: Vec<i64> = (0..3)
+        .map(|_| s.enqueue(&item("off", 8), now).unwrap().id)
+        .collect();
+    assert!(s.set_enabled("off", false, now).unwrap());
+    let free = s.enqueue(&item("free", 1), now).unwrap().id;
+    // 299 items of `busy` (full) and 3 of `off` (disabled) come first in claim order.
+    let got = s.claim("w", &[], lease, now).unwrap().unwrap();
+    assert_eq!(got.id, free);
+    for id in off {
+        assert_eq!(
+            s.get_item(id).unwrap().unwrap().state,
+            QueueState::Cancelled
+        );
+    }
+    assert!(s.claim("w", &[], lease, now).unwrap().is_none());
+    assert_eq!(s.count_queued("busy").unwrap(), 299);
+    s.ack(first.id, AckOutcome::Done, now).unwrap();
+    assert_eq!(
+        s.claim("w", &[], lease, now).unwrap().unwrap().integration,
+        "busy"
+    );
+}
+
+/// Many threads writing at once share commits (group commit): each still gets its own
+/// run id, claim and outcome, and a bad write fails alone.
+fn grouped_writes_of_many_threads_each_get_their_own_outcome(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    let lease = Duration::from_secs(30);
+    for k in 0..64 {
+        s.enqueue(&item(&format!("g{k}"), 0), now).unwrap();
+    }
+    let results: Vec<(i64, i64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..16)
+            .map(|w| {
+                let s = s.clone();
+                scope.spawn(move || {
+                    let mut mine = Vec::new();
+                    while let Some(it) = s.claim(&format!("w{w}"), &[], lease, now).unwrap() {
+                        let run = s
+                            .create_run(&NewRun {
+                                queue_item: Some(it.id),
+                                ..NewRun::new(it.integration.clone(), Trigger::Manual, Owner::Pipe)
+                            })
+                            .unwrap();
+                        s.write_events(
+                            run,
+                            &[
+                                RunEvent::Log(log(None, &format!("run {run} of item {}", it.id))),
+                                RunEvent::RunFinished {
+                                    status: Status::Succeeded,
+                                    error: None,
+                                    at: Utc::now(),
+                                },
+                            ],
+                        )
+                        .unwrap();
+                        // A write that fails (no such item) fails alone.
+                        assert!(s.ack(-it.id, AckOutcome::Done, now).is_err());
+                        s.ack(it.id, AckOutcome::Done, now).unwrap();
+                        mine.push((it.id, run));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(results.len(), 64, "every item claimed once");
+    let items: std::collections::HashSet<i64> = results.iter().map(|r| r.0).collect();
+    let runs: std::collections::HashSet<i64> = results.iter().map(|r| r.1).collect();
+    assert_eq!((items.len(), runs.len()), (64, 64));
+    for (item, run) in results {
+        let q = s.get_item(item).unwrap().unwrap();
+        assert_eq!((q.state, q.run_id), (QueueState::Done, Some(run)));
+        let logs = s.logs(run, 0).unwrap();
+        assert_eq!(logs.len(), 1);
+        assert_eq!(logs[0].message, format!("run {run} of item {item}"));
+        assert_eq!(s.run_status(run).unwrap(), Some(Status::Succeeded));
+    }
 }
