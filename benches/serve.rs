@@ -25,6 +25,8 @@
 //! `PIPE_BIN` (the `pipe` binary; default the one cargo built with this bench),
 //! `PIPE_BENCH_INTEGRATIONS` (10000), `PIPE_BENCH_WORKERS` (8), `PIPE_BENCH_MINUTES`
 //! (measured minute boundaries, 2), `PIPE_BENCH_BACKENDS` (`sqlite,postgres`),
+//! `PIPE_BENCH_SHAPES` (`burst,spread`: every schedule at second 0, or integration k at
+//! second k % 60 — the same N runs a minute as a burst or as a steady stream),
 //! `PIPE_TEST_POSTGRES_URL` (`postgres://postgres@127.0.0.1:5432/test`: the server to
 //! create the round's database on). E.g.
 //! `PIPE_BIN=target/debug/pipe PIPE_BENCH_INTEGRATIONS=200 cargo bench --bench serve`.
@@ -62,7 +64,29 @@ struct Settings {
     workers: usize,
     minutes: usize,
     backends: Vec<String>,
+    shapes: Vec<Shape>,
     pg_url: String,
+}
+
+/// How the integrations' per-minute schedules sit in the minute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// Every integration at second 0 (`* * * * *`): one burst of N runs a minute, whose
+    /// drain measures runs/s; its lag is N / runs/s by construction.
+    Burst,
+    /// Integration k at second k % 60 (`S * * * * *`): the same N runs a minute, as a
+    /// steady N/60 runs/s, the way schedules of many teams fall; its lag measures the
+    /// scheduler and the queue, not a backlog.
+    Spread,
+}
+
+impl Shape {
+    fn label(self) -> &'static str {
+        match self {
+            Shape::Burst => "burst",
+            Shape::Spread => "spread",
+        }
+    }
 }
 
 impl Settings {
@@ -87,8 +111,18 @@ impl Settings {
                 "PIPE_BENCH_BACKENDS: unknown backend {b:?} (sqlite, postgres)"
             );
         }
+        let shapes = std::env::var("PIPE_BENCH_SHAPES")
+            .unwrap_or_else(|_| "burst,spread".into())
+            .split(',')
+            .map(|v| match v.trim() {
+                "burst" => Shape::Burst,
+                "spread" => Shape::Spread,
+                other => panic!("PIPE_BENCH_SHAPES: unknown shape {other:?} (burst, spread)"),
+            })
+            .collect();
         Settings {
             bin,
+            shapes,
             integrations: env_usize("PIPE_BENCH_INTEGRATIONS", 10_000).max(1),
             workers: env_usize("PIPE_BENCH_WORKERS", 8).max(1),
             minutes: env_usize("PIPE_BENCH_MINUTES", 2).max(1),
@@ -102,16 +136,20 @@ impl Settings {
 // ---------------------------------------------------------------------------------------
 // The integrations.
 
-fn write_integrations(dir: &Path, n: usize) {
+fn write_integrations(dir: &Path, n: usize, shape: Shape) {
     std::fs::create_dir_all(dir).unwrap();
     for k in 0..n {
         let name = format!("i{k:05}");
+        let cron = match shape {
+            Shape::Burst => "* * * * *".to_string(),
+            Shape::Spread => format!("{} * * * * *", k % 60),
+        };
         std::fs::write(
             dir.join(format!("{name}.yaml")),
             format!(
                 "pipeline: {name}\n\
                  description: bench no-op integration\n\
-                 schedule: {{ cron: \"* * * * *\" }}\n\
+                 schedule: {{ cron: \"{cron}\" }}\n\
                  steps:\n  \
                    s: {{ type: log, with: {{ message: \"tick\" }} }}\n"
             ),
@@ -410,18 +448,24 @@ impl Db {
             .collect()
     }
 
-    /// Finished runs of one instant (polled while a burst drains; a light query).
-    fn finished_at(&self, instant: DateTime<Utc>) -> usize {
-        let stamp = instant.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let sql = "SELECT count(*) FROM runs WHERE logical_date = $1 AND finished_at IS NOT NULL";
+    /// Finished runs of one minute's instants (polled while they drain; a light query).
+    fn finished_in(&self, minute: DateTime<Utc>) -> usize {
+        let stamp = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let (from, to) = (stamp(minute), stamp(minute + TimeDelta::minutes(1)));
+        let sql = "SELECT count(*) FROM runs WHERE logical_date >= $1 AND logical_date < $2 \
+                   AND finished_at IS NOT NULL";
         match self {
             Db::Sqlite(_) => self
                 .sqlite()
-                .query_row(&sql.replace("$1", "?1"), [&stamp], |r| r.get::<_, i64>(0))
+                .query_row(
+                    &sql.replace("$1", "?1").replace("$2", "?2"),
+                    [&from, &to],
+                    |r| r.get::<_, i64>(0),
+                )
                 .unwrap_or(0) as usize,
             Db::Postgres { .. } => self
                 .pg()
-                .query_one(sql, &[&stamp])
+                .query_one(sql, &[&from, &to])
                 .map(|r| r.get::<_, i64>(0))
                 .unwrap_or(0) as usize,
         }
@@ -582,7 +626,9 @@ struct Minute {
 }
 
 struct Round {
+    /// Backend and shape, the rows' label.
     backend: String,
+    shape: Shape,
     ready_s: f64,
     first_plan_s: f64,
     minutes: Vec<Minute>,
@@ -598,12 +644,12 @@ struct Round {
     log: String,
 }
 
-fn round(s: &Settings, backend: &str) -> Round {
+fn round(s: &Settings, backend: &str, shape: Shape) -> Round {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("pipelines");
     let state = tmp.path().join("state");
     let t = Instant::now();
-    write_integrations(&dir, s.integrations);
+    write_integrations(&dir, s.integrations, shape);
     eprintln!(
         "[{backend}] wrote {} integrations in {:.1} s",
         s.integrations,
@@ -672,14 +718,15 @@ fn round(s: &Settings, backend: &str) -> Round {
         let mut drained_at = None;
         let mut cpu_burst = None;
         let last = m + 1 == s.minutes;
-        let deadline = if last {
-            instant + TimeDelta::minutes(3)
-        } else {
-            next - TimeDelta::seconds(1)
+        let deadline = match (shape, last) {
+            (_, true) => instant + TimeDelta::minutes(3),
+            (Shape::Burst, false) => next - TimeDelta::seconds(1),
+            // The minute's last runs are due at second 59.
+            (Shape::Spread, false) => next + TimeDelta::seconds(5),
         };
         while Utc::now() < deadline {
             std::thread::sleep(Duration::from_millis(500));
-            if db.finished_at(instant) >= s.integrations {
+            if db.finished_in(instant) >= s.integrations {
                 drained_at = Some(Utc::now());
                 cpu_burst = Some(cpu_seconds(pid) - cpu0);
                 break;
@@ -694,7 +741,7 @@ fn round(s: &Settings, backend: &str) -> Round {
             }
         );
         // The quiet stretch: from 2 s after the drain to 2 s before the next boundary.
-        if let (Some(d), false, None) = (drained_at, last, &quiet) {
+        if let (Some(d), false, None, Shape::Burst) = (drained_at, last, &quiet, shape) {
             let from = d + TimeDelta::seconds(2);
             let to = next - TimeDelta::seconds(2);
             if to - from >= TimeDelta::seconds(5) {
@@ -721,7 +768,8 @@ fn round(s: &Settings, backend: &str) -> Round {
     let floors = db.floors();
     drop(db);
     Round {
-        backend: backend.to_string(),
+        backend: format!("{backend}, {}", shape.label()),
+        shape,
         ready_s,
         first_plan_s,
         minutes,
@@ -759,12 +807,17 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
                 m.instant.format("%H:%M")
             );
         }
-        let runs: Vec<&RunRow> = r.runs.iter().filter(|x| x.logical == m.instant).collect();
+        let next = m.instant + TimeDelta::minutes(1);
+        let runs: Vec<&RunRow> = r
+            .runs
+            .iter()
+            .filter(|x| x.logical >= m.instant && x.logical < next)
+            .collect();
         missing += n.saturating_sub(runs.len());
         for x in &runs {
-            lags.push(secs(x.started - m.instant));
+            lags.push(secs(x.started - x.logical));
             if let Some(e) = x.enqueued {
-                sched.push(secs(e - m.instant));
+                sched.push(secs(e - x.logical));
                 if let Some(c) = x.claimed {
                     wait.push(secs(c - e));
                     start.push(secs(x.started - c));
@@ -780,6 +833,10 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
         // Never run by the stop: at least this late.
         for _ in runs.len()..n {
             lags.push(secs(stopped - m.instant));
+        }
+        if r.shape == Shape::Spread {
+            // A steady N/60 runs/s: no burst to measure the drain of.
+            continue;
         }
         if let Some(last_queued) = runs.iter().filter_map(|x| x.enqueued).max() {
             let span = secs(last_queued - m.instant).max(1e-3);
@@ -978,12 +1035,13 @@ fn report(s: &Settings, r: &Round, rows: &mut Vec<Row>) {
     // Consistency: what the ticks table says for the measured instants.
     let mut states = Vec::new();
     for m in &r.minutes {
-        let mut parts = Vec::new();
+        let mut by_state: BTreeMap<&str, i64> = BTreeMap::new();
         for ((t, state), count) in &r.ticks {
-            if *t == m.instant {
-                parts.push(format!("{count} {state}"));
+            if *t >= m.instant && *t < m.instant + TimeDelta::minutes(1) {
+                *by_state.entry(state.as_str()).or_default() += count;
             }
         }
+        let parts: Vec<String> = by_state.iter().map(|(s, c)| format!("{c} {s}")).collect();
         states.push(format!(
             "{}: {}",
             m.instant.format("%H:%M"),
@@ -1014,7 +1072,7 @@ fn main() {
     let s = Settings::from_env();
     println!("{}", machine());
     println!(
-        "pipe serve: {} integrations on `* * * * *`, one `log` step each, --workers {}, {} measured minute(s); binary {}",
+        "pipe serve: {} integrations on per-minute schedules (burst: all `* * * * *`; spread: integration k at second k % 60), one `log` step each, --workers {}, {} measured minute(s) per round; binary {}",
         s.integrations,
         s.workers,
         s.minutes,
@@ -1022,8 +1080,10 @@ fn main() {
     );
     let mut rows = Vec::new();
     for backend in &s.backends {
-        let r = round(&s, backend);
-        report(&s, &r, &mut rows);
+        for shape in &s.shapes {
+            let r = round(&s, backend, *shape);
+            report(&s, &r, &mut rows);
+        }
     }
     println!();
     print_table(&rows);
@@ -1031,6 +1091,6 @@ fn main() {
     println!(
         "Anchors: Airflow's scheduler loop and Dagster's 30 s daemon tick start runs seconds \
          late; the goal here is p99 ≤ 1 s from the scheduled instant, for every integration \
-         firing at once."
+         firing at once (burst), or in the steady state (spread)."
     );
 }

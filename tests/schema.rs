@@ -67,6 +67,34 @@ fn readme_step_reference_is_generated_from_the_structs() {
     );
 }
 
+/// A merge that left conflict markers in a document the user reads (it happened once, in
+/// README.md) fails here instead of reaching them.
+#[test]
+fn documents_hold_no_merge_conflict_markers() {
+    let root = repo_root();
+    let mut files = vec![root.join("README.md"), root.join("BENCHMARKS.md")];
+    for dir in ["docs/decisions", "pipelines"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            files.push(e.unwrap().path());
+        }
+    }
+    for f in files {
+        let Ok(text) = std::fs::read_to_string(&f) else {
+            continue;
+        };
+        for (i, line) in text.lines().enumerate() {
+            let marker =
+                ["<<<<<<< ", ">>>>>>> "].iter().any(|m| line.starts_with(m)) || line == "=======";
+            assert!(
+                !marker,
+                "{}:{}: a merge conflict marker: {line}",
+                f.display(),
+                i + 1
+            );
+        }
+    }
+}
+
 #[test]
 fn readme_lists_every_diagnostic_code_with_an_example() {
     let readme = std::fs::read_to_string(repo_root().join("README.md")).unwrap();

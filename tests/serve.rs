@@ -380,21 +380,52 @@ fn kill_9_during_ticks_then_restart_runs_every_tick_exactly_once() {
         "{ cron: \"* * * * * *\", catch_up: all, max_catch_up: 1000, max_concurrent_runs: 10, on_overlap: queue }",
         "  s: { type: exec, with: { command: sleep, args: [\"0.3\"] } }\n",
     );
-    for round in 0..3 {
+    // `kill -9` at random moments for a few minutes (PIPE_TEST_KILL_SECONDS, default 150):
+    // after a random 0.5–6 s of serving, then a random 0–1.5 s of downtime. The seed is
+    // printed, and PIPE_TEST_SEED replays a failure.
+    let span = Duration::from_secs(
+        std::env::var("PIPE_TEST_KILL_SECONDS")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(150),
+    );
+    let seed: u64 = std::env::var("PIPE_TEST_SEED")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    eprintln!("kill -9 test: seed {seed} (PIPE_TEST_SEED), {span:?} of kills");
+    let mut rng = seed;
+    let mut random_ms = |lo: u64, hi: u64| {
+        // xorshift64: reproducible from the seed, no dependency.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        lo + rng % (hi - lo + 1)
+    };
+    let began = std::time::Instant::now();
+    let mut kills = 0;
+    while began.elapsed() < span {
         let mut server = Server::start(
             &env,
-            &format!("serve{round}"),
+            &format!("serve{kills}"),
             &["pipelines", "--workers", "4"],
         );
-        let before = runs(&env, "crashy").len();
-        wait_for("new runs", &server, || {
-            (runs(&env, "crashy").len() >= before + 2).then_some(())
-        });
-        // A varying moment inside the second.
-        std::thread::sleep(Duration::from_millis(150 * round as u64 + 100));
+        std::thread::sleep(Duration::from_millis(random_ms(500, 6000)));
         server.kill9();
-        std::thread::sleep(Duration::from_secs(2));
+        kills += 1;
+        std::thread::sleep(Duration::from_millis(random_ms(0, 1500)));
     }
+    eprintln!("kill -9 test: {kills} kills in {:?}", began.elapsed());
+    assert!(
+        runs(&env, "crashy").len() >= 10,
+        "the killed servers ran almost nothing: the test proves nothing"
+    );
     let mut server = Server::start(&env, "final", &["pipelines", "--workers", "4"]);
     let restarted = chrono::Utc::now();
     wait_for("caught up, no run left running", &server, || {
