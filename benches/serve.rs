@@ -23,7 +23,7 @@
 //!
 //! Sizes and choices are overridable for a quick smoke run on a debug build:
 //! `PIPE_BIN` (the `pipe` binary; default the one cargo built with this bench),
-//! `PIPE_BENCH_INTEGRATIONS` (10000), `PIPE_BENCH_WORKERS` (8), `PIPE_BENCH_MINUTES`
+//! `PIPE_BENCH_INTEGRATIONS` (10000), `PIPE_BENCH_WORKERS` (16), `PIPE_BENCH_MINUTES`
 //! (measured minute boundaries, 2), `PIPE_BENCH_BACKENDS` (`sqlite,postgres`),
 //! `PIPE_BENCH_SHAPES` (`burst,spread`: every schedule at second 0, or integration k at
 //! second k % 60 — the same N runs a minute as a burst or as a steady stream),
@@ -124,7 +124,7 @@ impl Settings {
             bin,
             shapes,
             integrations: env_usize("PIPE_BENCH_INTEGRATIONS", 10_000).max(1),
-            workers: env_usize("PIPE_BENCH_WORKERS", 8).max(1),
+            workers: env_usize("PIPE_BENCH_WORKERS", 16).max(1),
             minutes: env_usize("PIPE_BENCH_MINUTES", 2).max(1),
             backends,
             pg_url: std::env::var("PIPE_TEST_POSTGRES_URL")

@@ -55,7 +55,24 @@ enum Command {
     },
 }
 
+/// glibc's malloc gives each thread that allocates its own arena (up to 8 per core) and
+/// returns little of a fragmented arena to the system: a service whose runs hop between
+/// tokio's blocking threads and history writer threads grew from 200 MB to 750 MB in a
+/// minute of 167 runs/s, and kept growing. Two arenas keep it flat (278 MB at 10,000
+/// integrations) on a 2-core machine; `MALLOC_ARENA_MAX` set by the operator wins.
+/// BENCHMARKS.md "Issue 10", docs/decisions/0025-group-commit-and-claims.md.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before any thread.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 fn main() {
+    limit_malloc_arenas();
     cli::install_panic_hook();
     steps::init_crypto();
     let cli = Cli::parse();

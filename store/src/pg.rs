@@ -367,13 +367,20 @@ impl PgBackend {
         }
     }
 
-    /// On a thread that belongs to an async runtime (a worker, or `spawn_blocking`'s), the
-    /// client's own runtime cannot be entered: the transaction runs on a plain thread then.
+    /// The client drives its own runtime, which cannot be entered from a thread inside an
+    /// async runtime's context. On a multi-thread runtime `block_in_place` leaves that
+    /// context (on a worker thread it hands the worker's tasks to another thread first; on
+    /// a `spawn_blocking` thread, where most store calls run, it costs nothing). Elsewhere
+    /// (a current-thread runtime, in tests) the transaction runs on a plain thread: a
+    /// thread per transaction was a tenth of a busy server's CPU.
     fn transaction<T: Send>(&self, read_only: bool, f: &mut Work<'_, T>) -> Result<T> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return off_runtime(|| self.transaction_here(read_only, f));
+        match tokio::runtime::Handle::try_current() {
+            Err(_) => self.transaction_here(read_only, f),
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.transaction_here(read_only, f))
+            }
+            Ok(_) => off_runtime(|| self.transaction_here(read_only, f)),
         }
-        self.transaction_here(read_only, f)
     }
 
     fn transaction_here<T>(&self, read_only: bool, f: &mut Work<'_, T>) -> Result<T> {
