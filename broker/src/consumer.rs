@@ -221,7 +221,7 @@ struct Supervisor {
 
 /// What the merged consumer streams yield.
 enum Event {
-    Item(usize, lapin::Result<lapin::message::Delivery>),
+    Item(usize, Box<lapin::Result<lapin::message::Delivery>>),
     /// The AMQP consumer with this tag ended (cancelled, or its channel closed).
     Ended(String, usize),
 }
@@ -351,8 +351,12 @@ impl Supervisor {
             let tag = consumer.tag().to_string();
             s.tags.push(tag.clone());
             let end = stream::once(async move { Event::Ended(tag, i) });
-            s.streams
-                .push(consumer.map(move |r| Event::Item(i, r)).chain(end).boxed());
+            s.streams.push(
+                consumer
+                    .map(move |r| Event::Item(i, Box::new(r)))
+                    .chain(end)
+                    .boxed(),
+            );
         }
         Ok(())
     }
@@ -360,24 +364,11 @@ impl Supervisor {
     async fn pump(&mut self, mut s: Session) -> Exit {
         loop {
             tokio::select! {
-                ev = s.streams.next(), if !s.streams.is_empty() => match ev {
-                    Some(Event::Item(i, Ok(d))) => {
-                        if !self.forward(i, d).await {
-                            self.shutdown(&s.conn).await;
-                            return Exit::Closed;
-                        }
+                Some(ev) = s.streams.next(), if !s.streams.is_empty() => {
+                    if let Some(exit) = self.on_event(&mut s, ev).await {
+                        return exit;
                     }
-                    Some(Event::Item(_, Err(e))) => return Exit::Lost(self.scrub(e)),
-                    Some(Event::Ended(tag, i)) => {
-                        if !s.ending.remove(&tag) {
-                            return Exit::Lost(format!(
-                                "the consumer on queue {} ended (queue deleted or channel closed)",
-                                self.queues[i].1
-                            ));
-                        }
-                    }
-                    None => {}
-                },
+                }
                 c = self.ctl.recv() => match c {
                     None => {
                         self.shutdown(&s.conn).await;
@@ -402,6 +393,28 @@ impl Supervisor {
                     }
                 },
             }
+        }
+    }
+
+    /// Handles one event of the consumer streams; `Some` ends the session.
+    async fn on_event(&mut self, s: &mut Session, ev: Event) -> Option<Exit> {
+        match ev {
+            Event::Item(i, delivery) => match *delivery {
+                Ok(d) => {
+                    if self.forward(i, d).await {
+                        None
+                    } else {
+                        self.shutdown(&s.conn).await;
+                        Some(Exit::Closed)
+                    }
+                }
+                Err(e) => Some(Exit::Lost(self.scrub(e))),
+            },
+            Event::Ended(tag, _) if s.ending.remove(&tag) => None,
+            Event::Ended(_, i) => Some(Exit::Lost(format!(
+                "the consumer on queue {} ended (queue deleted or channel closed)",
+                self.queues[i].1
+            ))),
         }
     }
 
