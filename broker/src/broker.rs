@@ -37,11 +37,15 @@ pub(crate) struct Inner {
     pub(crate) cfg: BrokerConfig,
     pub(crate) shown: String,
     link: Mutex<Option<Link>>,
+    links_opened: std::sync::atomic::AtomicU64,
     /// Pipe queue names declared through this handle, declared again on every reconnect.
     declared: StdMutex<BTreeSet<String>>,
 }
 
 struct Link {
+    /// Which connection this is (1, 2, …): a publish that failed on link 3 must not close
+    /// link 4, which another publish opened meanwhile.
+    id: u64,
     conn: Connection,
     /// In confirm mode: every publish waits for the broker's ack.
     chan: Channel,
@@ -74,6 +78,7 @@ impl Broker {
                 shown: cfg.shown_url(),
                 cfg,
                 link: Mutex::new(None),
+                links_opened: std::sync::atomic::AtomicU64::new(0),
                 declared: StdMutex::new(BTreeSet::new()),
             }),
         };
@@ -137,12 +142,13 @@ impl Broker {
         let mut backoff = Backoff::new(cfg.backoff_min, cfg.backoff_max);
         let mut last: Option<BrokerError> = None;
         loop {
-            let attempt = tokio::time::timeout_at(deadline, self.publish_once(full, body, level));
-            match attempt.await {
+            let mut link = None;
+            let attempt = self.publish_once(full, body, level, &mut link);
+            match tokio::time::timeout_at(deadline, attempt).await {
                 Ok(Attempt::Done) => return Ok(()),
                 Ok(Attempt::Fatal(e)) => return Err(e),
                 Ok(Attempt::Retry(e)) => {
-                    self.drop_link().await;
+                    self.drop_link(link).await;
                     let delay = backoff.next_delay();
                     if Instant::now() + delay >= deadline {
                         return Err(e);
@@ -151,7 +157,8 @@ impl Broker {
                     tokio::time::sleep(delay).await;
                 }
                 Err(_elapsed) => {
-                    self.drop_link().await;
+                    // No confirm in time: that connection is suspect.
+                    self.drop_link(link).await;
                     return Err(last.unwrap_or_else(|| BrokerError::Timeout {
                         operation: "publish",
                         queue: full.to_string(),
@@ -163,14 +170,24 @@ impl Broker {
         }
     }
 
-    async fn publish_once(&self, full: &str, body: &[u8], level: u8) -> Attempt {
+    /// One try; `link` is set to the id of the link it used.
+    async fn publish_once(
+        &self,
+        full: &str,
+        body: &[u8],
+        level: u8,
+        link: &mut Option<u64>,
+    ) -> Attempt {
         let failed = |detail: String| BrokerError::Publish {
             queue: full.to_string(),
             broker: self.inner.shown.clone(),
             detail,
         };
-        let chan = match self.channel().await {
-            Ok(c) => c,
+        let chan = match self.link_channel().await {
+            Ok((id, c)) => {
+                *link = Some(id);
+                c
+            }
             Err(e) => return Attempt::Retry(e),
         };
         let props = BasicProperties::default()
@@ -253,10 +270,15 @@ impl Broker {
 
     /// The publishing channel, reconnecting when the old one is gone.
     async fn channel(&self) -> Result<Channel, BrokerError> {
+        self.link_channel().await.map(|(_, chan)| chan)
+    }
+
+    /// The publishing channel and its link's id.
+    async fn link_channel(&self) -> Result<(u64, Channel), BrokerError> {
         let mut link = self.inner.link.lock().await;
         if let Some(l) = link.as_ref() {
             if l.conn.status().connected() && l.chan.status().connected() {
-                return Ok(l.chan.clone());
+                return Ok((l.id, l.chan.clone()));
             }
         }
         *link = None;
@@ -280,11 +302,16 @@ impl Broker {
         for queue in declared {
             declare_on(&chan, cfg, &self.inner.shown, &cfg.queue_name(&queue)).await?;
         }
+        let id = 1 + self
+            .inner
+            .links_opened
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *link = Some(Link {
+            id,
             conn,
             chan: chan.clone(),
         });
-        Ok(chan)
+        Ok((id, chan))
     }
 
     /// A fresh channel on the shared connection, for one admin operation.
@@ -304,9 +331,13 @@ impl Broker {
         }
     }
 
-    async fn drop_link(&self) {
-        // Dropping the lapin connection closes it.
-        self.inner.link.lock().await.take();
+    /// Forgets link `id` if it is still the current one (`None`, no link was had: nothing to
+    /// forget). Dropping the lapin connection closes it.
+    async fn drop_link(&self, id: Option<u64>) {
+        let mut link = self.inner.link.lock().await;
+        if id.is_some() && link.as_ref().map(|l| l.id) == id {
+            link.take();
+        }
     }
 
     fn scrub(&self, e: impl std::fmt::Display) -> String {
