@@ -286,16 +286,23 @@ async fn malformed_message_is_rejected_and_reported_not_returned() {
     assert_eq!(broker.queue_depth(&q).await.unwrap(), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn consumer_reconnects_after_a_cut_and_loses_nothing() {
+/// A direct connection, a fresh queue, a [`CutProxy`] in front of the broker and a config
+/// that goes through it.
+async fn behind_proxy(label: &str) -> (Broker, Queues, CutProxy, BrokerConfig) {
     let direct = connect(cfg()).await;
-    let qs = Queues::declared(&direct, &["cut"]).await;
-    let q = qs.name(0);
+    let qs = Queues::declared(&direct, &[label]).await;
     let proxy = CutProxy::start("127.0.0.1:5672".parse().unwrap())
         .await
         .unwrap();
     let mut via = cfg();
     via.url = proxy.url_for(&via.url);
+    (direct, qs, proxy, via)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_reconnects_after_a_cut_and_loses_nothing() {
+    let (direct, qs, proxy, via) = behind_proxy("cut").await;
+    let q = qs.name(0);
     let broker = connect(via).await;
     for item in 1..=5 {
         broker.publish(&q, &RunMessage::new(item), 0).await.unwrap();
@@ -368,14 +375,8 @@ async fn consumer_reconnects_after_a_cut_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_during_an_outage_fails_in_bounded_time_then_recovers() {
-    let direct = connect(cfg()).await;
-    let qs = Queues::declared(&direct, &["outage"]).await;
+    let (direct, qs, proxy, mut via) = behind_proxy("outage").await;
     let q = qs.name(0);
-    let proxy = CutProxy::start("127.0.0.1:5672".parse().unwrap())
-        .await
-        .unwrap();
-    let mut via = cfg();
-    via.url = proxy.url_for(&via.url);
     via.publish_timeout = Duration::from_secs(1);
     via.connect_timeout = Duration::from_millis(500);
     let broker = connect(via).await;
@@ -498,14 +499,8 @@ async fn an_unreachable_broker_fails_loudly_without_the_password() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_publishes_survive_a_cut() {
-    let direct = connect(cfg()).await;
-    let qs = Queues::declared(&direct, &["cut-publish"]).await;
+    let (direct, qs, proxy, via) = behind_proxy("cut-publish").await;
     let q = qs.name(0);
-    let proxy = CutProxy::start("127.0.0.1:5672".parse().unwrap())
-        .await
-        .unwrap();
-    let mut via = cfg();
-    via.url = proxy.url_for(&via.url);
     let broker = connect(via).await;
     let mut tasks = Vec::new();
     for item in 0..40 {
