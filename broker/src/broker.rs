@@ -82,7 +82,9 @@ impl Broker {
                 declared: StdMutex::new(BTreeSet::new()),
             }),
         };
-        broker.channel().await?;
+        let (cfg, shown) = (&broker.inner.cfg, &broker.inner.shown);
+        let bound = cfg.connect_timeout + cfg.op_timeout;
+        bounded(bound, shown, "connect", "", broker.channel()).await?;
         Ok(broker)
     }
 
@@ -100,10 +102,11 @@ impl Broker {
     /// `x-max-priority`. Idempotent; declared again after every reconnect.
     pub async fn declare(&self, queue: &str) -> Result<(), BrokerError> {
         let full = self.inner.cfg.queue_name(queue);
-        let chan = self.admin_channel().await?;
-        let r = declare_on(&chan, &self.inner.cfg, &self.inner.shown, &full).await;
-        close_quietly(&chan).await;
-        r?;
+        let q = &full;
+        self.admin("declare", &full, |chan| async move {
+            declare_on(&chan, &self.inner.cfg, &self.inner.shown, q).await
+        })
+        .await?;
         self.inner
             .declared
             .lock()
@@ -228,31 +231,34 @@ impl Broker {
     /// not yet acked): for metrics and autoscaling. A missing queue is a `Declare` error.
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BrokerError> {
         let full = self.inner.cfg.queue_name(queue);
-        let chan = self.admin_channel().await?;
-        let options = QueueDeclareOptions::default().passive();
-        let r = chan
-            .queue_declare(full.as_str().into(), options, FieldTable::default())
-            .await;
-        close_quietly(&chan).await;
-        r.map(|q| q.message_count())
-            .map_err(|e| self.declare_error(&full, e))
+        let q = &full;
+        self.admin("queue depth", &full, |chan| async move {
+            let options = QueueDeclareOptions::default().passive();
+            chan.queue_declare(q.as_str().into(), options, FieldTable::default())
+                .await
+                .map(|q| q.message_count())
+                .map_err(|e| self.declare_error(q, e))
+        })
+        .await
     }
 
     /// Deletes pipe queue `queue` and the messages in it (tests, operations). Deleting a
     /// missing queue is not an error.
     pub async fn delete_queue(&self, queue: &str) -> Result<(), BrokerError> {
         let full = self.inner.cfg.queue_name(queue);
-        let chan = self.admin_channel().await?;
-        let r = chan
-            .queue_delete(full.as_str().into(), QueueDeleteOptions::default())
-            .await;
-        close_quietly(&chan).await;
+        let q = &full;
         self.inner
             .declared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(queue);
-        r.map(drop).map_err(|e| self.declare_error(&full, e))
+        self.admin("delete", &full, |chan| async move {
+            chan.queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await
+                .map(drop)
+                .map_err(|e| self.declare_error(q, e))
+        })
+        .await
     }
 
     /// A consumer over pipe queues `queues` (declared if needed) with `prefetch` unacked
@@ -314,8 +320,31 @@ impl Broker {
         Ok((id, chan))
     }
 
+    /// Runs `op` on a fresh channel of the shared connection (closed afterwards), all
+    /// within `connect_timeout + op_timeout`.
+    pub(crate) async fn admin<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        full: &str,
+        op: F,
+    ) -> Result<T, BrokerError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, BrokerError>>,
+    {
+        let cfg = &self.inner.cfg;
+        let work = async {
+            let chan = self.admin_channel().await?;
+            let r = op(chan.clone()).await;
+            close_quietly(&chan).await;
+            r
+        };
+        let bound = cfg.connect_timeout + cfg.op_timeout;
+        bounded(bound, &self.inner.shown, operation, full, work).await
+    }
+
     /// A fresh channel on the shared connection, for one admin operation.
-    pub(crate) async fn admin_channel(&self) -> Result<Channel, BrokerError> {
+    async fn admin_channel(&self) -> Result<Channel, BrokerError> {
         self.channel().await?;
         let link = self.inner.link.lock().await;
         match link.as_ref() {
@@ -358,6 +387,24 @@ impl Broker {
             detail: self.scrub(e),
         }
     }
+}
+
+/// `fut`, or a `Timeout` error naming `operation` and `queue` after `after`.
+pub(crate) async fn bounded<T>(
+    after: Duration,
+    shown: &str,
+    operation: &'static str,
+    queue: &str,
+    fut: impl std::future::Future<Output = Result<T, BrokerError>>,
+) -> Result<T, BrokerError> {
+    tokio::time::timeout(after, fut).await.unwrap_or_else(|_| {
+        Err(BrokerError::Timeout {
+            operation,
+            queue: queue.to_string(),
+            broker: shown.to_string(),
+            after,
+        })
+    })
 }
 
 pub(crate) fn validate(cfg: &BrokerConfig) -> Result<(), BrokerError> {

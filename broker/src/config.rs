@@ -29,6 +29,10 @@ pub struct BrokerConfig {
     /// the broker's confirm included: past it the call fails and the caller keeps the run
     /// queued in its store, to republish later.
     pub publish_timeout: Duration,
+    /// The bound on every other operation with the broker (declare, depth, delete, qos,
+    /// consume, ack, reject): a connection that dies mid-call can leave lapin's reply
+    /// pending forever, and no caller may wait forever.
+    pub op_timeout: Duration,
     /// Reconnect backoff: the first delay (doubled on each failure, jittered).
     pub backoff_min: Duration,
     /// Reconnect backoff: the cap.
@@ -63,6 +67,7 @@ impl Default for BrokerConfig {
             max_priority: DEFAULT_MAX_PRIORITY,
             connect_timeout: Duration::from_secs(5),
             publish_timeout: Duration::from_secs(5),
+            op_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
         }
@@ -78,6 +83,7 @@ impl std::fmt::Debug for BrokerConfig {
             .field("max_priority", &self.max_priority)
             .field("connect_timeout", &self.connect_timeout)
             .field("publish_timeout", &self.publish_timeout)
+            .field("op_timeout", &self.op_timeout)
             .field("backoff_min", &self.backoff_min)
             .field("backoff_max", &self.backoff_max)
             .finish()

@@ -41,9 +41,10 @@ use lapin::{Acker, Channel, Connection};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::broker::{declare_on, open_connection, validate};
+use crate::broker::{bounded, declare_on, open_connection, validate};
 use crate::config::url_password;
 use crate::error::scrub;
 use crate::{BrokerConfig, BrokerError, RunMessage};
@@ -63,6 +64,9 @@ pub struct Delivery {
     acker: Acker,
     full_queue: String,
     shown: Arc<str>,
+    /// Cancelled when the session (connection) this delivery came on ends.
+    lost: CancellationToken,
+    bound: Duration,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -80,22 +84,42 @@ impl Delivery {
     /// Acks: the broker forgets the message. An error means the channel it came on is gone
     /// (the broker will redeliver it); callers that claimed the item first can ignore it.
     pub async fn ack(self) -> Result<(), BrokerError> {
-        let r = self.acker.ack(BasicAckOptions::default()).await;
+        let r = self
+            .settle(self.acker.ack(BasicAckOptions::default()))
+            .await;
         self.settled(r)
     }
 
     /// Rejects: with `requeue` the message goes back to its queue, without it is dropped (or
     /// dead-lettered).
     pub async fn reject(self, requeue: bool) -> Result<(), BrokerError> {
-        let r = self.acker.reject(BasicRejectOptions { requeue }).await;
+        let r = self
+            .settle(self.acker.reject(BasicRejectOptions { requeue }))
+            .await;
         self.settled(r)
     }
 
-    fn settled(&self, r: lapin::Result<bool>) -> Result<(), BrokerError> {
+    /// Runs an ack or reject, unless the connection it must go through is gone: lapin can
+    /// leave such a call pending forever when its connection died mid-call.
+    async fn settle(
+        &self,
+        call: impl std::future::Future<Output = lapin::Result<bool>>,
+    ) -> Result<bool, String> {
+        if self.lost.is_cancelled() {
+            return Ok(false);
+        }
+        tokio::select! {
+            r = call => r.map_err(|e| e.to_string()),
+            _ = self.lost.cancelled() => Ok(false),
+            _ = tokio::time::sleep(self.bound) => Err(format!("no answer within {:?}", self.bound)),
+        }
+    }
+
+    fn settled(&self, r: Result<bool, String>) -> Result<(), BrokerError> {
         let detail = match r {
             Ok(true) => return Ok(()),
-            Ok(false) => "its channel is closed (the broker redelivers it)".to_string(),
-            Err(e) => e.to_string(),
+            Ok(false) => "its connection is gone (the broker redelivers it)".to_string(),
+            Err(e) => e,
         };
         Err(BrokerError::Settle {
             queue: self.full_queue.clone(),
@@ -163,7 +187,7 @@ impl Consumer {
             out,
             ctl: ctl_rx,
         };
-        let session = sup.open().await?;
+        let session = sup.open_bounded().await?;
         let task = tokio::spawn(sup.run(session));
         Ok(Consumer {
             rx,
@@ -235,6 +259,8 @@ struct Session {
     /// Tags we cancelled ourselves: their end is expected.
     ending: HashSet<String>,
     started: Instant,
+    /// Cancelled when this session ends: its deliveries' acks fail at once.
+    lost: CancellationToken,
 }
 
 enum Exit {
@@ -249,7 +275,7 @@ impl Supervisor {
         loop {
             let s = match session.take() {
                 Some(s) => s,
-                None => match self.open().await {
+                None => match self.open_bounded().await {
                     Ok(s) => s,
                     Err(_) => {
                         // Reported once when the connection was lost; a long outage is
@@ -305,6 +331,13 @@ impl Supervisor {
         }
     }
 
+    /// [`Supervisor::open`] within `connect_timeout + op_timeout`.
+    async fn open_bounded(&mut self) -> Result<Session, BrokerError> {
+        let bound = self.cfg.connect_timeout + self.cfg.op_timeout;
+        let shown = self.shown.clone();
+        bounded(bound, &shown, "connect", "", self.open()).await
+    }
+
     /// One connection: channel, queues declared, prefetch, consumers.
     async fn open(&mut self) -> Result<Session, BrokerError> {
         let conn = open_connection(&self.cfg, &self.shown, "pipe worker").await?;
@@ -322,6 +355,7 @@ impl Supervisor {
             tags: Vec::new(),
             ending: HashSet::new(),
             started: Instant::now(),
+            lost: CancellationToken::new(),
         };
         if self.prefetch > 0 {
             self.qos(&s.chan).await.map_err(|e| self.connect_error(e))?;
@@ -362,10 +396,16 @@ impl Supervisor {
     }
 
     async fn pump(&mut self, mut s: Session) -> Exit {
+        let exit = self.pump_session(&mut s).await;
+        s.lost.cancel();
+        exit
+    }
+
+    async fn pump_session(&mut self, s: &mut Session) -> Exit {
         loop {
             tokio::select! {
                 Some(ev) = s.streams.next(), if !s.streams.is_empty() => {
-                    if let Some(exit) = self.on_event(&mut s, ev).await {
+                    if let Some(exit) = self.on_event(s, ev).await {
                         return exit;
                     }
                 }
@@ -380,14 +420,16 @@ impl Supervisor {
                         return Exit::Closed;
                     }
                     Some(Control::Prefetch(n, reply)) => {
-                        match self.apply_prefetch(&mut s, n).await {
+                        let bound = self.cfg.op_timeout;
+                        let applied = tokio::time::timeout(bound, self.apply_prefetch(s, n)).await;
+                        match applied.unwrap_or_else(|_| Err(format!("basic.qos: no answer within {bound:?}"))) {
                             Ok(()) => {
                                 let _ = reply.send(Ok(()));
                             }
-                            Err(e) => {
+                            Err(detail) => {
                                 // Kept in self.prefetch: the next session applies it.
                                 let _ = reply.send(Ok(()));
-                                return Exit::Lost(self.scrub(e));
+                                return Exit::Lost(detail);
                             }
                         }
                     }
@@ -401,7 +443,7 @@ impl Supervisor {
         match ev {
             Event::Item(i, delivery) => match *delivery {
                 Ok(d) => {
-                    if self.forward(i, d).await {
+                    if self.forward(i, d, &s.lost).await {
                         None
                     } else {
                         self.shutdown(&s.conn).await;
@@ -418,8 +460,14 @@ impl Supervisor {
         }
     }
 
-    async fn apply_prefetch(&mut self, s: &mut Session, n: u16) -> lapin::Result<()> {
+    async fn apply_prefetch(&mut self, s: &mut Session, n: u16) -> Result<(), String> {
         self.prefetch = n;
+        self.apply_prefetch_now(s, n)
+            .await
+            .map_err(|e| self.scrub(e))
+    }
+
+    async fn apply_prefetch_now(&self, s: &mut Session, n: u16) -> lapin::Result<()> {
         if n > 0 {
             self.qos(&s.chan).await?;
             if s.tags.is_empty() {
@@ -437,7 +485,12 @@ impl Supervisor {
     }
 
     /// Hands a delivery to the worker, or rejects a malformed one; false when nobody listens.
-    async fn forward(&self, i: usize, d: lapin::message::Delivery) -> bool {
+    async fn forward(
+        &self,
+        i: usize,
+        d: lapin::message::Delivery,
+        lost: &CancellationToken,
+    ) -> bool {
         let (pipe, full) = &self.queues[i];
         let item = match RunMessage::decode(&d.data) {
             Ok(m) => Ok(Delivery {
@@ -448,11 +501,14 @@ impl Supervisor {
                 acker: d.acker,
                 full_queue: full.clone(),
                 shown: self.shown.clone(),
+                lost: lost.clone(),
+                bound: self.cfg.op_timeout,
             }),
             Err(e) => {
                 // If the reject does not arrive (channel lost), the message comes back and
                 // is rejected then.
-                let _ = d.acker.reject(BasicRejectOptions { requeue: false }).await;
+                let reject = d.acker.reject(BasicRejectOptions { requeue: false });
+                let _ = tokio::time::timeout(self.cfg.op_timeout, reject).await;
                 Err(BrokerError::Malformed {
                     queue: full.clone(),
                     broker: self.shown.to_string(),

@@ -14,7 +14,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::broker::close_quietly;
 use crate::{Broker, BrokerError};
 
 /// A local TCP proxy in front of `upstream` whose connections can be cut.
@@ -142,16 +141,18 @@ pub struct RawMessage {
 /// see exactly what travels through the broker. `None` when the queue is empty.
 pub async fn take_raw(broker: &Broker, queue: &str) -> Result<Option<RawMessage>, BrokerError> {
     let full = broker.config().queue_name(queue);
-    let chan = broker.admin_channel().await?;
-    let got = chan
-        .basic_get(full.as_str().into(), BasicGetOptions { no_ack: true })
-        .await;
-    close_quietly(&chan).await;
-    let got = got.map_err(|e| BrokerError::Declare {
-        queue: full.clone(),
-        broker: broker.shown_url().to_string(),
-        detail: e.to_string(),
-    })?;
+    let q = &full;
+    let got = broker
+        .admin("basic.get", &full, |chan| async move {
+            chan.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+                .await
+                .map_err(|e| BrokerError::Declare {
+                    queue: q.clone(),
+                    broker: broker.shown_url().to_string(),
+                    detail: e.to_string(),
+                })
+        })
+        .await?;
     Ok(got.map(|m| {
         let p = &m.delivery.properties;
         RawMessage {
