@@ -270,7 +270,8 @@ impl Broker {
     /// Closes the connection (publishes after this reconnect).
     pub async fn close(&self) {
         if let Some(link) = self.inner.link.lock().await.take() {
-            let _ = link.conn.close(200, "OK".into()).await;
+            let closing = link.conn.close(200, "OK".into());
+            let _ = tokio::time::timeout(self.inner.cfg.op_timeout, closing).await;
         }
     }
 
