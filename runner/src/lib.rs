@@ -338,11 +338,7 @@ impl Runner {
         let concurrency = spec
             .concurrency
             .or(plan.concurrency.map(|c| c as usize))
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            });
+            .unwrap_or_else(default_concurrency);
         Ok(PreparedRun {
             plan,
             params: minijinja::Value::from(param_values),
@@ -680,4 +676,16 @@ impl Observer for Fanout {
             o.event(e);
         }
     }
+}
+
+/// Steps at once when neither the run nor the pipeline says: the cores available, read once
+/// (`available_parallelism` reads the cgroup's files each time: a service starting hundreds
+/// of runs a second paid for it on every run).
+fn default_concurrency() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    })
 }
