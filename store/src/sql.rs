@@ -472,7 +472,11 @@ fn record_run_finished(
         p![id, status.as_str(), at, error],
     )?;
     tx.exec(
-        "UPDATE integrations SET last_run_at = ?2 WHERE last_run_id = ?1",
+        // By name (the primary key): `last_run_id` has no index, and a scan of every
+        // integration per finished run was the slowest statement of a 10,000-integration
+        // server.
+        "UPDATE integrations SET last_run_at = ?2
+         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
         p![id, at],
     )?;
     // The queue item of a finished run is done, even when its worker dies before the ack.
@@ -1391,7 +1395,11 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 ],
             )?;
             tx.exec(
-                "UPDATE integrations SET last_run_at = ?2 WHERE last_run_id = ?1",
+                // By name (the primary key): `last_run_id` has no index, and a scan of every
+                // integration per finished run was the slowest statement of a 10,000-integration
+                // server.
+                "UPDATE integrations SET last_run_at = ?2
+         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
                 p![run_id, now],
             )?;
             Ok(u32::try_from(next).unwrap_or(u32::MAX))
@@ -2150,7 +2158,11 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     p![c.id, now],
                 )?;
                 tx.exec(
-                    "UPDATE integrations SET last_run_at = ?2 WHERE last_run_id = ?1",
+                    // By name (the primary key): `last_run_id` has no index, and a scan of every
+                    // integration per finished run was the slowest statement of a 10,000-integration
+                    // server.
+                    "UPDATE integrations SET last_run_at = ?2
+         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
                     p![c.id, now],
                 )?;
                 let r = tx
