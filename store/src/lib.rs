@@ -295,8 +295,9 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// Returns the runs marked, with what was re-queued.
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>>;
     /// Delete what only the recent past needs, older than `older_than`: ticks behind their
-    /// integration's cursor (never planned again), done and cancelled queue items, and owner
-    /// leases that expired (their runs were marked long ago). Runs and logs stay.
+    /// integration's cursor (never planned again), done and cancelled queue items, owner
+    /// leases that expired (their runs were marked long ago), and workers stopped or silent
+    /// since before it. Runs and logs stay.
     fn prune(&self, older_than: DateTime<Utc>) -> Result<Pruned>;
     /// [`RunStore::expire_lost`] at the current time, counting the runs marked.
     fn mark_abandoned(&self) -> Result<usize> {
