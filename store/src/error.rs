@@ -12,6 +12,10 @@ pub enum StoreError {
     NotFound(String),
     /// The thing exists but is not in a state for the request ("run 7 is already failed").
     Conflict(String),
+    /// A fenced write of a run that is no longer its claim's (the run was marked abandoned,
+    /// or claimed again, after its worker's lease expired): nothing was written, and the
+    /// writer should stop working on the run. A kind of conflict (the API's 409).
+    Fenced(String),
     /// A bad request or configuration (an unknown `--db` scheme, a status that does not
     /// finish a run).
     Invalid(String),
@@ -25,6 +29,13 @@ impl StoreError {
     }
     pub fn conflict(msg: impl Into<String>) -> Self {
         StoreError::Conflict(msg.into())
+    }
+    pub fn fenced(msg: impl Into<String>) -> Self {
+        StoreError::Fenced(msg.into())
+    }
+    /// `Conflict` or `Fenced`: not in a state for the request.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, StoreError::Conflict(_) | StoreError::Fenced(_))
     }
     pub fn invalid(msg: impl Into<String>) -> Self {
         StoreError::Invalid(msg.into())
@@ -41,9 +52,10 @@ impl StoreError {
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StoreError::NotFound(m) | StoreError::Conflict(m) | StoreError::Invalid(m) => {
-                f.write_str(m)
-            }
+            StoreError::NotFound(m)
+            | StoreError::Conflict(m)
+            | StoreError::Fenced(m)
+            | StoreError::Invalid(m) => f.write_str(m),
             // `{:#}` writes the whole chain: the database's own message included.
             StoreError::Backend(e) => write!(f, "{e:#}"),
         }

@@ -295,11 +295,67 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// Returns the runs marked, with what was re-queued.
     fn expire_lost(&self, now: DateTime<Utc>) -> Result<Vec<LostRun>>;
     /// Delete what only the recent past needs, older than `older_than`: ticks behind their
-    /// integration's cursor (never planned again), done and cancelled queue items, and owner
-    /// leases that expired (their runs were marked long ago). Runs and logs stay.
+    /// integration's cursor (never planned again), done and cancelled queue items, owner
+    /// leases that expired (their runs were marked long ago), and workers stopped or silent
+    /// since before it. Runs and logs stay.
     fn prune(&self, older_than: DateTime<Utc>) -> Result<Pruned>;
     /// [`RunStore::expire_lost`] at the current time, counting the runs marked.
     fn mark_abandoned(&self) -> Result<usize> {
         self.expire_lost(Utc::now()).map(|v| v.len())
     }
+
+    // ----- remote workers: the outbox, claims by item, fencing, workers -------------------
+    //
+    // With a broker (`pipe serve --broker`), the store stays the record of what is queued
+    // and the broker only carries item ids. The outbox is the `published_at` column: an item
+    // is queued in the store first (`enqueue`, `record_ticks`), published afterwards and then
+    // marked, so a crash between the two leaves it unpublished and found again; duplicates
+    // are harmless because `claim_item` takes an item once. See docs/decisions/0019-store.md.
+
+    /// Queued items never published (or queued again since: a lost claim, a raised
+    /// priority), in claim order (priority, then age), at most `limit` (0 for all).
+    fn unpublished(&self, limit: usize) -> Result<Vec<QueueItem>>;
+    /// Their messages are published (confirmed by the broker): record `now` as their last
+    /// publish. Items no longer queued are left alone. Returns how many were marked.
+    fn mark_published(&self, ids: &[i64], now: DateTime<Utc>) -> Result<u64>;
+    /// Queued items whose last publish is older than `before` (their message may be lost
+    /// with a broker that was not durable, or purged): a republisher sends them again and
+    /// marks them. Claim order, at most `limit` (0 for all).
+    fn stale_published(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<QueueItem>>;
+    /// Claim the item a worker got a message for: in one transaction (shared through the
+    /// group commit like `claim`), queued → claimed by `worker` until `now + lease`, its
+    /// fence + 1, when its integration and backfill have room (the caps as `claim` checks
+    /// them; on PostgreSQL under the integration's row lock, so they hold across machines).
+    /// Otherwise says why not: see [`ItemClaim`].
+    fn claim_item(
+        &self,
+        item_id: i64,
+        worker: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<ItemClaim>;
+    /// [`RunStore::write_events`] for the run of the claim with `fence`: the batch is written
+    /// only while the run is `running` and was created with that fence; otherwise nothing is
+    /// written and the error is [`StoreError::Fenced`] (so a stalled worker's late
+    /// `RunFinished` never replaces `abandoned`). `NotFound` when there is no such run.
+    fn write_events_fenced(&self, run_id: i64, fence: i64, events: &[RunEvent]) -> Result<()>;
+    /// Record a worker (or its return after a lost connection: host, pid, queues, slots and
+    /// version are updated, a stop is forgotten, a drain request kept).
+    fn register_worker(&self, info: &WorkerInfo, now: DateTime<Utc>) -> Result<()>;
+    /// A worker's heartbeat with the runs it is running; says whether it is asked to drain.
+    /// `NotFound` for a worker never registered (or pruned): register again.
+    fn worker_heartbeat(
+        &self,
+        id: &str,
+        running: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<WorkerControl>;
+    /// Every worker, newest first, judged alive at `now`.
+    fn list_workers(&self, now: DateTime<Utc>) -> Result<Vec<WorkerRow>>;
+    /// Ask a worker to finish its current runs and take no more (its next heartbeat says
+    /// so). True when asked now; false when it was already asked or has stopped.
+    /// `NotFound` for an unknown id.
+    fn request_drain(&self, id: &str, now: DateTime<Utc>) -> Result<bool>;
+    /// The worker stopped (cleanly). `NotFound` for an unknown id.
+    fn worker_stopped(&self, id: &str, now: DateTime<Utc>) -> Result<()>;
 }

@@ -225,7 +225,7 @@ fn limit_value(limit: usize) -> i64 {
 }
 
 const RUN_COLUMNS: &str = r#"id, pipeline, status, "trigger", owner, params, started_at, finished_at,
-    logical_date, error, pid, attempt, lease_owner, queue_item"#;
+    logical_date, error, pid, attempt, lease_owner, queue_item, fence"#;
 
 fn run_row(r: &Row) -> Result<RunRow> {
     let started_at = r.time(6)?;
@@ -246,6 +246,7 @@ fn run_row(r: &Row) -> Result<RunRow> {
         attempt: r.opt_u32(11)?.unwrap_or(1),
         lease_owner: r.opt_text(12)?,
         queue_item: r.opt_int(13)?,
+        fence: r.opt_int(14)?,
     })
 }
 
@@ -270,7 +271,7 @@ fn step_row(r: &Row) -> Result<StepRow> {
 
 const QUEUE_COLUMNS: &str = r#"id, integration, queue, priority, "trigger", logical_date, params,
     dedup_key, backfill_id, state, enqueued_at, claimed_by, claimed_at, claim_expires_at,
-    run_id, finished_at"#;
+    run_id, finished_at, published_at, fence"#;
 
 fn queue_row(r: &Row) -> Result<QueueItem> {
     Ok(QueueItem {
@@ -290,6 +291,8 @@ fn queue_row(r: &Row) -> Result<QueueItem> {
         claim_expires_at: r.opt_time(13)?,
         run_id: r.opt_int(14)?,
         finished_at: r.opt_time(15)?,
+        published_at: r.opt_time(16)?,
+        fence: r.opt_int(17)?.unwrap_or(0),
     })
 }
 
@@ -578,13 +581,49 @@ fn apply_event(
     Ok(())
 }
 
-fn current_attempt(tx: &mut dyn Tx, run_id: i64) -> Result<i64> {
-    Ok(tx
-        .one("SELECT attempt FROM runs WHERE id = ?1", p![run_id])?
-        .map(|r| r.opt_int(0))
-        .transpose()?
-        .flatten()
-        .unwrap_or(1))
+/// The run's current attempt, where its step rows go. With a fence, the run must be
+/// running and created by the claim with that fence, else `Fenced` (nothing is written);
+/// on PostgreSQL its row stays locked to the end of the transaction, so `expire_lost` (or
+/// anyone else) cannot change its status between this check and the batch's writes.
+fn run_attempt(tx: &mut dyn Tx, dialect: Dialect, run_id: i64, fence: Option<i64>) -> Result<i64> {
+    let Some(fence) = fence else {
+        return Ok(tx
+            .one("SELECT attempt FROM runs WHERE id = ?1", p![run_id])?
+            .map(|r| r.opt_int(0))
+            .transpose()?
+            .flatten()
+            .unwrap_or(1));
+    };
+    let lock = if dialect == Dialect::Postgres {
+        " FOR UPDATE"
+    } else {
+        ""
+    };
+    let Some(r) = tx.one(
+        &format!("SELECT attempt, status, fence FROM runs WHERE id = ?1{lock}"),
+        p![run_id],
+    )?
+    else {
+        return Err(StoreError::not_found(format!("run {run_id} not found")));
+    };
+    let status: Status = r.parsed(1)?;
+    let theirs = r.opt_int(2)?;
+    if status != Status::Running || theirs != Some(fence) {
+        let why = if theirs != Some(fence) {
+            match theirs {
+                Some(f) => format!("it belongs to the claim with fence {f}"),
+                None => "it is not a claim's (a repair attempt, or a run not from the queue)"
+                    .to_string(),
+            }
+        } else {
+            format!("it is {}", status.label())
+        };
+        return Err(StoreError::fenced(format!(
+            "run {run_id}: the write of the claim with fence {fence} is refused, {why} (its \
+             worker's lease expired and the run was taken from it)"
+        )));
+    }
+    Ok(r.opt_int(0)?.unwrap_or(1))
 }
 
 /// Queue `item` inside an open write transaction.
@@ -609,8 +648,9 @@ fn enqueue_known(tx: &mut dyn Tx, item: &Enqueue, now: DateTime<Utc>) -> Result<
             return Ok(None);
         };
         let id = r.int(0)?;
+        // A raised priority is published again (the queued message has the old one).
         tx.exec(
-            "UPDATE queue SET priority = ?2 WHERE id = ?1 AND priority < ?2",
+            "UPDATE queue SET priority = ?2, published_at = NULL WHERE id = ?1 AND priority < ?2",
             p![id, item.priority],
         )?;
         Ok(Some(Enqueued { id, merged: true }))
@@ -648,6 +688,25 @@ fn enqueue_known(tx: &mut dyn Tx, item: &Enqueue, now: DateTime<Utc>) -> Result<
             ))
         }),
     }
+}
+
+/// The answer of a conditional update of one row by id: whether it changed (`n > 0`), or
+/// `NotFound` ("run 7 not found") when there is no such row at all.
+fn changed_or_missing(
+    tx: &mut dyn Tx,
+    n: u64,
+    table: &str,
+    id: Value,
+    what: impl FnOnce() -> String,
+) -> Result<bool> {
+    if n == 0
+        && tx
+            .one(&format!("SELECT 1 FROM {table} WHERE id = ?1"), &[id])?
+            .is_none()
+    {
+        return Err(StoreError::not_found(format!("{} not found", what())));
+    }
+    Ok(n > 0)
 }
 
 /// Copy `src` into the run's folder under a free name and return the copy's path.
@@ -839,6 +898,61 @@ impl<B: Backend> SqlStore<B> {
         self.group.write(&self.backend, f)
     }
 
+    /// `write_events`, fenced or not: with a fence, each transaction first checks (under
+    /// the run's row lock on PostgreSQL, so `expire_lost` cannot mark the run in between)
+    /// that the run is running and was created by the claim with that fence.
+    fn write_events_checked(
+        &self,
+        run_id: i64,
+        fence: Option<i64>,
+        events: &[RunEvent],
+    ) -> Result<()> {
+        // Copy attached files before taking the write lock.
+        let dir = self.run_dir(run_id);
+        let files: Vec<Option<String>> = events
+            .iter()
+            .map(|e| match e {
+                RunEvent::Log(LogRecord { file: Some(f), .. }) => {
+                    Some(attach_file(&dir, Path::new(f)).unwrap_or_else(|_| f.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let all = {
+            let (events, files) = (events.to_vec(), files.clone());
+            self.write_grouped(move |tx| {
+                let attempt = run_attempt(tx, B::DIALECT, run_id, fence)?;
+                for (e, file) in events.iter().zip(&files) {
+                    apply_event(tx, run_id, attempt, e, file.as_deref())?;
+                }
+                Ok(())
+            })
+        };
+        match all {
+            Ok(()) => Ok(()),
+            Err(e)
+                if events.len() == 1
+                    || B::is_contention(&e)
+                    || matches!(e, StoreError::Fenced(_) | StoreError::NotFound(_)) =>
+            {
+                Err(e)
+            }
+            Err(_) => {
+                let mut first = None;
+                for (e, file) in events.iter().zip(&files) {
+                    let one = self.write(|tx| {
+                        let attempt = run_attempt(tx, B::DIALECT, run_id, fence)?;
+                        apply_event(tx, run_id, attempt, e, file.as_deref())
+                    });
+                    if let Err(err) = one {
+                        first.get_or_insert(err);
+                    }
+                }
+                first.map_or(Ok(()), Err)
+            }
+        }
+    }
+
     /// Walk the queued items in claim order (the `queue_pick` index: state, priority
     /// DESC, id), a page at a time, and take the first whose integration and backfill have
     /// room. The caps are checked per candidate, once per integration or backfill, so a
@@ -859,14 +973,7 @@ impl<B: Backend> SqlStore<B> {
             let mut after: Option<(i64, i64)> = None;
             let mut page_size = CLAIM_FIRST_PAGE;
             loop {
-                let mut sql = String::from(
-                    "SELECT q.id, q.integration, q.backfill_id, q.priority,
-                            i.max_concurrent_runs, b.max_parallel, i.enabled
-                     FROM queue q
-                     LEFT JOIN integrations i ON i.name = q.integration
-                     LEFT JOIN backfills b ON b.id = q.backfill_id
-                     WHERE q.state = 'queued'",
-                );
+                let mut sql = format!("SELECT {CANDIDATE} WHERE q.state = 'queued'");
                 let mut params: Vec<Value> = Vec::new();
                 if !queues.is_empty() {
                     let marks: Vec<String> = (1..=queues.len()).map(|i| format!("?{i}")).collect();
@@ -894,82 +1001,32 @@ impl<B: Backend> SqlStore<B> {
                     return Ok(ClaimTry::Nothing);
                 }
                 for row in &page {
-                    let (id, integration, backfill) = (row.int(0)?, row.text(1)?, row.opt_int(2)?);
-                    after = Some((row.int(3)?, id));
-                    let (max_runs, max_parallel) = (row.opt_int(4)?, row.opt_int(5)?);
-                    if row.opt_int(6)? == Some(0) {
+                    let c = candidate(row)?;
+                    after = Some((c.priority, c.id));
+                    if c.disabled {
                         // Queued before its integration was disabled: never runs.
-                        tx.exec(
-                            "UPDATE queue SET state = 'cancelled', finished_at = ?2
-                             WHERE id = ?1 AND state = 'queued'",
-                            p![id, now],
-                        )?;
+                        cancel_queued(tx, c.id, now)?;
                         continue;
                     }
-                    if full_integrations.contains(&integration)
-                        || backfill.is_some_and(|b| full_backfills.contains(&b))
+                    if full_integrations.contains(&c.integration)
+                        || c.backfill.is_some_and(|b| full_backfills.contains(&b))
                     {
                         continue;
                     }
-                    let capped_backfill = backfill.is_some() && max_parallel.is_some();
-                    if B::DIALECT == Dialect::Postgres && (max_runs.is_some() || capped_backfill) {
-                        // Claimers of one integration take turns here, so two of them never
-                        // both see room for one more run (or one more of its backfill's).
-                        tx.query(
-                            "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
-                            p![integration.as_str()],
-                        )?;
-                    }
-                    if let Some(max) = max_runs {
-                        let active = tx
-                            .one(
-                                &format!("SELECT {}", ACTIVE.replace("q.integration", "?1")),
-                                p![integration.as_str()],
-                            )?
-                            .map(|r| r.int(0))
-                            .transpose()?
-                            .unwrap_or(0);
-                        if active >= max {
-                            full_integrations.insert(integration);
+                    match room(tx, B::DIALECT, &c)? {
+                        Room::Free => {}
+                        Room::IntegrationFull => {
+                            full_integrations.insert(c.integration);
                             continue;
                         }
-                    }
-                    if let (Some(b), Some(max)) = (backfill, max_parallel) {
-                        // A backfill's items are all of one integration: its lock covers them.
-                        let claimed = tx
-                            .one(
-                                "SELECT COUNT(*) FROM queue c WHERE c.backfill_id = ?1
-                                   AND c.state = 'claimed'",
-                                p![b],
-                            )?
-                            .map(|r| r.int(0))
-                            .transpose()?
-                            .unwrap_or(0);
-                        if claimed >= max {
+                        Room::BackfillFull(b) => {
                             full_backfills.insert(b);
                             continue;
                         }
                     }
-                    // Another claimer may have taken it since the page was read: the update
-                    // waits for its row lock and then finds it no longer queued.
-                    let n = tx.exec(
-                        "UPDATE queue SET state = 'claimed', claimed_by = ?2, claimed_at = ?3,
-                             claim_expires_at = ?4
-                         WHERE id = ?1 AND state = 'queued'",
-                        p![id, worker.as_str(), now, plus(now, lease)],
-                    )?;
-                    if n == 0 {
-                        continue;
+                    if let Some(item) = take_item(tx, c.id, &worker, lease, now)? {
+                        return Ok(ClaimTry::Got(Box::new(item)));
                     }
-                    let item = tx
-                        .one(
-                            &format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"),
-                            p![id],
-                        )?
-                        .ok_or_else(|| {
-                            StoreError::not_found(format!("queue item {id} not found"))
-                        })?;
-                    return Ok(ClaimTry::Got(Box::new(queue_row(&item)?)));
                 }
                 if page.len() < page_size {
                     return Ok(ClaimTry::Nothing);
@@ -978,6 +1035,130 @@ impl<B: Backend> SqlStore<B> {
             }
         })
     }
+}
+
+/// Whether an item of `integration` (and of `backfill`) may be claimed now: the caps of
+/// `claim` and `claim_item`. On PostgreSQL the integration's row is locked first, so the
+/// claimers of one integration take turns here (on any machine) and two of them never both
+/// see room for one more run; a backfill's items are all of one integration, so that lock
+/// covers its count too. SQLite's writers are serialised already.
+fn room(tx: &mut dyn Tx, dialect: Dialect, c: &Candidate) -> Result<Room> {
+    let integration = c.integration.as_str();
+    if let Some(max) = c.max_runs {
+        if dialect == Dialect::Postgres {
+            tx.query(
+                "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
+                p![integration],
+            )?;
+        }
+        let active = tx
+            .one(
+                &format!("SELECT {}", ACTIVE.replace("q.integration", "?1")),
+                p![integration],
+            )?
+            .map(|r| r.int(0))
+            .transpose()?
+            .unwrap_or(0);
+        if active >= max {
+            return Ok(Room::IntegrationFull);
+        }
+    }
+    if let (Some(b), Some(max)) = (c.backfill, c.max_parallel) {
+        if dialect == Dialect::Postgres && c.max_runs.is_none() {
+            tx.query(
+                "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
+                p![integration],
+            )?;
+        }
+        let claimed = tx
+            .one(
+                "SELECT COUNT(*) FROM queue c WHERE c.backfill_id = ?1 AND c.state = 'claimed'",
+                p![b],
+            )?
+            .map(|r| r.int(0))
+            .transpose()?
+            .unwrap_or(0);
+        if claimed >= max {
+            return Ok(Room::BackfillFull(b));
+        }
+    }
+    Ok(Room::Free)
+}
+
+/// What `claim` and `claim_item` read of a queued item, its integration and its backfill
+/// (`FROM queue q`, so a caller adds `WHERE` and locks `OF q`).
+const CANDIDATE: &str = "q.id, q.integration, q.backfill_id, q.priority, q.state,
+        i.max_concurrent_runs, b.max_parallel, i.enabled
+    FROM queue q
+    LEFT JOIN integrations i ON i.name = q.integration
+    LEFT JOIN backfills b ON b.id = q.backfill_id";
+
+struct Candidate {
+    id: i64,
+    integration: String,
+    backfill: Option<i64>,
+    priority: i64,
+    state: QueueState,
+    max_runs: Option<i64>,
+    max_parallel: Option<i64>,
+    /// Its integration is disabled.
+    disabled: bool,
+}
+
+fn candidate(r: &Row) -> Result<Candidate> {
+    Ok(Candidate {
+        id: r.int(0)?,
+        integration: r.text(1)?,
+        backfill: r.opt_int(2)?,
+        priority: r.int(3)?,
+        state: r.parsed(4)?,
+        max_runs: r.opt_int(5)?,
+        max_parallel: r.opt_int(6)?,
+        disabled: r.opt_int(7)? == Some(0),
+    })
+}
+
+enum Room {
+    Free,
+    IntegrationFull,
+    BackfillFull(i64),
+}
+
+/// Cancel a queued item (its integration is disabled).
+fn cancel_queued(tx: &mut dyn Tx, id: i64, now: DateTime<Utc>) -> Result<()> {
+    tx.exec(
+        "UPDATE queue SET state = 'cancelled', finished_at = ?2 WHERE id = ?1 AND state = 'queued'",
+        p![id, now],
+    )?;
+    Ok(())
+}
+
+/// Claim a queued item for `worker` (fence + 1) and return it; `None` when it is no longer
+/// queued (another claimer took it since it was read: on PostgreSQL the update waits for
+/// that claimer's row lock and then finds it claimed).
+fn take_item(
+    tx: &mut dyn Tx,
+    id: i64,
+    worker: &str,
+    lease: Duration,
+    now: DateTime<Utc>,
+) -> Result<Option<QueueItem>> {
+    let n = tx.exec(
+        "UPDATE queue SET state = 'claimed', claimed_by = ?2, claimed_at = ?3,
+             claim_expires_at = ?4, fence = fence + 1
+         WHERE id = ?1 AND state = 'queued'",
+        p![id, worker, now, plus(now, lease)],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let item = tx
+        .one(
+            &format!("SELECT {QUEUE_COLUMNS} FROM queue WHERE id = ?1"),
+            p![id],
+        )?
+        .ok_or_else(|| StoreError::not_found(format!("queue item {id} not found")))?;
+    Ok(Some(queue_row(&item)?))
 }
 
 /// Queued items a claim reads first, in claim order, and then at a time.
@@ -1082,6 +1263,11 @@ impl<B: Backend> RunStore for SqlStore<B> {
             Owner::External => (None, None, None),
         };
         let params_json = json_text(&new.params)?;
+        if new.fence.is_some() && new.queue_item.is_none() {
+            return Err(StoreError::invalid(
+                "a fenced run needs its queue item (NewRun::queue_item)",
+            ));
+        }
         let new = new.clone();
         let id = self.write_grouped(move |tx| {
             ensure_integration(tx, &new.pipeline)?;
@@ -1089,8 +1275,9 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 .one(
                     r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at,
                                        logical_date, pid, pid_start, owner, host, attempt,
-                                       lease_owner, queue_item)
-                       VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11)
+                                       lease_owner, queue_item, fence)
+                       VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11,
+                               COALESCE(?12, (SELECT fence FROM queue WHERE id = ?11)))
                        RETURNING id"#,
                     p![
                         new.pipeline.as_str(),
@@ -1103,12 +1290,25 @@ impl<B: Backend> RunStore for SqlStore<B> {
                         new.owner.as_str(),
                         host.as_deref(),
                         new.lease_owner.as_deref(),
-                        new.queue_item
+                        new.queue_item,
+                        new.fence
                     ],
                 )?
                 .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("INSERT returned no id")))?;
             let id = row.int(0)?;
-            if let Some(item) = new.queue_item {
+            if let (Some(item), Some(fence)) = (new.queue_item, new.fence) {
+                let n = tx.exec(
+                    "UPDATE queue SET run_id = ?2
+                     WHERE id = ?1 AND state = 'claimed' AND fence = ?3",
+                    p![item, id, fence],
+                )?;
+                if n == 0 {
+                    return Err(StoreError::conflict(format!(
+                        "queue item {item} is no longer claimed with fence {fence} (cancelled, \
+                         or taken back and claimed again after its worker's lease expired)"
+                    )));
+                }
+            } else if let Some(item) = new.queue_item {
                 let n = tx.exec(
                     "UPDATE queue SET run_id = ?2 WHERE id = ?1 AND state = 'claimed'",
                     p![item, id],
@@ -1140,44 +1340,11 @@ impl<B: Backend> RunStore for SqlStore<B> {
     }
 
     fn write_events(&self, run_id: i64, events: &[RunEvent]) -> Result<()> {
-        // Copy attached files before taking the write lock.
-        let dir = self.run_dir(run_id);
-        let files: Vec<Option<String>> = events
-            .iter()
-            .map(|e| match e {
-                RunEvent::Log(LogRecord { file: Some(f), .. }) => {
-                    Some(attach_file(&dir, Path::new(f)).unwrap_or_else(|_| f.clone()))
-                }
-                _ => None,
-            })
-            .collect();
-        let all = {
-            let (events, files) = (events.to_vec(), files.clone());
-            self.write_grouped(move |tx| {
-                let attempt = current_attempt(tx, run_id)?;
-                for (e, file) in events.iter().zip(&files) {
-                    apply_event(tx, run_id, attempt, e, file.as_deref())?;
-                }
-                Ok(())
-            })
-        };
-        match all {
-            Ok(()) => Ok(()),
-            Err(e) if events.len() == 1 || B::is_contention(&e) => Err(e),
-            Err(_) => {
-                let mut first = None;
-                for (e, file) in events.iter().zip(&files) {
-                    let one = self.write(|tx| {
-                        let attempt = current_attempt(tx, run_id)?;
-                        apply_event(tx, run_id, attempt, e, file.as_deref())
-                    });
-                    if let Err(err) = one {
-                        first.get_or_insert(err);
-                    }
-                }
-                first.map_or(Ok(()), Err)
-            }
-        }
+        self.write_events_checked(run_id, None, events)
+    }
+
+    fn write_events_fenced(&self, run_id: i64, fence: i64, events: &[RunEvent]) -> Result<()> {
+        self.write_events_checked(run_id, Some(fence), events)
     }
 
     fn finish_run(&self, id: i64, status: Status, error: Option<&str>, force: bool) -> Result<()> {
@@ -1393,7 +1560,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
             tx.exec(
                 "UPDATE runs SET attempt = ?2, status = 'running', finished_at = NULL,
                      error = NULL, cancel_requested_at = NULL, lease_owner = ?3, owner = 'pipe',
-                     pid = ?4, pid_start = ?5, host = ?6
+                     pid = ?4, pid_start = ?5, host = ?6, fence = NULL
                  WHERE id = ?1",
                 p![
                     run_id,
@@ -1422,14 +1589,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "UPDATE runs SET cancel_requested_at = ?2 WHERE id = ?1 AND status = 'running'",
                 p![run_id, now],
             )?;
-            if n == 0
-                && tx
-                    .one("SELECT 1 FROM runs WHERE id = ?1", p![run_id])?
-                    .is_none()
-            {
-                return Err(StoreError::not_found(format!("run {run_id} not found")));
-            }
-            Ok(n > 0)
+            changed_or_missing(tx, n, "runs", run_id.into(), || format!("run {run_id}"))
         })
     }
 
@@ -1768,16 +1928,9 @@ impl<B: Backend> RunStore for SqlStore<B> {
                  WHERE id = ?1 AND state = 'queued'",
                 p![item_id, now],
             )?;
-            if n == 0
-                && tx
-                    .one("SELECT 1 FROM queue WHERE id = ?1", p![item_id])?
-                    .is_none()
-            {
-                return Err(StoreError::not_found(format!(
-                    "queue item {item_id} not found"
-                )));
-            }
-            Ok(n > 0)
+            changed_or_missing(tx, n, "queue", item_id.into(), || {
+                format!("queue item {item_id}")
+            })
         })
     }
 
@@ -2054,10 +2207,15 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "DELETE FROM leases WHERE kind = 'owner' AND expires_at < ?1",
                 p![older_than],
             )?;
+            let workers = tx.exec(
+                "DELETE FROM workers WHERE COALESCE(stopped_at, heartbeat_at) < ?1",
+                p![older_than],
+            )?;
             Ok(Pruned {
                 ticks,
                 queue_items,
                 leases,
+                workers,
             })
         })
     }
@@ -2237,13 +2395,228 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 } else {
                     tx.exec(
                         "UPDATE queue SET state = 'queued', claimed_by = NULL, claimed_at = NULL,
-                             claim_expires_at = NULL
+                             claim_expires_at = NULL, published_at = NULL
                          WHERE id = ?1",
                         p![item],
                     )?;
                 }
             }
             Ok(lost)
+        })
+    }
+
+    fn unpublished(&self, limit: usize) -> Result<Vec<QueueItem>> {
+        self.read(|tx| {
+            tx.query(
+                &format!(
+                    "SELECT {QUEUE_COLUMNS} FROM queue
+                     WHERE state = 'queued' AND published_at IS NULL
+                     ORDER BY priority DESC, id LIMIT ?1"
+                ),
+                p![limit_value(limit)],
+            )?
+            .iter()
+            .map(queue_row)
+            .collect()
+        })
+    }
+
+    fn mark_published(&self, ids: &[i64], now: DateTime<Utc>) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids = ids.to_vec();
+        self.write_grouped(move |tx| {
+            let mut n = 0;
+            for &id in &ids {
+                n += tx.exec(
+                    "UPDATE queue SET published_at = ?2 WHERE id = ?1 AND state = 'queued'",
+                    p![id, now],
+                )?;
+            }
+            Ok(n)
+        })
+    }
+
+    fn stale_published(&self, before: DateTime<Utc>, limit: usize) -> Result<Vec<QueueItem>> {
+        self.read(|tx| {
+            tx.query(
+                &format!(
+                    "SELECT {QUEUE_COLUMNS} FROM queue
+                     WHERE state = 'queued' AND published_at < ?1
+                     ORDER BY priority DESC, id LIMIT ?2"
+                ),
+                p![before, limit_value(limit)],
+            )?
+            .iter()
+            .map(queue_row)
+            .collect()
+        })
+    }
+
+    fn claim_item(
+        &self,
+        item_id: i64,
+        worker: &str,
+        lease: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<ItemClaim> {
+        let worker = worker.to_string();
+        self.write_grouped(move |tx| {
+            let lock = if B::DIALECT == Dialect::Postgres {
+                // Another claimer of this item waits here, then finds it claimed.
+                " FOR UPDATE OF q"
+            } else {
+                ""
+            };
+            let Some(row) = tx.one(
+                &format!("SELECT {CANDIDATE} WHERE q.id = ?1{lock}"),
+                p![item_id],
+            )?
+            else {
+                return Ok(ItemClaim::NotFound);
+            };
+            let c = candidate(&row)?;
+            if c.state != QueueState::Queued {
+                return Ok(ItemClaim::Gone { state: c.state });
+            }
+            if c.disabled {
+                cancel_queued(tx, item_id, now)?;
+                return Ok(ItemClaim::Disabled);
+            }
+            match room(tx, B::DIALECT, &c)? {
+                Room::Free => {}
+                Room::IntegrationFull | Room::BackfillFull(_) => return Ok(ItemClaim::Full),
+            }
+            match take_item(tx, item_id, &worker, lease, now)? {
+                Some(item) => Ok(ItemClaim::Claimed(Box::new(item))),
+                None => {
+                    let state = tx
+                        .one("SELECT state FROM queue WHERE id = ?1", p![item_id])?
+                        .map(|r| r.parsed(0))
+                        .transpose()?;
+                    Ok(state.map_or(ItemClaim::NotFound, |state| ItemClaim::Gone { state }))
+                }
+            }
+        })
+    }
+
+    fn register_worker(&self, info: &WorkerInfo, now: DateTime<Utc>) -> Result<()> {
+        let queues = json_text(&serde_json::json!(info.queues))?;
+        let lease_ms = u64::try_from(info.lease.as_millis()).unwrap_or(u64::MAX);
+        self.write(|tx| {
+            tx.exec(
+                "INSERT INTO workers(id, host, pid, queues, slots, running, version, lease_ms,
+                                     started_at, heartbeat_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, '[]', ?6, ?7, ?8, ?8)
+                 ON CONFLICT(id) DO UPDATE SET
+                     host = excluded.host, pid = excluded.pid, queues = excluded.queues,
+                     slots = excluded.slots, version = excluded.version,
+                     lease_ms = excluded.lease_ms, heartbeat_at = excluded.heartbeat_at,
+                     stopped_at = NULL",
+                p![
+                    info.id.as_str(),
+                    info.host.as_str(),
+                    info.pid,
+                    queues.as_str(),
+                    info.slots,
+                    info.version.as_deref(),
+                    lease_ms,
+                    now
+                ],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn worker_heartbeat(
+        &self,
+        id: &str,
+        running: &[i64],
+        now: DateTime<Utc>,
+    ) -> Result<WorkerControl> {
+        let running = json_text(&serde_json::json!(running))?;
+        self.write(|tx| {
+            let Some(r) = tx.one(
+                "UPDATE workers SET running = ?2, heartbeat_at = ?3 WHERE id = ?1
+                 RETURNING drain_requested_at",
+                p![id, running.as_str(), now],
+            )?
+            else {
+                return Err(StoreError::not_found(format!("worker {id} not found")));
+            };
+            Ok(WorkerControl {
+                drain_requested: r.opt_text(0)?.is_some(),
+            })
+        })
+    }
+
+    fn list_workers(&self, now: DateTime<Utc>) -> Result<Vec<WorkerRow>> {
+        self.read(|tx| {
+            tx.query(
+                "SELECT id, host, pid, queues, slots, running, version, lease_ms, started_at,
+                        heartbeat_at, drain_requested_at, stopped_at
+                 FROM workers ORDER BY started_at DESC, id",
+                p![],
+            )?
+            .iter()
+            .map(|r| {
+                let lease_ms = r.opt_u64(7)?.unwrap_or(0);
+                let heartbeat_at = r.time(9)?;
+                let drain_requested_at = r.opt_time(10)?;
+                let stopped_at = r.opt_time(11)?;
+                let lease = chrono::Duration::milliseconds(i64::try_from(lease_ms).unwrap_or(0));
+                let alive = stopped_at.is_none() && heartbeat_at + lease >= now;
+                let state = match (stopped_at, alive, drain_requested_at) {
+                    (Some(_), _, _) => WorkerState::Stopped,
+                    (None, false, _) => WorkerState::Lost,
+                    (None, true, Some(_)) => WorkerState::Draining,
+                    (None, true, None) => WorkerState::Active,
+                };
+                let list = |i: usize| -> Result<serde_json::Value> { r.json(i) };
+                Ok(WorkerRow {
+                    id: r.text(0)?,
+                    host: r.text(1)?,
+                    pid: r.opt_int(2)?,
+                    queues: serde_json::from_value(list(3)?).unwrap_or_default(),
+                    slots: r.u32(4)?,
+                    running: serde_json::from_value(list(5)?).unwrap_or_default(),
+                    version: r.opt_text(6)?,
+                    lease_ms,
+                    started_at: r.time(8)?,
+                    heartbeat_at,
+                    drain_requested_at,
+                    stopped_at,
+                    alive,
+                    state,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn request_drain(&self, id: &str, now: DateTime<Utc>) -> Result<bool> {
+        self.write(|tx| {
+            let n = tx.exec(
+                "UPDATE workers SET drain_requested_at = ?2
+                 WHERE id = ?1 AND drain_requested_at IS NULL AND stopped_at IS NULL",
+                p![id, now],
+            )?;
+            changed_or_missing(tx, n, "workers", id.into(), || format!("worker {id}"))
+        })
+    }
+
+    fn worker_stopped(&self, id: &str, now: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            let n = tx.exec(
+                "UPDATE workers SET stopped_at = ?2, heartbeat_at = ?2, running = '[]'
+                 WHERE id = ?1",
+                p![id, now],
+            )?;
+            if n == 0 {
+                return Err(StoreError::not_found(format!("worker {id} not found")));
+            }
+            Ok(())
         })
     }
 }

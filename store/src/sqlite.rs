@@ -197,6 +197,28 @@ CREATE TABLE store_meta (
 );
 INSERT INTO store_meta(key, value) VALUES ('integrations_version', 0);
 "#,
+    // Remote workers (issue 11): the outbox, fencing tokens and the workers table.
+    r#"
+ALTER TABLE queue ADD COLUMN published_at TEXT;
+ALTER TABLE queue ADD COLUMN fence INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE runs ADD COLUMN fence INTEGER;
+CREATE INDEX queue_outbox ON queue(priority DESC, id) WHERE state = 'queued' AND published_at IS NULL;
+CREATE INDEX queue_published ON queue(published_at) WHERE state = 'queued';
+CREATE TABLE workers (
+    id                 TEXT PRIMARY KEY,
+    host               TEXT NOT NULL,
+    pid                INTEGER,
+    queues             TEXT NOT NULL DEFAULT '[]',
+    slots              INTEGER NOT NULL DEFAULT 0,
+    running            TEXT NOT NULL DEFAULT '[]',
+    version            TEXT,
+    lease_ms           INTEGER NOT NULL,
+    started_at         TEXT NOT NULL,
+    heartbeat_at       TEXT NOT NULL,
+    drain_requested_at TEXT,
+    stopped_at         TEXT
+);
+"#,
 ];
 
 pub(crate) type SqliteStore = SqlStore<SqliteBackend>;

@@ -138,6 +138,12 @@ pub struct NewRun {
     /// The queue item it runs (linked in the same transaction; the item stays `claimed`
     /// until acked).
     pub queue_item: Option<i64>,
+    /// The fencing token of the claim that runs it ([`QueueItem::fence`], from
+    /// [`crate::RunStore::claim_item`]): the run is created only while `queue_item` is still
+    /// claimed with this fence (else `Conflict`), and its fenced writes
+    /// ([`crate::HistoryWriter::start_fenced`]) are refused once the run is no longer that
+    /// claim's. `None` (a `pipe run`, the embedded service) checks nothing, as before.
+    pub fence: Option<i64>,
 }
 
 impl NewRun {
@@ -150,6 +156,7 @@ impl NewRun {
             logical_date: None,
             lease_owner: None,
             queue_item: None,
+            fence: None,
         }
     }
 }
@@ -177,6 +184,9 @@ pub struct RunRow {
     pub lease_owner: Option<String>,
     /// The queue item it came from.
     pub queue_item: Option<i64>,
+    /// The fence of the claim that created it (the item's fence then); `None` for a run
+    /// not from the queue, and for a repair attempt (which no claim fences).
+    pub fence: Option<i64>,
 }
 
 /// One step of one attempt of a run.
@@ -464,6 +474,30 @@ pub struct QueueItem {
     /// The run started for it (or, for a repair item, the run to repair).
     pub run_id: Option<i64>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When its message was last published to the broker (`None`: not yet, or not since it
+    /// went back to the queue): the outbox ([`crate::RunStore::unpublished`]).
+    pub published_at: Option<DateTime<Utc>>,
+    /// How many times it was claimed: the fencing token of the current claim (0 before the
+    /// first). A run created for the claim carries it ([`NewRun::fence`]).
+    pub fence: i64,
+}
+
+/// What [`crate::RunStore::claim_item`] did with a worker's message.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum ItemClaim {
+    /// Claimed now (queued → claimed, fence + 1): run it, then ack the message.
+    Claimed(Box<QueueItem>),
+    /// Already claimed, done or cancelled (a duplicate or redelivered message): ack the
+    /// message and drop it.
+    Gone { state: QueueState },
+    /// Its integration's `max_concurrent_runs` or its backfill's `max_parallel` has no room
+    /// now: do not ack and forget; reject the message with requeue (later).
+    Full,
+    /// Its integration is disabled: the item is cancelled now; ack and drop the message.
+    Disabled,
+    /// No such item (pruned, or from another store): ack and drop the message.
+    NotFound,
 }
 
 /// Which items [`crate::RunStore::list_queue`] returns.
@@ -534,4 +568,82 @@ pub struct Pruned {
     pub ticks: u64,
     pub queue_items: u64,
     pub leases: u64,
+    /// Workers stopped, or silent, since before the cut.
+    pub workers: u64,
+}
+
+/// A worker process announcing itself ([`crate::RunStore::register_worker`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// Its lease owner id ([`crate::LeaseOwner::id`]): what its claims and runs record.
+    pub id: String,
+    /// Host name, for people.
+    pub host: String,
+    pub pid: Option<i64>,
+    /// The named queues it consumes.
+    pub queues: Vec<String>,
+    /// How many runs it runs at once.
+    pub slots: u32,
+    /// The `pipe` version it runs.
+    pub version: Option<String>,
+    /// Its lease period: it is alive while its last heartbeat is younger than this.
+    pub lease: std::time::Duration,
+}
+
+impl WorkerInfo {
+    /// A worker of this process under the lease owner id `id`.
+    pub fn this_process(id: impl Into<String>, queues: Vec<String>, slots: u32) -> WorkerInfo {
+        WorkerInfo {
+            id: id.into(),
+            host: crate::host_label(),
+            pid: Some(i64::from(std::process::id())),
+            queues,
+            slots,
+            version: None,
+            lease: crate::lease_period(),
+        }
+    }
+}
+
+/// What a worker learns from its heartbeat ([`crate::RunStore::worker_heartbeat`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WorkerControl {
+    /// `pipe workers drain ID` asked it to finish its current runs and take no more.
+    pub drain_requested: bool,
+}
+
+string_enum! {
+    /// A worker as `pipe workers list` shows it.
+    WorkerState {
+        /// Heartbeating, taking runs.
+        Active = "active",
+        /// Heartbeating, finishing its runs, taking no more.
+        Draining = "draining",
+        /// Said it stopped.
+        Stopped = "stopped",
+        /// Silent for longer than its lease period without saying it stopped.
+        Lost = "lost",
+    } "worker state"
+}
+
+/// A worker as stored ([`crate::RunStore::list_workers`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerRow {
+    pub id: String,
+    pub host: String,
+    pub pid: Option<i64>,
+    pub queues: Vec<String>,
+    pub slots: u32,
+    /// The runs it reported running at its last heartbeat.
+    pub running: Vec<i64>,
+    pub version: Option<String>,
+    /// Its lease period, in milliseconds.
+    pub lease_ms: u64,
+    pub started_at: DateTime<Utc>,
+    pub heartbeat_at: DateTime<Utc>,
+    pub drain_requested_at: Option<DateTime<Utc>>,
+    pub stopped_at: Option<DateTime<Utc>>,
+    /// Not stopped, and its last heartbeat is within its lease period of `now`.
+    pub alive: bool,
+    pub state: WorkerState,
 }

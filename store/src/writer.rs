@@ -4,6 +4,12 @@
 //! whenever the queue runs empty, at least every 50 ms, at most 2000 events each), and a
 //! per-step cap on stored log text (`PIPE_LOG_LIMIT`; the rest goes to a file in the run's
 //! folder and one row says so).
+//!
+//! A remote worker's writer is fenced ([`HistoryWriter::start_fenced`]): every batch is
+//! written only while the run is still its claim's ([`RunStore::write_events_fenced`]).
+//! Once one is refused, nothing more is written (the run was taken from this worker when
+//! its lease expired), [`HistoryWriter::fenced_out`] says so, so the worker can stop the
+//! run, and `finish`/`close` report the [`StoreError::Fenced`].
 
 use crate::{Result, RunStore, StoreError};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -11,6 +17,7 @@ use engine::events::{Level, LogRecord, Observer, RunEvent};
 use std::fmt;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -267,6 +274,9 @@ impl LogCap {
 /// `Arc`) before the process exits; dropping it closes it too.
 pub struct HistoryWriter {
     run_id: i64,
+    fence: Option<i64>,
+    /// A fenced batch was refused: the run is no longer this writer's.
+    fenced_out: Arc<AtomicBool>,
     tx: Mutex<Option<Sender<Msg>>>,
     budget: Arc<Budget>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
@@ -281,14 +291,31 @@ impl fmt::Debug for HistoryWriter {
 impl HistoryWriter {
     /// Start recording run `run_id`'s events into `store`.
     pub fn start(store: Arc<dyn RunStore>, run_id: i64) -> Result<HistoryWriter> {
+        Self::spawn(store, run_id, None)
+    }
+
+    /// Start recording the events of run `run_id`, created by the claim with `fence`
+    /// ([`crate::NewRun::fence`]): each batch is written only while the run is still that
+    /// claim's, and once one is refused nothing more is ([`HistoryWriter::fenced_out`]).
+    pub fn start_fenced(
+        store: Arc<dyn RunStore>,
+        run_id: i64,
+        fence: i64,
+    ) -> Result<HistoryWriter> {
+        Self::spawn(store, run_id, Some(fence))
+    }
+
+    fn spawn(store: Arc<dyn RunStore>, run_id: i64, fence: Option<i64>) -> Result<HistoryWriter> {
         let (tx, rx) = mpsc::channel();
         let budget = Arc::new(Budget::default());
         let closer = CloseOnDrop(budget.clone());
+        let fenced_out = Arc::new(AtomicBool::new(false));
+        let out = fenced_out.clone();
         let thread = std::thread::Builder::new()
             .name(format!("pipe-history-{run_id}"))
             .spawn(move || {
                 let _closer = closer;
-                writer_loop(store, run_id, rx, &_closer.0)
+                writer_loop(store, run_id, fence, &out, rx, &_closer.0)
             })
             .map_err(|e| {
                 StoreError::Backend(
@@ -297,6 +324,8 @@ impl HistoryWriter {
             })?;
         Ok(HistoryWriter {
             run_id,
+            fence,
+            fenced_out,
             tx: Mutex::new(Some(tx)),
             budget,
             thread: Mutex::new(Some(thread)),
@@ -305,6 +334,17 @@ impl HistoryWriter {
 
     pub fn run_id(&self) -> i64 {
         self.run_id
+    }
+
+    /// The fence it writes under ([`HistoryWriter::start_fenced`]), if any.
+    pub fn fence(&self) -> Option<i64> {
+        self.fence
+    }
+
+    /// Whether a fenced batch was refused: the run was taken from this writer's claim
+    /// (marked abandoned after its lease expired); the caller should stop running it.
+    pub fn fenced_out(&self) -> bool {
+        self.fenced_out.load(Ordering::SeqCst)
     }
 
     /// Wait until every event sent so far is committed.
@@ -369,6 +409,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 fn writer_loop(
     store: Arc<dyn RunStore>,
     run_id: i64,
+    fence: Option<i64>,
+    fenced_out: &AtomicBool,
     rx: Receiver<Msg>,
     budget: &Budget,
 ) -> Result<()> {
@@ -399,12 +441,20 @@ fn writer_loop(
                 }
             }
         }
-        if !batch.is_empty() {
-            if let Err(e) = store.write_events(run_id, &batch) {
+        if !batch.is_empty() && !fenced_out.load(Ordering::SeqCst) {
+            let written = match fence {
+                Some(f) => store.write_events_fenced(run_id, f, &batch),
+                None => store.write_events(run_id, &batch),
+            };
+            if let Err(e) = written {
+                if matches!(e, StoreError::Fenced(_)) {
+                    // Later batches would be refused too: drop them without asking.
+                    fenced_out.store(true, Ordering::SeqCst);
+                }
                 first_error.get_or_insert(e);
             }
-            batch.clear();
         }
+        batch.clear();
         budget.give(held.replace(0));
         for ack in acks.drain(..) {
             let _ = ack.send(());

@@ -150,6 +150,12 @@ both!(
     lost_runs_are_requeued_when_the_integration_says_so,
     claim_walks_past_full_integrations_and_cancels_disabled_ones,
     grouped_writes_of_many_threads_each_get_their_own_outcome,
+    outbox_finds_what_was_never_published,
+    claim_item_outcomes,
+    claim_item_caps_hold_across_concurrent_claimers,
+    fence_counts_the_claims_of_a_requeued_item,
+    fenced_writes_of_a_run_taken_away_are_refused,
+    workers_register_heartbeat_drain_and_prune,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -1469,7 +1475,8 @@ fn prune_keeps_what_is_still_needed(db: &Db) {
         Pruned {
             ticks: 2,
             queue_items: 1,
-            leases: 1
+            leases: 1,
+            workers: 0,
         }
     );
     let left: Vec<_> = s
@@ -1660,18 +1667,31 @@ fn a_database_one_version_behind_is_migrated(db: &Db) {
     let version = s.schema_version().unwrap();
     let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
     drop(s);
+    // Undo the last migration (the outbox, fences and workers) as an older pipe left it,
+    // with a queued item of that time.
     db.raw(&format!(
-        "DROP TABLE store_meta; DELETE FROM schema_migrations WHERE version = {version};"
+        "DROP INDEX queue_outbox; DROP INDEX queue_published; DROP TABLE workers;
+         ALTER TABLE queue DROP COLUMN published_at; ALTER TABLE queue DROP COLUMN fence;
+         ALTER TABLE runs DROP COLUMN fence;
+         DELETE FROM schema_migrations WHERE version = {version};
+         INSERT INTO queue(integration, queue, priority, \"trigger\", params, state, enqueued_at)
+         VALUES ('kept', 'default', 0, 'manual', '{{}}', 'queued', '2026-01-01T00:00:00.000Z');"
     ));
     if db.cfg.url.is_none() {
         db.raw(&format!("PRAGMA user_version = {};", version - 1));
     }
     let s = db.open();
     assert_eq!(s.schema_version().unwrap(), version);
-    assert_eq!(s.integrations_version().unwrap(), 0);
     assert_eq!(s.run_status(run).unwrap(), Some(Status::Running));
+    assert_eq!(s.get_run(run).unwrap().unwrap().run.fence, None);
+    // The item queued before the outbox existed is found unpublished, never claimed.
+    let old = s.unpublished(0).unwrap();
+    assert_eq!(old.len(), 1);
+    assert_eq!((old[0].integration.as_str(), old[0].fence), ("kept", 0));
+    assert!(s.list_workers(Utc::now()).unwrap().is_empty());
+    let v = s.integrations_version().unwrap();
     loaded(s.as_ref(), "after", None);
-    assert_eq!(s.integrations_version().unwrap(), 1);
+    assert_eq!(s.integrations_version().unwrap(), v + 1);
 }
 
 fn lost_runs_are_requeued_when_the_integration_says_so(db: &Db) {
@@ -1862,4 +1882,480 @@ fn grouped_writes_of_many_threads_each_get_their_own_outcome(db: &Db) {
         assert_eq!(logs[0].message, format!("run {run} of item {item}"));
         assert_eq!(s.run_status(run).unwrap(), Some(Status::Succeeded));
     }
+}
+
+fn ids(items: &[QueueItem]) -> Vec<i64> {
+    items.iter().map(|i| i.id).collect()
+}
+
+/// The outbox: what the store queued is found until marked published, a "crash" between
+/// enqueue and publish loses nothing, and items whose publish is old are found again.
+fn outbox_finds_what_was_never_published(db: &Db) {
+    let s = db.open();
+    let t0 = t("2030-01-01T00:00:00Z");
+    let a = s.enqueue(&item("o", 1), t0).unwrap().id;
+    let b = s.enqueue(&item("o", 5), t0).unwrap().id;
+    let c = s.enqueue(&item("o", 1), t0).unwrap().id;
+    // Claim order: priority, then age.
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![b, a, c]);
+    assert_eq!(ids(&s.unpublished(2).unwrap()), vec![b, a]);
+    // The process dies after queueing `d`, before publishing it: a new one finds it.
+    let d = s.enqueue(&item("o", 0), t0).unwrap().id;
+    drop(s);
+    let s = db.open();
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![b, a, c, d]);
+    let t1 = t0 + TimeDelta::seconds(1);
+    assert_eq!(s.mark_published(&[b, a], t1).unwrap(), 2);
+    assert_eq!(s.mark_published(&[], t1).unwrap(), 0);
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![c, d]);
+    assert_eq!(s.get_item(b).unwrap().unwrap().published_at, Some(t1));
+    // A claimed item is neither marked nor republished.
+    let w = remote_owner("worker");
+    assert!(matches!(
+        s.claim_item(c, &w.id, Duration::from_secs(10), t1).unwrap(),
+        ItemClaim::Claimed(_)
+    ));
+    assert_eq!(s.mark_published(&[c, d], t1).unwrap(), 1);
+    assert!(s.unpublished(0).unwrap().is_empty());
+    // Publishes older than `before` are found again (strictly older), in claim order.
+    assert!(s.stale_published(t1, 0).unwrap().is_empty());
+    let later = t1 + TimeDelta::seconds(30);
+    assert_eq!(ids(&s.stale_published(later, 0).unwrap()), vec![b, a, d]);
+    assert_eq!(ids(&s.stale_published(later, 1).unwrap()), vec![b]);
+    assert_eq!(s.mark_published(&[b], later).unwrap(), 1);
+    assert_eq!(ids(&s.stale_published(later, 0).unwrap()), vec![a, d]);
+    // A claim lost before its run started goes back to the queue, to be published again
+    // (its message was acked when it was claimed).
+    s.heartbeat(&w, Duration::from_secs(10), t1).unwrap();
+    s.expire_lost(t1 + TimeDelta::seconds(11)).unwrap();
+    let back = s.get_item(c).unwrap().unwrap();
+    assert_eq!((back.state, back.published_at), (QueueState::Queued, None));
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![c]);
+    // A merge that raises the priority is published again (with the new one).
+    let mut e = item("o", 1);
+    e.dedup_key = Some("o@1".into());
+    let k = s.enqueue(&e, t1).unwrap().id;
+    s.mark_published(&[c, k], t1).unwrap();
+    assert_eq!(
+        s.enqueue(&e, t1).unwrap(),
+        Enqueued {
+            id: k,
+            merged: true
+        }
+    );
+    assert!(s.unpublished(0).unwrap().is_empty());
+    e.priority = 9;
+    assert!(s.enqueue(&e, t1).unwrap().merged);
+    let raised = s.unpublished(0).unwrap();
+    assert_eq!((ids(&raised), raised[0].priority), (vec![k], 9));
+}
+
+fn claim_item_outcomes(db: &Db) {
+    let s = db.open();
+    let now = t("2030-01-01T00:00:00Z");
+    let lease = Duration::from_secs(30);
+    loaded(s.as_ref(), "capped", Some(1));
+    let x = s.enqueue(&item("capped", 0), now).unwrap().id;
+    let y = s.enqueue(&item("capped", 0), now).unwrap().id;
+    let got = match s.claim_item(x, "w1", lease, now).unwrap() {
+        ItemClaim::Claimed(i) => i,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((got.id, got.state, got.fence), (x, QueueState::Claimed, 1));
+    assert_eq!(got.claimed_by.as_deref(), Some("w1"));
+    assert_eq!(got.claim_expires_at, Some(now + TimeDelta::seconds(30)));
+    // A duplicate message of a claimed item.
+    assert!(matches!(
+        s.claim_item(x, "w2", lease, now).unwrap(),
+        ItemClaim::Gone {
+            state: QueueState::Claimed
+        }
+    ));
+    // No room under the cap: the item stays queued for a later delivery.
+    assert!(matches!(
+        s.claim_item(y, "w2", lease, now).unwrap(),
+        ItemClaim::Full
+    ));
+    assert_eq!(s.get_item(y).unwrap().unwrap().state, QueueState::Queued);
+    assert_eq!(s.get_item(y).unwrap().unwrap().fence, 0);
+    let run = s
+        .create_run(&NewRun {
+            queue_item: Some(x),
+            fence: Some(1),
+            lease_owner: Some("w1".into()),
+            ..NewRun::new("capped", Trigger::Manual, Owner::Pipe)
+        })
+        .unwrap();
+    assert_eq!(s.get_run(run).unwrap().unwrap().run.fence, Some(1));
+    assert!(matches!(
+        s.claim_item(y, "w2", lease, now).unwrap(),
+        ItemClaim::Full
+    ));
+    s.write_events_fenced(
+        run,
+        1,
+        &[RunEvent::RunFinished {
+            status: Status::Succeeded,
+            error: None,
+            at: now,
+        }],
+    )
+    .unwrap();
+    assert_eq!(s.run_status(run).unwrap(), Some(Status::Succeeded));
+    // Redelivered after its run finished.
+    assert!(matches!(
+        s.claim_item(x, "w2", lease, now).unwrap(),
+        ItemClaim::Gone {
+            state: QueueState::Done
+        }
+    ));
+    // The slot is free again.
+    assert!(matches!(
+        s.claim_item(y, "w2", lease, now).unwrap(),
+        ItemClaim::Claimed(i) if i.id == y && i.fence == 1
+    ));
+    let z = s.enqueue(&item("free", 0), now).unwrap().id;
+    s.cancel_item(z, now).unwrap();
+    assert!(matches!(
+        s.claim_item(z, "w2", lease, now).unwrap(),
+        ItemClaim::Gone {
+            state: QueueState::Cancelled
+        }
+    ));
+    // Disabled after it was queued: cancelled now.
+    loaded(s.as_ref(), "off", None);
+    let o = s.enqueue(&item("off", 0), now).unwrap().id;
+    s.set_enabled("off", false, now).unwrap();
+    assert!(matches!(
+        s.claim_item(o, "w2", lease, now).unwrap(),
+        ItemClaim::Disabled
+    ));
+    assert_eq!(s.get_item(o).unwrap().unwrap().state, QueueState::Cancelled);
+    assert!(matches!(
+        s.claim_item(987_654, "w2", lease, now).unwrap(),
+        ItemClaim::NotFound
+    ));
+    // A backfill's max_parallel.
+    loaded(s.as_ref(), "bf", None);
+    let bf = s
+        .create_backfill(
+            &NewBackfill {
+                integration: "bf".into(),
+                from: now,
+                to: now,
+                max_parallel: Some(1),
+            },
+            now,
+        )
+        .unwrap();
+    let mut e = item("bf", 0);
+    e.backfill_id = Some(bf);
+    let (b1, b2) = (
+        s.enqueue(&e, now).unwrap().id,
+        s.enqueue(&e, now).unwrap().id,
+    );
+    assert!(matches!(
+        s.claim_item(b1, "w2", lease, now).unwrap(),
+        ItemClaim::Claimed(_)
+    ));
+    assert!(matches!(
+        s.claim_item(b2, "w3", lease, now).unwrap(),
+        ItemClaim::Full
+    ));
+}
+
+/// Workers on several machines (here: threads with a store each, so no shared process
+/// state) claim by item id at once: the integration's cap and each item's single claim
+/// hold.
+fn claim_item_caps_hold_across_concurrent_claimers(db: &Db) {
+    let s = db.open();
+    let now = Utc::now();
+    loaded(s.as_ref(), "two", Some(2));
+    let items: Vec<i64> = (0..12)
+        .map(|_| s.enqueue(&item("two", 0), now).unwrap().id)
+        .collect();
+    let contested = s.enqueue(&item("free", 0), now).unwrap().id;
+    let threads = 6;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|n| {
+            let (cfg, barrier, items) = (db.cfg.clone(), barrier.clone(), items.clone());
+            std::thread::spawn(move || {
+                let s = store::open(&cfg).unwrap();
+                barrier.wait();
+                let (mut claimed, mut contested_won) = (Vec::new(), false);
+                // Each starts at another item, as messages would arrive.
+                for k in 0..items.len() {
+                    let id = items[(k + n * 2) % items.len()];
+                    match s
+                        .claim_item(id, &format!("w{n}"), Duration::from_secs(30), now)
+                        .unwrap()
+                    {
+                        ItemClaim::Claimed(i) => claimed.push(i.id),
+                        ItemClaim::Full | ItemClaim::Gone { .. } => {}
+                        other => panic!("{other:?}"),
+                    }
+                    if k == 0 {
+                        contested_won = matches!(
+                            s.claim_item(contested, &format!("w{n}"), Duration::from_secs(30), now)
+                                .unwrap(),
+                            ItemClaim::Claimed(_)
+                        );
+                    }
+                }
+                (claimed, contested_won)
+            })
+        })
+        .collect();
+    let results: Vec<(Vec<i64>, bool)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let claimed: Vec<i64> = results.iter().flat_map(|r| r.0.clone()).collect();
+    assert_eq!(claimed.len(), 2, "{claimed:?}");
+    assert_eq!(s.count_active("two").unwrap(), 2);
+    assert_eq!(results.iter().filter(|r| r.1).count(), 1);
+    let c = s.get_item(contested).unwrap().unwrap();
+    assert_eq!((c.state, c.fence), (QueueState::Claimed, 1));
+}
+
+/// The fence is the claim count: each claim of an item that went back to the queue gets a
+/// higher one, and a run for an older claim is refused.
+fn fence_counts_the_claims_of_a_requeued_item(db: &Db) {
+    let s = db.open();
+    let t0 = t("2030-01-01T00:00:00Z");
+    let ttl = Duration::from_secs(10);
+    let (w1, w2) = (remote_owner("worker"), remote_owner("worker"));
+    s.heartbeat(&w1, ttl, t0).unwrap();
+    let it = s.enqueue(&item("f", 0), t0).unwrap().id;
+    assert_eq!(s.get_item(it).unwrap().unwrap().fence, 0);
+    let first = match s.claim_item(it, &w1.id, ttl, t0).unwrap() {
+        ItemClaim::Claimed(i) => i.fence,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(first, 1);
+    // w1 stalls past its lease before creating the run: the item goes back.
+    let t1 = t0 + TimeDelta::seconds(11);
+    s.expire_lost(t1).unwrap();
+    assert_eq!(s.get_item(it).unwrap().unwrap().state, QueueState::Queued);
+    s.heartbeat(&w2, ttl, t1).unwrap();
+    let second = match s.claim_item(it, &w2.id, ttl, t1).unwrap() {
+        ItemClaim::Claimed(i) => i.fence,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(second, 2);
+    // w1 wakes up and tries to start the run of its (old) claim.
+    let stale = NewRun {
+        queue_item: Some(it),
+        fence: Some(first),
+        lease_owner: Some(w1.id.clone()),
+        ..NewRun::new("f", Trigger::Manual, Owner::Pipe)
+    };
+    let err = s.create_run(&stale).unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err}");
+    assert!(err.to_string().contains("fence 1"), "{err}");
+    assert!(s.list_runs(Some("f"), 0).unwrap().is_empty());
+    let run = s
+        .create_run(&NewRun {
+            fence: Some(second),
+            lease_owner: Some(w2.id.clone()),
+            ..stale.clone()
+        })
+        .unwrap();
+    assert_eq!(s.get_run(run).unwrap().unwrap().run.fence, Some(2));
+    assert_eq!(s.get_item(it).unwrap().unwrap().run_id, Some(run));
+    // A fence without its item is a caller's mistake.
+    let err = s
+        .create_run(&NewRun {
+            queue_item: None,
+            ..stale
+        })
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    // The polling claim counts too, and an unfenced run records the claim's fence.
+    let again = s.enqueue(&item("g", 0), t1).unwrap().id;
+    let polled = s.claim(&w2.id, &[], ttl, t1).unwrap().unwrap();
+    assert_eq!((polled.id, polled.fence), (again, 1));
+    let unfenced = s
+        .create_run(&NewRun {
+            queue_item: Some(again),
+            ..NewRun::new("g", Trigger::Manual, Owner::Pipe)
+        })
+        .unwrap();
+    assert_eq!(s.get_run(unfenced).unwrap().unwrap().run.fence, Some(1));
+}
+
+/// A stalled worker whose run was marked abandoned (its lease expired) cannot write to it
+/// any more: its late events, its `RunFinished` included, are refused and not written.
+fn fenced_writes_of_a_run_taken_away_are_refused(db: &Db) {
+    let s = db.open();
+    let t0 = Utc::now();
+    let ttl = Duration::from_secs(10);
+    let w = remote_owner("worker");
+    s.heartbeat(&w, ttl, t0).unwrap();
+    let it = s.enqueue(&item("fenced", 0), t0).unwrap().id;
+    let ItemClaim::Claimed(claim) = s.claim_item(it, &w.id, ttl, t0).unwrap() else {
+        panic!("not claimed")
+    };
+    let run = s
+        .create_run(&NewRun {
+            queue_item: Some(it),
+            fence: Some(claim.fence),
+            lease_owner: Some(w.id.clone()),
+            ..NewRun::new("fenced", Trigger::Manual, Owner::Pipe)
+        })
+        .unwrap();
+    let writer = HistoryWriter::start_fenced(s.clone(), run, claim.fence).unwrap();
+    assert_eq!(writer.fence(), Some(claim.fence));
+    writer.event(&RunEvent::StepStarted {
+        step: "load".into(),
+        attempt: 1,
+        at: t0,
+    });
+    writer.event(&RunEvent::Log(log(Some("load"), "before the stall")));
+    writer.flush();
+    assert!(!writer.fenced_out());
+    let d = s.get_run(run).unwrap().unwrap();
+    assert_eq!((d.steps.len(), d.log_count), (1, 1));
+    // A write under another fence is refused while the run is running; so is one for a
+    // run that does not exist.
+    let other = s
+        .write_events_fenced(run, claim.fence + 1, &[RunEvent::Log(log(None, "x"))])
+        .unwrap_err();
+    assert!(matches!(other, StoreError::Fenced(_)), "{other}");
+    assert!(other.is_conflict());
+    assert!(matches!(
+        s.write_events_fenced(987_654, 1, &[RunEvent::Log(log(None, "x"))])
+            .unwrap_err(),
+        StoreError::NotFound(_)
+    ));
+    // The worker stalls past its lease: the run is marked abandoned.
+    let lost = s.expire_lost(t0 + TimeDelta::seconds(11)).unwrap();
+    assert_eq!(lost.len(), 1);
+    // It wakes up and goes on: a log row, the step's end and the run's.
+    writer.event(&RunEvent::Log(log(Some("load"), "after the stall")));
+    writer.event(&step_finished(
+        "load",
+        "sql.query",
+        Status::Succeeded,
+        Some(3),
+    ));
+    writer.event(&RunEvent::RunFinished {
+        status: Status::Succeeded,
+        error: None,
+        at: Utc::now(),
+    });
+    writer.flush();
+    assert!(writer.fenced_out());
+    let err = writer.close().unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+    assert!(err.to_string().contains("abandoned"), "{err}");
+    let d = s.get_run(run).unwrap().unwrap();
+    assert_eq!(d.run.status, Status::Abandoned);
+    assert!(d
+        .run
+        .error
+        .as_deref()
+        .unwrap()
+        .contains("stopped renewing its lease"));
+    assert_eq!(d.log_count, 1);
+    assert_eq!(d.steps[0].status, Status::Abandoned);
+    // A repair attempt is no claim's: the old fence stays refused while it runs.
+    s.start_attempt(run, Some("someone"), Utc::now()).unwrap();
+    assert_eq!(s.get_run(run).unwrap().unwrap().run.fence, None);
+    let err = s
+        .write_events_fenced(run, claim.fence, &[RunEvent::Log(log(None, "late"))])
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Fenced(_)), "{err}");
+    // Unfenced writers (a `pipe run`, the embedded service) are as before.
+    s.write_events(run, &[RunEvent::Log(log(None, "repair"))])
+        .unwrap();
+    assert_eq!(s.get_run(run).unwrap().unwrap().log_count, 2);
+}
+
+fn workers_register_heartbeat_drain_and_prune(db: &Db) {
+    let s = db.open();
+    let t0 = t("2030-01-01T00:00:00Z");
+    let secs = |n: i64| t0 + TimeDelta::seconds(n);
+    let mut one = WorkerInfo::this_process("worker-a", vec!["high".into(), "default".into()], 4);
+    one.lease = Duration::from_secs(10);
+    one.version = Some("1.2.3".into());
+    s.register_worker(&one, t0).unwrap();
+    let listed = s.list_workers(t0).unwrap();
+    assert_eq!(listed.len(), 1);
+    let w = &listed[0];
+    assert_eq!(
+        (w.id.as_str(), w.slots, w.lease_ms, w.version.as_deref()),
+        ("worker-a", 4, 10_000, Some("1.2.3"))
+    );
+    assert_eq!(w.queues, vec!["high".to_string(), "default".to_string()]);
+    assert_eq!(w.pid, Some(i64::from(std::process::id())));
+    assert!(w.running.is_empty());
+    assert!(w.alive);
+    assert_eq!(w.state, WorkerState::Active);
+    let hb = s.worker_heartbeat("worker-a", &[7, 8], secs(5)).unwrap();
+    assert!(!hb.drain_requested);
+    let w = &s.list_workers(secs(5)).unwrap()[0];
+    assert_eq!((w.running.clone(), w.heartbeat_at), (vec![7, 8], secs(5)));
+    // Drain: asked once, seen at the next heartbeat, kept across a re-registration.
+    assert!(s.request_drain("worker-a", secs(6)).unwrap());
+    assert!(!s.request_drain("worker-a", secs(6)).unwrap());
+    assert!(
+        s.worker_heartbeat("worker-a", &[8], secs(7))
+            .unwrap()
+            .drain_requested
+    );
+    s.register_worker(&one, secs(7)).unwrap();
+    let w = &s.list_workers(secs(7)).unwrap()[0];
+    assert_eq!(
+        (w.state, w.drain_requested_at, w.started_at),
+        (WorkerState::Draining, Some(secs(6)), t0)
+    );
+    // Silent for longer than its lease: lost.
+    let w = &s.list_workers(secs(18)).unwrap()[0];
+    assert!(!w.alive);
+    assert_eq!(w.state, WorkerState::Lost);
+    // Unknown ids.
+    for err in [
+        s.request_drain("nope", t0).unwrap_err(),
+        s.worker_heartbeat("nope", &[], t0).unwrap_err(),
+        s.worker_stopped("nope", t0).unwrap_err(),
+    ] {
+        assert!(matches!(err, StoreError::NotFound(_)), "{err}");
+    }
+    // A clean stop; a stopped worker is not asked to drain; registering again revives it.
+    let mut two = WorkerInfo::this_process("worker-b", vec![], 1);
+    two.lease = Duration::from_secs(10);
+    s.register_worker(&two, secs(1)).unwrap();
+    s.worker_stopped("worker-b", secs(2)).unwrap();
+    let listed = s.list_workers(secs(2)).unwrap();
+    assert_eq!(
+        listed.iter().map(|w| w.id.as_str()).collect::<Vec<_>>(),
+        vec!["worker-b", "worker-a"]
+    );
+    assert_eq!(
+        (listed[0].state, listed[0].alive),
+        (WorkerState::Stopped, false)
+    );
+    assert_eq!(listed[0].stopped_at, Some(secs(2)));
+    assert!(!s.request_drain("worker-b", secs(3)).unwrap());
+    s.register_worker(&two, secs(3)).unwrap();
+    let b = s
+        .list_workers(secs(3))
+        .unwrap()
+        .into_iter()
+        .find(|w| w.id == "worker-b")
+        .unwrap();
+    assert_eq!((b.state, b.stopped_at), (WorkerState::Active, None));
+    // Prune: stopped or silent since before the cut.
+    let mut three = WorkerInfo::this_process("worker-c", vec![], 1);
+    three.lease = Duration::from_secs(10);
+    s.register_worker(&three, secs(1)).unwrap();
+    s.worker_stopped("worker-c", secs(2)).unwrap();
+    let pruned = s.prune(secs(4)).unwrap();
+    assert_eq!(pruned.workers, 2, "{pruned:?}"); // c stopped at 2, b silent since 3
+    let left: Vec<String> = s
+        .list_workers(secs(4))
+        .unwrap()
+        .into_iter()
+        .map(|w| w.id)
+        .collect();
+    assert_eq!(left, vec!["worker-a".to_string()]);
 }
