@@ -462,6 +462,19 @@ fn insert_log(tx: &mut dyn Tx, run_id: i64, rec: &LogRecord, file: Option<&str>)
     Ok(())
 }
 
+/// The run `id` ended (or started again) at `at`: its integration's last run time, if it is
+/// still the integration's last run. By name, the primary key: `last_run_id` has no index,
+/// and a scan of every integration per finished run was the slowest statement of a
+/// 10,000-integration server.
+fn touch_last_run(tx: &mut dyn Tx, id: i64, at: DateTime<Utc>) -> Result<()> {
+    tx.exec(
+        "UPDATE integrations SET last_run_at = ?2
+         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
+        p![id, at],
+    )?;
+    Ok(())
+}
+
 fn record_run_finished(
     tx: &mut dyn Tx,
     id: i64,
@@ -474,14 +487,7 @@ fn record_run_finished(
          WHERE id = ?1",
         p![id, status.as_str(), at, error],
     )?;
-    tx.exec(
-        // By name (the primary key): `last_run_id` has no index, and a scan of every
-        // integration per finished run was the slowest statement of a 10,000-integration
-        // server.
-        "UPDATE integrations SET last_run_at = ?2
-         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
-        p![id, at],
-    )?;
+    touch_last_run(tx, id, at)?;
     // The queue item of a finished run is done, even when its worker dies before the ack.
     tx.exec(
         "UPDATE queue SET state = 'done', finished_at = ?2 WHERE run_id = ?1 AND state = 'claimed'",
@@ -1044,13 +1050,14 @@ impl<B: Backend> SqlStore<B> {
 /// covers its count too. SQLite's writers are serialised already.
 fn room(tx: &mut dyn Tx, dialect: Dialect, c: &Candidate) -> Result<Room> {
     let integration = c.integration.as_str();
+    let backfill_cap = c.backfill.zip(c.max_parallel);
+    if dialect == Dialect::Postgres && (c.max_runs.is_some() || backfill_cap.is_some()) {
+        tx.query(
+            "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
+            p![integration],
+        )?;
+    }
     if let Some(max) = c.max_runs {
-        if dialect == Dialect::Postgres {
-            tx.query(
-                "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
-                p![integration],
-            )?;
-        }
         let active = tx
             .one(
                 &format!("SELECT {}", ACTIVE.replace("q.integration", "?1")),
@@ -1063,13 +1070,7 @@ fn room(tx: &mut dyn Tx, dialect: Dialect, c: &Candidate) -> Result<Room> {
             return Ok(Room::IntegrationFull);
         }
     }
-    if let (Some(b), Some(max)) = (c.backfill, c.max_parallel) {
-        if dialect == Dialect::Postgres && c.max_runs.is_none() {
-            tx.query(
-                "SELECT name FROM integrations WHERE name = ?1 FOR UPDATE",
-                p![integration],
-            )?;
-        }
+    if let Some((b, max)) = backfill_cap {
         let claimed = tx
             .one(
                 "SELECT COUNT(*) FROM queue c WHERE c.backfill_id = ?1 AND c.state = 'claimed'",
@@ -1571,14 +1572,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     host.as_deref()
                 ],
             )?;
-            tx.exec(
-                // By name (the primary key): `last_run_id` has no index, and a scan of every
-                // integration per finished run was the slowest statement of a 10,000-integration
-                // server.
-                "UPDATE integrations SET last_run_at = ?2
-         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
-                p![run_id, now],
-            )?;
+            touch_last_run(tx, run_id, now)?;
             Ok(u32::try_from(next).unwrap_or(u32::MAX))
         })
     }
@@ -2325,14 +2319,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                      WHERE run_id = ?1 AND status = 'running'",
                     p![c.id, now],
                 )?;
-                tx.exec(
-                    // By name (the primary key): `last_run_id` has no index, and a scan of every
-                    // integration per finished run was the slowest statement of a 10,000-integration
-                    // server.
-                    "UPDATE integrations SET last_run_at = ?2
-         WHERE name = (SELECT pipeline FROM runs WHERE id = ?1) AND last_run_id = ?1",
-                    p![c.id, now],
-                )?;
+                touch_last_run(tx, c.id, now)?;
                 let r = tx
                     .one(
                         "SELECT pipeline, queue_item FROM runs WHERE id = ?1",
