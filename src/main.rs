@@ -41,6 +41,11 @@ enum Command {
     Schedule(cli::schedule::ScheduleCommand),
     /// Run the integration service: schedule, queue and run every pipeline of a folder.
     Serve(cli::serve::ServeArgs),
+    /// Run the runs `pipe serve --broker` publishes (on any machine; needs PostgreSQL).
+    Worker(cli::worker::WorkerArgs),
+    /// The workers of a cluster: `workers list`, `workers drain ID`.
+    #[command(subcommand)]
+    Workers(cli::worker::WorkersCommand),
     /// The integrations of the service: list, show, enable, disable.
     #[command(subcommand)]
     Integrations(cli::integrations::IntegrationsCommand),
@@ -96,6 +101,8 @@ fn main() {
         Command::Sandbox { cmd } => cli::sandbox::main_in(cmd, &state_dir),
         Command::Schedule(cmd) => cli::schedule::main(cmd),
         Command::Serve(args) => cli::serve::main(args, &store_config),
+        Command::Worker(args) => cli::worker::main(args, &store_config),
+        Command::Workers(cmd) => cli::worker::workers_main(cmd, &store_config),
         Command::Integrations(cmd) => cli::integrations::integrations_main(cmd, &store_config),
         Command::Trigger(args) => cli::integrations::trigger_main(args, &store_config),
         Command::Backfill(args) => cli::integrations::backfill_main(args, &store_config),

@@ -9,87 +9,13 @@
 use crate::util::Env;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Hang guard for every wait: far above what any of these tests needs.
 const PATIENCE: Duration = Duration::from_secs(120);
 
-/// A `pipe serve` child whose output goes to a file (a full pipe must never block it).
-struct Server {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Server {
-    fn start(env: &Env, name: &str, args: &[&str]) -> Server {
-        let log = env.path().join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = env
-            .cmd()
-            .arg("serve")
-            .args(args)
-            .env("PIPE_LEASE_SECONDS", "3")
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .expect("start pipe serve");
-        Server {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().unwrap().id() as i32;
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe {
-            libc::kill(pid, sig);
-        }
-    }
-
-    /// SIGTERM and wait for the exit; its exit code.
-    fn stop(&mut self) -> i32 {
-        self.signal(libc::SIGTERM);
-        self.wait()
-    }
-
-    /// `kill -9` and reap.
-    fn kill9(&mut self) {
-        self.signal(libc::SIGKILL);
-        self.wait();
-    }
-
-    fn wait(&mut self) -> i32 {
-        let mut child = self.child.take().unwrap();
-        let until = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code().unwrap_or(-1);
-            }
-            if Instant::now() > until {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("pipe serve did not exit:\n{}", self.output());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
+/// A `pipe serve` child (lease period 3 s), its output in a file.
+type Server = crate::util::Daemon;
 
 /// Poll `f` until it returns `Some`, failing with `what` and the server's log past the
 /// hang guard.
@@ -603,62 +529,11 @@ fn backfill_queues_one_run_per_tick_with_its_logical_date() {
 
 // PostgreSQL: two servers on one database.
 
-fn pg_base() -> String {
-    std::env::var("PIPE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn psql(sql: &str) {
-    let out = Command::new("psql")
-        .args([&pg_base(), "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
-        .output()
-        .expect("psql (apt-get install postgresql-client)");
-    assert!(
-        out.status.success(),
-        "psql failed: {}\nThis test needs PostgreSQL at PIPE_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test).",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A fresh database, dropped on drop.
-struct PgDb {
-    name: String,
-}
-
-impl PgDb {
-    fn new() -> PgDb {
-        let name = format!(
-            "pipe_serve_{}_{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_micros()
-        );
-        psql(&format!("CREATE DATABASE {name}"));
-        PgDb { name }
-    }
-    fn url(&self) -> String {
-        let base = pg_base();
-        let (prefix, _) = base.rsplit_once('/').expect("a database in the URL");
-        format!("{prefix}/{}", self.name)
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        let _ = Command::new("psql")
-            .args([
-                &pg_base(),
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .output();
-    }
-}
-
 #[test]
 fn two_servers_on_one_postgresql_run_every_tick_once() {
     let env = Env::new();
-    let db = PgDb::new();
-    let url = db.url();
+    let db = crate::util::PgDb::new();
+    let url = db.url.clone();
     pipeline(
         &env,
         "shared",

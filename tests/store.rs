@@ -2,69 +2,9 @@
 //! the machine's PostgreSQL per test, at `PIPE_TEST_POSTGRES_URL`, default
 //! `postgres://postgres@127.0.0.1:5432/test`), and a repaired run in `runs show`.
 
-use crate::util::Env;
+use crate::util::{Env, PgDb};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// A database created for one test and dropped after it.
-struct PgDb {
-    url: String,
-    name: String,
-}
-
-fn admin_url() -> String {
-    std::env::var("PIPE_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-impl PgDb {
-    fn new() -> PgDb {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!(
-            "pipe_cli_{}_{}_{nanos:08x}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut admin =
-            postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
-                panic!(
-                    "PostgreSQL is needed for this test (PIPE_TEST_POSTGRES_URL={}): {e}",
-                    admin_url()
-                )
-            });
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .unwrap();
-        let mut cfg: postgres::Config = admin_url().parse().unwrap();
-        let user = cfg.get_user().unwrap_or("postgres").to_string();
-        let host = match &cfg.get_hosts()[0] {
-            postgres::config::Host::Tcp(h) => h.clone(),
-            postgres::config::Host::Unix(p) => p.display().to_string(),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        cfg.dbname(&name);
-        PgDb {
-            url: format!("postgres://{user}@{host}:{port}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for PgDb {
-    fn drop(&mut self) {
-        if let Ok(mut admin) = postgres::Client::connect(&admin_url(), postgres::NoTls) {
-            let _ = admin.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
-        }
-    }
-}
 
 fn runs_json(env: &Env, db: &str) -> Vec<serde_json::Value> {
     let out = env.run(&[

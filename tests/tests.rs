@@ -5,6 +5,7 @@ mod util;
 
 mod carol;
 mod cli;
+mod cluster;
 mod exec;
 mod executor;
 mod extract;

@@ -1,7 +1,11 @@
 //! Shared test helpers: a temporary directory with its own state dir, and a `pipe` command.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Hang guard for a daemon's exit: far above what any test needs.
+const PATIENCE: Duration = Duration::from_secs(120);
 
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -198,4 +202,158 @@ pub fn step<'a>(v: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .iter()
         .find(|s| s["id"] == id)
         .unwrap_or_else(|| panic!("no step {id} in {v}"))
+}
+
+/// A database created for one test and dropped after it.
+pub struct PgDb {
+    pub url: String,
+    name: String,
+}
+
+pub fn admin_url() -> String {
+    std::env::var("PIPE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+impl PgDb {
+    pub fn new() -> PgDb {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let name = format!(
+            "pipe_cli_{}_{}_{nanos:08x}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut admin =
+            postgres::Client::connect(&admin_url(), postgres::NoTls).unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL is needed for this test (PIPE_TEST_POSTGRES_URL={}): {e}",
+                    admin_url()
+                )
+            });
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let mut cfg: postgres::Config = admin_url().parse().unwrap();
+        let user = cfg.get_user().unwrap_or("postgres").to_string();
+        let host = match &cfg.get_hosts()[0] {
+            postgres::config::Host::Tcp(h) => h.clone(),
+            postgres::config::Host::Unix(p) => p.display().to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        cfg.dbname(&name);
+        PgDb {
+            url: format!("postgres://{user}@{host}:{port}/{name}"),
+            name,
+        }
+    }
+
+    /// A client of this database.
+    pub fn client(&self) -> postgres::Client {
+        postgres::Client::connect(&self.url, postgres::NoTls).expect("connect to the test database")
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        if let Ok(mut admin) = postgres::Client::connect(&admin_url(), postgres::NoTls) {
+            let _ = admin.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+/// A long-running `pipe` child (`serve`, `worker`) whose output goes to a file (a full pipe
+/// must never block it); killed on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// `pipe serve ARGS` with a lease period of 3 s.
+    pub fn start(env: &Env, name: &str, args: &[&str]) -> Daemon {
+        Daemon::spawn(env, name, &[&["serve"], args].concat(), &[])
+    }
+
+    /// `pipe ARGS` with a lease period of 3 s and `envs`; output in `<name>.log`.
+    pub fn spawn(env: &Env, name: &str, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        let log = env.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = env
+            .cmd()
+            .args(args)
+            .env("PIPE_LEASE_SECONDS", "3")
+            .envs(envs.iter().copied())
+            .stdout(Stdio::from(file.try_clone().unwrap()))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("start pipe");
+        Daemon {
+            child: Some(child),
+            log,
+        }
+    }
+
+    /// Exited by itself (reaped): its exit code.
+    pub fn exited(&mut self) -> Option<i32> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status.code().unwrap_or(-1))
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    /// SIGTERM and wait for the exit; its exit code.
+    pub fn stop(&mut self) -> i32 {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    /// `kill -9` and reap.
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait();
+    }
+
+    pub fn wait(&mut self) -> i32 {
+        let mut child = self.child.take().unwrap();
+        let until = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("pipe did not exit:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

@@ -72,8 +72,19 @@ impl Broker {
     /// Connects (failing at once when the broker cannot be reached: a misconfiguration shows
     /// at startup). Later losses are healed on demand by the next operation.
     pub async fn connect(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
+        let broker = Broker::unconnected(cfg)?;
+        let (cfg, shown) = (&broker.inner.cfg, &broker.inner.shown);
+        let bound = cfg.connect_timeout + cfg.op_timeout;
+        bounded(bound, shown, "connect", "", broker.channel()).await?;
+        Ok(broker)
+    }
+
+    /// A handle that connects on its first operation (a server that starts while the
+    /// broker is away keeps its runs in its store and publishes them once it is back). Only
+    /// the configuration is checked here.
+    pub fn unconnected(cfg: BrokerConfig) -> Result<Broker, BrokerError> {
         validate(&cfg)?;
-        let broker = Broker {
+        Ok(Broker {
             inner: Arc::new(Inner {
                 shown: cfg.shown_url(),
                 cfg,
@@ -81,11 +92,7 @@ impl Broker {
                 links_opened: std::sync::atomic::AtomicU64::new(0),
                 declared: StdMutex::new(BTreeSet::new()),
             }),
-        };
-        let (cfg, shown) = (&broker.inner.cfg, &broker.inner.shown);
-        let bound = cfg.connect_timeout + cfg.op_timeout;
-        bounded(bound, shown, "connect", "", broker.channel()).await?;
-        Ok(broker)
+        })
     }
 
     /// The configuration (its URL holds the password: show [`Broker::shown_url`] instead).

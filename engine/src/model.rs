@@ -213,6 +213,10 @@ pub struct Integration {
     /// Run again a run whose owner died (lease expired) instead of marking it abandoned.
     #[serde(default)]
     pub retry_on_lost: bool,
+    /// With `retry_on_lost`: how many times one tick's run may be lost and queued again
+    /// before it stays abandoned (default 3).
+    #[serde(default = "default_max_lost_retries")]
+    pub max_lost_retries: u32,
 }
 
 impl Default for Integration {
@@ -226,8 +230,13 @@ impl Default for Integration {
             queue: default_queue(),
             priority: 0,
             retry_on_lost: false,
+            max_lost_retries: default_max_lost_retries(),
         }
     }
+}
+
+fn default_max_lost_retries() -> u32 {
+    3
 }
 
 fn default_queue() -> String {

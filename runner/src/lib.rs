@@ -134,6 +134,11 @@ pub struct RunSpec {
     /// With `resume`: the steps an earlier attempt settled that this one keeps (see
     /// [`repair::plan_repair`]); they do not run again.
     pub reuse: HashMap<String, ReusedStep>,
+    /// The fencing token of the queue claim this run comes from (a remote worker's): the
+    /// run is recorded under it and each history write checks it, so once the claim was
+    /// taken away (the worker's lease expired) nothing more is written and the run is
+    /// cancelled.
+    pub fence: Option<i64>,
 }
 
 impl RunSpec {
@@ -152,6 +157,7 @@ impl RunSpec {
             lease_owner: None,
             resume: None,
             reuse: HashMap::new(),
+            fence: None,
         }
     }
 }
@@ -307,6 +313,13 @@ impl Runner {
             param_values.insert(name.clone(), v);
         }
         let started_at = Utc::now();
+        // A literal value in the file that the run masks is `***` in the kept text
+        // (rewritten at the end only if the run learnt more it masks).
+        let kept: Option<Arc<str>> = if spec.dry_run {
+            None
+        } else {
+            source.as_deref().map(|s| redactor.redact(s).into())
+        };
         let recorded = if spec.dry_run {
             None
         } else {
@@ -314,11 +327,10 @@ impl Runner {
                 params.clone().into_iter().collect(),
             ));
             let (handle, plan2) = (self.store.clone(), plan.clone());
-            let (trigger, queue_item, resume) = (spec.trigger, spec.queue_item, spec.resume);
+            let (trigger, queue_item, resume, fence) =
+                (spec.trigger, spec.queue_item, spec.resume, spec.fence);
             let lease_owner = spec.lease_owner.clone();
-            // A literal value in the file that the run masks is `***` in the kept text
-            // (rewritten once the run has learnt everything it masks).
-            let kept = source.as_deref().map(|s| redactor.redact(s));
+            let kept = kept.clone();
             let r = tokio::task::spawn_blocking(move || {
                 handle.record_run(store::NewRecord {
                     plan: &plan2,
@@ -329,6 +341,7 @@ impl Runner {
                     queue_item,
                     resume,
                     lease_owner,
+                    fence,
                 })
             })
             .await
@@ -354,6 +367,7 @@ impl Runner {
             diagnostics: Vec::new(),
             queue_item: spec.queue_item,
             source: source.filter(|_| spec.resume.is_none()),
+            kept,
             reuse: spec.reuse.clone(),
             trigger: spec.trigger,
         })
@@ -378,6 +392,8 @@ pub struct PreparedRun {
     queue_item: Option<i64>,
     /// The pipeline text, to keep (redacted) in the run folder once the run is over.
     source: Option<Arc<str>>,
+    /// What was kept of it when the run was recorded (redacted with what was known then).
+    kept: Option<Arc<str>>,
     reuse: HashMap<String, ReusedStep>,
     /// What started it (for notifications).
     trigger: Trigger,
@@ -485,6 +501,7 @@ impl PreparedRun {
             fakes,
             resources,
             source,
+            kept,
             reuse,
             trigger,
             logical_date,
@@ -496,6 +513,7 @@ impl PreparedRun {
             writer,
             reader,
             lease,
+            fenced,
             ..
         }) = recorded
         else {
@@ -515,6 +533,19 @@ impl PreparedRun {
         all.extend(observers);
         let observer: Arc<dyn Observer> = Arc::new(Fanout(all));
         let clock = Instant::now();
+        // A fenced run whose claim was taken away stops: nothing it does is recorded.
+        let fence_watch = fenced.then(|| {
+            let (writer, controls) = (writer.clone(), controls.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(FENCE_POLL).await;
+                    if writer.fenced_out() {
+                        controls.cancel();
+                        return;
+                    }
+                }
+            })
+        });
         // The run's `notify:` entries; none under --sandbox, which stays offline.
         let notifications = if fakes.is_some() {
             None
@@ -549,6 +580,9 @@ impl PreparedRun {
             reuse,
         })
         .await;
+        if let Some(w) = fence_watch {
+            w.abort();
+        }
         if let Some(n) = notifications {
             // Never fails the run: what could not be sent is a warning row of its history
             // (the writer is still open).
@@ -556,7 +590,10 @@ impl PreparedRun {
                 .await;
         }
         if let Some(text) = &source {
-            store::keep_pipeline_text(&run_dir_kept, &redactor_kept.redact(text));
+            let now = redactor_kept.redact(text);
+            if kept.as_deref() != Some(now.as_str()) {
+                store::keep_pipeline_text(&run_dir_kept, &now);
+            }
         }
         let sandbox = match fakes {
             Some(f) => {
@@ -582,6 +619,9 @@ impl PreparedRun {
         }
     }
 }
+
+/// How often a fenced run checks whether its claim was taken away.
+const FENCE_POLL: Duration = Duration::from_millis(500);
 
 /// Cancel a running run from anywhere (a signal handler, the service's drain).
 #[derive(Clone, Debug)]

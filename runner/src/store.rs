@@ -42,6 +42,9 @@ pub(crate) struct NewRecord<'a> {
     pub resume: Option<i64>,
     /// The lease that owns the run (else the handle's, else one of the run's own).
     pub lease_owner: Option<String>,
+    /// The queue claim's fencing token: the run is created under it and its history
+    /// writes are fenced.
+    pub fence: Option<i64>,
 }
 
 /// Keep the pipeline text a run ran (already redacted by the caller) in its folder. Best
@@ -61,6 +64,8 @@ pub(crate) struct Recorded {
     pub reader: Arc<dyn engine::step::HistoryView>,
     /// The run's own lease, renewed until the run is over (none under a worker's lease).
     pub lease: Option<LeaseKeeper>,
+    /// Its writes are fenced ([`HistoryWriter::fenced_out`] says when they are refused).
+    pub fenced: bool,
     pub store: Arc<dyn RunStore>,
 }
 
@@ -143,6 +148,7 @@ impl StoreHandle {
                             logical_date: Some(new.logical_date),
                             lease_owner: owner,
                             queue_item: new.queue_item,
+                            fence: new.fence,
                             ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
                         })
                     })
@@ -159,9 +165,13 @@ impl StoreHandle {
                 let _ = std::fs::write(run_dir.join(PIPELINE_PATH), file.display().to_string());
             }
         }
-        let writer = HistoryWriter::start(store.clone(), run_id)
-            .map(Arc::new)
-            .map_err(|e| PrepareError::History(format!("cannot write run history: {e:#}")))?;
+        let fence = new.fence.filter(|_| new.resume.is_none());
+        let writer = match fence {
+            Some(f) => HistoryWriter::start_fenced(store.clone(), run_id, f),
+            None => HistoryWriter::start(store.clone(), run_id),
+        }
+        .map(Arc::new)
+        .map_err(|e| PrepareError::History(format!("cannot write run history: {e:#}")))?;
         let reader = Arc::new(HistoryReader {
             store: store.clone(),
             writer: Some(writer.clone()),
@@ -173,6 +183,7 @@ impl StoreHandle {
             writer,
             reader,
             lease,
+            fenced: fence.is_some(),
             store,
         })
     }

@@ -42,6 +42,9 @@ pub struct Integration {
     pub load_error: Option<String>,
     /// The plan's `schedule:` ready for fire times (parsed once per version, not per tick).
     pub spec: Option<scheduler::ScheduleSpec>,
+    /// The text of that version as validated: what its runs keep in their folders (read
+    /// once per version, not once per run).
+    pub source: Arc<str>,
 }
 
 impl std::fmt::Debug for Integration {
@@ -52,6 +55,26 @@ impl std::fmt::Debug for Integration {
             .field("hash", &self.hash)
             .field("load_error", &self.load_error)
             .finish()
+    }
+}
+
+/// The integrations in use, as one version of the catalog.
+pub type Snapshot = Arc<BTreeMap<String, Integration>>;
+
+/// The latest [`Snapshot`], shared between a service's tasks: the folder watcher publishes
+/// each new version, the others read whichever is the latest.
+#[derive(Default)]
+pub struct Live(std::sync::RwLock<Snapshot>);
+
+impl Live {
+    pub fn new(snapshot: Snapshot) -> Live {
+        Live(std::sync::RwLock::new(snapshot))
+    }
+    pub fn get(&self) -> Snapshot {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    pub fn set(&self, snapshot: Snapshot) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = snapshot;
     }
 }
 
@@ -194,7 +217,8 @@ impl Catalog {
             .unwrap_or(path)
             .display()
             .to_string();
-        let outcome = engine::validate::validate_file(path, &display, &self.registry);
+        let (outcome, text) =
+            engine::validate::validate_file_with_text(path, &display, &self.registry);
         let previous = self.files.get(path).and_then(|s| s.name.clone());
         let mut changes = Vec::new();
         let mut state = FileState {
@@ -204,7 +228,7 @@ impl Catalog {
             name: previous.clone(),
             error: None,
         };
-        let result = match outcome.plan {
+        let result = match outcome.plan.zip(text) {
             None => Err(outcome
                 .diagnostics
                 .iter()
@@ -212,20 +236,20 @@ impl Catalog {
                 .map(|d| d.to_string())
                 .collect::<Vec<_>>()
                 .join("\n")),
-            Some(plan) => match self.integrations.get(&plan.name) {
+            Some((plan, text)) => match self.integrations.get(&plan.name) {
                 Some(other) if other.file != path => Err(format!(
                     "{display}: pipeline `{}` is already defined by {}",
                     plan.name,
                     other.file.display()
                 )),
                 _ => match scheduler::ScheduleSpec::from_plan(&plan) {
-                    Ok(spec) => Ok((plan, spec)),
+                    Ok(spec) => Ok((plan, spec, text)),
                     Err(e) => Err(format!("{display}: schedule: {e}")),
                 },
             },
         };
         match result {
-            Ok((plan, spec)) => {
+            Ok((plan, spec, text)) => {
                 let name = plan.name.clone();
                 if let Some(old) = previous.as_ref().filter(|old| **old != name) {
                     self.integrations.remove(old);
@@ -242,6 +266,7 @@ impl Catalog {
                         modified,
                         load_error: None,
                         spec,
+                        source: text.into(),
                     },
                 );
                 state.name = Some(name.clone());

@@ -10,7 +10,10 @@
 //! which runs exist. See [`serve`] for the tasks and docs/decisions/0023-service.md.
 
 pub mod catalog;
+mod publish;
+mod runs;
 pub mod serve;
+pub mod worker;
 
 pub use catalog::{Catalog, Change, Integration};
 pub use serve::{ServeConfig, ServeReport, Service};
@@ -24,11 +27,16 @@ use tokio_util::sync::CancellationToken;
 pub struct Job {
     /// The integration's loaded version.
     pub plan: Arc<Plan>,
+    /// Its text as validated (the run keeps it), when the service read it.
+    pub source: Option<Arc<str>>,
     /// What was queued: trigger, logical date (the tick's instant), params (`name` →
     /// text as given to `pipe trigger --param`, typed by the plan's declarations).
     pub queue_item: store::QueueItem,
     /// The lease owner id the run is recorded under.
     pub lease_owner: String,
+    /// Record the run under the claim's fencing token ([`store::QueueItem::fence`]) and
+    /// fence its history writes: a remote worker's runs, whose claim can be taken away.
+    pub fenced: bool,
     pub store: Arc<dyn store::RunStore>,
 }
 

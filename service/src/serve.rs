@@ -27,11 +27,12 @@
 //! and `run` returns. A restart continues from the cursors in the store.
 
 use crate::catalog::{Catalog, Change, Integration};
+use crate::runs::blocking;
 use chrono::{DateTime, Utc};
 use engine::step::Registry;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use store::{
     AckOutcome, Enqueue, IntegrationFile, LeaseKeeper, LeaseOwner, PlannedTick, QueueItem,
@@ -48,8 +49,6 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How long an idle worker waits before asking the queue again (it is also woken when
 /// this server enqueued something).
 const IDLE_POLL: Duration = Duration::from_secs(1);
-/// How often a worker looks for a cancel request of its run.
-const CANCEL_POLL: Duration = Duration::from_millis(500);
 
 /// How often old ticks, queue items and leases are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -60,8 +59,10 @@ const KEEP: Duration = Duration::from_secs(7 * 86_400);
 pub struct ServeConfig {
     /// The folder of pipeline files.
     pub dir: PathBuf,
-    /// In-process workers.
+    /// In-process workers (0: schedule only, with a broker).
     pub workers: usize,
+    /// Publish queued runs to RabbitMQ for `pipe worker`s (the outbox, [`crate::publish`]).
+    pub broker: Option<broker::BrokerConfig>,
     /// How long running runs may take to finish once stopping.
     pub drain_timeout: Duration,
     /// The step types (to validate files).
@@ -82,31 +83,19 @@ pub struct ServeReport {
     pub cancelled_at_drain: u64,
 }
 
-/// The integrations in use, shared between the tasks.
-type Snapshot = Arc<BTreeMap<String, Integration>>;
-
 struct Shared {
     store: Arc<dyn RunStore>,
     owner: LeaseOwner,
     lease: Duration,
-    snapshot: RwLock<Snapshot>,
+    integrations: crate::catalog::Live,
     /// Stop scheduling and claiming.
     stopping: CancellationToken,
     /// The drain timeout passed: cancel running runs.
     drain_over: CancellationToken,
-    /// Wakes idle workers after an enqueue.
-    work: tokio::sync::Notify,
+    /// Wakes idle workers (and the publisher) after an enqueue.
+    work: Arc<tokio::sync::Notify>,
     launcher: Arc<dyn crate::Launcher>,
     report: std::sync::Mutex<ServeReport>,
-}
-
-impl Shared {
-    fn snapshot(&self) -> Snapshot {
-        self.snapshot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
 }
 
 /// A line on stderr, with the time: the service's log.
@@ -115,15 +104,6 @@ pub fn log(msg: impl std::fmt::Display) {
         "{} {msg}",
         Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     );
-}
-
-/// Run a store call on the blocking pool.
-async fn blocking<T: Send + 'static>(
-    store: &Arc<dyn RunStore>,
-    f: impl FnOnce(&dyn RunStore) -> store::Result<T> + Send + 'static,
-) -> anyhow::Result<T> {
-    let store = store.clone();
-    Ok(tokio::task::spawn_blocking(move || f(store.as_ref())).await??)
 }
 
 /// The service.
@@ -140,7 +120,28 @@ impl Service {
             store,
             launcher,
             hurry,
+            broker,
         } = cfg;
+        if workers == 0 && broker.is_none() {
+            anyhow::bail!("with no workers (--workers 0) a broker (--broker) must run the runs");
+        }
+        let broker = match broker {
+            // A broker that is away now only delays publishing (the runs wait in the
+            // store); a configuration that cannot work is an error now.
+            Some(cfg) => match broker::Broker::connect(cfg.clone()).await {
+                Ok(b) => Some(b),
+                Err(e @ broker::BrokerError::Config { .. }) => {
+                    anyhow::bail!("cannot use the broker {}: {e}", cfg.shown_url())
+                }
+                Err(e) => {
+                    log(format!(
+                        "cannot reach the broker now ({e}); queued runs wait in the store and are published once it answers"
+                    ));
+                    Some(broker::Broker::unconnected(cfg)?)
+                }
+            },
+            None => None,
+        };
         let mut catalog = Catalog::new(&dir, registry);
         // The first scan must see the folder: a typo in DIR is an error, not an empty
         // service.
@@ -158,19 +159,23 @@ impl Service {
             store: store.clone(),
             owner,
             lease,
-            snapshot: RwLock::new(Arc::new(BTreeMap::new())),
+            integrations: Default::default(),
             stopping: CancellationToken::new(),
             drain_over: CancellationToken::new(),
-            work: tokio::sync::Notify::new(),
+            work: Arc::new(tokio::sync::Notify::new()),
             launcher,
             report: Default::default(),
         });
         record_changes(&shared, &catalog, changes).await;
         log(format!(
-            "serving {} integration(s) from {} with {workers} worker(s); store: {}",
+            "serving {} integration(s) from {} with {workers} worker(s); store: {}{}",
             catalog.integrations().len(),
             dir.display(),
-            store.describe()
+            store.describe(),
+            broker
+                .as_ref()
+                .map(|b| format!("; publishing runs to {}", b.shown_url()))
+                .unwrap_or_default()
         ));
         // Runs of owners that died while nobody was serving.
         expire_lost(&shared).await;
@@ -178,8 +183,16 @@ impl Service {
         let watcher = tokio::spawn(watch(shared.clone(), catalog));
         let scheduler = tokio::spawn(schedule_loop(shared.clone()));
         let expirer = tokio::spawn(expire_loop(shared.clone()));
+        let publisher = broker.clone().map(|b| {
+            tokio::spawn(crate::publish::publish_loop(
+                store.clone(),
+                b,
+                shared.stopping.clone(),
+                shared.work.clone(),
+            ))
+        });
         let mut pool = Vec::new();
-        for n in 0..workers.max(1) {
+        for n in 0..workers {
             pool.push(tokio::spawn(worker(shared.clone(), n + 1)));
         }
 
@@ -189,28 +202,18 @@ impl Service {
         let _ = scheduler.await;
         let _ = watcher.await;
         let _ = expirer.await;
-        let drain = async {
+        if let Some(p) = publisher {
+            let _ = p.await;
+        }
+        if let Some(b) = &broker {
+            b.close().await;
+        }
+        let running = async {
             for w in &mut pool {
                 let _ = w.await;
             }
         };
-        tokio::pin!(drain);
-        tokio::select! {
-            _ = &mut drain => {}
-            _ = async {
-                tokio::select! {
-                    _ = tokio::time::sleep(drain_timeout) => {}
-                    _ = hurry.cancelled() => {}
-                }
-            } => {
-                log(format!(
-                    "drain timeout ({}) passed: cancelling the running runs (teardown steps run)",
-                    engine::duration::human(drain_timeout)
-                ));
-                shared.drain_over.cancel();
-                drain.await;
-            }
-        }
+        crate::runs::drain(running, drain_timeout, &hurry, &shared.drain_over).await;
         {
             let store = store.clone();
             let id = shared.owner.id.clone();
@@ -254,6 +257,7 @@ fn integration_file(i: &Integration) -> IntegrationFile {
         "queue": meta.queue,
         "priority": meta.priority,
         "retry_on_lost": meta.retry_on_lost,
+        "max_lost_retries": meta.max_lost_retries,
         "schedule": plan.schedule.as_ref().and_then(|s| scheduler::ScheduleSpec::from_config(s).ok()).map(|s| s.describe()),
     });
     f
@@ -307,8 +311,9 @@ async fn record_changes(shared: &Arc<Shared>, catalog: &Catalog, changes: Vec<Ch
             log(format!("cannot record {change:?} in the store: {e:#}"));
         }
     }
-    *shared.snapshot.write().unwrap_or_else(|p| p.into_inner()) =
-        Arc::new(catalog.integrations().clone());
+    shared
+        .integrations
+        .set(Arc::new(catalog.integrations().clone()));
 }
 
 async fn watch(shared: Arc<Shared>, mut catalog: Catalog) {
@@ -417,7 +422,7 @@ async fn plan_round(
     shared: &Arc<Shared>,
     next_due: &mut HashMap<String, (String, DateTime<Utc>)>,
 ) -> anyhow::Result<Option<DateTime<Utc>>> {
-    let snapshot = shared.snapshot();
+    let snapshot = shared.integrations.get();
     let now = Utc::now();
     let mut earliest: Option<DateTime<Utc>> = None;
     let note = |t: DateTime<Utc>, earliest: &mut Option<DateTime<Utc>>| {
@@ -690,133 +695,39 @@ async fn worker(shared: Arc<Shared>, n: usize) {
     }
 }
 
-async fn ack(shared: &Arc<Shared>, item: i64, outcome: AckOutcome) {
-    if let Err(e) = blocking(&shared.store, move |s| s.ack(item, outcome, Utc::now())).await {
-        log(format!("cannot ack queue item {item}: {e:#}"));
-    }
-}
-
 /// Run one claimed item to its end.
 async fn run_item(shared: &Arc<Shared>, n: usize, item: QueueItem) {
-    let snapshot = shared.snapshot();
+    let snapshot = shared.integrations.get();
     let Some(integration) = snapshot.get(&item.integration).cloned() else {
         log(format!(
             "worker {n}: queue item {} is for {}, which is not loaded here; given up",
             item.id, item.integration
         ));
-        ack(shared, item.id, AckOutcome::Cancelled).await;
+        crate::runs::ack(&shared.store, item.id, AckOutcome::Cancelled).await;
         return;
+    };
+    let runs = crate::runs::Runs {
+        store: shared.store.clone(),
+        launcher: shared.launcher.clone(),
+        drain_over: shared.drain_over.clone(),
     };
     // A disabled integration's items are never claimed (the claim cancels them).
-    let job = crate::Job {
-        plan: integration.plan.clone(),
-        queue_item: item.clone(),
-        lease_owner: shared.owner.id.clone(),
-        store: shared.store.clone(),
-    };
-    let handle = match shared.launcher.start(job).await {
-        Ok(h) => h,
-        Err(e) => {
-            log(format!(
-                "worker {n}: cannot start a run of {} (item {}): {e:#}",
-                item.integration, item.id
-            ));
-            // No run was recorded: the item is given up, not done.
-            ack(shared, item.id, AckOutcome::Cancelled).await;
-            return;
-        }
-    };
-    let run_id = handle.run_id;
-    log(format!(
-        "worker {n}: run {run_id} of {} started ({}{})",
-        item.integration,
-        item.trigger,
-        item.logical_date
-            .map(|d| format!(
-                ", logical date {}",
-                d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            ))
-            .unwrap_or_default()
-    ));
-    let crate::RunHandle {
-        cancel, mut done, ..
-    } = handle;
-    let mut cancelled_at_drain = false;
-    let status = loop {
-        tokio::select! {
-            status = &mut done => break status.unwrap_or(Status::Failed),
-            _ = shared.drain_over.cancelled(), if !cancelled_at_drain => {
-                cancelled_at_drain = true;
-                cancel.cancel();
-            }
-            _ = tokio::time::sleep(CANCEL_POLL) => {
-                let requested = blocking(&shared.store, move |s| s.cancel_requested(run_id)).await;
-                if matches!(requested, Ok(true)) && !cancel.is_cancelled() {
-                    log(format!("run {run_id}: cancel requested"));
-                    cancel.cancel();
-                }
-            }
-        }
-    };
-    ack(shared, item.id, AckOutcome::Done).await;
-    {
+    let finished = runs
+        .run(
+            &format!("worker {n}"),
+            &integration,
+            item,
+            &shared.owner.id,
+            false,
+            |_| {},
+        )
+        .await;
+    if let Some(f) = finished {
         let mut r = shared.report.lock().unwrap_or_else(|p| p.into_inner());
         r.runs += 1;
-        if cancelled_at_drain {
+        if f.cancelled_at_drain {
             r.cancelled_at_drain += 1;
         }
-    }
-    log(format!(
-        "worker {n}: run {run_id} of {} {}",
-        item.integration,
-        status.label()
-    ));
-    if status == Status::Failed {
-        pause_if_failing(shared, &integration, run_id).await;
-    }
-}
-
-/// `pause_after_failures: N`: disable after N consecutive failed runs.
-async fn pause_if_failing(shared: &Arc<Shared>, integration: &Integration, last_run: i64) {
-    let Some(limit) = integration
-        .plan
-        .schedule
-        .as_ref()
-        .and_then(|s| s.pause_after_failures)
-    else {
-        return;
-    };
-    let name = integration.name.clone();
-    let result = blocking(&shared.store, move |s| {
-        let failures = s.consecutive_failures(&name)?;
-        if failures >= limit {
-            let changed = s.set_enabled(&name, false, Utc::now())?;
-            return Ok(Some((failures, changed)));
-        }
-        Ok(None)
-    })
-    .await;
-    match result {
-        Ok(Some((failures, true))) => {
-            log(format!(
-                "integration {}: paused (disabled) after {failures} consecutive failed runs (pause_after_failures: {limit}); `pipe integrations enable {}` resumes it",
-                integration.name, integration.name
-            ));
-            shared
-                .launcher
-                .paused(
-                    integration.plan.clone(),
-                    last_run,
-                    failures,
-                    shared.store.clone(),
-                )
-                .await;
-        }
-        Ok(_) => {}
-        Err(e) => log(format!(
-            "integration {}: cannot check pause_after_failures: {e:#}",
-            integration.name
-        )),
     }
 }
 
@@ -892,6 +803,7 @@ mod tests {
         ServeConfig {
             dir: dir.join("p"),
             workers: 2,
+            broker: None,
             drain_timeout: Duration::from_secs(5),
             registry: crate::test_support::registry(),
             store,

@@ -10,6 +10,7 @@ pub mod schedule;
 pub mod schema;
 pub mod serve;
 pub mod validate;
+pub mod worker;
 
 /// Panics print a redacted message: a secret inside a panic payload never reaches stderr
 /// (masked by the redactors of every live run, see `runner::redaction`).

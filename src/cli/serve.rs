@@ -10,13 +10,39 @@ pub struct ServeArgs {
     /// The folder of pipeline files, each one an integration (watched while serving).
     #[arg(default_value = "pipelines")]
     pub dir: PathBuf,
-    /// How many runs this server executes at once (in-process workers).
+    /// How many runs this server executes at once (in-process workers); 0 schedules only
+    /// (with `--broker`: `pipe worker`s run the runs).
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// On SIGTERM, how long running runs may take to finish before they are cancelled
     /// (their teardown steps still run).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
+}
+
+/// Where RabbitMQ is, shared by `pipe serve` and `pipe worker`.
+#[derive(clap::Args, Debug)]
+pub struct BrokerArgs {
+    /// RabbitMQ (`amqp://user:password@host:5672/vhost`): `pipe serve` publishes each queued
+    /// run there for `pipe worker`s on any machine; the store stays the record of the runs.
+    #[arg(long, env = "PIPE_BROKER")]
+    pub broker: Option<String>,
+    /// The prefix of pipe's RabbitMQ queue names (pipe queue `default` is
+    /// `<prefix>default`): several pipe installations can share one broker.
+    #[arg(long, env = "PIPE_QUEUE_PREFIX", default_value = "pipe.")]
+    pub queue_prefix: String,
+}
+
+impl BrokerArgs {
+    pub fn config(&self) -> Option<broker::BrokerConfig> {
+        self.broker.as_ref().map(|url| {
+            let mut cfg = broker::BrokerConfig::new(url.clone());
+            cfg.queue_prefix = self.queue_prefix.clone();
+            cfg
+        })
+    }
 }
 
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
@@ -29,44 +55,75 @@ use tokio_util::sync::CancellationToken;
 /// Serve until SIGTERM or Ctrl-C. Exit codes: 0 after a clean stop, 1 when the service
 /// could not start (or failed), 2 for bad arguments.
 pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
-    if args.workers == 0 {
-        eprintln!("error: --workers must be at least 1");
+    if args.workers == 0 && args.broker.broker.is_none() {
+        eprintln!(
+            "error: --workers 0 schedules only: give --broker (or PIPE_BROKER) so that `pipe worker`s run the runs"
+        );
         return 2;
     }
-    let store = match store::open(cfg) {
-        Ok(s) => s,
+    let Some(store) = open_store(cfg) else {
+        return 1;
+    };
+    let broker = args.broker.config();
+    run_until_signalled(move |shutdown, hurry| {
+        let config = service::ServeConfig {
+            dir: args.dir,
+            workers: args.workers,
+            broker,
+            drain_timeout: args.drain_timeout,
+            registry: super::registry(),
+            store,
+            launcher: Arc::new(launcher::RunnerLauncher::new(
+                super::registry(),
+                &cfg.state_dir,
+            )),
+            hurry,
+        };
+        async move { service::Service::run(config, shutdown).await.map(drop) }
+    })
+}
+
+/// The store, or `None` after saying why it cannot be opened.
+pub(crate) fn open_store(cfg: &store::StoreConfig) -> Option<Arc<dyn store::RunStore>> {
+    match store::open(cfg) {
+        Ok(s) => Some(s),
         Err(e) => {
             eprintln!("error: cannot open the store: {e}");
-            return 1;
+            None
         }
-    };
+    }
+}
+
+/// Run a service (`pipe serve`, `pipe worker`) on a new runtime until it returns: the first
+/// SIGTERM or Ctrl-C cancels its `shutdown` token (drain), a second its `hurry` token
+/// (running runs are cancelled, their teardown steps still run). The exit code: 0 after a
+/// clean stop, 1 when it failed (the error is printed).
+pub(crate) fn run_until_signalled<F, Fut>(service: F) -> i32
+where
+    F: FnOnce(CancellationToken, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let shutdown = CancellationToken::new();
-    let hurry = CancellationToken::new();
-    let config = service::ServeConfig {
-        dir: args.dir,
-        workers: args.workers,
-        drain_timeout: args.drain_timeout,
-        registry: super::registry(),
-        store: store.clone(),
-        launcher: Arc::new(launcher::RunnerLauncher::new(
-            super::registry(),
-            &cfg.state_dir,
-        )),
-        hurry: hurry.clone(),
-    };
+    let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
     let result = runtime.block_on(async {
-        let signals = tokio::spawn(watch_signals(shutdown.clone(), hurry));
-        let r = service::Service::run(config, shutdown).await;
+        let (s, h) = (shutdown.clone(), hurry.clone());
+        let signals = tokio::spawn(super::on_signals(
+            move || s.cancel(),
+            move || {
+                service::serve::log("second signal: cancelling the running runs now");
+                h.cancel();
+            },
+        ));
+        let r = service(shutdown, hurry).await;
         signals.abort();
         r
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
-        Ok(_) => 0,
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("error: {e:#}");
             1
@@ -74,22 +131,9 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
     }
 }
 
-/// The first SIGTERM or Ctrl-C stops the service (drain); a second ends the drain now
-/// (running runs are cancelled, their teardown steps still run).
-async fn watch_signals(shutdown: CancellationToken, hurry: CancellationToken) {
-    super::on_signals(
-        move || shutdown.cancel(),
-        move || {
-            service::serve::log("second signal: cancelling the running runs now");
-            hurry.cancel();
-        },
-    )
-    .await
-}
-
 /// The service's [`service::Launcher`]: a claimed queue item becomes a run through the
 /// runner, the one run path `pipe run` uses too.
-mod launcher {
+pub(crate) mod launcher {
     use std::sync::{Arc, OnceLock};
 
     pub struct RunnerLauncher {
@@ -193,7 +237,15 @@ mod launcher {
                     spec
                 }
                 _ => {
-                    let mut spec = runner::RunSpec::new(runner::PlanSource::Plan(job.plan.clone()));
+                    let source = match &job.source {
+                        Some(text) => runner::PlanSource::Loaded(runner::Loaded {
+                            plan: job.plan.clone(),
+                            diagnostics: Vec::new(),
+                            source: text.clone(),
+                        }),
+                        None => runner::PlanSource::Plan(job.plan.clone()),
+                    };
+                    let mut spec = runner::RunSpec::new(source);
                     spec.logical_date = item.logical_date;
                     spec.params = json_params(&item.params);
                     spec.trigger = item.trigger;
@@ -201,6 +253,10 @@ mod launcher {
                 }
             };
             spec.queue_item = Some(item.id);
+            spec.lease_owner = Some(job.lease_owner.clone());
+            if job.fenced && item.trigger != store::Trigger::Repair {
+                spec.fence = Some(item.fence);
+            }
             let prepared = runner.prepare(spec).await?;
             let handle = prepared.start(Vec::new());
             let run_id = handle.id();

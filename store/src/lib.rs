@@ -314,7 +314,14 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
 
     /// Queued items never published (or queued again since: a lost claim, a raised
     /// priority), in claim order (priority, then age), at most `limit` (0 for all).
+    /// Only items a claim could take now are returned: an integration at its
+    /// `max_concurrent_runs` (counting its items already published) or a backfill at its
+    /// `max_parallel` waits here, not in the broker.
     fn unpublished(&self, limit: usize) -> Result<Vec<QueueItem>>;
+    /// A worker dropped the item's message because the claim found no room
+    /// ([`ItemClaim::Full`]): it is unpublished again, and published once there is room.
+    /// False when it is no longer queued.
+    fn unpublish(&self, item_id: i64) -> Result<bool>;
     /// Their messages are published (confirmed by the broker): record `now` as their last
     /// publish. Items no longer queued are left alone. Returns how many were marked.
     fn mark_published(&self, ids: &[i64], now: DateTime<Utc>) -> Result<u64>;

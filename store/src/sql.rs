@@ -769,11 +769,13 @@ fn attach_file(dir: &Path, src: &Path) -> Result<String> {
     unreachable!("ran out of file names")
 }
 
-/// How many runs of one tick (integration + logical date) may be lost and queued again.
+/// How many runs of one tick (integration + logical date) may be lost and queued again,
+/// unless the integration's metadata says `max_lost_retries`.
 pub(crate) const MAX_LOST_RETRIES: i64 = 3;
 
 /// Queue a lost run's item again when its integration says `retry_on_lost` (in its
-/// metadata) and the same tick has not been lost [`MAX_LOST_RETRIES`] times already.
+/// metadata) and the same tick has not been lost `max_lost_retries` (default
+/// [`MAX_LOST_RETRIES`]) times already.
 fn requeue_lost(tx: &mut dyn Tx, item: &QueueItem, now: DateTime<Utc>) -> Result<Option<i64>> {
     let metadata = tx
         .one(
@@ -783,11 +785,16 @@ fn requeue_lost(tx: &mut dyn Tx, item: &QueueItem, now: DateTime<Utc>) -> Result
         .map(|r| r.opt_text(0))
         .transpose()?
         .flatten();
-    let wanted = parse_json(metadata.as_deref())
+    let metadata = parse_json(metadata.as_deref());
+    let wanted = metadata
         .get("retry_on_lost")
         .and_then(serde_json::Value::as_bool)
         .unwrap_or(false);
-    if !wanted {
+    let max_retries = metadata
+        .get("max_lost_retries")
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or(MAX_LOST_RETRIES);
+    if !wanted || max_retries <= 0 {
         return Ok(None);
     }
     let lost_before = match item.logical_date {
@@ -805,7 +812,7 @@ fn requeue_lost(tx: &mut dyn Tx, item: &QueueItem, now: DateTime<Utc>) -> Result
     .map(|r| r.int(0))
     .transpose()?
     .unwrap_or(0);
-    if lost_before > MAX_LOST_RETRIES {
+    if lost_before > max_retries {
         return Ok(None);
     }
     let again = Enqueue {
@@ -1171,6 +1178,34 @@ const ACTIVE: &str = "((SELECT COUNT(*) FROM runs r WHERE r.pipeline = q.integra
                           AND r.status = 'running')
                      + (SELECT COUNT(*) FROM queue a WHERE a.integration = q.integration
                           AND a.state = 'claimed' AND a.run_id IS NULL))";
+
+/// The ids of unpublished queued items a claim could take now: per integration, no more
+/// than its `max_concurrent_runs` minus its active runs and its items already published
+/// (in flight to a worker); per backfill likewise with `max_parallel`. Publishing more
+/// would only make workers find them `Full` and hand them back, over and over.
+const PUBLISHABLE: &str = "SELECT w.id FROM (
+        SELECT q.id, q.integration, q.backfill_id,
+            ROW_NUMBER() OVER (PARTITION BY q.integration ORDER BY q.priority DESC, q.id) AS rn_i,
+            ROW_NUMBER() OVER (PARTITION BY q.backfill_id ORDER BY q.priority DESC, q.id) AS rn_b
+        FROM queue q WHERE q.state = 'queued' AND q.published_at IS NULL
+    ) w
+    LEFT JOIN integrations i ON i.name = w.integration
+    LEFT JOIN backfills b ON b.id = w.backfill_id
+    WHERE (i.max_concurrent_runs IS NULL
+           OR w.rn_i
+              + (SELECT COUNT(*) FROM runs r WHERE r.pipeline = w.integration
+                   AND r.status = 'running')
+              + (SELECT COUNT(*) FROM queue a WHERE a.integration = w.integration
+                   AND a.state = 'claimed' AND a.run_id IS NULL)
+              + (SELECT COUNT(*) FROM queue f WHERE f.integration = w.integration
+                   AND f.state = 'queued' AND f.published_at IS NOT NULL)
+              <= i.max_concurrent_runs)
+      AND (w.backfill_id IS NULL OR b.max_parallel IS NULL
+           OR w.rn_b
+              + (SELECT COUNT(*) FROM queue c WHERE c.backfill_id = w.backfill_id
+                   AND (c.state = 'claimed'
+                        OR (c.state = 'queued' AND c.published_at IS NOT NULL)))
+              <= b.max_parallel)";
 
 enum ClaimTry {
     Nothing,
@@ -2396,8 +2431,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
         self.read(|tx| {
             tx.query(
                 &format!(
-                    "SELECT {QUEUE_COLUMNS} FROM queue
-                     WHERE state = 'queued' AND published_at IS NULL
+                    "SELECT {QUEUE_COLUMNS} FROM queue WHERE id IN ({PUBLISHABLE})
                      ORDER BY priority DESC, id LIMIT ?1"
                 ),
                 p![limit_value(limit)],
@@ -2405,6 +2439,15 @@ impl<B: Backend> RunStore for SqlStore<B> {
             .iter()
             .map(queue_row)
             .collect()
+        })
+    }
+
+    fn unpublish(&self, item_id: i64) -> Result<bool> {
+        self.write_grouped(move |tx| {
+            Ok(tx.exec(
+                "UPDATE queue SET published_at = NULL WHERE id = ?1 AND state = 'queued'",
+                p![item_id],
+            )? > 0)
         })
     }
 

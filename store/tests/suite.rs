@@ -151,6 +151,7 @@ both!(
     claim_walks_past_full_integrations_and_cancels_disabled_ones,
     grouped_writes_of_many_threads_each_get_their_own_outcome,
     outbox_finds_what_was_never_published,
+    outbox_holds_back_what_has_no_room,
     claim_item_outcomes,
     claim_item_caps_hold_across_concurrent_claimers,
     fence_counts_the_claims_of_a_requeued_item,
@@ -1948,6 +1949,85 @@ fn outbox_finds_what_was_never_published(db: &Db) {
     assert!(s.enqueue(&e, t1).unwrap().merged);
     let raised = s.unpublished(0).unwrap();
     assert_eq!((ids(&raised), raised[0].priority), (vec![k], 9));
+}
+
+/// The outbox publishes no more of an integration than its `max_concurrent_runs` has room
+/// for (counting what is in flight), nor more of a backfill than its `max_parallel`; an item
+/// a worker found `Full` and unpublished comes back once there is room.
+fn outbox_holds_back_what_has_no_room(db: &Db) {
+    let s = db.open();
+    let now = t("2030-01-01T00:00:00Z");
+    let lease = Duration::from_secs(30);
+    loaded(s.as_ref(), "capped", Some(2));
+    let q: Vec<i64> = (0..4)
+        .map(|p| s.enqueue(&item("capped", p), now).unwrap().id)
+        .collect();
+    let free = s.enqueue(&item("free", 0), now).unwrap().id;
+    // Highest priorities first, two of four.
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![q[3], q[2], free]);
+    s.mark_published(&[q[3]], now).unwrap();
+    // One in flight: one more has room.
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![q[2], free]);
+    s.mark_published(&[q[2], free], now).unwrap();
+    assert!(s.unpublished(0).unwrap().is_empty());
+    // Claimed (no run yet) still counts; a third claim finds no room, and the worker hands
+    // the message back: unpublished, but not publishable while the two are active.
+    let w = remote_owner("worker");
+    for id in [q[3], q[2]] {
+        assert!(matches!(
+            s.claim_item(id, &w.id, lease, now).unwrap(),
+            ItemClaim::Claimed(_)
+        ));
+    }
+    s.mark_published(&[q[1]], now).unwrap();
+    assert!(matches!(
+        s.claim_item(q[1], &w.id, lease, now).unwrap(),
+        ItemClaim::Full
+    ));
+    assert!(s.unpublish(q[1]).unwrap());
+    assert!(!s.unpublish(q[3]).unwrap(), "a claimed item is not queued");
+    assert!(s.unpublished(0).unwrap().is_empty());
+    s.ack(q[3], AckOutcome::Done, now).unwrap();
+    assert_eq!(ids(&s.unpublished(0).unwrap()), vec![q[1]]);
+
+    // A backfill of max_parallel 1: one at a time.
+    loaded(s.as_ref(), "bf", None);
+    let b = s
+        .create_backfill(
+            &NewBackfill {
+                integration: "bf".into(),
+                from: t("2026-11-01T00:00:00Z"),
+                to: t("2026-11-03T00:00:00Z"),
+                max_parallel: Some(1),
+            },
+            now,
+        )
+        .unwrap();
+    let days: Vec<i64> = (1..=3)
+        .map(|day| {
+            let mut e = item("bf", 0);
+            e.trigger = Trigger::Backfill;
+            e.backfill_id = Some(b);
+            e.logical_date = Some(Utc.with_ymd_and_hms(2026, 11, day, 0, 0, 0).unwrap());
+            s.enqueue(&e, now).unwrap().id
+        })
+        .collect();
+    let of_bf = |v: Vec<QueueItem>| -> Vec<i64> {
+        v.into_iter()
+            .filter(|i| i.integration == "bf")
+            .map(|i| i.id)
+            .collect()
+    };
+    assert_eq!(of_bf(s.unpublished(0).unwrap()), vec![days[0]]);
+    s.mark_published(&[days[0]], now).unwrap();
+    assert!(of_bf(s.unpublished(0).unwrap()).is_empty());
+    assert!(matches!(
+        s.claim_item(days[0], &w.id, lease, now).unwrap(),
+        ItemClaim::Claimed(_)
+    ));
+    assert!(of_bf(s.unpublished(0).unwrap()).is_empty());
+    s.ack(days[0], AckOutcome::Done, now).unwrap();
+    assert_eq!(of_bf(s.unpublished(0).unwrap()), vec![days[1]]);
 }
 
 fn claim_item_outcomes(db: &Db) {
