@@ -5,6 +5,7 @@ mod util;
 
 mod carol;
 mod cli;
+mod deploy;
 mod exec;
 mod executor;
 mod extract;
