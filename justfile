@@ -27,6 +27,7 @@ bench:
     cargo bench --bench sql
     cargo bench --bench carol
     cargo bench --bench serve
+    cargo bench --bench cluster
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:

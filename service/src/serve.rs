@@ -50,6 +50,8 @@ const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// this server enqueued something).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// The longest one wait for the store's queue notification lasts.
+const LISTEN_WAIT: Duration = Duration::from_secs(1);
 /// How often old ticks, queue items and leases are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 /// How long ticks, finished queue items and dead leases are kept.
@@ -183,6 +185,7 @@ impl Service {
         let watcher = tokio::spawn(watch(shared.clone(), catalog));
         let scheduler = tokio::spawn(schedule_loop(shared.clone()));
         let expirer = tokio::spawn(expire_loop(shared.clone()));
+        let listener = tokio::spawn(listen_loop(shared.clone()));
         let publisher = broker.clone().map(|b| {
             tokio::spawn(crate::publish::publish_loop(
                 store.clone(),
@@ -202,6 +205,7 @@ impl Service {
         let _ = scheduler.await;
         let _ = watcher.await;
         let _ = expirer.await;
+        listener.abort();
         if let Some(p) = publisher {
             let _ = p.await;
         }
@@ -604,6 +608,32 @@ async fn cancel_oldest(shared: &Arc<Shared>, name: &str, count: usize) {
         )),
         Ok(_) => {}
         Err(e) => log(format!("integration {name}: cannot cancel running runs: {e:#}")),
+    }
+}
+
+/// Wake the workers (and the publisher) as soon as another process queued something (`pipe
+/// trigger`, a backfill, another server's tick): the store's notification on PostgreSQL,
+/// else their polls.
+async fn listen_loop(shared: Arc<Shared>) {
+    let mut failing = false;
+    loop {
+        match blocking(&shared.store, |s| s.wait_for_queue(LISTEN_WAIT)).await {
+            Ok(woken) => {
+                failing = false;
+                if woken {
+                    shared.work.notify_waiters();
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    log(format!(
+                        "cannot listen for queued runs (polling instead): {e:#}"
+                    ));
+                    failing = true;
+                }
+                tokio::time::sleep(IDLE_POLL).await;
+            }
+        }
     }
 }
 

@@ -318,6 +318,11 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// `max_concurrent_runs` (counting its items already published) or a backfill at its
     /// `max_parallel` waits here, not in the broker.
     fn unpublished(&self, limit: usize) -> Result<Vec<QueueItem>>;
+    /// Block until something may have been queued by any process (an enqueue, a trigger,
+    /// a tick, a lost claim put back) or `timeout` passed; true when woken. PostgreSQL
+    /// listens for the `NOTIFY` each such transaction sends; SQLite only waits (its
+    /// callers poll). Call it from a blocking thread.
+    fn wait_for_queue(&self, timeout: Duration) -> Result<bool>;
     /// A worker dropped the item's message because the claim found no room
     /// ([`ItemClaim::Full`]): it is unpublished again, and published once there is room.
     /// False when it is no longer queued.

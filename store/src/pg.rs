@@ -211,15 +211,21 @@ pub(crate) struct PgBackend {
     config: Config,
     shown: String,
     pool: Mutex<Vec<PgConn>>,
+    /// The connection that `LISTEN`s on [`QUEUE_CHANNEL`], made on first wait.
+    listener: Mutex<Option<Client>>,
 }
+
+/// The channel every transaction that queues something notifies.
+const QUEUE_CHANNEL: &str = "pipe_queue";
 
 impl Drop for PgBackend {
     fn drop(&mut self) {
         // Each client owns a small runtime, which must not be dropped on an async runtime's
         // thread (the last `Arc` of a store may well go there): drop them on a plain one.
         let pool = std::mem::take(&mut *lock(&self.pool));
-        if !pool.is_empty() {
-            let _ = std::thread::spawn(move || drop(pool)).join();
+        let listener = lock(&self.listener).take();
+        if !pool.is_empty() || listener.is_some() {
+            let _ = std::thread::spawn(move || drop((pool, listener))).join();
         }
     }
 }
@@ -265,6 +271,7 @@ pub(crate) fn open(url: &str, state_dir: &Path) -> Result<PgStore> {
         config,
         shown: shown.clone(),
         pool: Mutex::new(Vec::new()),
+        listener: Mutex::new(None),
     };
     let prepare = || -> Result<()> {
         let mut conn = backend.connect()?;
@@ -425,6 +432,7 @@ impl PgBackend {
                 let v = f(&mut PgTx {
                     tx: &mut tx,
                     statements,
+                    notified: false,
                 })?;
                 tx.commit().map_err(pg)?;
                 Ok(v)
@@ -477,6 +485,42 @@ impl Backend for PgBackend {
         self.shown.clone()
     }
 
+    fn wait_for_queue(&self, timeout: Duration) -> Result<bool> {
+        let wait = || -> Result<bool> {
+            let mut slot = lock(&self.listener);
+            if slot.as_ref().is_none_or(|c| c.is_closed()) {
+                let mut client = self.connect()?.client;
+                client
+                    .batch_execute(&format!("LISTEN {QUEUE_CHANNEL}"))
+                    .map_err(pg)?;
+                *slot = Some(client);
+            }
+            let client = slot.as_mut().expect("just made");
+            use postgres::fallible_iterator::FallibleIterator;
+            let waited = {
+                let mut notes = client.notifications();
+                let got = notes.timeout_iter(timeout).next().map(|n| n.is_some());
+                // Several notifications since the last wait are one wake-up.
+                while let Ok(Some(_)) = notes.iter().next() {}
+                got
+            };
+            match waited {
+                Ok(woken) => Ok(woken),
+                Err(e) => {
+                    *slot = None;
+                    Err(pg(e))
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Err(_) => wait(),
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            Ok(_) => off_runtime(wait),
+        }
+    }
+
     fn schema_version(&self) -> Result<u32> {
         self.read(&mut |tx| {
             let r = tx.one("SELECT MAX(version) FROM schema_migrations", &[])?;
@@ -488,6 +532,8 @@ impl Backend for PgBackend {
 struct PgTx<'a, 'b> {
     tx: &'a mut postgres::Transaction<'b>,
     statements: &'a mut HashMap<String, Statement>,
+    /// [`Tx::queue_changed`] was called (one `NOTIFY` per transaction).
+    notified: bool,
 }
 
 /// `?1 ?2 …` → `$1 $2 …` (no statement here has a `?` in a string literal).
@@ -523,6 +569,14 @@ fn params(values: &[Value]) -> Vec<&(dyn ToSql + Sync)> {
 }
 
 impl Tx for PgTx<'_, '_> {
+    fn queue_changed(&mut self) -> Result<()> {
+        if !self.notified {
+            self.exec("SELECT pg_notify(?1, '')", &[Value::from(QUEUE_CHANNEL)])?;
+            self.notified = true;
+        }
+        Ok(())
+    }
+
     fn exec(&mut self, sql: &str, values: &[Value]) -> Result<u64> {
         let stmt = self.statement(sql)?;
         self.tx.execute(&stmt, &params(values)).map_err(pg)

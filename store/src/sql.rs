@@ -151,6 +151,12 @@ pub(crate) enum Dialect {
 pub(crate) trait Tx {
     fn exec(&mut self, sql: &str, params: &[Value]) -> Result<u64>;
     fn query(&mut self, sql: &str, params: &[Value]) -> Result<Vec<Row>>;
+    /// This transaction queued something: wake [`RunStore::wait_for_queue`] of every
+    /// process once it commits (PostgreSQL: one `NOTIFY` per transaction, however many
+    /// items; SQLite: nothing, its waiters poll).
+    fn queue_changed(&mut self) -> Result<()> {
+        Ok(())
+    }
     fn one(&mut self, sql: &str, params: &[Value]) -> Result<Option<Row>> {
         Ok(self.query(sql, params)?.into_iter().next())
     }
@@ -169,6 +175,11 @@ pub(crate) trait Backend: Send + Sync + 'static {
     fn read<T: Send>(&self, f: &mut Work<'_, T>) -> Result<T>;
     /// Whether the error is contention that trying again may cure.
     fn is_contention(e: &StoreError) -> bool;
+    /// See [`RunStore::wait_for_queue`].
+    fn wait_for_queue(&self, timeout: Duration) -> Result<bool> {
+        std::thread::sleep(timeout);
+        Ok(false)
+    }
     /// How many grouped write transactions may be in flight at once ([`crate::group`]).
     const GROUP_LEADERS: usize;
     fn describe(&self) -> String;
@@ -661,6 +672,7 @@ fn enqueue_known(tx: &mut dyn Tx, item: &Enqueue, now: DateTime<Utc>) -> Result<
         )?;
         Ok(Some(Enqueued { id, merged: true }))
     };
+    tx.queue_changed()?;
     let params = json_text(&item.params)?;
     let inserted = tx.one(
         r#"INSERT INTO queue(integration, queue, priority, "trigger", logical_date, params,
@@ -2421,6 +2433,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                          WHERE id = ?1",
                         p![item],
                     )?;
+                    tx.queue_changed()?;
                 }
             }
             Ok(lost)
@@ -2440,6 +2453,10 @@ impl<B: Backend> RunStore for SqlStore<B> {
             .map(queue_row)
             .collect()
         })
+    }
+
+    fn wait_for_queue(&self, timeout: Duration) -> Result<bool> {
+        self.backend.wait_for_queue(timeout)
     }
 
     fn unpublish(&self, item_id: i64) -> Result<bool> {

@@ -152,6 +152,7 @@ both!(
     grouped_writes_of_many_threads_each_get_their_own_outcome,
     outbox_finds_what_was_never_published,
     outbox_holds_back_what_has_no_room,
+    queue_waiters_wake_when_another_process_queues,
     claim_item_outcomes,
     claim_item_caps_hold_across_concurrent_claimers,
     fence_counts_the_claims_of_a_requeued_item,
@@ -2028,6 +2029,46 @@ fn outbox_holds_back_what_has_no_room(db: &Db) {
     assert!(of_bf(s.unpublished(0).unwrap()).is_empty());
     s.ack(days[0], AckOutcome::Done, now).unwrap();
     assert_eq!(of_bf(s.unpublished(0).unwrap()), vec![days[1]]);
+}
+
+/// `wait_for_queue`: on PostgreSQL an enqueue through another store handle (another
+/// process) wakes a waiter; with nothing queued it times out. SQLite only waits.
+fn queue_waiters_wake_when_another_process_queues(db: &Db) {
+    let waiter = db.open();
+    let other = db.open();
+    let short = Duration::from_millis(300);
+    assert!(!waiter.wait_for_queue(short).unwrap(), "nothing was queued");
+    let t0 = std::time::Instant::now();
+    let handle = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        other.enqueue(&item("w", 0), Utc::now()).unwrap();
+        other
+    });
+    let woken = waiter.wait_for_queue(Duration::from_secs(20)).unwrap();
+    let other = handle.join().unwrap();
+    if db.pg_name.is_some() {
+        assert!(woken, "the enqueue's NOTIFY woke the waiter");
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    } else {
+        assert!(!woken);
+    }
+    // Many items in one transaction are one wake-up, and nothing is left over after it.
+    if db.pg_name.is_some() {
+        let batch: Vec<_> = (0..3)
+            .map(|k| {
+                let mut b = TickBatch::new(format!("b{k}"), "f", t("2030-01-01T00:00:00Z"));
+                b.ticks = vec![PlannedTick {
+                    scheduled_at: t("2030-01-01T00:00:00Z"),
+                    enqueue: Some(item(&format!("b{k}"), 0)),
+                    note: None,
+                }];
+                b
+            })
+            .collect();
+        other.record_ticks_many(&batch, Utc::now()).unwrap();
+        assert!(waiter.wait_for_queue(Duration::from_secs(20)).unwrap());
+        assert!(!waiter.wait_for_queue(short).unwrap());
+    }
 }
 
 fn claim_item_outcomes(db: &Db) {
