@@ -26,7 +26,7 @@
 //! messages. pipe's workers prefetch their free slots; Celery's prefetch multiplier is 1.
 
 mod support;
-use support::{machine, print_table, row, Row};
+use support::{machine, print_table, row, PgDatabase, Row};
 
 use chrono::{DateTime, Utc};
 use std::path::{Path, PathBuf};
@@ -79,43 +79,6 @@ impl Settings {
                 .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
             amqp: std::env::var("PIPE_TEST_AMQP")
                 .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
-        }
-    }
-}
-
-/// A fresh database on the machine's PostgreSQL, dropped on drop.
-struct Database {
-    admin: String,
-    name: String,
-    url: String,
-}
-
-impl Database {
-    fn new(admin: &str, label: &str) -> Database {
-        let name = format!(
-            "bench_{label}_{}_{}",
-            std::process::id(),
-            Utc::now().timestamp_micros()
-        );
-        let mut c = postgres::Client::connect(admin, postgres::NoTls)
-            .unwrap_or_else(|e| panic!("PostgreSQL at {admin}: {e}"));
-        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        let (base, _) = admin.rsplit_once('/').expect("a database in the URL");
-        Database {
-            admin: admin.to_string(),
-            url: format!("{base}/{name}"),
-            name,
-        }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
         }
     }
 }
@@ -228,7 +191,7 @@ fn finished(pg: &mut postgres::Client) -> i64 {
 }
 
 fn pipe_round(s: &Settings, workers: usize, dir: &Path) -> Figures {
-    let db = Database::new(&s.pg_url, "cluster");
+    let (_db, db_url) = PgDatabase::create(&s.pg_url);
     let prefix = format!("bench.{}.{}.", std::process::id(), workers);
     std::fs::create_dir_all(dir.join("pipelines")).unwrap();
     std::fs::write(
@@ -241,7 +204,7 @@ fn pipe_round(s: &Settings, workers: usize, dir: &Path) -> Figures {
         c.current_dir(dir)
             .args(args)
             .env("PIPE_HOME", dir.join("state"))
-            .env("PIPE_DB", &db.url)
+            .env("PIPE_DB", &db_url)
             .env("PIPE_BROKER", &s.amqp)
             .env("PIPE_QUEUE_PREFIX", &prefix);
         c
@@ -260,7 +223,7 @@ fn pipe_round(s: &Settings, workers: usize, dir: &Path) -> Figures {
         })
         .collect();
     let mut pg = loop {
-        if let Ok(c) = postgres::Client::connect(&db.url, postgres::NoTls) {
+        if let Ok(c) = postgres::Client::connect(&db_url, postgres::NoTls) {
             break c;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -276,7 +239,7 @@ fn pipe_round(s: &Settings, workers: usize, dir: &Path) -> Figures {
         .unwrap_or(false)
     });
     let store = store::open(&store::StoreConfig {
-        url: Some(db.url.clone()),
+        url: Some(db_url.clone()),
         state_dir: dir.join("state"),
     })
     .unwrap();
@@ -367,8 +330,8 @@ fn celery_python() -> PathBuf {
 }
 
 fn celery_round(s: &Settings, python: &Path, workers: usize) -> Figures {
-    let db = Database::new(&s.pg_url, "celery");
-    let backend = format!("db+{}", db.url.replacen("postgres://", "postgresql://", 1));
+    let (_db, db_url) = PgDatabase::create(&s.pg_url);
+    let backend = format!("db+{}", db_url.replacen("postgres://", "postgresql://", 1));
     let out = Command::new(python)
         .arg(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("benches/celery/celery_bench.py"))
         .args(["--broker", &s.amqp.replace("%2f", "")])

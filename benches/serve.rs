@@ -34,7 +34,7 @@
 //! No harness, no criterion: a plain `main` that prints the machine and a table.
 
 mod support;
-use support::{machine, print_table, row, Row};
+use support::{machine, print_table, row, PgDatabase, Row};
 
 use chrono::{DateTime, Duration as TimeDelta, DurationRound, Utc};
 use std::collections::BTreeMap;
@@ -536,52 +536,6 @@ impl Db {
                 c.batch_execute("DROP TABLE bench_floor").unwrap();
                 (one, each)
             }
-        }
-    }
-}
-
-/// A fresh PostgreSQL database for one round; dropped when this goes away.
-struct PgDatabase {
-    admin: String,
-    name: String,
-}
-
-impl PgDatabase {
-    fn create(admin: &str) -> (PgDatabase, String) {
-        let name = format!(
-            "pipe_bench_{}_{}",
-            std::process::id(),
-            Utc::now().timestamp_millis()
-        );
-        let mut c = postgres::Client::connect(admin, postgres::NoTls).unwrap_or_else(|e| {
-            panic!("the serve bench needs PostgreSQL at {admin} (PIPE_TEST_POSTGRES_URL): {e}")
-        });
-        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-        let url = match admin.rfind('/') {
-            Some(p) if admin[..p].ends_with(|c: char| c != '/') => {
-                let (base, rest) = admin.split_at(p);
-                let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
-                format!("{base}/{name}{query}")
-            }
-            _ => format!("{admin}/{name}"),
-        };
-        (
-            PgDatabase {
-                admin: admin.to_string(),
-                name,
-            },
-            url,
-        )
-    }
-}
-
-impl Drop for PgDatabase {
-    fn drop(&mut self) {
-        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
-            let _ = c.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ));
         }
     }
 }

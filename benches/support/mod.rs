@@ -86,3 +86,50 @@ pub fn wait4(pid: u32) -> (i32, i64) {
     };
     (code, usage.ru_maxrss)
 }
+
+/// A fresh PostgreSQL database for one round; dropped when this goes away.
+pub struct PgDatabase {
+    admin: String,
+    name: String,
+}
+
+impl PgDatabase {
+    /// A new database on the server at `admin`, and its URL.
+    pub fn create(admin: &str) -> (PgDatabase, String) {
+        let name = format!(
+            "pipe_bench_{}_{}",
+            std::process::id(),
+            Utc::now().timestamp_micros()
+        );
+        let mut c = postgres::Client::connect(admin, postgres::NoTls).unwrap_or_else(|e| {
+            panic!("this bench needs PostgreSQL at {admin} (PIPE_TEST_POSTGRES_URL): {e}")
+        });
+        c.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        let url = match admin.rfind('/') {
+            Some(p) if admin[..p].ends_with(|c: char| c != '/') => {
+                let (base, rest) = admin.split_at(p);
+                let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+                format!("{base}/{name}{query}")
+            }
+            _ => format!("{admin}/{name}"),
+        };
+        (
+            PgDatabase {
+                admin: admin.to_string(),
+                name,
+            },
+            url,
+        )
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut c) = postgres::Client::connect(&self.admin, postgres::NoTls) {
+            let _ = c.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
