@@ -8,6 +8,11 @@
 //! queue, leases, enabled flags) lives in the store, never only in this process's memory: a
 //! restart, a second server on the same PostgreSQL or a `kill -9` changes nothing about
 //! which runs exist. See [`serve`] for the tasks and docs/decisions/0023-service.md.
+//!
+//! With a broker (`pipe serve --broker`), the server also publishes each queued run to
+//! RabbitMQ (`publish`: the store is the outbox), and [`worker`] is `pipe worker`: the same
+//! run path on other machines, taking runs from RabbitMQ and claiming them in the store
+//! (`runs` is the part both kinds of worker share). docs/decisions/0026-workers.md.
 
 pub mod catalog;
 mod publish;
