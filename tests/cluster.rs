@@ -326,6 +326,77 @@ fn a_runs_secrets_and_params_never_travel_through_the_broker() {
     }
 }
 
+#[test]
+fn max_concurrent_runs_holds_across_all_workers() {
+    let env = Env::new();
+    let c = Cluster::new();
+    env.write(
+        "pipelines/capped.yaml",
+        "pipeline: capped
+schedule: { cron: \"0 0 1 1 *\", max_concurrent_runs: 2, on_overlap: queue }
+steps:
+  s: { type: exec, with: { command: sleep, args: [\"0.6\"] } }
+",
+    );
+    let mut serve = c.daemon(
+        &env,
+        "serve",
+        &["serve", "pipelines", "--workers", "0"],
+        None,
+    );
+    wait_for("the integration", &[&serve], || {
+        (c.count("SELECT COUNT(*) FROM integrations WHERE name = 'capped'") == 1).then_some(())
+    });
+    let mut pool: Vec<Daemon> = (0..3)
+        .map(|n| {
+            c.daemon(
+                &env,
+                &format!("w{n}"),
+                &["worker", "pipelines", "--slots", "4"],
+                None,
+            )
+        })
+        .collect();
+    for _ in 0..10 {
+        c.pipe(&env, &["trigger", "capped"]);
+    }
+    let logs: Vec<&Daemon> = std::iter::once(&serve).chain(pool.iter()).collect();
+    wait_for("10 runs", &logs, || {
+        (c.count("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'") == 10).then_some(())
+    });
+    drop(logs);
+    // At no instant were more than two running: sweep the (start, end) edges.
+    let mut edges: Vec<(String, i32)> = Vec::new();
+    for r in
+        c.db.client()
+            .query("SELECT started_at, finished_at FROM runs", &[])
+            .unwrap()
+    {
+        edges.push((r.get(0), 1));
+        edges.push((r.get(1), -1));
+    }
+    // Ends sort before starts at the same instant (RFC 3339 text sorts by time).
+    edges.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, d) in &edges {
+        now += d;
+        most = most.max(now);
+    }
+    assert_eq!(
+        most, 2,
+        "at most max_concurrent_runs at once, and the cap was reached"
+    );
+    let owners = c.count("SELECT COUNT(DISTINCT lease_owner) FROM runs");
+    assert!(
+        owners >= 2,
+        "the runs were spread over the workers ({owners})"
+    );
+    for w in &mut pool {
+        assert_eq!(w.stop(), 0, "{}", w.output());
+    }
+    assert_eq!(serve.stop(), 0, "{}", serve.output());
+}
+
 /// The seed of the chaos test's choices (`PIPE_TEST_SEED` to replay one).
 fn seed() -> u64 {
     std::env::var("PIPE_TEST_SEED")

@@ -50,8 +50,17 @@ pub struct RunHandle {
     pub run_id: i64,
     /// Cancel the run (running steps stop; teardown steps still run).
     pub cancel: CancellationToken,
-    /// Its final status, once recorded.
-    pub done: tokio::sync::oneshot::Receiver<Status>,
+    /// How it ended, once it did.
+    pub done: tokio::sync::oneshot::Receiver<RunEnd>,
+}
+
+/// How a started run ended.
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnd {
+    pub status: Status,
+    /// Its end is recorded in the store, which marked its queue item done in the same
+    /// transaction: no ack is needed (one write less per run).
+    pub recorded: bool,
 }
 
 /// Starts runs for the workers: the seam between the service and the run path, so the

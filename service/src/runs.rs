@@ -125,9 +125,12 @@ impl Runs {
             cancel, mut done, ..
         } = handle;
         let mut cancelled_at_drain = false;
-        let status = loop {
+        let end = loop {
             tokio::select! {
-                status = &mut done => break status.unwrap_or(Status::Failed),
+                end = &mut done => break end.unwrap_or(crate::RunEnd {
+                    status: Status::Failed,
+                    recorded: false,
+                }),
                 _ = self.drain_over.cancelled(), if !cancelled_at_drain => {
                     cancelled_at_drain = true;
                     cancel.cancel();
@@ -141,7 +144,10 @@ impl Runs {
                 }
             }
         };
-        ack(&self.store, item.id, AckOutcome::Done).await;
+        let status = end.status;
+        if !end.recorded {
+            ack(&self.store, item.id, AckOutcome::Done).await;
+        }
         log(format!(
             "{who}: run {run_id} of {} {}",
             item.integration,

@@ -811,7 +811,10 @@ mod tests {
             })
             .await??;
             let (tx, rx) = tokio::sync::oneshot::channel();
-            let _ = tx.send(status);
+            let _ = tx.send(crate::RunEnd {
+                status,
+                recorded: true,
+            });
             Ok(crate::RunHandle {
                 run_id,
                 cancel: CancellationToken::new(),

@@ -279,7 +279,11 @@ pub(crate) mod launcher {
                         "run {run_id}: its history may be incomplete: {e}"
                     ));
                 }
-                let _ = tx.send(outcome.status);
+                let _ = tx.send(service::RunEnd {
+                    status: outcome.status,
+                    // The writer committed the run's end (and with it its item's).
+                    recorded: outcome.history_error.is_none(),
+                });
             });
             Ok(service::RunHandle {
                 run_id,

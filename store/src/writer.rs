@@ -1,7 +1,8 @@
 //! The executor's observer that records a run's events, over any [`RunStore`]: a
 //! background thread, a bounded queue (by bytes: a step producing log rows faster than
 //! they are committed waits instead of memory growing), batched transactions (committed
-//! whenever the queue runs empty, at least every 50 ms, at most 2000 events each), and a
+//! once the queue has been empty for 2 ms — at once for the run's end or a flush —, at
+//! least every 50 ms, at most 2000 events each), and a
 //! per-step cap on stored log text (`PIPE_LOG_LIMIT`; the rest goes to a file in the run's
 //! folder and one row says so).
 //!
@@ -27,6 +28,11 @@ use std::time::{Duration, Instant};
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// …and never puts more than this many events in one transaction.
 const MAX_BATCH: usize = 2000;
+/// After an event, how long the writer waits for the next ones before committing when
+/// nobody is waiting for the commit: a short run's step started, its log rows, step
+/// finished and run finished then take one commit instead of three (the run's end is never
+/// held back: a batch ending with it commits at once).
+const LINGER: Duration = Duration::from_millis(2);
 /// The most event bytes waiting for the writer thread: a step producing log rows faster
 /// than they are committed then waits (an exec step stops reading its child's output, and
 /// the pipe's buffer makes the child wait in turn) instead of pipe's memory growing.
@@ -267,8 +273,8 @@ impl LogCap {
     }
 }
 
-/// The executor's observer: records a run's events from a background thread, in batched transactions (committed whenever the queue runs empty, and at
-/// least every 50 ms while it does not).
+/// The executor's observer: records a run's events from a background thread, in batched
+/// transactions (see the module docs for when they commit).
 ///
 /// Call [`HistoryWriter::finish`] (or [`HistoryWriter::close`] when it is shared behind an
 /// `Arc`) before the process exits; dropping it closes it too.
@@ -431,10 +437,28 @@ fn writer_loop(
         let since = Instant::now();
         let mut disconnected = false;
         take(msg, &mut batch, &mut acks);
+        let linger_until = since + LINGER;
         while batch.len() < MAX_BATCH && since.elapsed() < FLUSH_EVERY {
             match rx.try_recv() {
                 Ok(msg) => take(msg, &mut batch, &mut acks),
-                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Empty) => {
+                    // Nobody waits for this batch and the run goes on: the events that
+                    // follow within a moment share its commit.
+                    let now = Instant::now();
+                    let waited_for = !acks.is_empty()
+                        || matches!(batch.last(), Some(RunEvent::RunFinished { .. }));
+                    if waited_for || now >= linger_until {
+                        break;
+                    }
+                    match rx.recv_timeout(linger_until - now) {
+                        Ok(msg) => take(msg, &mut batch, &mut acks),
+                        Err(mpsc::RecvTimeoutError::Timeout) => break,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            disconnected = true;
+                            break;
+                        }
+                    }
+                }
                 Err(TryRecvError::Disconnected) => {
                     disconnected = true;
                     break;
