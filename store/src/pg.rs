@@ -632,6 +632,36 @@ impl ToSql for Value {
                 Type::INT8 => t.parse::<i64>()?.to_sql(ty, out),
                 _ => t.as_str().to_sql(ty, out),
             },
+            Value::List(items) => match *ty {
+                Type::INT8_ARRAY => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Int(n) => Ok(Some(*n)),
+                        other => Err(format!("{other:?} in a bigint[]")),
+                    })
+                    .collect::<std::result::Result<Vec<Option<i64>>, _>>()?
+                    .to_sql(ty, out),
+                Type::BOOL_ARRAY => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Int(n) => Ok(Some(*n != 0)),
+                        other => Err(format!("{other:?} in a bool[]")),
+                    })
+                    .collect::<std::result::Result<Vec<Option<bool>>, _>>()?
+                    .to_sql(ty, out),
+                _ => items
+                    .iter()
+                    .map(|v| match v {
+                        Value::Null => Ok(None),
+                        Value::Int(n) => Ok(Some(n.to_string())),
+                        Value::Text(t) => Ok(Some(t.clone())),
+                        Value::List(_) => Err("a list in a list".to_string()),
+                    })
+                    .collect::<std::result::Result<Vec<Option<String>>, _>>()?
+                    .to_sql(ty, out),
+            },
         }
     }
 

@@ -20,6 +20,15 @@ pub(crate) enum Value {
     Null,
     Int(i64),
     Text(String),
+    /// A PostgreSQL array parameter (`?1::text[]`, `bigint[]`, `bool[]`) of scalars, for
+    /// the multi-row statements of the PostgreSQL planner; never a result, never SQLite's.
+    List(Vec<Value>),
+}
+
+impl Value {
+    fn list<T: Into<Value>>(items: impl IntoIterator<Item = T>) -> Value {
+        Value::List(items.into_iter().map(Into::into).collect())
+    }
 }
 
 impl From<i64> for Value {
@@ -89,6 +98,7 @@ impl Row {
                 .parse()
                 .map(Some)
                 .map_err(|_| bad(format!("column {i}: `{t}` is not an integer"))),
+            Value::List(_) => Err(bad(format!("column {i} is a list"))),
         }
     }
     pub fn int(&self, i: usize) -> Result<i64> {
@@ -100,6 +110,7 @@ impl Row {
             Value::Null => Ok(None),
             Value::Int(n) => Ok(Some(n.to_string())),
             Value::Text(t) => Ok(Some(t.clone())),
+            Value::List(_) => Err(bad(format!("column {i} is a list"))),
         }
     }
     pub fn text(&self, i: usize) -> Result<String> {
@@ -905,6 +916,183 @@ fn record_ticks_tx(
             p![integration, cursor, fingerprint],
         )?,
     };
+    Ok(out)
+}
+
+/// [`record_ticks_tx`] for every batch at once, in a few multi-row statements (PostgreSQL's
+/// arrays): a planner round of 10,000 due integrations was five statements per tick, 50,000
+/// round trips in one transaction (18 s), while this is six statements whatever the count.
+/// Same outcome, tick for tick: a tick already recorded is left alone and queues nothing; a
+/// queued item holding an item's dedup key takes the merge as `enqueue` does.
+fn record_ticks_multi_row(
+    tx: &mut dyn Tx,
+    batches: &[TickBatch],
+    order: &[usize],
+    now: DateTime<Utc>,
+) -> Result<Vec<Vec<TickOutcome>>> {
+    let names: Vec<&str> = order
+        .iter()
+        .map(|&i| batches[i].integration.as_str())
+        .collect();
+    // Every integration named, the queued items' too (they may differ from their batch's).
+    let mut known: std::collections::BTreeSet<&str> = names.iter().copied().collect();
+    for b in batches {
+        known.extend(
+            b.ticks
+                .iter()
+                .filter_map(|t| t.enqueue.as_ref())
+                .map(|e| e.integration.as_str()),
+        );
+    }
+    let created = tx.exec(
+        "INSERT INTO integrations(name) SELECT n FROM unnest(?1::text[]) AS n
+         ON CONFLICT(name) DO NOTHING",
+        &[Value::list(known.iter().copied())],
+    )?;
+    if created > 0 {
+        bump_integrations(tx)?;
+    }
+    // Their rows locked in name order (as the one-by-one path does): two servers planning
+    // the same integrations never deadlock on each other.
+    tx.query(
+        "SELECT name FROM integrations WHERE name = ANY(?1::text[]) ORDER BY name FOR UPDATE",
+        &[Value::list(names.iter().copied())],
+    )?;
+
+    // The ticks; which were new.
+    let ticks: Vec<(usize, &PlannedTick)> = order
+        .iter()
+        .flat_map(|&i| batches[i].ticks.iter().map(move |t| (i, t)))
+        .collect();
+    let mut out: Vec<Vec<TickOutcome>> = batches
+        .iter()
+        .map(|b| Vec::with_capacity(b.ticks.len()))
+        .collect();
+    let mut inserted: std::collections::HashSet<(String, String)> = Default::default();
+    if !ticks.is_empty() {
+        for r in tx.query(
+            "INSERT INTO ticks(integration, scheduled_at, planned_at, state, note)
+             SELECT t.i, t.s, ?5, t.st, t.n
+             FROM unnest(?1::text[], ?2::text[], ?3::text[], ?4::text[]) AS t(i, s, st, n)
+             ON CONFLICT(integration, scheduled_at) DO NOTHING
+             RETURNING integration, scheduled_at",
+            &[
+                Value::list(ticks.iter().map(|(i, _)| batches[*i].integration.as_str())),
+                Value::list(ticks.iter().map(|(_, t)| t.scheduled_at)),
+                Value::list(ticks.iter().map(|(_, t)| {
+                    if t.enqueue.is_some() {
+                        TickState::Enqueued.as_str()
+                    } else {
+                        TickState::Skipped.as_str()
+                    }
+                })),
+                Value::list(ticks.iter().map(|(_, t)| t.note.as_deref())),
+                Value::from(now),
+            ],
+        )? {
+            inserted.insert((r.text(0)?, r.text(1)?));
+        }
+    }
+    let is_new = |i: usize, t: &PlannedTick| {
+        inserted.contains(&(batches[i].integration.clone(), ts(t.scheduled_at)))
+    };
+
+    // The queue items of the new ticks that enqueue: one insert; an item whose dedup key a
+    // queued item holds (or that has none to find it by) goes the one-by-one way.
+    let new_items: Vec<(usize, &PlannedTick, &Enqueue)> = ticks
+        .iter()
+        .filter(|(i, t)| is_new(*i, t))
+        .filter_map(|(i, t)| t.enqueue.as_ref().map(|e| (*i, *t, e)))
+        .collect();
+    let mut ids: HashMap<String, i64> = HashMap::new();
+    let keyed = new_items.iter().all(|(_, _, e)| e.dedup_key.is_some()) && {
+        let keys: std::collections::HashSet<&str> = new_items
+            .iter()
+            .filter_map(|(_, _, e)| e.dedup_key.as_deref())
+            .collect();
+        keys.len() == new_items.len()
+    };
+    if keyed && !new_items.is_empty() {
+        tx.queue_changed()?;
+        let params: Vec<String> = new_items
+            .iter()
+            .map(|(_, _, e)| json_text(&e.params))
+            .collect::<Result<_>>()?;
+        for r in tx.query(
+            r#"INSERT INTO queue(integration, queue, priority, "trigger", logical_date, params,
+                                 dedup_key, backfill_id, state, enqueued_at, run_id)
+               SELECT v.i, v.q, v.p, v.tr, v.ld, v.pa, v.k, v.b, 'queued', ?9, NULL
+               FROM unnest(?1::text[], ?2::text[], ?3::bigint[], ?4::text[], ?5::text[],
+                           ?6::text[], ?7::text[], ?8::bigint[])
+                    AS v(i, q, p, tr, ld, pa, k, b)
+               ON CONFLICT (dedup_key) WHERE state = 'queued' DO NOTHING
+               RETURNING id, dedup_key"#,
+            &[
+                Value::list(new_items.iter().map(|(_, _, e)| e.integration.as_str())),
+                Value::list(new_items.iter().map(|(_, _, e)| e.queue.as_str())),
+                Value::list(new_items.iter().map(|(_, _, e)| e.priority)),
+                Value::list(new_items.iter().map(|(_, _, e)| e.trigger.as_str())),
+                Value::list(new_items.iter().map(|(_, _, e)| e.logical_date)),
+                Value::list(params.iter().map(String::as_str)),
+                Value::list(new_items.iter().map(|(_, _, e)| e.dedup_key.as_deref())),
+                Value::list(new_items.iter().map(|(_, _, e)| e.backfill_id)),
+                Value::from(now),
+            ],
+        )? {
+            ids.insert(r.text(1)?, r.int(0)?);
+        }
+    }
+    let mut links: Vec<(&str, DateTime<Utc>, i64)> = Vec::with_capacity(new_items.len());
+    for (i, t, e) in &new_items {
+        let found = e.dedup_key.as_ref().and_then(|k| ids.get(k)).copied();
+        let id = match found {
+            Some(id) => id,
+            None if e.integration == batches[*i].integration => enqueue_known(tx, e, now)?.id,
+            None => enqueue_tx(tx, e, now)?.id,
+        };
+        links.push((batches[*i].integration.as_str(), t.scheduled_at, id));
+    }
+    if !links.is_empty() {
+        tx.exec(
+            "UPDATE ticks SET queue_item = v.id
+             FROM unnest(?1::text[], ?2::text[], ?3::bigint[]) AS v(i, s, id)
+             WHERE ticks.integration = v.i AND ticks.scheduled_at = v.s",
+            &[
+                Value::list(links.iter().map(|l| l.0)),
+                Value::list(links.iter().map(|l| l.1)),
+                Value::list(links.iter().map(|l| l.2)),
+            ],
+        )?;
+    }
+    let item_of: HashMap<(&str, DateTime<Utc>), i64> =
+        links.iter().map(|&(n, at, id)| ((n, at), id)).collect();
+    for &(i, t) in &ticks {
+        let name = batches[i].integration.as_str();
+        out[i].push(TickOutcome {
+            scheduled_at: t.scheduled_at,
+            inserted: is_new(i, t),
+            queue_item: item_of.get(&(name, t.scheduled_at)).copied(),
+        });
+    }
+
+    // Every cursor (never backwards) and, where given, next run: one statement.
+    tx.exec(
+        "UPDATE integrations SET
+             schedule_cursor = CASE WHEN schedule_cursor IS NULL OR schedule_cursor < v.c
+                                    THEN v.c ELSE schedule_cursor END,
+             schedule_fingerprint = v.f,
+             next_run_at = CASE WHEN v.setn THEN v.n ELSE next_run_at END
+         FROM unnest(?1::text[], ?2::text[], ?3::text[], ?4::bool[], ?5::text[])
+              AS v(name, c, f, setn, n)
+         WHERE integrations.name = v.name",
+        &[
+            Value::list(order.iter().map(|&i| batches[i].integration.as_str())),
+            Value::list(order.iter().map(|&i| batches[i].cursor)),
+            Value::list(order.iter().map(|&i| batches[i].fingerprint.as_str())),
+            Value::list(order.iter().map(|&i| batches[i].next_run.is_some())),
+            Value::list(order.iter().map(|&i| batches[i].next_run.flatten())),
+        ],
+    )?;
     Ok(out)
 }
 
@@ -1876,6 +2064,9 @@ impl<B: Backend> RunStore for SqlStore<B> {
         // planning the same integrations never deadlock on each other.
         let mut order: Vec<usize> = (0..batches.len()).collect();
         order.sort_by(|&a, &b| batches[a].integration.cmp(&batches[b].integration));
+        if B::DIALECT == Dialect::Postgres {
+            return self.write(|tx| record_ticks_multi_row(tx, batches, &order, now));
+        }
         self.write(|tx| {
             let mut out: Vec<Vec<TickOutcome>> = vec![Vec::new(); batches.len()];
             for &i in &order {

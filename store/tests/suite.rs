@@ -145,6 +145,7 @@ both!(
     prune_keeps_what_is_still_needed,
     works_from_async_tasks,
     batched_ticks_and_counts,
+    batched_ticks_merge_and_unkeyed_items_like_enqueue,
     integrations_version_moves_with_the_list,
     a_database_one_version_behind_is_migrated,
     lost_runs_are_requeued_when_the_integration_says_so,
@@ -1541,6 +1542,79 @@ fn works_from_async_tasks(db: &Db) {
 
 /// A planner's round: many integrations' ticks in one transaction, from two servers at once
 /// (in opposite orders), and the counts it reads first.
+/// `record_ticks_many` in one round: a tick whose item's dedup key a queued item holds
+/// merges into it (as `enqueue` does), an item without a key is queued, a tick seen before
+/// queues nothing, a skipped tick is recorded; cursors and next runs move.
+fn batched_ticks_merge_and_unkeyed_items_like_enqueue(db: &Db) {
+    let s = db.open();
+    let at = t("2026-12-02T06:00:00Z");
+    let mut held = item("m", 0);
+    held.dedup_key = Some("m@06:00".into());
+    let held = s.enqueue(&held, at).unwrap().id;
+    let tick = |name: &str, key: Option<&str>, enqueue: bool| PlannedTick {
+        scheduled_at: at,
+        enqueue: enqueue.then(|| {
+            let mut e = item(name, 3);
+            e.trigger = Trigger::Schedule;
+            e.logical_date = Some(at);
+            e.dedup_key = key.map(str::to_string);
+            e
+        }),
+        note: (!enqueue).then(|| "skipped: overlap".to_string()),
+    };
+    let round = |s: &dyn RunStore| {
+        let mut batches = Vec::new();
+        for (name, key, enqueue) in [
+            ("m", Some("m@06:00"), true),
+            ("u", None, true),
+            ("k", Some("k@06:00"), true),
+            ("x", None, false),
+        ] {
+            let mut b = TickBatch::new(name, "cron:0", at);
+            b.ticks = vec![tick(name, key, enqueue)];
+            b.next_run = Some(Some(at + TimeDelta::minutes(1)));
+            batches.push(b);
+        }
+        s.record_ticks_many(&batches, at).unwrap()
+    };
+    let out = round(s.as_ref());
+    assert!(out.iter().all(|o| o.len() == 1 && o[0].inserted));
+    assert_eq!(
+        out[0][0].queue_item,
+        Some(held),
+        "merged into the queued item"
+    );
+    let merged = s.get_item(held).unwrap().unwrap();
+    assert_eq!(merged.priority, 3, "the merge raised the priority");
+    let u = out[1][0].queue_item.expect("an unkeyed item is queued");
+    let k = out[2][0].queue_item.expect("a keyed item is queued");
+    assert_ne!(u, k);
+    assert_eq!(
+        s.get_item(k).unwrap().unwrap().dedup_key.as_deref(),
+        Some("k@06:00")
+    );
+    assert_eq!(out[3][0].queue_item, None, "a skipped tick queues nothing");
+    let ticks = s.list_ticks("x", 0).unwrap();
+    assert_eq!(ticks.len(), 1);
+    assert_eq!(s.list_ticks("k", 0).unwrap()[0].queue_item, Some(k));
+    let cursors = s.schedule_cursors().unwrap();
+    assert_eq!(cursors["m"].last_planned, at);
+    assert_eq!(
+        s.get_integration("u").unwrap().unwrap().next_run_at,
+        Some(at + TimeDelta::minutes(1))
+    );
+    // The same round again: every tick exists, nothing more is queued.
+    let again = round(s.as_ref());
+    assert!(again
+        .iter()
+        .all(|o| !o[0].inserted && o[0].queue_item.is_none()));
+    assert_eq!(
+        s.list_queue(&QueueFilter::default()).unwrap().len(),
+        3,
+        "m (merged), u, k"
+    );
+}
+
 fn batched_ticks_and_counts(db: &Db) {
     let s = db.open();
     let base = t("2026-12-02T06:00:00Z");
