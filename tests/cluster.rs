@@ -69,6 +69,23 @@ impl Cluster {
     }
 
     /// A count from the store's database; -1 before the server created its tables.
+    /// `pipe serve --workers 0` on `pipelines/`, once it has loaded `integration`.
+    fn scheduler(&self, env: &Env, integration: &str) -> Daemon {
+        let serve = self.daemon(
+            env,
+            "serve",
+            &["serve", "pipelines", "--workers", "0"],
+            None,
+        );
+        wait_for("the integration", &[&serve], || {
+            (self.count(&format!(
+                "SELECT COUNT(*) FROM integrations WHERE name = '{integration}'"
+            )) == 1)
+                .then_some(())
+        });
+        serve
+    }
+
     fn count(&self, sql: &str) -> i64 {
         match self.db.client().query_one(sql, &[]) {
             Ok(row) => row.get(0),
@@ -338,15 +355,7 @@ steps:
   s: { type: exec, with: { command: sleep, args: [\"0.6\"] } }
 ",
     );
-    let mut serve = c.daemon(
-        &env,
-        "serve",
-        &["serve", "pipelines", "--workers", "0"],
-        None,
-    );
-    wait_for("the integration", &[&serve], || {
-        (c.count("SELECT COUNT(*) FROM integrations WHERE name = 'capped'") == 1).then_some(())
-    });
+    let mut serve = c.scheduler(&env, "capped");
     let mut pool: Vec<Daemon> = (0..3)
         .map(|n| {
             c.daemon(
@@ -394,6 +403,65 @@ steps:
     for w in &mut pool {
         assert_eq!(w.stop(), 0, "{}", w.output());
     }
+    assert_eq!(serve.stop(), 0, "{}", serve.output());
+}
+
+#[test]
+fn a_worker_cut_off_from_postgresql_stops_claiming_and_resumes() {
+    let env = Env::new();
+    let c = Cluster::new();
+    env.write(
+        "pipelines/n.yaml",
+        "pipeline: n\nschedule: { cron: \"0 0 1 1 *\", max_concurrent_runs: 10, on_overlap: queue }\nsteps:\n  s: { type: log, with: { message: hi } }\n",
+    );
+    let mut serve = c.scheduler(&env, "n");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let pg: std::net::SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = rt.block_on(broker::testing::CutProxy::start(pg)).unwrap();
+    let via_proxy = proxy.url_for(&c.db.url);
+    let mut w = Daemon::spawn(
+        &env,
+        "w",
+        &["worker", "pipelines"],
+        &[
+            ("PIPE_DB", &via_proxy),
+            ("PIPE_BROKER", &c.broker),
+            ("PIPE_QUEUE_PREFIX", &c.prefix),
+        ],
+    );
+    wait_for("the worker", &[&w], || {
+        (c.count("SELECT COUNT(*) FROM workers WHERE stopped_at IS NULL") == 1).then_some(())
+    });
+    proxy.set_down(true);
+    for _ in 0..3 {
+        c.pipe(&env, &["trigger", "n"]);
+    }
+    wait_for("the publishes", &[&serve, &w], || {
+        (c.count("SELECT COUNT(*) FROM queue WHERE published_at IS NOT NULL") == 3).then_some(())
+    });
+    wait_for("the worker to notice", &[&w], || {
+        w.output().contains("cannot reach the store").then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        c.count("SELECT COUNT(*) FROM runs"),
+        0,
+        "nothing claimed meanwhile"
+    );
+    assert_eq!(
+        c.count("SELECT COUNT(*) FROM queue WHERE state = 'queued'"),
+        3
+    );
+    proxy.set_down(false);
+    wait_for("the runs after the store came back", &[&serve, &w], || {
+        (c.count("SELECT COUNT(*) FROM runs WHERE status = 'succeeded'") == 3).then_some(())
+    });
+    assert!(
+        w.output().contains("the store answers again"),
+        "{}",
+        w.output()
+    );
+    assert_eq!(w.stop(), 0, "{}", w.output());
     assert_eq!(serve.stop(), 0, "{}", serve.output());
 }
 
@@ -465,15 +533,7 @@ steps:
         .block_on(broker::testing::CutProxy::start(upstream))
         .unwrap();
     let via_proxy = proxy.url_for(&c.broker);
-    let mut serve = c.daemon(
-        &env,
-        "serve",
-        &["serve", "pipelines", "--workers", "0"],
-        None,
-    );
-    wait_for("the integration", &[&serve], || {
-        (c.count("SELECT COUNT(*) FROM integrations WHERE name = 'chaos'") == 1).then_some(())
-    });
+    let mut serve = c.scheduler(&env, "chaos");
     let start_worker = |n: usize, generation: usize| {
         c.daemon(
             &env,

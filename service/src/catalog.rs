@@ -15,7 +15,7 @@
 use engine::plan::Plan;
 use engine::step::Registry;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -113,7 +113,9 @@ struct FileState {
 pub struct Catalog {
     dir: PathBuf,
     registry: Registry,
-    files: BTreeMap<PathBuf, FileState>,
+    /// By path; hashed, not ordered: a `Path` compares component by component, which made
+    /// ordered lookups of 10,000 files a second a twentieth of a busy server's CPU.
+    files: HashMap<PathBuf, FileState>,
     integrations: BTreeMap<String, Integration>,
 }
 
@@ -123,7 +125,7 @@ impl Catalog {
         Catalog {
             dir: dir.to_path_buf(),
             registry,
-            files: BTreeMap::new(),
+            files: HashMap::new(),
             integrations: BTreeMap::new(),
         }
     }
@@ -145,11 +147,14 @@ impl Catalog {
 
     /// Files whose latest content is invalid and that provide no integration, with the error.
     pub fn invalid_files(&self) -> Vec<(PathBuf, String)> {
-        self.files
+        let mut out: Vec<(PathBuf, String)> = self
+            .files
             .iter()
             .filter(|(_, s)| s.name.is_none())
             .filter_map(|(p, s)| s.error.clone().map(|e| (p.clone(), e)))
-            .collect()
+            .collect();
+        out.sort();
+        out
     }
 
     /// Look at the folder again; what changed since the last scan. An unreadable folder is
@@ -158,18 +163,21 @@ impl Catalog {
     pub fn scan(&mut self) -> std::io::Result<Vec<Change>> {
         let mut found = Vec::new();
         list_files(&self.dir, 0, &mut found)?;
-        found.sort_by(|a, b| a.0.cmp(&b.0));
+        // By bytes: the order changes are reported in, cheaper than by components.
+        found.sort_by(|a, b| a.0.as_os_str().cmp(b.0.as_os_str()));
         let mut changes = Vec::new();
-        let present: std::collections::BTreeSet<PathBuf> =
-            found.iter().map(|(p, _)| p.clone()).collect();
+        let present: std::collections::HashSet<&Path> =
+            found.iter().map(|(p, _)| p.as_path()).collect();
 
         // Removed files first, so a pipeline moved to another file is not a name clash.
-        let gone: Vec<PathBuf> = self
+        let mut gone: Vec<PathBuf> = self
             .files
             .keys()
-            .filter(|p| !present.contains(*p))
+            .filter(|p| !present.contains(p.as_path()))
             .cloned()
             .collect();
+        gone.sort();
+        drop(present);
         for path in gone {
             if let Some(state) = self.files.remove(&path) {
                 if let Some(name) = state.name {
