@@ -18,7 +18,8 @@
 //! Each round: a burst (`PIPE_BENCH_BURST` runs, 2000, queued as fast as one producer can;
 //! runs/s from the first enqueue to the last start) and a paced stream
 //! (`PIPE_BENCH_PACED` runs, 300, at `PIPE_BENCH_RATE` per second, 20; enqueue → start
-//! p50/p99). `PIPE_BENCH_WORKERS` (`1,2,4`), `PIPE_BIN`, `PIPE_TEST_AMQP` override.
+//! p50/p99). Then each pipe worker's cost at rest: VmRSS and CPU over 10 idle seconds.
+//! `PIPE_BENCH_WORKERS` (`1,2,4`), `PIPE_BIN`, `PIPE_TEST_AMQP` override.
 //!
 //! What differs, and is said in BENCHMARKS.md: a pipe run is recorded (claim with fencing
 //! token, run row, step rows, log row, finish) in several PostgreSQL transactions; a Celery
@@ -26,7 +27,7 @@
 //! messages. pipe's workers prefetch their free slots; Celery's prefetch multiplier is 1.
 
 mod support;
-use support::{machine, print_table, row, PgDatabase, Row};
+use support::{cpu_seconds, machine, print_table, row, status_kib, PgDatabase, Row};
 
 use chrono::{DateTime, Utc};
 use std::path::{Path, PathBuf};
@@ -145,7 +146,13 @@ fn percentile(sorted: &[f64], q: f64) -> f64 {
     sorted[((q * (sorted.len() - 1) as f64).round() as usize).min(sorted.len() - 1)]
 }
 
+/// How long idle workers are watched for their cost at rest.
+const IDLE_WATCH: Duration = Duration::from_secs(10);
+
 struct Figures {
+    /// Per idle worker (after the runs): memory in MB (pipe: RSS; Celery: the PSS of its
+    /// process and pool) and CPU as a share of one core.
+    idle: Option<(f64, f64)>,
     runs_per_s: f64,
     burst_p50: f64,
     burst_p99: f64,
@@ -283,12 +290,32 @@ fn pipe_round(s: &Settings, workers: usize, dir: &Path) -> Figures {
         finished(&mut pg) >= done_before + s.paced as i64
     });
     let (paced_lags, _) = lags(&mut pg, ids[0], *ids.last().unwrap());
+    // A worker at rest: connected, heartbeating, nothing to run.
+    let pids: Vec<i32> = pool
+        .iter()
+        .filter_map(|p| p.0.as_ref().map(|c| c.id() as i32))
+        .collect();
+    let before: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
+    std::thread::sleep(IDLE_WATCH);
+    let cpu: f64 = pids
+        .iter()
+        .zip(&before)
+        .map(|(&p, b)| cpu_seconds(p) - b)
+        .sum::<f64>()
+        / pids.len() as f64
+        / IDLE_WATCH.as_secs_f64();
+    let rss: f64 = pids
+        .iter()
+        .map(|&p| status_kib(p, "VmRSS:").unwrap_or(0) as f64 / 1024.0)
+        .sum::<f64>()
+        / pids.len() as f64;
     drop(logs);
     for w in &mut pool {
         w.stop();
     }
     serve.stop();
     Figures {
+        idle: Some((rss, cpu)),
         runs_per_s: s.burst as f64 / span,
         burst_p50: percentile(&burst_lags, 0.5),
         burst_p99: percentile(&burst_lags, 0.99),
@@ -358,6 +385,7 @@ fn celery_round(s: &Settings, python: &Path, workers: usize) -> Figures {
         .unwrap_or_else(|e| panic!("Celery bench output {text:?}: {e}"));
     let f = |path: &str| v.pointer(path).and_then(|x| x.as_f64()).unwrap();
     Figures {
+        idle: Some((f("/idle/pss_mb"), f("/idle/cpu_core_share"))),
         runs_per_s: f("/burst/runs_per_s"),
         burst_p50: f("/burst/lag_p50"),
         burst_p99: f("/burst/lag_p99"),
@@ -401,6 +429,15 @@ fn main() {
             format!("Celery {} / {}", ms(celery.paced_p50), ms(celery.paced_p99)),
             format!("{:.2}× (p50)", pipe.paced_p50 / celery.paced_p50),
         );
+        if let (Some((rss, cpu)), Some((pss, ccpu))) = (pipe.idle, celery.idle) {
+            row(
+                &mut rows,
+                format!("{k} worker(s): one worker at rest (after the runs), memory / CPU"),
+                format!("{rss:.0} MB RSS / {:.2}% of a core", cpu * 100.0),
+                format!("Celery {pss:.0} MB PSS (its pool) / {:.2}%", ccpu * 100.0),
+                format!("{:.2}× (memory)", rss / pss),
+            );
+        }
     }
     print_table(&rows);
 }

@@ -34,7 +34,7 @@
 //! No harness, no criterion: a plain `main` that prints the machine and a table.
 
 mod support;
-use support::{machine, print_table, row, PgDatabase, Row};
+use support::{cpu_seconds, machine, print_table, row, status_kib, PgDatabase, Row};
 
 use chrono::{DateTime, Duration as TimeDelta, DurationRound, Utc};
 use std::collections::BTreeMap;
@@ -208,29 +208,6 @@ impl Drop for Server {
             let _ = c.wait();
         }
     }
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: i32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc/pid/stat");
-    // Fields after the command name (which may hold spaces) in parentheses.
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // state is field 3, utime 14, stime 15 (1-based), so 11 and 12 here.
-    let utime: f64 = f[11].parse().unwrap();
-    let stime: f64 = f[12].parse().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (utime + stime) / hz
-}
-
-/// A `VmXXX:` line of /proc/<pid>/status, in KiB.
-fn status_kib(pid: i32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
 }
 
 /// Samples VmRSS every 200 ms until stopped; the largest seen.

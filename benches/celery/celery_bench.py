@@ -47,6 +47,39 @@ def percentile(values, q):
     return s[k]
 
 
+def tree(pid):
+    """The process and all its descendants (a prefork worker's pool children)."""
+    out = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(k) for k in f.read().split()]
+    except OSError:
+        kids = []
+    for k in kids:
+        out.extend(tree(k))
+    return out
+
+
+def cpu_seconds(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+        return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return 0.0
+
+
+def pss_mb(pid):
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--broker", required=True)
@@ -119,7 +152,14 @@ def main():
             pending.append((t, benchapp.noop.delay(t)))
         for t, r in pending:
             lags.append(r.get(timeout=600) - t)
+        # A worker at rest: its process tree's CPU over 10 s and proportional memory.
+        pids = [p for pr in procs for p in tree(pr.pid)]
+        before = sum(cpu_seconds(p) for p in pids)
+        time.sleep(10)
+        idle_cpu = (sum(cpu_seconds(p) for p in pids) - before) / 10.0 / len(procs)
+        idle_pss = sum(pss_mb(p) for p in pids) / len(procs)
         print(json.dumps({
+            "idle": {"pss_mb": idle_pss, "cpu_core_share": idle_cpu},
             "burst": burst,
             "paced": {"runs": a.paced, "rate": a.rate, "lag_p50": percentile(lags, 0.5),
                       "lag_p99": percentile(lags, 0.99)},
