@@ -45,7 +45,7 @@ pub(crate) async fn publish_loop(
     store: Arc<dyn RunStore>,
     broker: Broker,
     stopping: CancellationToken,
-    work: Arc<tokio::sync::Notify>,
+    wake: Arc<tokio::sync::Notify>,
 ) {
     let mut publisher = Publisher {
         store,
@@ -73,7 +73,7 @@ pub(crate) async fn publish_loop(
         }
         tokio::select! {
             _ = stopping.cancelled() => return,
-            _ = work.notified() => {}
+            _ = wake.notified() => {}
             _ = tokio::time::sleep(PUBLISH_POLL) => {}
         }
     }

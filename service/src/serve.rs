@@ -94,10 +94,21 @@ struct Shared {
     stopping: CancellationToken,
     /// The drain timeout passed: cancel running runs.
     drain_over: CancellationToken,
-    /// Wakes idle workers (and the publisher) after an enqueue.
-    work: Arc<tokio::sync::Notify>,
+    /// Wakes idle workers after an enqueue ([`Shared::queued`]).
+    work: tokio::sync::Notify,
+    /// Wakes the publisher after an enqueue; a wake-up while it is busy is kept (a permit),
+    /// never lost to a 200 ms poll.
+    publish: Arc<tokio::sync::Notify>,
     launcher: Arc<dyn crate::Launcher>,
     report: std::sync::Mutex<ServeReport>,
+}
+
+impl Shared {
+    /// Something was queued: wake the idle workers and the publisher.
+    fn queued(&self) {
+        self.work.notify_waiters();
+        self.publish.notify_one();
+    }
 }
 
 /// A line on stderr, with the time: the service's log.
@@ -164,7 +175,8 @@ impl Service {
             integrations: Default::default(),
             stopping: CancellationToken::new(),
             drain_over: CancellationToken::new(),
-            work: Arc::new(tokio::sync::Notify::new()),
+            work: tokio::sync::Notify::new(),
+            publish: Arc::new(tokio::sync::Notify::new()),
             launcher,
             report: Default::default(),
         });
@@ -191,7 +203,7 @@ impl Service {
                 store.clone(),
                 b,
                 shared.stopping.clone(),
-                shared.work.clone(),
+                shared.publish.clone(),
             ))
         });
         let mut pool = Vec::new();
@@ -578,7 +590,7 @@ async fn plan_round(
             .any(|o| o.inserted && o.queue_item.is_some());
     }
     if enqueued {
-        shared.work.notify_waiters();
+        shared.queued();
     }
     Ok(earliest)
 }
@@ -621,7 +633,7 @@ async fn listen_loop(shared: Arc<Shared>) {
             Ok(woken) => {
                 failing = false;
                 if woken {
-                    shared.work.notify_waiters();
+                    shared.queued();
                 }
             }
             Err(e) => {
@@ -684,7 +696,7 @@ async fn expire_lost(shared: &Arc<Shared>) {
                     "run {} of {}: its owner is gone; queued again as item {item} (retry_on_lost)",
                     run.run_id, run.pipeline
                 ));
-                shared.work.notify_waiters();
+                shared.queued();
             }
             None => log(format!(
                 "run {} of {}: its owner is gone; marked abandoned",
