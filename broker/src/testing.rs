@@ -52,7 +52,8 @@ impl CutProxy {
         self.addr
     }
 
-    /// `url` (an `amqp://` URL) with its host and port replaced by the proxy's.
+    /// `url` (`amqp://…`, `postgres://…`: any `scheme://[user@]host:port/…`) with its host
+    /// and port replaced by the proxy's.
     pub fn url_for(&self, url: &str) -> String {
         let start = url.find("://").map(|i| i + 3).unwrap_or(0);
         let rest = &url[start..];

@@ -163,12 +163,7 @@ impl Worker {
                 }
                 tokio::select! {
                     _ = shutdown.cancelled() => {
-                        let (store, id) = (store.clone(), info.id.clone());
-                        let _ = tokio::task::spawn_blocking(move || {
-                            let _ = store.worker_stopped(&id, Utc::now());
-                            keeper.stop();
-                        })
-                        .await;
+                        record_stop(&store, &info.id, keeper).await;
                         return Ok(WorkerReport { id: info.id, ..Default::default() });
                     }
                     _ = tokio::time::sleep(delay) => {}
@@ -270,17 +265,7 @@ impl Worker {
         stop_tasks.cancel();
         let _ = watcher.await;
         let _ = heart.await;
-        {
-            let id = info.id.clone();
-            let store = store.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = store.worker_stopped(&id, Utc::now()) {
-                    log(format!("cannot record this worker's stop: {e}"));
-                }
-                keeper.stop();
-            })
-            .await;
-        }
+        record_stop(&store, &info.id, keeper).await;
         let report = shared
             .report
             .lock()
@@ -289,6 +274,18 @@ impl Worker {
         log(format!("worker stopped after {} run(s)", report.runs));
         Ok(report)
     }
+}
+
+/// The worker's row says it stopped; its lease is given up.
+async fn record_stop(store: &Arc<dyn RunStore>, id: &str, keeper: LeaseKeeper) {
+    let (store, id) = (store.clone(), id.to_string());
+    let _ = tokio::task::spawn_blocking(move || {
+        if let Err(e) = store.worker_stopped(&id, Utc::now()) {
+            log(format!("cannot record this worker's stop: {e}"));
+        }
+        keeper.stop();
+    })
+    .await;
 }
 
 async fn reject(delivery: broker::Delivery, requeue: bool) {
