@@ -590,7 +590,12 @@ steps:
         );
         (open == 0 && done(&c)).then_some(())
     });
+    // A worker restarted at the last moment may still be starting: a drain is what is
+    // checked here, so each one is stopped once it consumes.
     for w in &mut pool {
+        wait_for("the worker to consume", &[&*w], || {
+            w.output().contains(" consuming ").then_some(())
+        });
         assert_eq!(w.stop(), 0, "{}", w.output());
     }
     assert_eq!(serve.stop(), 0, "{}", serve.output());

@@ -810,3 +810,42 @@ fn a_queued_repair_runs_on_the_service_as_the_next_attempt() {
     assert_eq!(repaired["attempt"], 2, "{repaired}");
     assert_eq!(runs(&env, "fixme").len(), 1, "the repair is the same run");
 }
+
+/// A store that never answers (a port that takes connections and says nothing): SIGTERM
+/// while `pipe serve` and `pipe worker` wait for it is a clean stop that does not wait for
+/// the 30 s connect timeout (which would end in "cannot open the store", exit 1), nor an exit
+/// by the signal.
+#[test]
+fn sigterm_while_the_store_does_not_answer_stops_cleanly() {
+    let env = Env::new();
+    pipeline(&env, "tick", "{ cron: \"* * * * * *\" }", LOG_STEP);
+    // Bound and listening, never accepted: the kernel completes the handshake and the
+    // PostgreSQL client waits for an answer to its startup message.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let db = format!("postgres://postgres@{}/never", silent.local_addr().unwrap());
+    for args in [
+        &["serve", "pipelines"][..],
+        &[
+            "worker",
+            "pipelines",
+            "--broker",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+        ][..],
+    ] {
+        let mut d = crate::util::Daemon::spawn(&env, args[0], args, &[("PIPE_DB", &db)]);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(
+            d.exited(),
+            None,
+            "{} ended by itself:\n{}",
+            args[0],
+            d.output()
+        );
+        assert_eq!(d.stop(), 0, "{}", d.output());
+        assert!(
+            d.output().contains("stopped before the store was opened"),
+            "{}",
+            d.output()
+        );
+    }
+}

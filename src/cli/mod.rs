@@ -32,26 +32,48 @@ pub fn install_panic_hook() {
     }));
 }
 
-/// Ctrl-C and SIGTERM for a command that stops in two stages: `first` on the first signal,
-/// `again` on each later one. Returns only if the handlers cannot be installed.
-pub async fn on_signals(first: impl FnOnce(), mut again: impl FnMut()) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    let mut first = Some(first);
-    loop {
+/// Ctrl-C and SIGTERM, caught from the moment this returns: a signal that arrives before
+/// [`Signals::serve`] is polled is kept, not lost to the default action (which would end the
+/// process with no clean stop). `None` only if the handlers cannot be installed.
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Install the handlers; needs a Tokio runtime's context.
+    pub fn install() -> Option<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(Signals {
+            int: signal(SignalKind::interrupt()).ok()?,
+            term: signal(SignalKind::terminate()).ok()?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM (at once for one that arrived since the last call).
+    pub async fn recv(&mut self) {
         tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
-        match first.take() {
-            Some(f) => f(),
-            None => again(),
+    }
+
+    /// For a command that stops in two stages: `first` on the first signal, `again` on each
+    /// later one. Never returns.
+    pub async fn serve(mut self, first: impl FnOnce(), mut again: impl FnMut()) {
+        self.recv().await;
+        first();
+        loop {
+            self.recv().await;
+            again();
         }
+    }
+}
+
+/// [`Signals`] installed now and served: returns only if the handlers cannot be installed.
+pub async fn on_signals(first: impl FnOnce(), again: impl FnMut()) {
+    if let Some(signals) = Signals::install() {
+        signals.serve(first, again).await
     }
 }
 

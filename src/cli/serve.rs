@@ -61,11 +61,8 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
         );
         return 2;
     }
-    let Some(store) = open_store(cfg) else {
-        return 1;
-    };
     let broker = args.broker.config();
-    run_until_signalled(move |shutdown, hurry| {
+    run_until_signalled(cfg, move |store, shutdown, hurry| {
         let config = service::ServeConfig {
             dir: args.dir,
             workers: args.workers,
@@ -94,13 +91,22 @@ pub(crate) fn open_store(cfg: &store::StoreConfig) -> Option<Arc<dyn store::RunS
     }
 }
 
-/// Run a service (`pipe serve`, `pipe worker`) on a new runtime until it returns: the first
-/// SIGTERM or Ctrl-C cancels its `shutdown` token (drain), a second its `hurry` token
-/// (running runs are cancelled, their teardown steps still run). The exit code: 0 after a
-/// clean stop, 1 when it failed (the error is printed).
-pub(crate) fn run_until_signalled<F, Fut>(service: F) -> i32
+/// How [`run_until_signalled`] ended short of an error.
+enum Ended {
+    Stopped,
+    /// The store could not be opened (`open_store` said why).
+    NoStore,
+}
+
+/// Open the store and run a service (`pipe serve`, `pipe worker`) on a new runtime until it
+/// returns: the first SIGTERM or Ctrl-C cancels its `shutdown` token (drain), a second its
+/// `hurry` token (running runs are cancelled, their teardown steps still run). The handlers
+/// are in place before the store is opened, so a SIGTERM while it connects is a clean stop
+/// too. The exit code: 0 after a clean stop, 1 when the store cannot be opened or the
+/// service failed (the error is printed).
+pub(crate) fn run_until_signalled<F, Fut>(cfg: &store::StoreConfig, service: F) -> i32
 where
-    F: FnOnce(CancellationToken, CancellationToken) -> Fut,
+    F: FnOnce(Arc<dyn store::RunStore>, CancellationToken, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -109,21 +115,40 @@ where
         .expect("tokio runtime");
     let (shutdown, hurry) = (CancellationToken::new(), CancellationToken::new());
     let result = runtime.block_on(async {
+        let Some(mut signals) = super::Signals::install() else {
+            anyhow::bail!("cannot install the SIGINT and SIGTERM handlers");
+        };
+        // On the blocking pool (the PostgreSQL backend blocks on a runtime of its own), so
+        // a signal while it connects (for up to its connect timeout) stops at once.
+        let cfg = cfg.clone();
+        let opening = tokio::task::spawn_blocking(move || open_store(&cfg));
+        let store = tokio::select! {
+            opened = opening => match opened {
+                Ok(Some(store)) => store,
+                Ok(None) => return Ok(Ended::NoStore),
+                Err(e) => anyhow::bail!("opening the store failed: {e}"),
+            },
+            _ = signals.recv() => {
+                service::serve::log("stopped before the store was opened");
+                return Ok(Ended::Stopped);
+            }
+        };
         let (s, h) = (shutdown.clone(), hurry.clone());
-        let signals = tokio::spawn(super::on_signals(
+        let signals = tokio::spawn(signals.serve(
             move || s.cancel(),
             move || {
                 service::serve::log("second signal: cancelling the running runs now");
                 h.cancel();
             },
         ));
-        let r = service(shutdown, hurry).await;
+        let r = service(store, shutdown, hurry).await;
         signals.abort();
-        r
+        r.map(|()| Ended::Stopped)
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
-        Ok(()) => 0,
+        Ok(Ended::Stopped) => 0,
+        Ok(Ended::NoStore) => 1,
         Err(e) => {
             eprintln!("error: {e:#}");
             1

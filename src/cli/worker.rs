@@ -66,10 +66,7 @@ pub fn main(args: WorkerArgs, cfg: &store::StoreConfig) -> i32 {
         eprintln!("error: --queues names no queue");
         return 2;
     }
-    let Some(store) = super::serve::open_store(cfg) else {
-        return 1;
-    };
-    super::serve::run_until_signalled(move |shutdown, hurry| {
+    super::serve::run_until_signalled(cfg, move |store, shutdown, hurry| {
         let config = service::worker::WorkerConfig {
             dir: args.dir,
             queues,
