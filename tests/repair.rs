@@ -1,7 +1,7 @@
 //! `pipe runs repair ID`: a finished run's failed steps run again (attempt 2 of the same
 //! run), reusing what the succeeded steps produced.
 
-use crate::util::Env;
+use crate::util::{Env, Out};
 
 /// read (a table) → check (fails until the file `ok` exists) → write (the read table).
 fn pipeline(env: &Env, keep_tables: bool) -> std::path::PathBuf {
@@ -143,5 +143,49 @@ fn a_succeeded_or_unknown_run_has_nothing_to_repair() {
         unknown.stderr().contains("no run 999"),
         "{}",
         unknown.stderr()
+    );
+}
+
+/// With PostgreSQL as the store, a run made on one machine is repaired from another: the
+/// pipeline text it ran is kept in the store, not in the first machine's state dir (here a
+/// second state dir stands for the other machine; the pipeline's own files stay where the
+/// run's file was, as a shared folder of pipelines would be).
+#[test]
+fn a_run_in_postgres_is_repaired_from_another_state_dir() {
+    let db = crate::util::PgDb::new();
+    let first = Env::new();
+    let p = pipeline(&first, false);
+    let out = Out(first
+        .cmd()
+        .env("PIPE_DB", &db.url)
+        .args(["run", p.to_str().unwrap(), "--format", "json", "-q"])
+        .output()
+        .unwrap());
+    out.expect_code(1);
+    let id = out.json()["run_id"].as_i64().unwrap();
+    // Nothing of the run is a file: its folder would only hold what steps attached.
+    assert!(
+        !first.state().join(format!("runs/{id}")).exists(),
+        "a run that attaches nothing has no folder"
+    );
+    // Fix the cause; change the file: the repair runs the text the run ran.
+    first.write("ok", "");
+    std::fs::write(&p, "pipeline: repairable\nsteps: {}\n").unwrap();
+    let other = Env::new();
+    let out = Out(other
+        .cmd()
+        .env("PIPE_DB", &db.url)
+        .args(["runs", "repair", &id.to_string(), "--format", "json", "-q"])
+        .output()
+        .unwrap());
+    out.expect_code(0);
+    let v = out.json();
+    assert_eq!(v["run_id"].as_i64(), Some(id));
+    assert_eq!(v["attempt"].as_u64(), Some(2));
+    assert_eq!(v["status"], "succeeded");
+    assert_eq!(
+        std::fs::read_to_string(first.path().join("out.csv")).unwrap(),
+        "a,b\n1,2\n3,4\n",
+        "the kept text's relative paths resolved from where the run's file was"
     );
 }

@@ -17,6 +17,14 @@ fn proc_stat(pid: u32) -> Option<(bool, String)> {
     Some((zombie, fields.get(19)?.to_string()))
 }
 
+/// [`process_start`] of this process, read once (a service records it with every run).
+pub fn own_process_start() -> Option<String> {
+    static START: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    START
+        .get_or_init(|| process_start(std::process::id()))
+        .clone()
+}
+
 /// The start time of a process, to tell a reused pid apart.
 pub fn process_start(pid: u32) -> Option<String> {
     proc_stat(pid).map(|(_, start)| start)

@@ -88,7 +88,7 @@ pub struct Loaded {
     pub plan: Arc<Plan>,
     /// Warnings and notes (no errors: the file is valid).
     pub diagnostics: Vec<Diagnostic>,
-    /// The file's text as validated (kept in the run folder as [`PIPELINE_SNAPSHOT`]).
+    /// The file's text as validated (kept with the run in the store).
     pub source: Arc<str>,
 }
 
@@ -313,8 +313,8 @@ impl Runner {
             param_values.insert(name.clone(), v);
         }
         let started_at = Utc::now();
-        // A literal value in the file that the run masks is `***` in the kept text
-        // (rewritten at the end only if the run learnt more it masks).
+        // A literal value in the file that the run masks is `***` in the kept text, which
+        // is written at the end (see `RunStore::create_run_kept`).
         let kept: Option<Arc<str>> = if spec.dry_run {
             None
         } else {
@@ -514,6 +514,8 @@ impl PreparedRun {
             reader,
             lease,
             fenced,
+            source_kept,
+            store: run_store,
             ..
         }) = recorded
         else {
@@ -528,7 +530,7 @@ impl PreparedRun {
                 _registration: Some(registration),
             };
         };
-        let (run_dir_kept, redactor_kept) = (run_dir.clone(), redactor.clone());
+        let (plan_kept, redactor_kept) = (plan.clone(), redactor.clone());
         let mut all: Vec<Arc<dyn Observer>> = vec![writer.clone()];
         all.extend(observers);
         let observer: Arc<dyn Observer> = Arc::new(Fanout(all));
@@ -591,8 +593,13 @@ impl PreparedRun {
         }
         if let Some(text) = &source {
             let now = redactor_kept.redact(text);
-            if kept.as_deref() != Some(now.as_str()) {
-                store::keep_pipeline_text(&run_dir_kept, &now);
+            // Written only now, redacted with all the run masked (a value a script masked
+            // may be in the text), unless the store had exactly this text at the start.
+            if !source_kept || kept.as_deref() != Some(now.as_str()) {
+                let _ = tokio::task::spawn_blocking(move || {
+                    store::keep_pipeline_text(run_store.as_ref(), run_id, &plan_kept, &now)
+                })
+                .await;
             }
         }
         let sandbox = match fakes {

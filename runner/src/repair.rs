@@ -3,9 +3,10 @@
 //! history (their recorded outputs; their tables when the pipeline keeps them).
 //!
 //! What runs again is [`engine::repair::select`]'s rule. The repair runs the pipeline as it
-//! was when the run started: the runner keeps the file's text in the run folder
-//! (`pipeline.yaml`, with its original path in `pipeline.path` so paths relative to the
-//! pipeline's folder still resolve), not whatever the file says today. Params and
+//! was when the run started: the runner keeps the file's text with the run in the store
+//! ([`store::RunStore::run_source`], with the file's original path so paths relative to
+//! the pipeline's folder still resolve; runs recorded before that kept `pipeline.yaml` and
+//! `pipeline.path` in their folder), not whatever the file says today. Params and
 //! the logical date are the run's own; params recorded masked (a secret was passed as one)
 //! must be given again.
 
@@ -27,9 +28,9 @@ pub enum RepairError {
     NoRun(i64),
     StillRunning(i64),
     NothingToRepair(i64, Status),
-    /// The run folder has no snapshot of its pipeline (a run recorded before repairs
-    /// existed, or an external run).
-    NoSnapshot(i64, PathBuf),
+    /// Neither the store nor the run folder keeps the text of its pipeline (a run
+    /// recorded before repairs existed, or an external run).
+    NoSnapshot(i64),
     /// The snapshot no longer validates (a step type was removed since, say).
     Invalid(String),
     Store(String),
@@ -46,10 +47,9 @@ impl std::fmt::Display for RepairError {
             RepairError::NothingToRepair(id, s) => {
                 write!(f, "run {id} {}: nothing to repair", s.label())
             }
-            RepairError::NoSnapshot(id, dir) => write!(
+            RepairError::NoSnapshot(id) => write!(
                 f,
-                "run {id} cannot be repaired: its folder {} has no copy of its pipeline ({SNAPSHOT_FILE}); run the pipeline again instead",
-                dir.display()
+                "run {id} cannot be repaired: no copy of its pipeline was kept (an external run, or one recorded before repairs existed); run the pipeline again instead"
             ),
             RepairError::Invalid(e) => write!(f, "{e}"),
             RepairError::Store(e) => write!(f, "run history: {e}"),
@@ -86,13 +86,23 @@ pub fn plan_repair(
         _ => {}
     }
     let dir = store.run_dir(id);
-    let snapshot = dir.join(SNAPSHOT_FILE);
-    let Ok(text) = std::fs::read_to_string(&snapshot) else {
-        return Err(RepairError::NoSnapshot(id, dir));
+    let kept = store
+        .run_source(id)
+        .map_err(|e| RepairError::Store(e.to_string()))?;
+    let (text, original) = match kept {
+        Some(s) => (s.text, PathBuf::from(s.path)),
+        // A run recorded before the store kept pipeline texts kept it in its folder.
+        None => {
+            let snapshot = dir.join(SNAPSHOT_FILE);
+            let Ok(text) = std::fs::read_to_string(&snapshot) else {
+                return Err(RepairError::NoSnapshot(id));
+            };
+            let original = std::fs::read_to_string(dir.join(SNAPSHOT_PATH_FILE))
+                .map(|p| PathBuf::from(p.trim()))
+                .unwrap_or_else(|_| snapshot.clone());
+            (text, original)
+        }
     };
-    let original = std::fs::read_to_string(dir.join(SNAPSHOT_PATH_FILE))
-        .map(|p| PathBuf::from(p.trim()))
-        .unwrap_or_else(|_| snapshot.clone());
     let display = format!("{} (as run {id} started)", original.display());
     let outcome = engine::validate::validate_text(&text, &original, &display, registry);
     let Some(plan) = outcome.plan else {

@@ -15,7 +15,8 @@ use store::{HistoryReader, HistoryWriter, LeaseKeeper, LeaseOwner, NewRun, Owner
 
 pub use store::{StoreConfig, Trigger};
 
-/// The file a run keeps the exact pipeline text it ran in, in its run folder.
+/// Where runs recorded before the store kept their pipeline text kept it: a file in the
+/// run folder (a repair of such a run still reads it).
 pub const PIPELINE_SNAPSHOT: &str = "pipeline.yaml";
 /// Beside it: the pipeline file's absolute path when the run started (one line).
 pub const PIPELINE_PATH: &str = "pipeline.path";
@@ -32,7 +33,7 @@ pub(crate) struct StoreHandle {
 /// What a new run records.
 pub(crate) struct NewRecord<'a> {
     pub plan: &'a Plan,
-    /// The pipeline text that was validated, redacted, kept in the run folder.
+    /// The pipeline text that was validated, redacted, kept in the store with the run.
     pub source: Option<&'a str>,
     pub params: serde_json::Value,
     pub trigger: Trigger,
@@ -47,11 +48,21 @@ pub(crate) struct NewRecord<'a> {
     pub fence: Option<i64>,
 }
 
-/// Keep the pipeline text a run ran (already redacted by the caller) in its folder. Best
-/// effort: the run goes on without it; a repair then says it is missing.
-pub(crate) fn keep_pipeline_text(run_dir: &std::path::Path, text: &str) {
-    let _ = std::fs::create_dir_all(run_dir)
-        .and_then(|_| std::fs::write(run_dir.join(PIPELINE_SNAPSHOT), text));
+/// What a run keeps of its pipeline: the text (already redacted by the caller) and the
+/// file's absolute path, so a repair resolves relative paths as the run did.
+pub(crate) fn run_source(plan: &Plan, text: &str) -> store::RunSource {
+    let file = std::path::absolute(&plan.file).unwrap_or(plan.file.clone());
+    store::RunSource {
+        text: text.to_string(),
+        path: file.display().to_string(),
+    }
+}
+
+/// Keep the final text of a run (redacted with everything it masked) unless the store
+/// already had exactly this text for it at the start. Best effort: without it, a repair
+/// says the text is missing. Blocking.
+pub(crate) fn keep_pipeline_text(store: &dyn RunStore, run_id: i64, plan: &Plan, text: &str) {
+    let _ = store.set_run_source(run_id, &run_source(plan, text));
 }
 
 /// A run recorded in the store, with its event writer.
@@ -66,6 +77,8 @@ pub(crate) struct Recorded {
     pub lease: Option<LeaseKeeper>,
     /// Its writes are fenced ([`HistoryWriter::fenced_out`] says when they are refused).
     pub fenced: bool,
+    /// The store held the run's text at the start and the run references it.
+    pub source_kept: bool,
     pub store: Arc<dyn RunStore>,
 }
 
@@ -126,12 +139,13 @@ impl StoreHandle {
         if self.lease_owner.is_none() {
             let _ = store.mark_abandoned();
         }
-        let (run_id, attempt) = match new.resume {
+        let (run_id, attempt, source_kept) = match new.resume {
             Some(id) => {
                 let attempt = store
                     .start_attempt(id, owner.as_deref(), chrono::Utc::now())
                     .map_err(|e| PrepareError::History(format!("cannot repair run {id}: {e:#}")))?;
-                (id, attempt)
+                // A repair keeps the text of the run's start.
+                (id, attempt, true)
             }
             None => {
                 // A service recorded the integration (and its description) when it loaded
@@ -141,30 +155,23 @@ impl StoreHandle {
                 } else {
                     Ok(())
                 };
-                let id = described
+                let created = described
                     .and_then(|_| {
-                        store.create_run(&NewRun {
+                        store.create_run_kept(&NewRun {
                             params: new.params,
                             logical_date: Some(new.logical_date),
                             lease_owner: owner,
                             queue_item: new.queue_item,
                             fence: new.fence,
+                            source: new.source.map(|text| run_source(new.plan, text)),
                             ..NewRun::new(new.plan.name.clone(), new.trigger, Owner::Pipe)
                         })
                     })
                     .map_err(|e| PrepareError::History(format!("cannot record the run: {e:#}")))?;
-                (id, 1)
+                (created.id, 1, created.source_kept)
             }
         };
         let run_dir = store.run_dir(run_id);
-        if new.resume.is_none() {
-            if let Some(text) = new.source {
-                keep_pipeline_text(&run_dir, text);
-                // Where the file was, so a repair resolves its relative paths as the run did.
-                let file = std::path::absolute(&new.plan.file).unwrap_or(new.plan.file.clone());
-                let _ = std::fs::write(run_dir.join(PIPELINE_PATH), file.display().to_string());
-            }
-        }
         let fence = new.fence.filter(|_| new.resume.is_none());
         let writer = match fence {
             Some(f) => HistoryWriter::start_fenced(store.clone(), run_id, f),
@@ -184,6 +191,7 @@ impl StoreHandle {
             reader,
             lease,
             fenced: fence.is_some(),
+            source_kept,
             store,
         })
     }

@@ -90,7 +90,7 @@ async fn the_default_source_is_the_environment_and_says_how_to_set_a_secret() {
     let worker = runner(&dir.path().join("state"));
     let p = worker
         .prepare({
-            let mut s = RunSpec::new(PlanSource::File(file));
+            let mut s = RunSpec::new(PlanSource::File(file.clone()));
             s.params = vec![("expected".into(), ParamValue::Text("x".into()))];
             s
         })
@@ -103,6 +103,11 @@ async fn the_default_source_is_the_environment_and_says_how_to_set_a_secret() {
         err.contains("secret RUNNER_TEST_TOKEN is not set: set the environment variable RUNNER_TEST_TOKEN or RUNNER_TEST_TOKEN_FILE"),
         "{err}"
     );
+    // The validated text is kept with the finished run, and the file's absolute path.
+    let store = store::open(&store::StoreConfig::sqlite(dir.path().join("state"))).unwrap();
+    let kept = store.run_source(out.run_id).unwrap().unwrap();
+    assert_eq!(kept.text, CHECK);
+    assert_eq!(kept.path, file.display().to_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,7 +228,7 @@ async fn a_prepared_run_that_is_discarded_is_recorded_cancelled() {
     std::fs::write(&file, CHECK).unwrap();
     let state = dir.path().join("state");
     let worker = runner(&state);
-    let mut s = RunSpec::new(PlanSource::File(file));
+    let mut s = RunSpec::new(PlanSource::File(file.clone()));
     s.params = vec![("expected".into(), ParamValue::Text("x".into()))];
     let p = worker.prepare(s).await.unwrap();
     let id = p.id().unwrap();
@@ -232,9 +237,8 @@ async fn a_prepared_run_that_is_discarded_is_recorded_cancelled() {
         store.run_status(id).unwrap(),
         Some(engine::status::Status::Running)
     );
-    // The validated text is kept with the run.
-    let kept = std::fs::read_to_string(p.run_dir().unwrap().join(runner::PIPELINE_SNAPSHOT));
-    assert_eq!(kept.unwrap(), CHECK);
+    // The text is kept at the run's end (fully redacted), not before it.
+    assert_eq!(store.run_source(id).unwrap(), None);
     p.discard("the worker is draining").await.unwrap();
     let run = store.get_run(id).unwrap().unwrap().run;
     assert_eq!(run.status, engine::status::Status::Cancelled);

@@ -140,7 +140,21 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
 
     /// Create a run with status `running` (attempt 1) and its folder; a run taken from the
     /// queue (`NewRun::queue_item`) is linked to its item in the same transaction.
-    fn create_run(&self, new: &NewRun) -> Result<i64>;
+    fn create_run(&self, new: &NewRun) -> Result<i64> {
+        self.create_run_kept(new).map(|c| c.id)
+    }
+    /// [`RunStore::create_run`], saying whether the run's [`NewRun::source`] is kept already:
+    /// a text is referenced at the start only when the store holds it (some run ended with
+    /// exactly this text), never written then, because a run may learn a secret that is in
+    /// it while it runs. The runner keeps the final, redacted text at the end with
+    /// [`RunStore::set_run_source`] unless it was kept and did not change.
+    fn create_run_kept(&self, new: &NewRun) -> Result<CreatedRun>;
+    /// The pipeline text the run ran and its file's path, when it was recorded
+    /// ([`NewRun::source`], [`RunStore::set_run_source`]).
+    fn run_source(&self, run_id: i64) -> Result<Option<RunSource>>;
+    /// Keep `source` as the text the run ran (at its end, redacted with everything the run
+    /// masked; see [`RunStore::create_run_kept`]). `NotFound` for an unknown run.
+    fn set_run_source(&self, run_id: i64, source: &RunSource) -> Result<()>;
     /// Add a log row; an attached file is copied into the run's folder (unless it is
     /// already there) and the copy's path is stored.
     fn add_log(&self, run_id: i64, rec: &LogRecord) -> Result<()>;

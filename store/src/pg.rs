@@ -198,6 +198,16 @@ CREATE TABLE workers (
     stopped_at         TEXT
 );
 "#,
+    // The pipeline text each run ran, once per distinct text (it was two files and a
+    // folder per run: a third of a busy server's CPU went to creating them).
+    r#"
+CREATE TABLE pipeline_sources (
+    hash TEXT PRIMARY KEY,
+    text TEXT NOT NULL
+);
+ALTER TABLE runs ADD COLUMN source_hash TEXT;
+ALTER TABLE runs ADD COLUMN source_path TEXT;
+"#,
 ];
 
 pub(crate) type PgStore = SqlStore<PgBackend>;

@@ -206,6 +206,21 @@ pub(crate) struct SqlStore<B: Backend> {
     pub group: crate::group::Group,
 }
 
+/// The content address of a pipeline text in `pipeline_sources`.
+fn source_hash(text: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// Store the text at its hash unless it is there already.
+fn put_source(tx: &mut dyn Tx, hash: &str, text: &str) -> Result<()> {
+    tx.exec(
+        "INSERT INTO pipeline_sources(hash, text) VALUES (?1, ?2) ON CONFLICT(hash) DO NOTHING",
+        p![hash, text],
+    )?;
+    Ok(())
+}
+
 impl<B: Backend> std::fmt::Debug for SqlStore<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RunStore({})", self.backend.describe())
@@ -1426,14 +1441,17 @@ fn take_item(
 /// Queued items a claim reads first, in claim order, and then at a time.
 const CLAIM_FIRST_PAGE: usize = 1;
 
-/// A new run's row (`?1`…`?12`: pipeline, params, trigger, started, logical date, pid, pid
-/// start, owner, host, lease owner, queue item, fence), returning its id.
+/// A new run's row (`?1`…`?14`: pipeline, params, trigger, started, logical date, pid, pid
+/// start, owner, host, lease owner, queue item, fence, source hash, source path; the hash
+/// is referenced only when `pipeline_sources` holds it), returning its id and whether the
+/// hash was.
 const INSERT_RUN: &str = r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at,
                        logical_date, pid, pid_start, owner, host, attempt,
-                       lease_owner, queue_item, fence)
+                       lease_owner, queue_item, fence, source_hash, source_path)
        VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11,
-               COALESCE(?12, (SELECT fence FROM queue WHERE id = ?11)))
-       RETURNING id"#;
+               COALESCE(?12, (SELECT fence FROM queue WHERE id = ?11)),
+               (SELECT hash FROM pipeline_sources WHERE hash = ?13), ?14)
+       RETURNING id, source_hash IS NOT NULL AS kept"#;
 const CLAIM_PAGE: usize = 128;
 
 /// The runs of `q.integration` that are running, plus its claimed items without a run.
@@ -1548,17 +1566,14 @@ impl<B: Backend> RunStore for SqlStore<B> {
         self.backend.schema_version()
     }
 
-    fn create_run(&self, new: &NewRun) -> Result<i64> {
+    fn create_run_kept(&self, new: &NewRun) -> Result<CreatedRun> {
         let started = Utc::now();
         let (pid, pid_start, host) = match new.owner {
-            Owner::Pipe => {
-                let pid = std::process::id();
-                (
-                    Some(i64::from(pid)),
-                    engine::host::process_start(pid),
-                    engine::host::host_identity(),
-                )
-            }
+            Owner::Pipe => (
+                Some(i64::from(std::process::id())),
+                engine::host::own_process_start(),
+                engine::host::host_identity(),
+            ),
             Owner::External => (None, None, None),
         };
         let params_json = json_text(&new.params)?;
@@ -1567,8 +1582,9 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 "a fenced run needs its queue item (NewRun::queue_item)",
             ));
         }
+        let hash = new.source.as_ref().map(|s| source_hash(&s.text));
         let new = new.clone();
-        let id = self.write_grouped(move |tx| {
+        let created = self.write_grouped(move |tx| {
             let values = p![
                 new.pipeline.as_str(),
                 params_json.as_str(),
@@ -1581,9 +1597,11 @@ impl<B: Backend> RunStore for SqlStore<B> {
                 host.as_deref(),
                 new.lease_owner.as_deref(),
                 new.queue_item,
-                new.fence
+                new.fence,
+                hash.as_deref(),
+                new.source.as_ref().map(|s| s.path.as_str())
             ];
-            let (id, linked, touched) = if B::DIALECT == Dialect::Postgres {
+            let (id, linked, touched, source_kept) = if B::DIALECT == Dialect::Postgres {
                 // The run row, its queue item's link and the integration's last run in one
                 // statement (four before): a service starts thousands of runs a minute.
                 let row = tx
@@ -1601,17 +1619,22 @@ impl<B: Backend> RunStore for SqlStore<B> {
                                  WHERE name = ?1
                                  RETURNING 1)
                              SELECT (SELECT id FROM r), (SELECT COUNT(*) FROM q),
-                                    (SELECT COUNT(*) FROM i)"
+                                    (SELECT COUNT(*) FROM i), (SELECT kept FROM r)"
                         ),
                         values,
                     )?
                     .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("INSERT returned no id")))?;
-                (row.int(0)?, row.int(1)? > 0, row.int(2)? > 0)
+                (
+                    row.int(0)?,
+                    row.int(1)? > 0,
+                    row.int(2)? > 0,
+                    row.int(3)? > 0,
+                )
             } else {
-                let id = tx
+                let row = tx
                     .one(INSERT_RUN, values)?
-                    .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("INSERT returned no id")))?
-                    .int(0)?;
+                    .ok_or_else(|| StoreError::Backend(anyhow::anyhow!("INSERT returned no id")))?;
+                let (id, kept) = (row.int(0)?, row.int(1)? > 0);
                 let linked = match new.queue_item {
                     Some(item) => {
                         tx.exec(
@@ -1626,7 +1649,7 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     "UPDATE integrations SET last_run_id = ?1, last_run_at = ?2 WHERE name = ?3",
                     p![id, started, new.pipeline.as_str()],
                 )? > 0;
-                (id, linked, touched)
+                (id, linked, touched, kept)
             };
             if let (Some(item), false) = (new.queue_item, linked) {
                 return Err(StoreError::conflict(match new.fence {
@@ -1648,11 +1671,43 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     p![id, started, new.pipeline.as_str()],
                 )?;
             }
-            Ok(id)
+            Ok(CreatedRun { id, source_kept })
         })?;
-        let dir = self.run_dir(id);
-        fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        Ok(id)
+        // No folder yet: what writes into it (attached files, spilled logs, kept tables)
+        // creates it. Creating one per run cost a busy server more CPU than its queries.
+        Ok(created)
+    }
+
+    fn run_source(&self, run_id: i64) -> Result<Option<RunSource>> {
+        self.read(|tx| {
+            let Some(r) = tx.one(
+                "SELECT s.text, r.source_path FROM runs r
+                 JOIN pipeline_sources s ON s.hash = r.source_hash WHERE r.id = ?1",
+                p![run_id],
+            )?
+            else {
+                return Ok(None);
+            };
+            Ok(Some(RunSource {
+                text: r.text(0)?,
+                path: r.opt_text(1)?.unwrap_or_default(),
+            }))
+        })
+    }
+
+    fn set_run_source(&self, run_id: i64, source: &RunSource) -> Result<()> {
+        let hash = source_hash(&source.text);
+        let source = source.clone();
+        // Grouped: the first runs of a folder of new files each keep theirs at once.
+        self.write_grouped(move |tx| {
+            put_source(tx, &hash, &source.text)?;
+            let n = tx.exec(
+                "UPDATE runs SET source_hash = ?2, source_path = ?3 WHERE id = ?1",
+                p![run_id, hash.as_str(), source.path.as_str()],
+            )?;
+            changed_or_missing(tx, n, "runs", run_id.into(), || format!("run {run_id}"))?;
+            Ok(())
+        })
     }
 
     fn add_log(&self, run_id: i64, rec: &LogRecord) -> Result<()> {

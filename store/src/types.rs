@@ -144,6 +144,27 @@ pub struct NewRun {
     /// ([`crate::HistoryWriter::start_fenced`]) are refused once the run is no longer that
     /// claim's. `None` (a `pipe run`, the embedded service) checks nothing, as before.
     pub fence: Option<i64>,
+    /// The pipeline text the run runs (redacted) and where its file was: the path is
+    /// recorded, the text referenced when the store holds it already (see
+    /// [`crate::RunStore::create_run_kept`]); kept once per distinct text, for a repair on
+    /// any machine.
+    pub source: Option<RunSource>,
+}
+
+/// What [`crate::RunStore::create_run_kept`] recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreatedRun {
+    pub id: i64,
+    /// The run's source text was found in the store and is referenced by the run.
+    pub source_kept: bool,
+}
+
+/// The exact pipeline text a run ran (already redacted) and the absolute path of its file
+/// when the run started (a repair resolves relative paths from there).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunSource {
+    pub text: String,
+    pub path: String,
 }
 
 impl NewRun {
@@ -157,6 +178,7 @@ impl NewRun {
             lease_owner: None,
             queue_item: None,
             fence: None,
+            source: None,
         }
     }
 }

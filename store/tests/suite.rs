@@ -89,6 +89,22 @@ impl Db {
     }
 }
 
+impl Db {
+    /// A raw `SELECT COUNT(*) …`.
+    fn count(&self, sql: &str) -> i64 {
+        match &self.cfg.url {
+            Some(url) => {
+                let mut c = postgres::Client::connect(url, postgres::NoTls).unwrap();
+                c.query_one(sql, &[]).unwrap().get(0)
+            }
+            None => {
+                let c = rusqlite::Connection::open(self.cfg.state_dir.join(DB_FILE)).unwrap();
+                c.query_row(sql, [], |r| r.get(0)).unwrap()
+            }
+        }
+    }
+}
+
 impl Drop for Db {
     fn drop(&mut self) {
         if let Some(name) = &self.pg_name {
@@ -159,6 +175,7 @@ both!(
     fence_counts_the_claims_of_a_requeued_item,
     fenced_writes_of_a_run_taken_away_are_refused,
     workers_register_heartbeat_drain_and_prune,
+    pipeline_texts_are_kept_once_per_text,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -216,7 +233,8 @@ fn runs_logs_round_trip(db: &Db) {
         .unwrap();
     let b = s.create_run(&new_run("stock", Owner::External)).unwrap();
     let c = s.create_run(&new_run("sales", Owner::Pipe)).unwrap();
-    assert!(s.run_dir(a).is_dir());
+    // A run's folder is made by what writes into it (attached files), not by its start.
+    assert!(!s.run_dir(a).exists());
     let sales = s.get_integration("sales").unwrap().unwrap();
     assert_eq!(sales.description.as_deref(), Some("nightly sales"));
     assert_eq!(sales.last_run.as_ref().unwrap().id, c);
@@ -1743,23 +1761,28 @@ fn a_database_one_version_behind_is_migrated(db: &Db) {
     let version = s.schema_version().unwrap();
     let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
     drop(s);
-    // Undo the last migration (the outbox, fences and workers) as an older pipe left it,
-    // with a queued item of that time.
+    // Undo the last two migrations (kept pipeline texts; the outbox, fences and workers)
+    // as an older pipe left it, with a queued item of that time.
     db.raw(&format!(
-        "DROP INDEX queue_outbox; DROP INDEX queue_published; DROP TABLE workers;
+        "DROP TABLE pipeline_sources; ALTER TABLE runs DROP COLUMN source_hash;
+         ALTER TABLE runs DROP COLUMN source_path;
+         DELETE FROM schema_migrations WHERE version = {version};
+         DROP INDEX queue_outbox; DROP INDEX queue_published; DROP TABLE workers;
          ALTER TABLE queue DROP COLUMN published_at; ALTER TABLE queue DROP COLUMN fence;
          ALTER TABLE runs DROP COLUMN fence;
-         DELETE FROM schema_migrations WHERE version = {version};
+         DELETE FROM schema_migrations WHERE version = {};
          INSERT INTO queue(integration, queue, priority, \"trigger\", params, state, enqueued_at)
-         VALUES ('kept', 'default', 0, 'manual', '{{}}', 'queued', '2026-01-01T00:00:00.000Z');"
+         VALUES ('kept', 'default', 0, 'manual', '{{}}', 'queued', '2026-01-01T00:00:00.000Z');",
+        version - 1
     ));
     if db.cfg.url.is_none() {
-        db.raw(&format!("PRAGMA user_version = {};", version - 1));
+        db.raw(&format!("PRAGMA user_version = {};", version - 2));
     }
     let s = db.open();
     assert_eq!(s.schema_version().unwrap(), version);
     assert_eq!(s.run_status(run).unwrap(), Some(Status::Running));
     assert_eq!(s.get_run(run).unwrap().unwrap().run.fence, None);
+    assert_eq!(s.run_source(run).unwrap(), None);
     // The item queued before the outbox existed is found unpublished, never claimed.
     let old = s.unpublished(0).unwrap();
     assert_eq!(old.len(), 1);
@@ -2553,4 +2576,60 @@ fn workers_register_heartbeat_drain_and_prune(db: &Db) {
         .map(|w| w.id)
         .collect();
     assert_eq!(left, vec!["worker-a".to_string()]);
+}
+
+/// A run's text is kept in the store once per distinct text: written at a run's end
+/// (`set_run_source`), referenced at the start of a later run with exactly that text
+/// (`create_run_kept` says so), never written at the start (a run may learn a secret that
+/// is in it); no run folder is made for a run that attaches nothing.
+fn pipeline_texts_are_kept_once_per_text(db: &Db) {
+    let s = db.open();
+    let source = |text: &str| RunSource {
+        text: text.into(),
+        path: "/pipelines/p.yaml".into(),
+    };
+    let with = |text: &str| NewRun {
+        source: Some(source(text)),
+        ..new_run("kept", Owner::Pipe)
+    };
+    let first = s.create_run_kept(&with("pipeline: kept\n")).unwrap();
+    assert!(
+        !first.source_kept,
+        "a text the store never held is not written at the start"
+    );
+    assert_eq!(s.run_source(first.id).unwrap(), None);
+    assert_eq!(db.count("SELECT COUNT(*) FROM pipeline_sources"), 0);
+    assert!(!s.run_dir(first.id).exists(), "the run got a folder");
+    s.set_run_source(first.id, &source("pipeline: kept\n"))
+        .unwrap();
+    assert_eq!(
+        s.run_source(first.id).unwrap(),
+        Some(source("pipeline: kept\n"))
+    );
+    // Later runs of the same text reference it from the start, in this process or another.
+    for store in [s.clone(), db.open()] {
+        for _ in 0..3 {
+            let c = store.create_run_kept(&with("pipeline: kept\n")).unwrap();
+            assert!(c.source_kept);
+            assert_eq!(
+                store.run_source(c.id).unwrap(),
+                Some(source("pipeline: kept\n"))
+            );
+        }
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM pipeline_sources"), 1);
+    // Another text is another row, kept again harmlessly; a run without one has none.
+    let other = s.create_run_kept(&with("pipeline: kept # v2\n")).unwrap();
+    assert!(!other.source_kept);
+    for _ in 0..2 {
+        s.set_run_source(other.id, &source("pipeline: kept # v2\n"))
+            .unwrap();
+    }
+    assert_eq!(db.count("SELECT COUNT(*) FROM pipeline_sources"), 2);
+    let none = s.create_run(&new_run("kept", Owner::Pipe)).unwrap();
+    assert_eq!(s.run_source(none).unwrap(), None);
+    assert!(matches!(
+        s.set_run_source(9999, &source("x")),
+        Err(StoreError::NotFound(_))
+    ));
 }
