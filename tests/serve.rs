@@ -849,3 +849,34 @@ fn sigterm_while_the_store_does_not_answer_stops_cleanly() {
         );
     }
 }
+
+/// A disabled integration shows no next run (not the instant planned before it was
+/// disabled); enabled again, it shows the next one from now.
+#[test]
+fn a_disabled_integration_has_no_next_run_until_enabled() {
+    let env = Env::new();
+    pipeline(&env, "daily", "{ cron: \"0 3 * * *\" }", LOG_STEP);
+    let mut server = Server::start(&env, "serve", &["pipelines"]);
+    // Null also while the server has not loaded it yet.
+    let next = |env: &Env| {
+        let out = env.run(&["integrations", "show", "daily", "--format", "json"]);
+        if out.code() != 0 {
+            return Value::Null;
+        }
+        out.json()["next_run_at"].clone()
+    };
+    let planned = wait_for("a next run", &server, || {
+        Some(next(&env)).filter(|v| !v.is_null())
+    });
+    env.run(&["integrations", "disable", "daily"])
+        .expect_code(0);
+    assert!(next(&env).is_null(), "{}", next(&env));
+    let text = env.run(&["integrations", "show", "daily"]);
+    assert!(!text.stdout().contains("next run"), "{}", text.stdout());
+    env.run(&["integrations", "enable", "daily"]).expect_code(0);
+    let again = wait_for("a next run after enabling", &server, || {
+        Some(next(&env)).filter(|v| !v.is_null())
+    });
+    assert_eq!(again, planned, "the same 03:00 comes next");
+    assert_eq!(server.stop(), 0, "{}", server.output());
+}

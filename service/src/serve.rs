@@ -375,6 +375,10 @@ async fn schedule_loop(shared: Arc<Shared>) {
     let mut next_due: HashMap<String, (String, DateTime<Utc>)> = HashMap::new();
     let mut leading = false;
     let mut last_lead_check: Option<std::time::Instant> = None;
+    // The store's integrations version when the cache was filled: an integration enabled
+    // or disabled (here or by any process) is planned again at once, so its next run is
+    // right away what `integrations show` says, not at its previously planned instant.
+    let mut seen_version: Option<i64> = None;
     loop {
         if shared.stopping.is_cancelled() {
             return;
@@ -406,6 +410,14 @@ async fn schedule_loop(shared: Arc<Shared>) {
         }
         let mut wake = Utc::now() + chrono::Duration::from_std(SCHEDULER_WAKE).unwrap();
         if leading {
+            match blocking(&shared.store, |s| s.integrations_version()).await {
+                Ok(v) if seen_version != Some(v) => {
+                    next_due.clear();
+                    seen_version = Some(v);
+                }
+                Ok(_) => {}
+                Err(e) => log(format!("scheduler: {e:#}")),
+            }
             match plan_round(&shared, &mut next_due).await {
                 Ok(Some(next)) => wake = wake.min(next),
                 Ok(None) => {}

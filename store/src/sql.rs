@@ -2083,8 +2083,10 @@ impl<B: Backend> RunStore for SqlStore<B> {
                     p![name, now],
                 )?;
             } else {
+                // A disabled integration has no next run (the planner writes one again
+                // when it is enabled).
                 tx.exec(
-                    "UPDATE integrations SET enabled = 0 WHERE name = ?1",
+                    "UPDATE integrations SET enabled = 0, next_run_at = NULL WHERE name = ?1",
                     p![name],
                 )?;
             }
