@@ -189,3 +189,23 @@ fn a_run_in_postgres_is_repaired_from_another_state_dir() {
         "the kept text's relative paths resolved from where the run's file was"
     );
 }
+
+/// A run whose pipeline text was never kept (here an outside script's run) cannot be
+/// repaired, and the error says why and what to do instead.
+#[test]
+fn a_run_without_a_kept_pipeline_says_to_run_it_again() {
+    let env = Env::new();
+    let started = env.run(&["runs", "start", "--pipeline", "script"]);
+    started.expect_code(0);
+    let id = started.stdout().trim().to_string();
+    env.run(&["runs", "finish", &id, "--status", "failed"])
+        .expect_code(0);
+    let out = env.run(&["runs", "repair", &id]);
+    out.expect_code(2);
+    assert!(
+        out.stderr().contains("no copy of its pipeline was kept")
+            && out.stderr().contains("run the pipeline again instead"),
+        "{}",
+        out.stderr()
+    );
+}

@@ -28,8 +28,9 @@ pub enum RepairError {
     NoRun(i64),
     StillRunning(i64),
     NothingToRepair(i64, Status),
-    /// Neither the store nor the run folder keeps the text of its pipeline (a run
-    /// recorded before repairs existed, or an external run).
+    /// Neither the store nor the run folder keeps the text of its pipeline (an external
+    /// run, one recorded before repairs existed, or one killed before its end whose text
+    /// the store never held).
     NoSnapshot(i64),
     /// The snapshot no longer validates (a step type was removed since, say).
     Invalid(String),
@@ -49,7 +50,7 @@ impl std::fmt::Display for RepairError {
             }
             RepairError::NoSnapshot(id) => write!(
                 f,
-                "run {id} cannot be repaired: no copy of its pipeline was kept (an external run, or one recorded before repairs existed); run the pipeline again instead"
+                "run {id} cannot be repaired: no copy of its pipeline was kept (an external run, one recorded before repairs existed, or the first run of a new file that ended before it could keep it); run the pipeline again instead (`pipe run FILE`, or `pipe trigger NAME` on the service)"
             ),
             RepairError::Invalid(e) => write!(f, "{e}"),
             RepairError::Store(e) => write!(f, "run history: {e}"),

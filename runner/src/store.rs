@@ -58,9 +58,9 @@ pub(crate) fn run_source(plan: &Plan, text: &str) -> store::RunSource {
     }
 }
 
-/// Keep the final text of a run (redacted with everything it masked) unless the store
-/// already had exactly this text for it at the start. Best effort: without it, a repair
-/// says the text is missing. Blocking.
+/// Keep the final text of a run (redacted with everything it masked); the caller skips it
+/// when the store already had exactly this text for the run at its start. Best effort:
+/// without it, a repair says the text is missing. Blocking.
 pub(crate) fn keep_pipeline_text(store: &dyn RunStore, run_id: i64, plan: &Plan, text: &str) {
     let _ = store.set_run_source(run_id, &run_source(plan, text));
 }

@@ -72,7 +72,7 @@ impl LeaseOwner {
             host: host_label(),
             pid,
             host_identity: engine::host::host_identity(),
-            pid_start: engine::host::process_start(pid),
+            pid_start: engine::host::own_process_start(),
         }
     }
 

@@ -203,7 +203,8 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     /// previously loaded version stays recorded.
     fn set_load_error(&self, name: &str, error: Option<&str>, now: DateTime<Utc>) -> Result<()>;
     /// Enable or disable; disabling clears the next run, re-enabling records `now` as the
-    /// resume instant, from which the schedule restarts. Returns whether the flag changed. Creates the row when missing.
+    /// resume instant, from which the schedule restarts. Returns whether the flag changed.
+    /// Creates the row when missing.
     fn set_enabled(&self, name: &str, enabled: bool, now: DateTime<Utc>) -> Result<bool>;
     /// Whether the integration may run (true when it has no row yet).
     fn is_enabled(&self, name: &str) -> Result<bool>;

@@ -461,6 +461,18 @@ fn owner_lease(tx: &mut dyn Tx, id: &str) -> Result<Option<StoredLease>> {
     .transpose()
 }
 
+/// A new run's row (`?1`…`?14`: pipeline, params, trigger, started, logical date, pid, pid
+/// start, owner, host, lease owner, queue item, fence, source hash, source path; the hash
+/// is referenced only when `pipeline_sources` holds it), returning its id and whether the
+/// hash was.
+const INSERT_RUN: &str = r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at,
+                       logical_date, pid, pid_start, owner, host, attempt,
+                       lease_owner, queue_item, fence, source_hash, source_path)
+       VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11,
+               COALESCE(?12, (SELECT fence FROM queue WHERE id = ?11)),
+               (SELECT hash FROM pipeline_sources WHERE hash = ?13), ?14)
+       RETURNING id, source_hash IS NOT NULL AS kept"#;
+
 fn ensure_integration(tx: &mut dyn Tx, name: &str) -> Result<()> {
     let created = tx.exec(
         "INSERT INTO integrations(name) VALUES (?1) ON CONFLICT(name) DO NOTHING",
@@ -1440,18 +1452,6 @@ fn take_item(
 
 /// Queued items a claim reads first, in claim order, and then at a time.
 const CLAIM_FIRST_PAGE: usize = 1;
-
-/// A new run's row (`?1`…`?14`: pipeline, params, trigger, started, logical date, pid, pid
-/// start, owner, host, lease owner, queue item, fence, source hash, source path; the hash
-/// is referenced only when `pipeline_sources` holds it), returning its id and whether the
-/// hash was.
-const INSERT_RUN: &str = r#"INSERT INTO runs(pipeline, params, "trigger", status, started_at,
-                       logical_date, pid, pid_start, owner, host, attempt,
-                       lease_owner, queue_item, fence, source_hash, source_path)
-       VALUES (?1, ?2, ?3, 'running', ?4, ?5, ?6, ?7, ?8, ?9, 1, ?10, ?11,
-               COALESCE(?12, (SELECT fence FROM queue WHERE id = ?11)),
-               (SELECT hash FROM pipeline_sources WHERE hash = ?13), ?14)
-       RETURNING id, source_hash IS NOT NULL AS kept"#;
 const CLAIM_PAGE: usize = 128;
 
 /// The runs of `q.integration` that are running, plus its claimed items without a run.
