@@ -229,6 +229,51 @@ CREATE TABLE pipeline_sources (
 ALTER TABLE runs ADD COLUMN source_hash TEXT;
 ALTER TABLE runs ADD COLUMN source_path TEXT;
 "#,
+    // The API's users, machine tokens and settings, stored credentials, and the audit
+    // trail of every change to them (issue 12).
+    r#"
+CREATE TABLE users (
+    name          TEXT PRIMARY KEY,
+    password_hash TEXT NOT NULL,
+    role          TEXT NOT NULL,
+    created_at    TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    disabled_at   TEXT
+);
+CREATE TABLE api_tokens (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT NOT NULL,
+    token_hash   TEXT NOT NULL UNIQUE,
+    role         TEXT NOT NULL,
+    created_by   TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    last_used_at TEXT,
+    revoked_at   TEXT
+);
+CREATE TABLE settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE credentials (
+    name       TEXT PRIMARY KEY,
+    type       TEXT NOT NULL,
+    public     TEXT NOT NULL DEFAULT '{}',
+    sealed     TEXT NOT NULL,
+    key_id     TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    updated_by TEXT NOT NULL
+);
+CREATE TABLE audit (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    time   TEXT NOT NULL,
+    actor  TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX audit_by_target ON audit(target, id);
+"#,
 ];
 
 pub(crate) type SqliteStore = SqlStore<SqliteBackend>;
