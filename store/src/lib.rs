@@ -21,6 +21,8 @@
 //! Time is always passed in (`now`) where a decision depends on it (leases, claims, ticks),
 //! so tests need no sleeps and two servers agree on what their callers saw.
 
+mod accounts;
+mod credentials;
 mod error;
 mod group;
 mod lease;
@@ -30,6 +32,8 @@ mod sqlite;
 mod types;
 mod writer;
 
+pub use accounts::*;
+pub use credentials::*;
 pub use error::{Result, StoreError};
 pub use lease::{host_label, lease_period, LeaseKeeper, LeaseOwner, LEASE_SECONDS_VAR};
 pub use types::*;
@@ -385,4 +389,11 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     fn request_drain(&self, id: &str, now: DateTime<Utc>) -> Result<bool>;
     /// The worker stopped (cleanly). `NotFound` for an unknown id.
     fn worker_stopped(&self, id: &str, now: DateTime<Utc>) -> Result<()>;
+
+    // --- the API's users and tokens, and stored credentials (issue 12) ---
+
+    /// Users, machine tokens, settings and the audit trail ([`AccountStore`]).
+    fn accounts(&self) -> &dyn AccountStore;
+    /// Stored credentials, their private part sealed ([`CredentialStore`]).
+    fn credentials(&self) -> &dyn CredentialStore;
 }

@@ -80,6 +80,7 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 macro_rules! p {
     ($($v:expr),* $(,)?) => { &[$(Value::from($v)),*][..] };
 }
+pub(crate) use p;
 
 /// One result row.
 pub(crate) struct Row(pub Vec<Value>);
@@ -1176,10 +1177,13 @@ fn record_ticks_multi_row(
 }
 
 impl<B: Backend> SqlStore<B> {
-    fn write<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
+    pub(crate) fn write<T: Send>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send,
+    ) -> Result<T> {
         self.backend.write(&mut f)
     }
-    fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
+    pub(crate) fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
         self.backend.read(&mut f)
     }
     /// A write that may share its commit with other threads' ([`crate::group`]).
@@ -3001,5 +3005,13 @@ impl<B: Backend> RunStore for SqlStore<B> {
             }
             Ok(())
         })
+    }
+
+    fn accounts(&self) -> &dyn crate::AccountStore {
+        self
+    }
+
+    fn credentials(&self) -> &dyn crate::CredentialStore {
+        self
     }
 }
