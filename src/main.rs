@@ -53,6 +53,12 @@ enum Command {
     Trigger(cli::integrations::TriggerArgs),
     /// Queue one run per scheduled tick of a past range; `backfill list`, `backfill cancel ID`.
     Backfill(cli::integrations::BackfillArgs),
+    /// The REST API's users: add, passwd, role, disable, enable, delete, list.
+    #[command(subcommand)]
+    Users(cli::users::UsersCommand),
+    /// The REST API's machine tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Tokens(cli::users::TokensCommand),
     /// Local fakes of the external services (`pipe sandbox serve`).
     Sandbox {
         #[command(subcommand)]
@@ -106,6 +112,8 @@ fn main() {
         Command::Integrations(cmd) => cli::integrations::integrations_main(cmd, &store_config),
         Command::Trigger(args) => cli::integrations::trigger_main(args, &store_config),
         Command::Backfill(args) => cli::integrations::backfill_main(args, &store_config),
+        Command::Users(cmd) => cli::users::users_main(cmd, &store_config),
+        Command::Tokens(cmd) => cli::users::tokens_main(cmd, &store_config),
     };
     std::process::exit(code);
 }

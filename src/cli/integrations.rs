@@ -72,13 +72,7 @@ pub enum BackfillCommand {
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::{DateTime, NaiveDate, Utc};
 use std::sync::Arc;
-use store::{Enqueue, NewBackfill, QueueFilter, QueueState, RunStore, Trigger};
-
-/// How far below the integration's priority backfill runs are queued: scheduled runs (and
-/// manual triggers) of any integration with a priority within this distance go first.
-pub const BACKFILL_PRIORITY_DROP: i64 = 1000;
-/// The most runs one backfill may queue.
-pub const MAX_BACKFILL_RUNS: usize = 10_000;
+use store::{Enqueue, RunStore, Trigger};
 
 fn finish(result: Result<i32>) -> i32 {
     match result {
@@ -159,28 +153,15 @@ fn typed_params(
     plan: &engine::plan::Plan,
     given: &[String],
 ) -> Result<serde_json::Map<String, serde_json::Value>> {
-    let mut out = serde_json::Map::new();
+    let mut pairs = Vec::new();
     for item in given {
         let Some((name, text)) = item.split_once('=') else {
             bail!("--param expects NAME=VALUE, got `{item}`");
         };
-        let Some(spec) = plan.params.get(name) else {
-            let known: Vec<&str> = plan.params.keys().map(String::as_str).collect();
-            bail!(
-                "unknown param `{name}` of `{}` (it declares: {})",
-                plan.name,
-                if known.is_empty() {
-                    "none".into()
-                } else {
-                    known.join(", ")
-                }
-            );
-        };
-        let v =
-            engine::params::parse_cli(spec, text).map_err(|e| anyhow!("param `{name}`: {e}"))?;
-        out.insert(name.to_string(), v);
+        pairs.push((name, serde_json::Value::String(text.to_string())));
     }
-    Ok(out)
+    server::ops::typed_params(plan, pairs.iter().map(|(n, v)| (*n, v)), false)
+        .map_err(|e| anyhow!(e.message))
 }
 
 /// Is a `pipe serve` alive on this store (a live lease of a `serve` owner)?
@@ -453,25 +434,7 @@ pub fn backfill_main(args: BackfillArgs, cfg: &store::StoreConfig) -> i32 {
                 Ok(0)
             }
             Some(BackfillCommand::Cancel { id }) => {
-                if !store.list_backfills(None)?.iter().any(|b| b.id == id) {
-                    bail!("backfill {id} not found");
-                }
-                let running: Vec<i64> = store
-                    .list_queue(&QueueFilter {
-                        backfill_id: Some(id),
-                        state: Some(QueueState::Claimed),
-                        ..Default::default()
-                    })?
-                    .into_iter()
-                    .filter_map(|q| q.run_id)
-                    .collect();
-                let n = store.cancel_backfill(id, Utc::now())?;
-                let mut cancelled = 0;
-                for run in running {
-                    if store.request_cancel(run, Utc::now())? {
-                        cancelled += 1;
-                    }
-                }
+                let (n, cancelled) = server::ops::cancel_backfill(store.as_ref(), id)?;
                 println!("backfill {id} cancelled: {n} queued run(s) removed, {cancelled} running run(s) asked to cancel");
                 Ok(0)
             }
@@ -496,47 +459,19 @@ pub fn backfill_main(args: BackfillArgs, cfg: &store::StoreConfig) -> i32 {
                     true,
                     "--to",
                 )?;
-                if to < from {
-                    bail!("--to ({}) is before --from ({})", time(to), time(from));
-                }
                 if args.max_parallel == 0 {
                     bail!("--max-parallel must be at least 1");
                 }
-                let ticks = scheduler::ticks_between(
-                    &spec,
-                    from - chrono::Duration::seconds(1),
+                let ticks = server::ops::backfill_ticks(&name, &spec, from, to)
+                    .map_err(|e| anyhow!(e.replace("`to`", "--to").replace("`from`", "--from")))?;
+                let id = server::ops::queue_backfill(
+                    store.as_ref(),
+                    &i,
+                    from,
                     to,
-                    MAX_BACKFILL_RUNS + 1,
-                );
-                if ticks.is_empty() {
-                    bail!(
-                        "the schedule of `{name}` ({}) has no tick between {} and {}",
-                        spec.describe(),
-                        time(from),
-                        time(to)
-                    );
-                }
-                if ticks.len() > MAX_BACKFILL_RUNS {
-                    bail!("more than {MAX_BACKFILL_RUNS} ticks between {} and {}: backfill a shorter range at a time", time(from), time(to));
-                }
-                let id = store.create_backfill(
-                    &NewBackfill {
-                        integration: name.clone(),
-                        from,
-                        to,
-                        max_parallel: Some(args.max_parallel),
-                    },
-                    Utc::now(),
+                    &ticks,
+                    args.max_parallel,
                 )?;
-                for t in &ticks {
-                    let mut e = Enqueue::new(&name, Trigger::Backfill);
-                    e.queue = i.queue.clone();
-                    e.priority = i.priority - BACKFILL_PRIORITY_DROP;
-                    e.logical_date = Some(*t);
-                    e.backfill_id = Some(id);
-                    e.dedup_key = Some(format!("backfill:{id}:{name}@{}", time(*t)));
-                    store.enqueue(&e, Utc::now())?;
-                }
                 match args.format {
                     Format::Json => json(&serde_json::json!({
                         "id": id, "integration": name, "runs": ticks.len(),

@@ -9,6 +9,7 @@ pub mod sandbox;
 pub mod schedule;
 pub mod schema;
 pub mod serve;
+pub mod users;
 pub mod validate;
 pub mod worker;
 

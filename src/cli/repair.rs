@@ -112,14 +112,7 @@ fn queue_repair(store: &dyn store::RunStore, repair: &runner::repair::Repair, id
             "integration `{pipeline}` is disabled; nothing is queued (`pipe integrations enable {pipeline}` first)"
         ));
     }
-    let mut e = store::Enqueue::new(pipeline, store::Trigger::Repair);
-    e.run_id = Some(id);
-    e.logical_date = repair.run.run.logical_date;
-    e.dedup_key = Some(format!("repair:{id}"));
-    if let Some(i) = &integration {
-        e.queue = i.queue.clone();
-        e.priority = i.priority;
-    }
+    let e = server::ops::repair_item(&repair.run.run, integration.as_ref());
     match store.enqueue(&e, chrono::Utc::now()) {
         Ok(q) => {
             println!(

@@ -20,6 +20,144 @@ pub struct ServeArgs {
     /// (their teardown steps still run).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// The REST API and the dashboard.
+#[derive(clap::Args, Debug)]
+pub struct ApiArgs {
+    /// Serve the REST API (`/api/v1/`, docs at `/api/v1/docs/`) and the dashboard (`/`) on
+    /// this address (`127.0.0.1:8080`; port 0 picks a free one, logged at start).
+    #[arg(long, env = "PIPE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Create this admin user at start when the store has no user yet; the password is
+    /// read from PIPE_INIT_ADMIN_PASSWORD or --init-admin-password-file (never from the
+    /// command line).
+    #[arg(
+        long,
+        env = "PIPE_INIT_ADMIN",
+        value_name = "NAME",
+        requires = "listen"
+    )]
+    pub init_admin: Option<String>,
+    /// A file holding the first admin's password (its first line).
+    #[arg(long, value_name = "FILE", requires = "init_admin")]
+    pub init_admin_password_file: Option<PathBuf>,
+}
+
+/// The variable holding the first admin's password.
+pub const INIT_ADMIN_PASSWORD_VAR: &str = "PIPE_INIT_ADMIN_PASSWORD";
+
+impl ApiArgs {
+    /// The first admin's name and password, when asked for (an error when the password
+    /// is missing).
+    fn init_admin(&self) -> Result<Option<(String, String)>, String> {
+        let Some(name) = &self.init_admin else {
+            return Ok(None);
+        };
+        let password = match &self.init_admin_password_file {
+            Some(f) => std::fs::read_to_string(f)
+                .map_err(|e| format!("--init-admin-password-file {}: {e}", f.display()))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            None => std::env::var(INIT_ADMIN_PASSWORD_VAR).map_err(|_| {
+                format!("--init-admin {name}: set {INIT_ADMIN_PASSWORD_VAR} or give --init-admin-password-file")
+            })?,
+        };
+        server::auth::check_password(&password)
+            .map_err(|p| format!("--init-admin {name}: {}", p.detail))?;
+        Ok(Some((name.clone(), password)))
+    }
+}
+
+/// Bind the API's address and serve it beside the service until `shutdown`.
+async fn start_api(
+    listen: std::net::SocketAddr,
+    init_admin: Option<(String, String)>,
+    store: Arc<dyn store::RunStore>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr()?;
+    if let Some((name, password)) = init_admin {
+        let store = store.clone();
+        let made = tokio::task::spawn_blocking(move || -> anyhow::Result<bool> {
+            if !store.accounts().list_users()?.is_empty() {
+                return Ok(false);
+            }
+            let hash = server::auth::hash_password(&password)?;
+            store.accounts().add_user(
+                &name,
+                &hash,
+                store::Role::Admin,
+                "cli:serve --init-admin",
+                chrono::Utc::now(),
+            )?;
+            Ok(true)
+        })
+        .await??;
+        service::serve::log(if made {
+            "created the first admin user (--init-admin)".to_string()
+        } else {
+            "--init-admin: the store has users already; none was created".to_string()
+        });
+    }
+    let config = server::ServerConfig {
+        store,
+        registry: Arc::new(super::registry()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        repairs: Some(Arc::new(RunnerRepairs(Arc::new(super::registry())))),
+    };
+    let state = server::AppState::new(config, shutdown.clone()).await?;
+    service::serve::log(format!(
+        "API on http://{addr}/api/v1/ (docs: http://{addr}/api/v1/docs/)"
+    ));
+    let app = server::app(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+        {
+            service::serve::log(format!("the API stopped: {e}"));
+        }
+    }))
+}
+
+/// Repairs planned by the runner, for `POST /api/v1/runs/{id}/repair`.
+struct RunnerRepairs(Arc<engine::step::Registry>);
+
+impl server::api::runs::RepairPlanner for RunnerRepairs {
+    fn plan(
+        &self,
+        store: &dyn store::RunStore,
+        id: i64,
+    ) -> server::problem::ApiResult<server::api::runs::RepairPlan> {
+        use runner::repair::RepairError;
+        use server::problem::Problem;
+        let r = runner::repair::plan_repair(store, &self.0, id).map_err(|e| match e {
+            RepairError::NoRun(_) => Problem::not_found(e.to_string()),
+            RepairError::Store(_) => Problem::unavailable(e.to_string()),
+            _ => Problem::conflict(e.to_string()),
+        })?;
+        let mut reuse: Vec<String> = r.reuse.keys().cloned().collect();
+        reuse.sort();
+        Ok(server::api::runs::RepairPlan {
+            rerun: r
+                .rerun
+                .iter()
+                .map(|(step, why)| server::api::runs::RerunStep {
+                    step: step.clone(),
+                    why: why.to_string(),
+                })
+                .collect(),
+            reuse,
+        })
+    }
 }
 
 /// Where RabbitMQ is, shared by `pipe serve` and `pipe worker`.
@@ -62,7 +200,18 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
         return 2;
     }
     let broker = args.broker.config();
+    let init_admin = match args.api.init_admin() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return 2;
+        }
+    };
+    let listen = args.api.listen;
     run_until_signalled(cfg, move |store, shutdown, hurry| {
+        let api_store = store.clone();
+        // Its own token: the API keeps answering while the runs drain, and stops after.
+        let api_shutdown = CancellationToken::new();
         let config = service::ServeConfig {
             dir: args.dir,
             workers: args.workers,
@@ -76,7 +225,21 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
             )),
             hurry,
         };
-        async move { service::Service::run(config, shutdown).await.map(drop) }
+        async move {
+            let api = match listen {
+                Some(addr) => {
+                    Some(start_api(addr, init_admin, api_store, api_shutdown.clone()).await?)
+                }
+                None => None,
+            };
+            let served = service::Service::run(config, shutdown).await.map(drop);
+            // The service drained; the API stops with it (its streams end).
+            api_shutdown.cancel();
+            if let Some(api) = api {
+                let _ = api.await;
+            }
+            served
+        }
     })
 }
 

@@ -176,10 +176,19 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     fn find_runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>>;
     /// A run with its step rows (every attempt) and log count.
     fn get_run(&self, id: i64) -> Result<Option<RunDetail>>;
+    /// The step rows (every attempt) of these runs (at most 1,000 of them), by run id:
+    /// what changed in many runs, in one statement.
+    fn steps_of_runs(&self, ids: &[i64]) -> Result<Vec<(i64, StepRow)>>;
+    /// How many runs there are in each status.
+    fn run_counts(&self) -> Result<Vec<(Status, u64)>>;
     /// A run's current status (cheaper than `get_run`, for polling).
     fn run_status(&self, id: i64) -> Result<Option<Status>>;
     /// The run's log rows with an id above `after_id` (0 for all), oldest first.
-    fn logs(&self, id: i64, after_id: i64) -> Result<Vec<LogRow>>;
+    fn logs(&self, id: i64, after_id: i64) -> Result<Vec<LogRow>> {
+        self.logs_page(id, after_id, 0)
+    }
+    /// At most `limit` (0: all) of the run's log rows after `after_id`, oldest first.
+    fn logs_page(&self, id: i64, after_id: i64, limit: usize) -> Result<Vec<LogRow>>;
     /// The rows handled by steps of type `kind` in `pipeline`'s runs that finished at or
     /// after `since` (a connector's "records in the last hour").
     fn rows_since(&self, pipeline: &str, kind: &str, since: DateTime<Utc>) -> Result<u64>;

@@ -78,7 +78,7 @@ impl<T: Into<Value>> From<Option<T>> for Value {
 }
 
 macro_rules! p {
-    ($($v:expr),* $(,)?) => { &[$(Value::from($v)),*][..] };
+    ($($v:expr),* $(,)?) => { &[$($crate::sql::Value::from($v)),*][..] };
 }
 pub(crate) use p;
 
@@ -1183,7 +1183,10 @@ impl<B: Backend> SqlStore<B> {
     ) -> Result<T> {
         self.backend.write(&mut f)
     }
-    pub(crate) fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
+    pub(crate) fn read<T: Send>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send,
+    ) -> Result<T> {
         self.backend.read(&mut f)
     }
     /// A write that may share its commit with other threads' ([`crate::group`]).
@@ -1835,9 +1838,52 @@ impl<B: Backend> RunStore for SqlStore<B> {
         if let Some(b) = filter.before_id {
             add("id <", b.into(), &mut params);
         }
+        if let Some(t) = filter.since {
+            add("started_at >=", t.into(), &mut params);
+        }
+        if let Some(t) = filter.until {
+            add("started_at <", t.into(), &mut params);
+        }
         params.push(limit_value(filter.limit).into());
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", params.len()));
         self.read(|tx| tx.query(&sql, &params)?.iter().map(run_row).collect())
+    }
+
+    fn steps_of_runs(&self, ids: &[i64]) -> Result<Vec<(i64, StepRow)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<i64> = ids.iter().copied().take(1000).collect();
+        let list = ids
+            .iter()
+            .map(i64::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Integers only, formatted here: no text reaches the statement.
+        self.read(|tx| {
+            tx.query(
+                &format!(
+                    "SELECT run_id, {STEP_COLUMNS} FROM step_runs WHERE run_id IN ({list})
+                     ORDER BY run_id, run_attempt, id"
+                ),
+                p![],
+            )?
+            .into_iter()
+            .map(|r| {
+                let run = r.int(0)?;
+                Ok((run, step_row(&Row(r.0[1..].to_vec()))?))
+            })
+            .collect()
+        })
+    }
+
+    fn run_counts(&self) -> Result<Vec<(Status, u64)>> {
+        self.read(|tx| {
+            tx.query("SELECT status, COUNT(*) FROM runs GROUP BY status", p![])?
+                .iter()
+                .map(|r| Ok((r.parsed(0)?, r.opt_u64(1)?.unwrap_or(0))))
+                .collect()
+        })
     }
 
     fn get_run(&self, id: i64) -> Result<Option<RunDetail>> {
@@ -1882,12 +1928,12 @@ impl<B: Backend> RunStore for SqlStore<B> {
         })
     }
 
-    fn logs(&self, id: i64, after_id: i64) -> Result<Vec<LogRow>> {
+    fn logs_page(&self, id: i64, after_id: i64, limit: usize) -> Result<Vec<LogRow>> {
         self.read(|tx| {
             tx.query(
                 "SELECT id, time, level, step, message, description, file
-                 FROM logs WHERE run_id = ?1 AND id > ?2 ORDER BY id",
-                p![id, after_id],
+                 FROM logs WHERE run_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                p![id, after_id, limit_value(limit)],
             )?
             .iter()
             .map(|r| {

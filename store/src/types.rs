@@ -13,6 +13,7 @@ macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? } $what:literal) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[serde(rename_all = "lowercase")]
         pub enum $name {
             $($(#[$vmeta])* $variant),+
@@ -185,6 +186,7 @@ impl NewRun {
 
 /// One row of `pipe runs list`.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunRow {
     pub id: i64,
     pub pipeline: String,
@@ -213,6 +215,7 @@ pub struct RunRow {
 
 /// One step of one attempt of a run.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepRow {
     pub step: String,
     /// The run attempt this row belongs to (1 unless repaired).
@@ -232,6 +235,7 @@ pub struct StepRow {
 
 /// A run with its step rows (every attempt, in the order they started) and log count.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunDetail {
     #[serde(flatten)]
     pub run: RunRow,
@@ -257,6 +261,7 @@ impl RunDetail {
 
 /// One log row.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogRow {
     pub id: i64,
     pub time: DateTime<Utc>,
@@ -276,6 +281,10 @@ pub struct RunFilter {
     pub trigger: Option<Trigger>,
     /// Only runs with an id below this (paging).
     pub before_id: Option<i64>,
+    /// Only runs started at or after this.
+    pub since: Option<DateTime<Utc>>,
+    /// Only runs started before this.
+    pub until: Option<DateTime<Utc>>,
     /// 0 for all.
     pub limit: usize,
 }
@@ -324,6 +333,7 @@ pub const DEFAULT_QUEUE: &str = "default";
 
 /// The last run of an integration, as its row shows it.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LastRun {
     pub id: i64,
     pub status: Status,
@@ -334,6 +344,7 @@ pub struct LastRun {
 
 /// An integration: what the file said when last loaded and what the store knows.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Integration {
     pub name: String,
     pub description: Option<String>,
@@ -404,6 +415,7 @@ impl TickBatch {
 
 /// An integration's counts ([`crate::RunStore::integration_counts`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IntegrationCounts {
     /// Running runs plus claimed items without a run yet.
     pub active: u64,
@@ -423,6 +435,7 @@ pub struct TickOutcome {
 
 /// A recorded tick.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TickRow {
     pub integration: String,
     pub scheduled_at: DateTime<Utc>,
@@ -477,6 +490,7 @@ pub struct Enqueued {
 
 /// A queue item.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueItem {
     pub id: i64,
     pub integration: String,
@@ -543,6 +557,7 @@ pub struct NewBackfill {
 
 /// A recorded backfill with its items' counts.
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Backfill {
     pub id: i64,
     pub integration: String,
@@ -650,6 +665,7 @@ string_enum! {
 
 /// A worker as stored ([`crate::RunStore::list_workers`]).
 #[derive(Debug, Clone, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerRow {
     pub id: String,
     pub host: String,
