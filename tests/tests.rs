@@ -3,6 +3,7 @@
 
 mod util;
 
+mod api;
 mod carol;
 mod cli;
 mod cluster;

@@ -250,17 +250,19 @@ pub async fn stream_logs(
 fn async_stream(
     state: AppState,
     id: i64,
-    mut after: i64,
+    after: i64,
     stop: tokio_util::sync::CancellationToken,
 ) -> impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>> {
+    // Everything that changes between events is in the state (the closure's captures are
+    // copied into each future).
     futures_util::stream::unfold(
-        (state, Vec::<Event>::new(), false),
-        move |(state, mut pending, mut ended)| {
+        (state, Vec::<Event>::new(), false, after),
+        move |(state, mut pending, mut ended, mut after)| {
             let stop = stop.clone();
             async move {
                 loop {
                     if let Some(e) = pending.pop() {
-                        return Some((Ok(e), (state, pending, ended)));
+                        return Some((Ok(e), (state, pending, ended, after)));
                     }
                     if ended || stop.is_cancelled() {
                         return None;
