@@ -878,3 +878,46 @@ fn the_checked_in_openapi_document_matches_and_the_docs_need_no_cdn() {
         .unwrap();
     assert!(init.contains("/api/v1/schema/"), "{init}");
 }
+
+/// schemathesis (PyPI, pinned in tests/python/requirements.txt) generates requests from the
+/// served OpenAPI document, with an admin's token, a bounded number per operation: no answer
+/// is a 5xx, and every answer's status, content type and body match the document. The
+/// streams are left out (they do not end).
+#[test]
+fn schemathesis_finds_no_server_error_and_every_answer_matches_the_document() {
+    let env = Env::new();
+    let api = Api::start(&env, None);
+    let t = tokens(&api);
+    a_finished_run(&api, &t);
+    let python = crate::fidelity::python();
+    let st = python.with_file_name("schemathesis");
+    let out = std::process::Command::new(&st)
+        .args([
+            "run",
+            &format!("{}/api/v1/schema/", api.base),
+            "-H",
+            &format!("Authorization: Bearer {}", t.admin),
+            "--max-examples",
+            "15",
+            "--checks",
+            "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance",
+            "--exclude-path-regex",
+            "stream|events",
+            "--generation-deterministic",
+            "--request-timeout",
+            "20",
+            "--no-color",
+        ])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", st.display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{text}");
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    assert!(text.contains("generated"), "{text}");
+    assert_eq!(api.server.output().matches("panicked").count(), 0);
+}

@@ -18,7 +18,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// The venv's interpreter, or a failure that says how to get one.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     match std::env::var_os("PIPE_TEST_PYTHON").filter(|p| !p.is_empty()) {
         Some(p) => {
             let p = PathBuf::from(p);

@@ -149,7 +149,7 @@ impl AppState {
 
 /// The whole application: API, docs, health, metrics (and the dashboard, at `/`).
 pub fn app(state: AppState) -> Router {
-    let (api, openapi) = api::router().split_for_parts();
+    let (api, openapi) = api::parts();
     Router::new()
         .merge(api)
         .merge(docs::router(openapi))
@@ -190,7 +190,7 @@ async fn security_headers(mut resp: axum::response::Response) -> axum::response:
 
 /// The OpenAPI document, as `/api/v1/schema/` serves it (for the checked-in copy).
 pub fn openapi_json() -> String {
-    let (_, openapi) = api::router().split_for_parts();
+    let (_, openapi) = api::parts();
     openapi.to_pretty_json().unwrap_or_default()
 }
 

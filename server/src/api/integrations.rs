@@ -63,10 +63,27 @@ pub async fn list_integrations(
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ParamInfo {
     pub name: String,
-    #[serde(flatten)]
-    pub spec: ParamSpec,
+    #[serde(rename = "type")]
+    pub kind: engine::params::ParamType,
+    pub default: Option<serde_json::Value>,
+    pub description: Option<String>,
+    /// The allowed values of an `enum` param.
+    pub values: Option<Vec<String>>,
     /// No default: a trigger must give it.
     pub required: bool,
+}
+
+impl ParamInfo {
+    pub fn of(name: &str, spec: &ParamSpec) -> ParamInfo {
+        ParamInfo {
+            name: name.to_string(),
+            kind: spec.kind,
+            default: spec.default.clone(),
+            description: spec.description.clone(),
+            values: spec.values.clone(),
+            required: spec.default.is_none(),
+        }
+    }
 }
 
 /// An integration with what its file says now.
@@ -109,11 +126,7 @@ pub async fn show_integration(
             detail.params = plan
                 .params
                 .iter()
-                .map(|(n, spec)| ParamInfo {
-                    name: n.clone(),
-                    required: spec.default.is_none(),
-                    spec: spec.clone(),
-                })
+                .map(|(n, spec)| ParamInfo::of(n, spec))
                 .collect();
             if let Some(cfg) = &plan.schedule {
                 match scheduler::ScheduleSpec::from_config(cfg) {

@@ -64,7 +64,86 @@ impl Modify for BearerAuth {
     }
 }
 
-/// The API's routes with their OpenAPI document.
+/// Every operation answers problem documents as `application/problem+json`, and may answer
+/// the statuses any request can meet (bad syntax, no or a too-small token, a body too large,
+/// bad values, too many logins, the store away): documented once here, not per handler.
+struct ProblemResponses;
+
+impl Modify for ProblemResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let problem = || {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build()
+        };
+        let common: [(&str, &str); 7] = [
+            ("400", "The request is malformed"),
+            ("401", "No token, or not a valid one"),
+            ("403", "The token's role is too small"),
+            ("413", "The body is too large"),
+            ("422", "A value is not acceptable (`field` names it)"),
+            ("429", "Too many failed logins"),
+            ("503", "The store did not answer"),
+        ];
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                let responses = &mut op.responses.responses;
+                for resp in responses.values_mut() {
+                    if let RefOr::T(r) = resp {
+                        if let Some(c) = r.content.shift_remove("application/json") {
+                            let is_problem = serde_json::to_string(&c.schema)
+                                .is_ok_and(|s| s.contains("#/components/schemas/Problem"));
+                            let key = if is_problem {
+                                "application/problem+json"
+                            } else {
+                                "application/json"
+                            };
+                            r.content.insert(key.to_string(), c);
+                        }
+                    }
+                }
+                if op.request_body.is_some() {
+                    responses.entry("415".to_string()).or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description("The body is not `application/json`")
+                                .content("application/problem+json", problem())
+                                .build(),
+                        )
+                    });
+                }
+                for (status, why) in common {
+                    responses.entry(status.to_string()).or_insert_with(|| {
+                        RefOr::T(
+                            ResponseBuilder::new()
+                                .description(why)
+                                .content("application/problem+json", problem())
+                                .build(),
+                        )
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The API's routes and its finished OpenAPI document.
+pub fn parts() -> (axum::Router<AppState>, utoipa::openapi::OpenApi) {
+    let (routes, mut openapi) = router().split_for_parts();
+    // After the routes are in: a modifier of `ApiDoc` would run before they are.
+    ProblemResponses.modify(&mut openapi);
+    (routes, openapi)
+}
+
+/// The API's routes with their OpenAPI document (as the handlers declare it).
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(tokens::router())
