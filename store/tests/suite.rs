@@ -163,6 +163,8 @@ both!(
     batched_ticks_and_counts,
     batched_ticks_merge_and_unkeyed_items_like_enqueue,
     integrations_version_moves_with_the_list,
+    users_tokens_settings_and_their_audit,
+    run_pages_step_batches_and_counts,
     a_database_one_version_behind_is_migrated,
     lost_runs_are_requeued_when_the_integration_says_so,
     claim_walks_past_full_integrations_and_cancels_disabled_ones,
@@ -1761,22 +1763,27 @@ fn a_database_one_version_behind_is_migrated(db: &Db) {
     let version = s.schema_version().unwrap();
     let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
     drop(s);
-    // Undo the last two migrations (kept pipeline texts; the outbox, fences and workers)
-    // as an older pipe left it, with a queued item of that time.
+    // Undo the last three migrations (the API's accounts and credentials; kept pipeline
+    // texts; the outbox, fences and workers) as an older pipe left it, with a queued item
+    // of that time.
     db.raw(&format!(
-        "DROP TABLE pipeline_sources; ALTER TABLE runs DROP COLUMN source_hash;
-         ALTER TABLE runs DROP COLUMN source_path;
+        "DROP TABLE users; DROP TABLE api_tokens; DROP TABLE settings; DROP TABLE credentials;
+         DROP INDEX audit_by_target; DROP TABLE audit;
          DELETE FROM schema_migrations WHERE version = {version};
+         DROP TABLE pipeline_sources; ALTER TABLE runs DROP COLUMN source_hash;
+         ALTER TABLE runs DROP COLUMN source_path;
+         DELETE FROM schema_migrations WHERE version = {};
          DROP INDEX queue_outbox; DROP INDEX queue_published; DROP TABLE workers;
          ALTER TABLE queue DROP COLUMN published_at; ALTER TABLE queue DROP COLUMN fence;
          ALTER TABLE runs DROP COLUMN fence;
          DELETE FROM schema_migrations WHERE version = {};
          INSERT INTO queue(integration, queue, priority, \"trigger\", params, state, enqueued_at)
          VALUES ('kept', 'default', 0, 'manual', '{{}}', 'queued', '2026-01-01T00:00:00.000Z');",
-        version - 1
+        version - 1,
+        version - 2
     ));
     if db.cfg.url.is_none() {
-        db.raw(&format!("PRAGMA user_version = {};", version - 2));
+        db.raw(&format!("PRAGMA user_version = {};", version - 3));
     }
     let s = db.open();
     assert_eq!(s.schema_version().unwrap(), version);
@@ -2632,4 +2639,110 @@ fn pipeline_texts_are_kept_once_per_text(db: &Db) {
         s.set_run_source(9999, &source("x")),
         Err(StoreError::NotFound(_))
     ));
+}
+
+fn users_tokens_settings_and_their_audit(db: &Db) {
+    let s = db.open();
+    let a = s.accounts();
+    let now = Utc::now();
+    a.add_user("ana", "hash-1", Role::Admin, "cli", now)
+        .unwrap();
+    assert!(matches!(
+        a.add_user("ana", "hash-2", Role::Viewer, "cli", now),
+        Err(StoreError::Conflict(_))
+    ));
+    let u = a.get_user("ana").unwrap().unwrap();
+    assert_eq!(
+        (u.user.role, u.password_hash.as_str()),
+        (Role::Admin, "hash-1")
+    );
+    assert!(!format!("{u:?}").contains("hash-1"), "Debug shows no hash");
+    a.set_password("ana", "hash-3", "user:ana", now).unwrap();
+    a.set_role("ana", Role::Operator, "user:bo", now).unwrap();
+    a.set_user_disabled("ana", true, "user:bo", now).unwrap();
+    let u = a.get_user("ana").unwrap().unwrap();
+    assert_eq!(u.password_hash, "hash-3");
+    assert_eq!(u.user.role, Role::Operator);
+    assert!(u.user.disabled_at.is_some());
+    assert!(matches!(
+        a.set_role("nobody", Role::Admin, "cli", now),
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(a.list_users().unwrap().len(), 1);
+
+    let id = a
+        .add_api_token("ci", "sha-1", Role::Viewer, "user:bo", now)
+        .unwrap();
+    let used = a.use_api_token("sha-1", now).unwrap().unwrap();
+    assert_eq!((used.id, used.role), (id, Role::Viewer));
+    assert!(a.list_api_tokens().unwrap()[0].last_used_at.is_some());
+    assert!(a.use_api_token("sha-2", now).unwrap().is_none());
+    assert!(a.revoke_api_token(id, "user:bo", now).unwrap());
+    assert!(!a.revoke_api_token(id, "user:bo", now).unwrap());
+    assert!(a.use_api_token("sha-1", now).unwrap().is_none());
+
+    assert_eq!(a.setting("k").unwrap(), None);
+    assert_eq!(a.setting_or_insert("k", "first").unwrap(), "first");
+    assert_eq!(a.setting_or_insert("k", "second").unwrap(), "first");
+
+    assert!(a.delete_user("ana", "user:bo", now).unwrap());
+    assert!(!a.delete_user("ana", "user:bo", now).unwrap());
+    // Every change left a row, newest first, and no row holds a hash.
+    let audit = a.list_audit(None, 100).unwrap();
+    let actions: Vec<&str> = audit.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "user.delete",
+            "token.revoke",
+            "token.create",
+            "user.disable",
+            "user.role",
+            "user.passwd",
+            "user.add"
+        ]
+    );
+    assert!(!format!("{audit:?}").contains("hash-") && !format!("{audit:?}").contains("sha-"));
+    let page = a.list_audit(Some(audit[2].id), 2).unwrap();
+    assert_eq!(page[0].action, "user.disable");
+}
+
+fn run_pages_step_batches_and_counts(db: &Db) {
+    let s = db.open();
+    let a = s.create_run(&new_run("p", Owner::External)).unwrap();
+    let b = s.create_run(&new_run("p", Owner::External)).unwrap();
+    s.finish_run(a, Status::Failed, Some("x"), true).unwrap();
+    for i in 0..5 {
+        s.add_log(b, &log(None, &format!("line {i}"))).unwrap();
+    }
+    let first = s.logs_page(b, 0, 2).unwrap();
+    assert_eq!(first.len(), 2);
+    let rest = s.logs_page(b, first[1].id, 0).unwrap();
+    assert_eq!(rest.len(), 3);
+    assert_eq!(rest[0].message, "line 2");
+    let counts: std::collections::HashMap<Status, u64> =
+        s.run_counts().unwrap().into_iter().collect();
+    assert_eq!(counts.get(&Status::Failed), Some(&1));
+    assert_eq!(counts.get(&Status::Running), Some(&1));
+    // Time filters: both runs started now.
+    let now = Utc::now();
+    let since = |t: DateTime<Utc>| {
+        s.find_runs(&RunFilter {
+            since: Some(t),
+            ..Default::default()
+        })
+        .unwrap()
+        .len()
+    };
+    assert_eq!(since(now - chrono::Duration::hours(1)), 2);
+    assert_eq!(since(now + chrono::Duration::hours(1)), 0);
+    let until = s
+        .find_runs(&RunFilter {
+            until: Some(now - chrono::Duration::hours(1)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(until.is_empty());
+    assert!(s.steps_of_runs(&[]).unwrap().is_empty());
+    assert!(s.steps_of_runs(&[a, b]).unwrap().is_empty());
 }
