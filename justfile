@@ -28,6 +28,7 @@ bench:
     cargo bench --bench carol
     cargo bench --bench serve
     cargo bench --bench cluster
+    cargo bench --bench api
 
 # Regenerate schemas/pipeline.schema.json from the structs.
 schema:

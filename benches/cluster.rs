@@ -27,7 +27,7 @@
 //! messages. pipe's workers prefetch their free slots; Celery's prefetch multiplier is 1.
 
 mod support;
-use support::{cpu_seconds, machine, print_table, row, status_kib, PgDatabase, Row};
+use support::{cpu_seconds, env_usize, machine, print_table, row, status_kib, PgDatabase, Row};
 
 use chrono::{DateTime, Utc};
 use std::path::{Path, PathBuf};
@@ -35,13 +35,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SLOTS: usize = 4;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{name}={v:?}")))
-        .unwrap_or(default)
-}
 
 struct Settings {
     bin: PathBuf,
