@@ -1183,7 +1183,10 @@ impl<B: Backend> SqlStore<B> {
     ) -> Result<T> {
         self.backend.write(&mut f)
     }
-    pub(crate) fn read<T: Send>(&self, mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send) -> Result<T> {
+    pub(crate) fn read<T: Send>(
+        &self,
+        mut f: impl FnMut(&mut dyn Tx) -> Result<T> + Send,
+    ) -> Result<T> {
         self.backend.read(&mut f)
     }
     /// A write that may share its commit with other threads' ([`crate::group`]).
