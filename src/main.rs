@@ -53,6 +53,9 @@ enum Command {
     Trigger(cli::integrations::TriggerArgs),
     /// Queue one run per scheduled tick of a past range; `backfill list`, `backfill cancel ID`.
     Backfill(cli::integrations::BackfillArgs),
+    /// Stored credentials: set, list, show, delete, rotate-key, types.
+    #[command(subcommand)]
+    Credentials(cli::credentials::CredentialsCommand),
     /// Local fakes of the external services (`pipe sandbox serve`).
     Sandbox {
         #[command(subcommand)]
@@ -106,6 +109,7 @@ fn main() {
         Command::Integrations(cmd) => cli::integrations::integrations_main(cmd, &store_config),
         Command::Trigger(args) => cli::integrations::trigger_main(args, &store_config),
         Command::Backfill(args) => cli::integrations::backfill_main(args, &store_config),
+        Command::Credentials(cmd) => cli::credentials::main(cmd, &store_config),
     };
     std::process::exit(code);
 }
