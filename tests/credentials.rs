@@ -110,7 +110,7 @@ fn set_list_show_delete_with_write_only_private_fields() {
         show(&env, "carol-prod", &[])["private_fields"],
         serde_json::json!(["api_key"])
     );
-    // A JSON object on stdin; `null` removes a private field.
+    // A JSON object on stdin; a public number is typed by the schema.
     with_stdin(
         &env,
         &[
@@ -742,4 +742,102 @@ steps:
     c.run(&["runs", "list", "--format", "json"]).expect_code(0);
     let refs: Vec<&str> = planted.iter().map(String::as_str).collect();
     c.assert_absent(&refs);
+}
+
+#[test]
+fn validate_asks_no_key_of_a_credential_but_still_knows_the_keys() {
+    let env = Env::new();
+    let ok = env.write(
+        "ok.yaml",
+        r#"pipeline: ok
+connections:
+  carol: { type: carol, credential: carol-prod }
+  db: { type: postgres, credential: erp-db, database: reporting }
+steps:
+  q:
+    type: sql.query
+    connection: db
+    with: { query: "SELECT 1" }
+"#,
+    );
+    let out = env.run(&["validate", "--format", "json", ok.to_str().unwrap()]);
+    out.expect_code(0);
+    assert!(out.diagnostics().is_empty(), "{:?}", out.diagnostics());
+    let bad = env.write(
+        "bad.yaml",
+        r#"pipeline: bad
+connections:
+  carol: { type: carol, credential: carol-prod, tenat: x }
+  db: { type: postgres, credential: "{{ env('DB') }}", port: many }
+steps:
+  q:
+    type: sql.query
+    connection: db
+    with: { query: "SELECT 1" }
+"#,
+    );
+    let out = env.run(&["validate", "--format", "json", bad.to_str().unwrap()]);
+    out.expect_code(1);
+    let messages: Vec<String> = out.diagnostics().into_iter().map(|d| d.2).collect();
+    let all = messages.join("\n");
+    assert!(
+        all.contains("unknown key `tenat`; did you mean `tenant`?"),
+        "{all}"
+    );
+    assert!(
+        all.contains("`credential` names a stored credential"),
+        "{all}"
+    );
+    assert!(all.contains("`many`"), "{all}");
+    assert!(!all.contains("missing required key"), "{all}");
+}
+
+#[test]
+fn a_notification_logs_in_with_a_stored_smtp_credential() {
+    let env = Env::new();
+    let password = "smtp-9e4d-stored-private";
+    let sink =
+        crate::notify::SmtpSink::start(&env.path().join("mail"), Some(("pipe-bot", password)));
+    let port = format!("port={}", sink.port);
+    with_stdin(
+        &env,
+        &[
+            "credentials",
+            "set",
+            "mail",
+            "--type",
+            "smtp",
+            "--public",
+            "host=127.0.0.1",
+            "--public",
+            &port,
+            "--public",
+            "tls=none",
+            "--public",
+            "username=pipe-bot",
+        ],
+        &format!("password={password}\n"),
+        &[],
+    )
+    .expect_code(0);
+    let file = env.write(
+        "p.yaml",
+        r#"pipeline: mailer
+connections:
+  mail: { type: smtp, credential: mail }
+steps:
+  extract:
+    type: exec
+    with: { command: sh, args: ["-c", "exit 4"], on_nonzero: fail }
+notify:
+  - on: failure
+    email: { connection: mail, to: [ops@example.com], from: pipe@example.com }
+"#,
+    );
+    let out = env.run(&["run", file.to_str().unwrap()]);
+    out.expect_code(1);
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "{}", out.stderr());
+    assert_eq!(messages[0].0["login"], "pipe-bot");
+    assert!(!out.stdout().contains(password) && !out.stderr().contains(password));
 }

@@ -513,14 +513,14 @@ fn python() -> PathBuf {
 }
 
 /// `tests/python/smtp_sink.py` running; killed when dropped.
-struct SmtpSink {
+pub(crate) struct SmtpSink {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
     dir: PathBuf,
 }
 
 impl SmtpSink {
-    fn start(dir: &Path, login: Option<(&str, &str)>) -> SmtpSink {
+    pub(crate) fn start(dir: &Path, login: Option<(&str, &str)>) -> SmtpSink {
         std::fs::create_dir_all(dir).unwrap();
         let mut cmd = std::process::Command::new(python());
         cmd.arg(repo_root().join("tests/python/smtp_sink.py"))
@@ -553,7 +553,7 @@ impl SmtpSink {
     }
 
     /// The messages received: (envelope JSON, raw message).
-    fn messages(&self) -> Vec<(serde_json::Value, String)> {
+    pub(crate) fn messages(&self) -> Vec<(serde_json::Value, String)> {
         let mut out = Vec::new();
         for n in 1.. {
             let meta = self.dir.join(format!("{n}.json"));
