@@ -841,3 +841,52 @@ notify:
     assert_eq!(messages[0].0["login"], "pipe-bot");
     assert!(!out.stdout().contains(password) && !out.stderr().contains(password));
 }
+
+/// `pipe serve` runs go through the same runner: a triggered run uses the stored
+/// credential; one whose credential is missing starts nothing and the log says why.
+#[test]
+fn serve_runs_resolve_stored_credentials() {
+    let env = Env::new();
+    let db = PgDb::new();
+    pg_credential(&env, &db, "pg-serve", "pg-serve-private", &[]);
+    let text = std::fs::read_to_string(pg_pipeline(&env, "pg-serve")).unwrap();
+    env.write("pipelines/stored.yaml", &text);
+    env.write(
+        "pipelines/missing.yaml",
+        &text
+            .replace("pipeline: stored", "pipeline: missing")
+            .replace("pg-serve", "pg-gone"),
+    );
+    let mut server = crate::util::Daemon::start(&env, "serve", &["pipelines"]);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+        while !f() {
+            assert!(
+                std::time::Instant::now() < until,
+                "timed out waiting for {what}:\n{}",
+                server.output()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    wait("the integrations", &mut || {
+        env.run(&["integrations", "show", "missing"]).code() == 0
+    });
+    env.run(&["trigger", "stored"]).expect_code(0);
+    env.run(&["trigger", "missing"]).expect_code(0);
+    wait("the stored run", &mut || {
+        let out = env.run(&["runs", "list", "--pipeline", "stored", "--format", "json"]);
+        out.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["status"] == "succeeded")
+    });
+    wait("the missing credential's message", &mut || {
+        server
+            .output()
+            .contains("connection `db`: credential `pg-gone`: no credential `pg-gone`")
+    });
+    assert!(!server.output().contains("pg-serve-private"));
+    assert_eq!(server.stop(), 0, "{}", server.output());
+}
