@@ -859,7 +859,7 @@ fn serve_runs_resolve_stored_credentials() {
     );
     let mut server = crate::util::Daemon::start(&env, "serve", &["pipelines"]);
     let until = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    let mut wait = |what: &str, f: &mut dyn FnMut() -> bool| {
+    let wait = |what: &str, f: &mut dyn FnMut() -> bool| {
         while !f() {
             assert!(
                 std::time::Instant::now() < until,
