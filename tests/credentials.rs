@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::process::Stdio;
 
 /// `pipe ARGS` with `stdin` as its standard input.
-fn with_stdin(env: &Env, args: &[&str], stdin: &str, envs: &[(&str, &str)]) -> Out {
+pub(crate) fn with_stdin(env: &Env, args: &[&str], stdin: &str, envs: &[(&str, &str)]) -> Out {
     let mut child = env
         .cmd()
         .args(args)
@@ -790,56 +790,6 @@ steps:
     );
     assert!(all.contains("`many`"), "{all}");
     assert!(!all.contains("missing required key"), "{all}");
-}
-
-#[test]
-fn a_notification_logs_in_with_a_stored_smtp_credential() {
-    let env = Env::new();
-    let password = "smtp-9e4d-stored-private";
-    let sink =
-        crate::notify::SmtpSink::start(&env.path().join("mail"), Some(("pipe-bot", password)));
-    let port = format!("port={}", sink.port);
-    with_stdin(
-        &env,
-        &[
-            "credentials",
-            "set",
-            "mail",
-            "--type",
-            "smtp",
-            "--public",
-            "host=127.0.0.1",
-            "--public",
-            &port,
-            "--public",
-            "tls=none",
-            "--public",
-            "username=pipe-bot",
-        ],
-        &format!("password={password}\n"),
-        &[],
-    )
-    .expect_code(0);
-    let file = env.write(
-        "p.yaml",
-        r#"pipeline: mailer
-connections:
-  mail: { type: smtp, credential: mail }
-steps:
-  extract:
-    type: exec
-    with: { command: sh, args: ["-c", "exit 4"], on_nonzero: fail }
-notify:
-  - on: failure
-    email: { connection: mail, to: [ops@example.com], from: pipe@example.com }
-"#,
-    );
-    let out = env.run(&["run", file.to_str().unwrap()]);
-    out.expect_code(1);
-    let messages = sink.messages();
-    assert_eq!(messages.len(), 1, "{}", out.stderr());
-    assert_eq!(messages[0].0["login"], "pipe-bot");
-    assert!(!out.stdout().contains(password) && !out.stderr().contains(password));
 }
 
 /// `pipe serve` runs go through the same runner: a triggered run uses the stored

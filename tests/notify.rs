@@ -513,14 +513,14 @@ fn python() -> PathBuf {
 }
 
 /// `tests/python/smtp_sink.py` running; killed when dropped.
-pub(crate) struct SmtpSink {
+struct SmtpSink {
     child: std::process::Child,
-    pub(crate) port: u16,
+    port: u16,
     dir: PathBuf,
 }
 
 impl SmtpSink {
-    pub(crate) fn start(dir: &Path, login: Option<(&str, &str)>) -> SmtpSink {
+    fn start(dir: &Path, login: Option<(&str, &str)>) -> SmtpSink {
         std::fs::create_dir_all(dir).unwrap();
         let mut cmd = std::process::Command::new(python());
         cmd.arg(repo_root().join("tests/python/smtp_sink.py"))
@@ -553,7 +553,7 @@ impl SmtpSink {
     }
 
     /// The messages received: (envelope JSON, raw message).
-    pub(crate) fn messages(&self) -> Vec<(serde_json::Value, String)> {
+    fn messages(&self) -> Vec<(serde_json::Value, String)> {
         let mut out = Vec::new();
         for n in 1.. {
             let meta = self.dir.join(format!("{n}.json"));
@@ -807,4 +807,55 @@ notify:
     assert!(
         events.contains(&"success".to_string()) && events.contains(&"duration_over".to_string())
     );
+}
+
+/// A stored `smtp` credential (`pipe credentials set`) logs the notification in: the
+/// e-mail renders its connection through the run's overrides, as steps do.
+#[test]
+fn a_notification_logs_in_with_a_stored_smtp_credential() {
+    let env = Env::new();
+    let password = "smtp-9e4d-stored-private";
+    let sink = SmtpSink::start(&env.path().join("mail"), Some(("pipe-bot", password)));
+    let port = format!("port={}", sink.port);
+    crate::credentials::with_stdin(
+        &env,
+        &[
+            "credentials",
+            "set",
+            "mail",
+            "--type",
+            "smtp",
+            "--public",
+            "host=127.0.0.1",
+            "--public",
+            &port,
+            "--public",
+            "tls=none",
+            "--public",
+            "username=pipe-bot",
+        ],
+        &format!("password={password}\n"),
+        &[],
+    )
+    .expect_code(0);
+    let file = env.write(
+        "p.yaml",
+        r#"pipeline: mailer
+connections:
+  mail: { type: smtp, credential: mail }
+steps:
+  extract:
+    type: exec
+    with: { command: sh, args: ["-c", "exit 4"], on_nonzero: fail }
+notify:
+  - on: failure
+    email: { connection: mail, to: [ops@example.com], from: pipe@example.com }
+"#,
+    );
+    let out = env.run(&["run", file.to_str().unwrap()]);
+    out.expect_code(1);
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "{}", out.stderr());
+    assert_eq!(messages[0].0["login"], "pipe-bot");
+    assert!(!out.stdout().contains(password) && !out.stderr().contains(password));
 }
