@@ -383,3 +383,10 @@ fn keys_no_key_a_wrong_key_and_rotation() {
         Err(CredentialError::Unreadable(_))
     ));
 }
+
+#[test]
+fn the_vault_can_be_shared_by_async_handlers() {
+    fn shared<T: Send + Sync + Clone + 'static>() {}
+    shared::<Vault>();
+    shared::<MasterKey>();
+}
