@@ -59,6 +59,9 @@ enum Command {
     /// The REST API's machine tokens: create (shown once), list, revoke.
     #[command(subcommand)]
     Tokens(cli::users::TokensCommand),
+    /// Stored credentials: set, list, show, delete, rotate-key, types.
+    #[command(subcommand)]
+    Credentials(cli::credentials::CredentialsCommand),
     /// Local fakes of the external services (`pipe sandbox serve`).
     Sandbox {
         #[command(subcommand)]
@@ -114,6 +117,7 @@ fn main() {
         Command::Backfill(args) => cli::integrations::backfill_main(args, &store_config),
         Command::Users(cmd) => cli::users::users_main(cmd, &store_config),
         Command::Tokens(cmd) => cli::users::tokens_main(cmd, &store_config),
+        Command::Credentials(cmd) => cli::credentials::main(cmd, &store_config),
     };
     std::process::exit(code);
 }

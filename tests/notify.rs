@@ -808,3 +808,54 @@ notify:
         events.contains(&"success".to_string()) && events.contains(&"duration_over".to_string())
     );
 }
+
+/// A stored `smtp` credential (`pipe credentials set`) logs the notification in: the
+/// e-mail renders its connection through the run's overrides, as steps do.
+#[test]
+fn a_notification_logs_in_with_a_stored_smtp_credential() {
+    let env = Env::new();
+    let password = "smtp-9e4d-stored-private";
+    let sink = SmtpSink::start(&env.path().join("mail"), Some(("pipe-bot", password)));
+    let port = format!("port={}", sink.port);
+    crate::credentials::with_stdin(
+        &env,
+        &[
+            "credentials",
+            "set",
+            "mail",
+            "--type",
+            "smtp",
+            "--public",
+            "host=127.0.0.1",
+            "--public",
+            &port,
+            "--public",
+            "tls=none",
+            "--public",
+            "username=pipe-bot",
+        ],
+        &format!("password={password}\n"),
+        &[],
+    )
+    .expect_code(0);
+    let file = env.write(
+        "p.yaml",
+        r#"pipeline: mailer
+connections:
+  mail: { type: smtp, credential: mail }
+steps:
+  extract:
+    type: exec
+    with: { command: sh, args: ["-c", "exit 4"], on_nonzero: fail }
+notify:
+  - on: failure
+    email: { connection: mail, to: [ops@example.com], from: pipe@example.com }
+"#,
+    );
+    let out = env.run(&["run", file.to_str().unwrap()]);
+    out.expect_code(1);
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "{}", out.stderr());
+    assert_eq!(messages[0].0["login"], "pipe-bot");
+    assert!(!out.stdout().contains(password) && !out.stderr().contains(password));
+}

@@ -90,15 +90,15 @@ fn files_under(dir: &Path, out: &mut Vec<(String, Vec<u8>)>) {
 }
 
 /// Collects everything `pipe` printed, to search it at the end.
-struct Canary {
-    env: Env,
+pub(crate) struct Canary {
+    pub(crate) env: Env,
     captured: Vec<(String, Vec<u8>)>,
     /// More environment variables for every `pipe` command (secrets, encoded forms).
     vars: Vec<(String, String)>,
 }
 
 impl Canary {
-    fn new() -> Canary {
+    pub(crate) fn new() -> Canary {
         let env = Env::new();
         env.write("secrets/file-secret", &format!("{FILE_SECRET}\n"));
         Canary {
@@ -108,12 +108,12 @@ impl Canary {
         }
     }
 
-    fn var(&mut self, name: &str, value: &str) -> &mut Self {
+    pub(crate) fn var(&mut self, name: &str, value: &str) -> &mut Self {
         self.vars.push((name.to_string(), value.to_string()));
         self
     }
 
-    fn run(&mut self, args: &[&str]) -> Out {
+    pub(crate) fn run(&mut self, args: &[&str]) -> Out {
         let out = Out(self
             .env
             .cmd()
@@ -136,7 +136,7 @@ impl Canary {
     }
 
     /// `runs show` and `runs logs` of a run, as text and JSON.
-    fn inspect(&mut self, id: i64) {
+    pub(crate) fn inspect(&mut self, id: i64) {
         let id = id.to_string();
         for cmd in ["show", "logs"] {
             for format in ["text", "json"] {
@@ -147,7 +147,7 @@ impl Canary {
     }
 
     /// Search every captured output and every file under the state dir for `secrets`.
-    fn assert_absent(&self, secrets: &[&str]) {
+    pub(crate) fn assert_absent(&self, secrets: &[&str]) {
         let mut places = self.captured.clone();
         files_under(&self.env.state(), &mut places);
         assert!(

@@ -7,6 +7,7 @@ mod api;
 mod carol;
 mod cli;
 mod cluster;
+mod credentials;
 mod deploy;
 mod exec;
 mod executor;

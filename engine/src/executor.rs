@@ -1264,6 +1264,14 @@ fn render_connection(
         .render_node(&node, scope)
         .map_err(|(pos, e)| format!("connection `{name}`, template at line {}: {e}", pos.line))?;
     let mut json = rendered.to_json();
+    // A stored credential's values, set as they are (never rendered).
+    shared
+        .req
+        .templates
+        .runtime()
+        .overrides
+        .connections
+        .fill(name, &mut json);
     if let Some(other) = json
         .get("credentials")
         .and_then(|c| c.as_str())

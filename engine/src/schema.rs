@@ -39,15 +39,24 @@ pub fn pipeline_schema(registry: &Registry) -> Value {
             .collect();
         step["allOf"] = Value::Array(rules);
     }
-    // A connection is its kind's struct as a whole (`type` included).
+    // A connection is its kind's struct as a whole (`type` included); with `credential:`
+    // the stored credential provides the rest, so no key of the kind is required.
     if let (Some(conn), false) = (defs.get_mut("ConnectionSpec"), connections.is_empty()) {
         conn["properties"]["type"] = typed_enum("The connection type.", &connections);
+        conn["properties"][crate::connection::CREDENTIAL_KEY] = json!({
+            "description": "A stored credential of this type (`pipe credentials list`) that provides the keys the connection does not write itself.",
+            "type": "string",
+            "pattern": "^[a-z0-9][a-z0-9_.-]{0,63}$"
+        });
         let rules: Vec<Value> = connections
             .iter()
             .map(|(name, _, schema)| {
                 json!({
                     "if": { "properties": { "type": { "const": name } }, "required": ["type"] },
-                    "then": schema
+                    "then": {
+                        "if": { "required": [crate::connection::CREDENTIAL_KEY] },
+                        "else": schema
+                    }
                 })
             })
             .collect();

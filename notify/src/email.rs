@@ -49,11 +49,15 @@ pub(crate) fn render(
     let node = connections
         .get(&name)
         .ok_or_else(|| format!("email.connection: no connection `{name}`"))?;
+    // What this run's connection overrides make of it (a stored credential's values).
+    let overrides = &templates.runtime().overrides.connections;
     let rendered = templates
-        .render_node(node, scope)
+        .render_node(&overrides.node(&name, node), scope)
         .map_err(|(pos, e)| format!("connection `{name}`, template at line {}: {e}", pos.line))?;
-    let connection: SmtpConnection = serde_json::from_value(rendered.to_json())
-        .map_err(|e| format!("connection `{name}`: {e}"))?;
+    let mut json = rendered.to_json();
+    overrides.fill(&name, &mut json);
+    let connection: SmtpConnection =
+        serde_json::from_value(json).map_err(|e| format!("connection `{name}`: {e}"))?;
     if let Some(kind) = connection.kind.as_deref().filter(|k| *k != "smtp") {
         return Err(format!(
             "connection `{name}` is of type `{kind}`; e-mail needs an `smtp` connection"

@@ -5,7 +5,7 @@
 //! Why this shape (DataFusion's plan / task context / runtime split):
 //! - The validated [`Plan`] is immutable and shared (`Arc<Plan>`), by several runs at once.
 //! - What one run needs — its params, logical date, redactor, template runtime, connection
-//!   overrides (`--sandbox`), secret source, history writer, cancellation — is built by
+//!   overrides (`--sandbox`, stored credentials), secret source, history writer, cancellation — is built by
 //!   [`Runner::prepare`] and owned by the run; nothing of it is a process-wide `static`.
 //! - What a worker shares between its runs — the registry of step and connection kinds,
 //!   the state dir / store, the token caches (with a TTL), the default secret source —
@@ -21,6 +21,7 @@ pub mod redaction;
 pub mod repair;
 mod sandbox;
 mod store;
+mod vault;
 
 pub use params::ParamValue;
 pub use store::{StoreConfig, Trigger, PIPELINE_SNAPSHOT};
@@ -178,6 +179,9 @@ pub enum PrepareError {
     Param(String),
     /// The run history cannot be opened or written.
     History(String),
+    /// A connection's stored credential cannot be used (missing, no or wrong master key,
+    /// of another type); the message names the connection and the credential.
+    Credential(String),
 }
 
 impl std::fmt::Display for PrepareError {
@@ -187,7 +191,9 @@ impl std::fmt::Display for PrepareError {
                 write!(f, "{file} is not a valid pipeline; nothing ran")
             }
             PrepareError::Sandbox(e) => write!(f, "sandbox: {e}"),
-            PrepareError::Param(e) | PrepareError::History(e) => f.write_str(e),
+            PrepareError::Param(e) | PrepareError::History(e) | PrepareError::Credential(e) => {
+                f.write_str(e)
+            }
         }
     }
 }
@@ -268,8 +274,17 @@ impl Runner {
         } else {
             (None, Overrides::default(), None)
         };
+        let secrets = match self.resolve_credentials(&spec, &plan, &mut overrides).await {
+            Ok(secrets) => secrets,
+            Err(e) => {
+                if let Some(f) = fakes {
+                    f.shutdown().await;
+                }
+                return Err(e);
+            }
+        };
         let mut prepared = self
-            .prepare_with(&spec, plan, source, &mut overrides, default_date)
+            .prepare_with(&spec, plan, source, &mut overrides, default_date, &secrets)
             .await;
         match &mut prepared {
             Ok(p) => {
@@ -285,6 +300,38 @@ impl Runner {
         prepared
     }
 
+    /// Resolve the plan's `credential:` connections into `overrides` (see the `credentials`
+    /// module); the private values the run must mask. A dry run resolves none (it records
+    /// nothing, needs no store and no key).
+    async fn resolve_credentials(
+        &self,
+        spec: &RunSpec,
+        plan: &Arc<Plan>,
+        overrides: &mut Overrides,
+    ) -> Result<Vec<String>, PrepareError> {
+        let named = vault::named(plan);
+        if named.is_empty() || spec.dry_run {
+            return Ok(Vec::new());
+        }
+        let sandboxed = overrides.connections.clone();
+        let needs_vault = named
+            .iter()
+            .any(|(connection, _)| sandboxed.get(connection).is_none());
+        let (handle, plan2, registry) = (self.store.clone(), plan.clone(), self.registry.clone());
+        let resolved = tokio::task::spawn_blocking(move || {
+            let opened = match needs_vault {
+                true => Some(handle.vault(&registry.connections)?),
+                false => None,
+            };
+            vault::resolve(&plan2, &named, &sandboxed, opened.as_ref())
+                .map_err(PrepareError::Credential)
+        })
+        .await
+        .map_err(|e| PrepareError::Credential(format!("cannot resolve credentials: {e}")))??;
+        overrides.connections = resolved.connections;
+        Ok(resolved.secrets)
+    }
+
     async fn prepare_with(
         &self,
         spec: &RunSpec,
@@ -292,11 +339,16 @@ impl Runner {
         source: Option<Arc<str>>,
         overrides: &mut Overrides,
         default_date: Option<DateTime<Utc>>,
+        secrets: &[String],
     ) -> Result<PreparedRun, PrepareError> {
         let tz = plan.timezone();
         let logical_date = spec.logical_date.or(default_date).unwrap_or_else(Utc::now);
         let params = params::resolve(&plan, &spec.params).map_err(PrepareError::Param)?;
         let redactor = Redactor::new();
+        // Stored credentials' private values, before anything can print one.
+        for secret in secrets {
+            redactor.add(secret);
+        }
         let registration = redaction::register(&redactor);
         overrides.secret_source = spec.secrets.clone().unwrap_or_else(|| self.secrets.clone());
         let templates = Arc::new(Templates::new(Runtime {

@@ -99,6 +99,22 @@ impl StoreHandle {
         &self.config.state_dir
     }
 
+    /// The stored credentials, sealed with the master key from the environment or the state
+    /// dir (`None` when none is set: resolving then says how to set one).
+    pub fn vault(
+        &self,
+        connections: &engine::connection::Connections,
+    ) -> Result<credentials::Vault, PrepareError> {
+        let key = credentials::load_key(&self.config.state_dir)
+            .map_err(|e| PrepareError::Credential(e.to_string()))?
+            .map(|(key, _)| key);
+        Ok(credentials::Vault::new(
+            self.get()?,
+            connections.clone(),
+            key,
+        ))
+    }
+
     fn get(&self) -> Result<Arc<dyn RunStore>, PrepareError> {
         let mut slot = self.store.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = slot.as_ref() {

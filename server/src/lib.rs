@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub version: String,
     /// Plans repairs (the runner's; `None`: repairs answer 409).
     pub repairs: Option<Arc<dyn api::runs::RepairPlanner>>,
+    /// Stored credentials (with the master key when one is set).
+    pub vault: credentials::Vault,
 }
 
 /// A line on stderr with the time: the server's log (the service's format).
@@ -68,6 +70,7 @@ struct Inner {
     metrics: metrics::Metrics,
     version: String,
     repairs: Option<Arc<dyn api::runs::RepairPlanner>>,
+    vault: credentials::Vault,
     shutdown: CancellationToken,
 }
 
@@ -87,6 +90,7 @@ impl AppState {
             metrics: metrics::Metrics::new(),
             version: cfg.version,
             repairs: cfg.repairs,
+            vault: cfg.vault,
             shutdown,
         }));
         tokio::spawn(events::watch(state.clone()));
@@ -113,6 +117,9 @@ impl AppState {
     }
     pub(crate) fn repairs(&self) -> Option<Arc<dyn api::runs::RepairPlanner>> {
         self.0.repairs.clone()
+    }
+    pub(crate) fn vault(&self) -> &credentials::Vault {
+        &self.0.vault
     }
     pub fn version(&self) -> &str {
         &self.0.version

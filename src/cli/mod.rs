@@ -1,5 +1,6 @@
 //! The subcommands of `pipe`, one module each, plus what they share.
 
+pub mod credentials;
 pub mod graph;
 pub mod integrations;
 pub mod repair;

@@ -75,6 +75,7 @@ impl ApiArgs {
 
 /// Bind the API's address and serve it beside the service until `shutdown`.
 async fn start_api(
+    state_dir: std::path::PathBuf,
     listen: std::net::SocketAddr,
     init_admin: Option<(String, String)>,
     store: Arc<dyn store::RunStore>,
@@ -107,7 +108,16 @@ async fn start_api(
             "--init-admin: the store has users already; none was created".to_string()
         });
     }
+    // Saving a credential needs the master key (PIPE_MASTER_KEY, PIPE_MASTER_KEY_FILE or
+    // the state dir's key file); without one the API lists and deletes, and a save says so.
+    let key = match credentials::load_key(&state_dir) {
+        Ok(k) => k.map(|(key, _)| key),
+        Err(e) => anyhow::bail!("cannot read the credentials' master key: {e}"),
+    };
+    let registry = super::registry();
+    let vault = credentials::Vault::new(store.clone(), registry.connections.clone(), key);
     let config = server::ServerConfig {
+        vault,
         store,
         registry: Arc::new(super::registry()),
         version: env!("CARGO_PKG_VERSION").to_string(),
@@ -208,6 +218,7 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
         }
     };
     let listen = args.api.listen;
+    let state_dir = cfg.state_dir.clone();
     run_until_signalled(cfg, move |store, shutdown, hurry| {
         let api_store = store.clone();
         // Its own token: the API keeps answering while the runs drain, and stops after.
@@ -227,9 +238,9 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
         };
         async move {
             let api = match listen {
-                Some(addr) => {
-                    Some(start_api(addr, init_admin, api_store, api_shutdown.clone()).await?)
-                }
+                Some(addr) => Some(
+                    start_api(state_dir, addr, init_admin, api_store, api_shutdown.clone()).await?,
+                ),
                 None => None,
             };
             let served = service::Service::run(config, shutdown).await.map(drop);

@@ -422,6 +422,7 @@ pub struct GoogleConnection {
     key_file: Option<String>,
     /// The service-account key itself (JSON text or a mapping).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     key_json: Option<Value>,
     /// The Sheets API's base URL (default `https://sheets.googleapis.com/`).
     #[serde(default)]

@@ -23,6 +23,7 @@ pub struct SmtpConnection {
     pub username: Option<String>,
     /// The login password (use `"{{ secret('NAME') }}"`).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub password: Option<String>,
     /// `starttls` (default: plain connection upgraded to TLS, required), `tls` (TLS from
     /// the first byte) or `none` (no encryption: a local relay only).

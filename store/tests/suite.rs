@@ -178,6 +178,7 @@ both!(
     fenced_writes_of_a_run_taken_away_are_refused,
     workers_register_heartbeat_drain_and_prune,
     pipeline_texts_are_kept_once_per_text,
+    credentials_are_saved_audited_and_resealed,
 );
 
 fn t(s: &str) -> DateTime<Utc> {
@@ -2745,4 +2746,180 @@ fn run_pages_step_batches_and_counts(db: &Db) {
     assert!(until.is_empty());
     assert!(s.steps_of_runs(&[]).unwrap().is_empty());
     assert!(s.steps_of_runs(&[a, b]).unwrap().is_empty());
+}
+
+fn credential<'a>(
+    name: &'a str,
+    public: &'a serde_json::Value,
+    sealed: &'a str,
+    previous: Option<&'a str>,
+    changed: &'a [String],
+) -> CredentialWrite<'a> {
+    CredentialWrite {
+        name,
+        kind: "carol",
+        public,
+        sealed,
+        key_id: "k1",
+        previous,
+        actor: "alice",
+        changed,
+    }
+}
+
+fn credentials_are_saved_audited_and_resealed(db: &Db) {
+    let s = db.open();
+    let c = s.credentials();
+    let public = serde_json::json!({"tenant": "acme", "connector_id": "c1"});
+    let fields = vec!["tenant".to_string(), "api_key".to_string()];
+    assert!(c
+        .put_credential(
+            &credential("carol-prod", &public, "S1", None, &fields),
+            t("2026-01-01T00:00:00Z")
+        )
+        .unwrap());
+    // A save based on a stale read is refused; one based on what is stored goes through.
+    let e = c
+        .put_credential(
+            &credential("carol-prod", &public, "S2", None, &fields),
+            t("2026-01-02T00:00:00Z"),
+        )
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    let e = c
+        .put_credential(
+            &credential("carol-prod", &public, "S2", Some("S0"), &fields),
+            t("2026-01-02T00:00:00Z"),
+        )
+        .unwrap_err();
+    assert!(e.is_conflict(), "{e}");
+    let changed = vec!["api_key".to_string()];
+    assert!(!c
+        .put_credential(
+            &credential("carol-prod", &public, "S2", Some("S1"), &changed),
+            t("2026-01-02T00:00:00Z")
+        )
+        .unwrap());
+    let other = serde_json::json!({});
+    c.put_credential(
+        &credential("a-first", &other, "S9", None, &[]),
+        t("2026-01-03T00:00:00Z"),
+    )
+    .unwrap();
+
+    let row = c.get_credential("carol-prod").unwrap().unwrap();
+    assert_eq!(row.kind, "carol");
+    assert_eq!(row.public, public);
+    assert_eq!(row.sealed, "S2");
+    assert_eq!(row.key_id, "k1");
+    assert_eq!(row.created_at, t("2026-01-01T00:00:00Z"));
+    assert_eq!(row.updated_at, t("2026-01-02T00:00:00Z"));
+    assert_eq!(row.updated_by, "alice");
+    assert!(
+        !format!("{row:?}").contains("S2"),
+        "Debug shows no sealed text"
+    );
+    let names: Vec<String> = c
+        .list_credentials()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.name)
+        .collect();
+    assert_eq!(names, ["a-first", "carol-prod"]);
+
+    // Rotation: all or nothing.
+    let stale = [Resealed {
+        name: "carol-prod".into(),
+        previous: "S1".into(),
+        sealed: "R".into(),
+    }];
+    assert!(c
+        .reseal_credentials(&stale, "k2", "bob", t("2026-01-04T00:00:00Z"))
+        .unwrap_err()
+        .is_conflict());
+    let partial = [Resealed {
+        name: "carol-prod".into(),
+        previous: "S2".into(),
+        sealed: "R2".into(),
+    }];
+    // `a-first` would be left under k1.
+    assert!(c
+        .reseal_credentials(&partial, "k2", "bob", t("2026-01-04T00:00:00Z"))
+        .unwrap_err()
+        .is_conflict());
+    assert_eq!(
+        c.get_credential("carol-prod").unwrap().unwrap().sealed,
+        "S2"
+    );
+    let all = [
+        Resealed {
+            name: "a-first".into(),
+            previous: "S9".into(),
+            sealed: "R9".into(),
+        },
+        Resealed {
+            name: "carol-prod".into(),
+            previous: "S2".into(),
+            sealed: "R2".into(),
+        },
+    ];
+    assert_eq!(
+        c.reseal_credentials(&all, "k2", "bob", t("2026-01-04T00:00:00Z"))
+            .unwrap(),
+        2
+    );
+    let row = c.get_credential("carol-prod").unwrap().unwrap();
+    assert_eq!((row.sealed.as_str(), row.key_id.as_str()), ("R2", "k2"));
+    // Nothing left to reseal: an empty rotation to the same key is fine.
+    assert_eq!(
+        c.reseal_credentials(&[], "k2", "bob", t("2026-01-04T00:00:00Z"))
+            .unwrap(),
+        0
+    );
+
+    assert!(c
+        .delete_credential("a-first", "carol", t("2026-01-05T00:00:00Z"))
+        .unwrap());
+    assert!(!c
+        .delete_credential("a-first", "carol", t("2026-01-05T00:00:00Z"))
+        .unwrap());
+    assert!(c.get_credential("a-first").unwrap().is_none());
+
+    // The audit trail: every change, newest first, with field names and no values.
+    let audit = c.list_audit("credential:carol-prod", 0).unwrap();
+    let actions: Vec<(&str, &str)> = audit
+        .iter()
+        .map(|a| (a.action.as_str(), a.actor.as_str()))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("credential.rotate", "bob"),
+            ("credential.set", "alice"),
+            ("credential.set", "alice")
+        ]
+    );
+    assert_eq!(
+        audit[0].detail,
+        serde_json::json!({"type": "carol", "from_key": "k1", "to_key": "k2"})
+    );
+    assert_eq!(
+        audit[1].detail,
+        serde_json::json!({"type": "carol", "created": false, "fields": ["api_key"]})
+    );
+    assert_eq!(
+        audit[2].detail["fields"],
+        serde_json::json!(["tenant", "api_key"])
+    );
+    assert_eq!(audit[0].target, "credential:carol-prod");
+    assert_eq!(audit[0].time, t("2026-01-04T00:00:00Z"));
+    let every = c.list_audit("credential:", 0).unwrap();
+    assert_eq!(every.len(), 6);
+    assert_eq!(every[0].action, "credential.delete");
+    assert_eq!(every[0].target, "credential:a-first");
+    assert_eq!(c.list_audit("", 2).unwrap().len(), 2);
+    assert!(c
+        .list_audit("credential:carol-prod-x", 0)
+        .unwrap()
+        .is_empty());
 }

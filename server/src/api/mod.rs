@@ -8,6 +8,7 @@
 //! `api::every_endpoint_by_role` walks them all.
 
 pub mod backfills;
+pub mod credentials;
 pub mod integrations;
 pub mod plugins;
 pub mod runs;
@@ -42,6 +43,7 @@ use utoipa_axum::router::OpenApiRouter;
         (name = "workers", description = "Worker processes"),
         (name = "plugins", description = "Step and credential types"),
         (name = "users", description = "Users, machine tokens, the audit trail (admins)"),
+        (name = "credentials", description = "Stored credentials (admins); private values are write-only"),
         (name = "events", description = "Live run and step changes"),
     )
 )]
@@ -153,6 +155,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .merge(workers::router())
         .merge(plugins::router())
         .merge(users::router())
+        .merge(credentials::router())
         .merge(crate::events::router())
 }
 

@@ -66,52 +66,6 @@ fn standalone(
     v
 }
 
-/// Split an object schema by its properties' `writeOnly` marks: (public, private).
-pub fn split_private(schema: &serde_json::Value) -> (serde_json::Value, serde_json::Value) {
-    let resolve = |p: &serde_json::Value| -> bool {
-        if p.get("writeOnly").and_then(|w| w.as_bool()) == Some(true) {
-            return true;
-        }
-        // `Option<T>` fields come as `anyOf`/`$ref` wrappers: look one level in.
-        p.get("anyOf")
-            .or_else(|| p.get("oneOf"))
-            .and_then(|a| a.as_array())
-            .is_some_and(|a| {
-                a.iter()
-                    .any(|x| x.get("writeOnly").and_then(|w| w.as_bool()) == Some(true))
-            })
-    };
-    let mut public = serde_json::Map::new();
-    let mut private = serde_json::Map::new();
-    let required: Vec<String> = schema
-        .get("required")
-        .and_then(|r| r.as_array())
-        .map(|r| {
-            r.iter()
-                .filter_map(|x| x.as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
-    if let Some(props) = schema.get("properties").and_then(|p| p.as_object()) {
-        for (k, p) in props {
-            if resolve(p) {
-                private.insert(k.clone(), p.clone());
-            } else {
-                public.insert(k.clone(), p.clone());
-            }
-        }
-    }
-    let part = |props: serde_json::Map<String, serde_json::Value>| {
-        let req: Vec<&String> = required.iter().filter(|r| props.contains_key(*r)).collect();
-        let mut o = serde_json::json!({"type": "object", "properties": props, "required": req});
-        if let Some(defs) = schema.get("$defs") {
-            o["$defs"] = defs.clone();
-        }
-        o
-    };
-    (part(public), part(private))
-}
-
 /// Every step type and credential type with its schemas.
 #[utoipa::path(get, path = "/api/v1/plugins", tag = "plugins",
     responses((status = 200, body = Plugins)))]
@@ -129,18 +83,18 @@ pub async fn list_plugins(
             schema: standalone(k.schema),
         })
         .collect();
+    // The split into public and private fields is the vault's (its `writeOnly` marks).
     let credentials = registry
         .connections
         .kinds()
         .map(|k| {
-            let schema = standalone(k.schema);
-            let (public_schema, private_schema) = split_private(&schema);
+            let t = credentials::credential_type(k);
             CredentialPlugin {
-                name: k.name.to_string(),
-                summary: k.summary.to_string(),
-                schema,
-                public_schema,
-                private_schema,
+                name: t.name,
+                summary: t.summary,
+                schema: standalone(k.schema),
+                public_schema: t.public_schema,
+                private_schema: t.private_schema,
             }
         })
         .collect();

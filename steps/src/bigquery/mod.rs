@@ -258,6 +258,7 @@ pub struct Connection {
     key_file: Option<String>,
     /// The service-account key itself (JSON text or a mapping).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     key_json: Option<Value>,
     /// The local fake that `pipe run --sandbox` points this connection at (`bigquery`).
     #[serde(default)]

@@ -44,9 +44,11 @@ pub struct Connection {
     pub username: Option<String>,
     /// The user's password.
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub password: Option<String>,
     /// A connector API key (instead of username and password).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub api_key: Option<String>,
     /// Timeout of one request (`2m`).
     #[serde(default)]

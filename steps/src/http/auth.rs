@@ -61,11 +61,13 @@ pub enum Auth {
         /// The user name.
         username: String,
         /// The password (use `{{ secret('NAME') }}`).
+        #[schemars(extend("writeOnly" = true))]
         password: String,
     },
     /// `Authorization: Bearer <token>`.
     Bearer {
         /// The token (use `{{ secret('NAME') }}`).
+        #[schemars(extend("writeOnly" = true))]
         token: String,
     },
     /// An API key in a header or a query parameter.
@@ -73,6 +75,7 @@ pub enum Auth {
         /// The header or query parameter name (`X-API-Key`, `api_key` …).
         name: String,
         /// The key (use `{{ secret('NAME') }}`).
+        #[schemars(extend("writeOnly" = true))]
         value: String,
         /// Where the key goes: `header` (default) or `query`.
         #[serde(default, rename = "in")]
@@ -90,15 +93,18 @@ pub enum Auth {
         client_id: Option<String>,
         /// The client secret (sent in the form body).
         #[serde(default)]
+        #[schemars(extend("writeOnly" = true))]
         client_secret: Option<String>,
         /// The user name (grant `password`).
         #[serde(default)]
         username: Option<String>,
         /// The password (grant `password`).
         #[serde(default)]
+        #[schemars(extend("writeOnly" = true))]
         password: Option<String>,
         /// The refresh token (grant `refresh_token`).
         #[serde(default)]
+        #[schemars(extend("writeOnly" = true))]
         refresh_token: Option<String>,
         /// Space-separated scopes to ask for.
         #[serde(default)]

@@ -65,6 +65,7 @@ pub struct Connection {
     pub headers: IndexMap<String, Value>,
     /// Authentication for every request (the step's `auth` overrides it).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub auth: Option<Auth>,
     /// Timeout of one request (`30s`).
     #[serde(default)]

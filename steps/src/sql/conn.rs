@@ -56,6 +56,7 @@ pub struct Spec {
     /// `postgres://user:pass@host:5432/db?sslmode=require`, `mysql://…`, `sqlite:///path` or
     /// a path; for `sqlserver` an ADO.NET string (`server=tcp:host,1433;user=…`).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub url: Option<String>,
     /// The server's host name or address.
     #[serde(default)]
@@ -68,6 +69,7 @@ pub struct Spec {
     pub user: Option<String>,
     /// The password (use `{{ secret('NAME') }}`).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub password: Option<String>,
     /// The database to connect to.
     #[serde(default)]
@@ -77,6 +79,7 @@ pub struct Spec {
     pub path: Option<String>,
     /// ODBC: a full connection string (`Driver={PostgreSQL Unicode};Server=…`).
     #[serde(default)]
+    #[schemars(extend("writeOnly" = true))]
     pub connection_string: Option<String>,
     /// ODBC: a data source name from odbc.ini.
     #[serde(default)]
