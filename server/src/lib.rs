@@ -19,6 +19,7 @@
 
 pub mod api;
 pub mod auth;
+mod dashboard;
 mod docs;
 mod events;
 mod metrics;
@@ -161,6 +162,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api)
         .merge(docs::router(openapi))
         .merge(metrics::router())
+        .merge(dashboard::router())
         .fallback(|| async { Problem::not_found("no such page or endpoint (the API is under /api/v1/, its documentation at /api/v1/docs/)") })
         .method_not_allowed_fallback(|| async {
             Problem::new(
