@@ -6,6 +6,7 @@ mod util;
 mod carol;
 mod cli;
 mod cluster;
+mod dashboard;
 mod deploy;
 mod exec;
 mod executor;
