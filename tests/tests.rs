@@ -8,6 +8,7 @@ mod carol;
 mod cli;
 mod cluster;
 mod credentials;
+mod dashboard;
 mod deploy;
 mod exec;
 mod executor;
