@@ -197,6 +197,20 @@ pub(crate) fn audit_in(
     Ok(())
 }
 
+/// The columns of `audit` in order, as [`audit_row`] reads them.
+pub(crate) const AUDIT_COLUMNS: &str = "id, time, actor, action, target, detail";
+
+pub(crate) fn audit_row(r: &Row) -> Result<AuditRow> {
+    Ok(AuditRow {
+        id: r.int(0)?,
+        time: r.time(1)?,
+        actor: r.text(2)?,
+        action: r.text(3)?,
+        target: r.text(4)?,
+        detail: r.json(5)?,
+    })
+}
+
 fn user_row(r: &Row) -> Result<UserRow> {
     Ok(UserRow {
         name: r.text(0)?,
@@ -500,21 +514,13 @@ impl<B: Backend> AccountStore for SqlStore<B> {
         let limit = i64::try_from(limit.clamp(1, 10_000)).unwrap_or(10_000);
         self.read(|tx| {
             tx.query(
-                "SELECT id, time, actor, action, target, detail FROM audit
-                 WHERE id < ?1 ORDER BY id DESC LIMIT ?2",
+                &format!(
+                    "SELECT {AUDIT_COLUMNS} FROM audit WHERE id < ?1 ORDER BY id DESC LIMIT ?2"
+                ),
                 p![before_id.unwrap_or(i64::MAX), limit],
             )?
             .iter()
-            .map(|r| {
-                Ok(AuditRow {
-                    id: r.int(0)?,
-                    time: r.time(1)?,
-                    actor: r.text(2)?,
-                    action: r.text(3)?,
-                    target: r.text(4)?,
-                    detail: r.json(5)?,
-                })
-            })
+            .map(audit_row)
             .collect()
         })
     }

@@ -296,21 +296,15 @@ impl<B: Backend> CredentialStore for SqlStore<B> {
         let chars = target_prefix.chars().count() as i64;
         self.read(|tx| {
             tx.query(
-                "SELECT id, time, actor, action, target, detail FROM audit \
-                 WHERE substr(target, 1, ?2) = ?1 ORDER BY id DESC LIMIT ?3",
+                &format!(
+                    "SELECT {} FROM audit WHERE substr(target, 1, ?2) = ?1 \
+                     ORDER BY id DESC LIMIT ?3",
+                    crate::accounts::AUDIT_COLUMNS
+                ),
                 p![target_prefix, chars, limit],
             )?
             .iter()
-            .map(|r| {
-                Ok(AuditRow {
-                    id: r.int(0)?,
-                    time: r.time(1)?,
-                    actor: r.text(2)?,
-                    action: r.text(3)?,
-                    target: r.text(4)?,
-                    detail: r.json(5)?,
-                })
-            })
+            .map(crate::accounts::audit_row)
             .collect()
         })
     }
