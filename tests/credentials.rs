@@ -832,11 +832,30 @@ fn serve_runs_resolve_stored_credentials() {
             .iter()
             .any(|r| r["status"] == "succeeded")
     });
-    wait("the missing credential's message", &mut || {
-        server
-            .output()
-            .contains("connection `db`: credential `pg-gone`: no credential `pg-gone`")
+    // The run that could not start is a failed run with the reason, where operators look
+    // (runs list, its log, the API and the dashboard), not only a line in the server's log.
+    let why = "connection `db`: credential `pg-gone`: no credential `pg-gone`";
+    let mut failed = serde_json::Value::Null;
+    wait("the missing credential's failed run", &mut || {
+        let out = env.run(&["runs", "list", "--pipeline", "missing", "--format", "json"]);
+        match out.json().as_array().unwrap().first() {
+            Some(r) if r["status"] == "failed" => {
+                failed = r.clone();
+                true
+            }
+            _ => false,
+        }
     });
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("could not start") && error.contains(why),
+        "{failed}"
+    );
+    assert_eq!(failed["trigger"], "manual", "{failed}");
+    let id = failed["id"].as_i64().unwrap().to_string();
+    let logs = env.run(&["runs", "logs", &id]);
+    logs.expect_code(0);
+    assert!(logs.stdout().contains(why), "{}", logs.stdout());
     assert!(!server.output().contains("pg-serve-private"));
     assert_eq!(server.stop(), 0, "{}", server.output());
 }

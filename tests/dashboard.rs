@@ -5,10 +5,9 @@
 //!
 //! Screenshots of every page go to `$CARGO_TARGET_TMPDIR/dashboard/` (the path is printed).
 //!
-//! `pipe serve` has no sandbox mode (only `pipe run --sandbox` has), so the run watched
-//! live is a small pipeline of `sleep` steps written here (the headline tiflux pipeline
-//! would need the sandbox's fakes), and `pipelines/hello.yaml` is triggered from its form
-//! and followed to its log.
+//! The server runs with `--sandbox`: the headline `pipelines/tiflux.yaml` is triggered
+//! from its form and watched live against the local fakes (slowed with `PIPE_SANDBOX` so
+//! that its steps are seen changing), and `pipelines/hello.yaml` is followed to its log.
 
 use crate::util::{repo_root, Daemon, Env};
 use fantoccini::{Client, ClientBuilder, Locator};
@@ -20,6 +19,8 @@ use std::time::{Duration, Instant};
 const PATIENCE: Duration = Duration::from_secs(90);
 const ADMIN_PASSWORD: &str = "admin-password-1";
 const VIEWER_PASSWORD: &str = "viewer-password-1";
+/// The private value saved from the credentials page: it must never come back.
+const CANARY: &str = "canary-dashboard-7d1f3b";
 const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 
 /// Three steps in a chain, a second each: slow enough to watch them turn green.
@@ -224,6 +225,40 @@ async fn trigger_and_open_run(c: &Client, base: &str, name: &str) -> String {
     format!("{base}{href}")
 }
 
+/// Follow the run page's link to its whole log; the log table's text.
+async fn open_logs(c: &Client) -> String {
+    c.find(Locator::Css("#all-logs"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_until("the log page", || async {
+        c.find(Locator::Css("table#log")).await.is_ok()
+    })
+    .await;
+    text_of(c, "table#log").await
+}
+
+async fn text_of(c: &Client, css: &str) -> String {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .text()
+        .await
+        .unwrap()
+}
+
+/// A form control's current value.
+async fn value_of(c: &Client, css: &str) -> Option<String> {
+    c.find(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .prop("value")
+        .await
+        .unwrap()
+}
+
 async fn step_statuses(c: &Client) -> Vec<(String, String)> {
     let v = c
         .execute(
@@ -242,7 +277,14 @@ fn the_dashboard_in_a_browser() {
         "p/hello.yaml",
         &std::fs::read_to_string(repo_root().join("pipelines/hello.yaml")).unwrap(),
     );
+    env.write(
+        "p/tiflux.yaml",
+        &std::fs::read_to_string(repo_root().join("pipelines/tiflux.yaml")).unwrap(),
+    );
     env.write("p/slow.yaml", SLOW);
+    let key = env.run(&["credentials", "new-key"]);
+    key.expect_code(0);
+    let master_key = key.stdout().trim().to_string();
     let mut server = Daemon::spawn(
         &env,
         "serve",
@@ -253,8 +295,17 @@ fn the_dashboard_in_a_browser() {
             "127.0.0.1:0",
             "--init-admin",
             "admin",
+            "--sandbox",
         ],
-        &[("PIPE_INIT_ADMIN_PASSWORD", ADMIN_PASSWORD)],
+        &[
+            ("PIPE_INIT_ADMIN_PASSWORD", ADMIN_PASSWORD),
+            ("PIPE_MASTER_KEY", &master_key),
+            // Slow enough fakes that the page shows the steps before they are done.
+            (
+                "PIPE_SANDBOX",
+                r#"{"otp_delay_ms": 1500, "latency_ms": 150}"#,
+            ),
+        ],
     );
     let until = Instant::now() + PATIENCE;
     let addr = loop {
@@ -309,6 +360,8 @@ fn the_dashboard_in_a_browser() {
         login(&c, &base, "admin", ADMIN_PASSWORD).await;
         c.find(Locator::Css("#integration-hello")).await.unwrap();
         c.find(Locator::Css("#integration-slow")).await.unwrap();
+        c.find(Locator::Css("#integration-tiflux-tickets")).await.unwrap();
+        c.find(Locator::Css("#sandbox-mode")).await.expect("the sandbox badge");
         shot(&c, &dir, "integrations").await;
 
         // hello from its form: its run succeeds, every step green; its log.
@@ -323,20 +376,16 @@ fn the_dashboard_in_a_browser() {
         assert_eq!(steps.len(), 4, "{steps:?}");
         assert!(steps.iter().all(|(_, s)| s == "succeeded"), "{steps:?}");
         shot(&c, &dir, "run-hello").await;
-        c.find(Locator::Css("#all-logs")).await.unwrap().click().await.unwrap();
-        wait_until("the log page", || async {
-            c.find(Locator::Css("table#log")).await.is_ok()
-        })
-        .await;
-        let log = c.find(Locator::Css("table#log")).await.unwrap().text().await.unwrap();
+        let log = open_logs(&c).await;
         assert!(log.contains("hello, world"), "{log}");
         assert!(log.contains("goodbye, world"), "{log}");
         shot(&c, &dir, "logs").await;
 
-        // slow, watched live: the page is not reloaded (same URL, the marker set at load is
-        // still there) while its steps turn green one after the other.
-        let slow = trigger_and_open_run(&c, &base, "slow").await;
-        c.goto(&slow).await.unwrap();
+        // tiflux (against the fakes), watched live: the page is not reloaded (same URL,
+        // the marker set at load is still there) while its steps turn green one after the
+        // other.
+        let tiflux = trigger_and_open_run(&c, &base, "tiflux-tickets").await;
+        c.goto(&tiflux).await.unwrap();
         c.execute(
             "window.__violations = []; document.addEventListener('securitypolicyviolation', e => window.__violations.push(e.violatedDirective + ' ' + e.blockedURI)); const m = document.createElement('i'); m.id = 'loaded-marker'; document.body.appendChild(m);",
             vec![],
@@ -345,7 +394,7 @@ fn the_dashboard_in_a_browser() {
         .unwrap();
         let url = c.current_url().await.unwrap();
         let at_load = step_statuses(&c).await;
-        assert_eq!(at_load.len(), 3, "{at_load:?}");
+        assert_eq!(at_load.len(), 7, "{at_load:?}");
         let mut seen = vec![at_load.clone()];
         let until = Instant::now() + PATIENCE;
         loop {
@@ -356,7 +405,10 @@ fn the_dashboard_in_a_browser() {
             if c.find(Locator::Css("#live[data-status='succeeded']")).await.is_ok() {
                 break;
             }
-            assert!(Instant::now() < until, "slow's run did not succeed on the page: {seen:?}");
+            if let Ok(e) = c.find(Locator::Css("#live[data-status='failed']")).await {
+                panic!("tiflux's run failed on the page: {}", e.html(false).await.unwrap_or_default());
+            }
+            assert!(Instant::now() < until, "tiflux's run did not succeed on the page: {seen:?}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let last = step_statuses(&c).await;
@@ -372,7 +424,7 @@ fn the_dashboard_in_a_browser() {
             .expect("the marker set at load is gone: the page was reloaded");
         let fill = c
             .execute(
-                "return getComputedStyle(document.querySelector(\"#dag g.node[data-step='third'] rect\")).fill;",
+                "return getComputedStyle(document.querySelector(\"#dag g.node[data-step='load'] rect\")).fill;",
                 vec![],
             )
             .await
@@ -380,8 +432,13 @@ fn the_dashboard_in_a_browser() {
         assert_eq!(fill, "rgb(223, 243, 231)", "a succeeded step is drawn green");
         let violations = c.execute("return window.__violations;", vec![]).await.unwrap();
         assert_eq!(violations, serde_json::json!([]), "CSP violations");
-        println!("slow's steps on the page, as they changed: {seen:?}");
-        shot(&c, &dir, "run-slow").await;
+        println!("tiflux's steps on the page, as they changed: {seen:?}");
+        shot(&c, &dir, "run-tiflux").await;
+        // Its log, from the run page.
+        let log = open_logs(&c).await;
+        assert!(log.contains("tickets"), "{log}");
+        shot(&c, &dir, "logs-tiflux").await;
+        let slow = tiflux.clone();
 
         // The other pages; on a phone-sized window too.
         for (path, name) in [("/schedules", "schedules"), ("/workers", "workers"), ("/credentials", "credentials")] {
@@ -390,6 +447,57 @@ fn the_dashboard_in_a_browser() {
             shot(&c, &dir, name).await;
         }
         c.find(Locator::Css("#credential-type-carol")).await.unwrap();
+
+        // A credential from its type's form. A refused save names the field and keeps the
+        // public values typed (not the private one); a saved credential lists its private
+        // field by name only, and the value is on no page.
+        let carol = "#credential-type-carol form";
+        let form = c.form(Locator::Css(carol)).await.unwrap();
+        form.set_by_name("name", "carol-dash").await.unwrap();
+        form.set_by_name("public.connector_id", "conn-dash").await.unwrap();
+        form.set_by_name("private.api_key", CANARY).await.unwrap();
+        form.submit().await.unwrap();
+        let e = c.wait().for_element(Locator::Css("#credential-error")).await.unwrap();
+        let refused = e.text().await.unwrap();
+        assert!(refused.contains("carol-dash") && refused.contains("tenant"), "{refused}");
+        let kept = value_of(&c, &format!("{carol} input[name='public.connector_id']")).await;
+        assert_eq!(kept.as_deref(), Some("conn-dash"));
+        let private = value_of(&c, &format!("{carol} input[name='private.api_key']")).await;
+        assert_eq!(private.as_deref(), Some(""), "a private value came back in the form");
+        assert!(!c.source().await.unwrap().contains(CANARY));
+        shot(&c, &dir, "credentials-refused").await;
+        let form = c.form(Locator::Css(carol)).await.unwrap();
+        form.set_by_name("public.tenant", "acme").await.unwrap();
+        form.set_by_name("private.api_key", CANARY).await.unwrap();
+        form.submit().await.unwrap();
+        c.wait().for_element(Locator::Css("#credential-saved")).await.unwrap();
+        let row = text_of(&c, "#credential-carol-dash").await;
+        assert!(row.contains("carol") && row.contains("acme") && row.contains("conn-dash"), "{row}");
+        let set = text_of(&c, "#credential-carol-dash td.private").await;
+        assert!(set.contains("api_key"), "{set}");
+        assert!(!c.source().await.unwrap().contains(CANARY), "the private value came back");
+        shot(&c, &dir, "credentials-saved").await;
+        // Replaced with the private field left empty: the stored value is kept.
+        let form = c.form(Locator::Css(carol)).await.unwrap();
+        form.set_by_name("name", "carol-dash").await.unwrap();
+        form.set_by_name("public.tenant", "acme-2").await.unwrap();
+        form.set_by_name("public.connector_id", "conn-dash").await.unwrap();
+        form.submit().await.unwrap();
+        c.wait().for_element(Locator::Css("#credential-saved")).await.unwrap();
+        let set = text_of(&c, "#credential-carol-dash td.private").await;
+        assert!(set.contains("api_key"), "an empty private field removed the stored value: {set}");
+        // One more, deleted from its row.
+        let form = c.form(Locator::Css(carol)).await.unwrap();
+        form.set_by_name("name", "carol-gone").await.unwrap();
+        form.set_by_name("public.tenant", "acme").await.unwrap();
+        form.set_by_name("public.connector_id", "conn-gone").await.unwrap();
+        form.set_by_name("private.api_key", "gone-key").await.unwrap();
+        form.submit().await.unwrap();
+        c.wait().for_element(Locator::Css("#credential-carol-gone")).await.unwrap();
+        c.find(Locator::Css("#credential-carol-gone button.delete")).await.unwrap().click().await.unwrap();
+        c.wait().for_element(Locator::Css("#credential-deleted")).await.unwrap();
+        assert!(c.find(Locator::Css("#credential-carol-gone")).await.is_err());
+        c.find(Locator::Css("#credential-carol-dash")).await.unwrap();
         c.set_window_size(390, 844).await.unwrap();
         c.goto(&slow).await.unwrap();
         shot(&c, &dir, "run-slow-phone").await;
@@ -421,6 +529,11 @@ fn the_dashboard_in_a_browser() {
         assert!(c.find(Locator::Css("button.toggle")).await.is_err(), "a viewer sees a toggle");
         c.goto(&slow).await.unwrap();
         assert!(c.find(Locator::Css("#repair, #cancel")).await.is_err());
+        c.goto(&format!("{base}/credentials")).await.unwrap();
+        c.find(Locator::Css("#credentials-note")).await.unwrap();
+        assert!(c.find(Locator::Css("button.save, #credentials")).await.is_err(), "a viewer sees stored credentials or a save button");
+        assert!(!c.source().await.unwrap().contains("carol-dash"));
+        shot(&c, &dir, "credentials-viewer").await;
         shot(&c, &dir, "integrations-viewer").await;
         let viewer_cookie = session_cookie(&c).await;
         c.close().await.unwrap();
@@ -512,6 +625,8 @@ fn the_dashboard_in_a_browser() {
         "/integrations/slow/trigger",
         "/integrations/slow/disable",
         "/runs/1/repair",
+        "/credentials",
+        "/credentials/carol-dash/delete",
     ] {
         let r = http(
             &addr,
@@ -523,6 +638,15 @@ fn the_dashboard_in_a_browser() {
         assert_eq!(r.status, 403, "{path}: {}", r.body);
         assert!(r.body.contains("viewer"), "{path}: {}", r.body);
     }
+    // The private value saved from the page is on no page and in no log line.
+    let page = http(&addr, "GET", "/credentials", &[("Cookie", &admin)], "").body;
+    assert!(page.contains("carol-dash"), "{page}");
+    assert!(!page.contains(CANARY));
+    let output = server.output();
+    assert!(
+        !output.contains(CANARY),
+        "the server logged a private value"
+    );
     server.stop();
 }
 

@@ -300,6 +300,50 @@ impl Runner {
         prepared
     }
 
+    /// A run that could not be prepared (`why`: its stored credential is missing, a param is
+    /// wrong, the fakes did not start), recorded as `failed` with the reason as its error
+    /// and its one log row: a service's operators find it in the runs list and on the
+    /// dashboard, where a `pipe run` prints the reason instead. A repair (`resume`) records
+    /// the failure as the run's next attempt. Its queue item is done with it. The reason
+    /// names connections, credentials and params, never a value. Returns the run id.
+    pub async fn record_unstartable(
+        &self,
+        spec: &RunSpec,
+        why: &PrepareError,
+    ) -> Result<i64, PrepareError> {
+        let plan = match &spec.plan {
+            PlanSource::Plan(plan) => plan.clone(),
+            PlanSource::Loaded(l) => l.plan.clone(),
+            PlanSource::File(path) => self.load(path, &path.display().to_string())?.plan,
+        };
+        let error = format!("the run could not start: {why}");
+        let params = serde_json::Value::Object(
+            spec.params
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        ParamValue::Json(j) => j.clone(),
+                        ParamValue::Text(t) => serde_json::Value::String(t.clone()),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        );
+        let handle = self.store.clone();
+        let new = ::store::NewRun {
+            params,
+            logical_date: spec.logical_date,
+            lease_owner: spec.lease_owner.clone(),
+            queue_item: spec.queue_item,
+            fence: spec.fence,
+            ..::store::NewRun::new(plan.name.clone(), spec.trigger, ::store::Owner::Pipe)
+        };
+        let resume = spec.resume;
+        tokio::task::spawn_blocking(move || handle.record_unstartable(new, resume, &error))
+            .await
+            .map_err(|e| PrepareError::History(format!("cannot record the run: {e}")))?
+    }
+
     /// Resolve the plan's `credential:` connections into `overrides` (see the `credentials`
     /// module); the private values the run must mask. A dry run resolves none (it records
     /// nothing, needs no store and no key).

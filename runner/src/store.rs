@@ -211,6 +211,47 @@ impl StoreHandle {
             store,
         })
     }
+    /// Record a run that could not start (or, with `resume`, that run's next attempt) as
+    /// `failed` with `error`, which is also its one log row ([`crate::Runner::record_unstartable`]).
+    /// Blocking.
+    pub fn record_unstartable(
+        &self,
+        mut new: NewRun,
+        resume: Option<i64>,
+        error: &str,
+    ) -> Result<i64, PrepareError> {
+        let store = self.get()?;
+        let history = |e: store::StoreError| {
+            PrepareError::History(format!("cannot record the run that could not start: {e:#}"))
+        };
+        new.lease_owner = new.lease_owner.or_else(|| self.lease_owner.clone());
+        let run_id = match resume {
+            Some(id) => {
+                store
+                    .start_attempt(id, new.lease_owner.as_deref(), chrono::Utc::now())
+                    .map_err(history)?;
+                id
+            }
+            None => store.create_run_kept(&new).map_err(history)?.id,
+        };
+        store
+            .add_log(
+                run_id,
+                &engine::events::LogRecord {
+                    time: chrono::Utc::now(),
+                    level: engine::events::Level::Error,
+                    step: None,
+                    message: error.to_string(),
+                    description: None,
+                    file: None,
+                },
+            )
+            .map_err(history)?;
+        store
+            .finish_run(run_id, engine::status::Status::Failed, Some(error), true)
+            .map_err(history)?;
+        Ok(run_id)
+    }
 }
 
 /// Drain the writer once the run is over; the error, if the history may be incomplete. When

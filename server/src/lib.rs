@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub repairs: Option<Arc<dyn api::runs::RepairPlanner>>,
     /// Stored credentials (with the master key when one is set).
     pub vault: credentials::Vault,
+    /// Every run goes to pipe's local fakes (`pipe serve --sandbox`): the dashboard says so.
+    pub sandbox: bool,
 }
 
 /// A line on stderr with the time: the server's log (the service's format).
@@ -72,6 +74,7 @@ struct Inner {
     version: String,
     repairs: Option<Arc<dyn api::runs::RepairPlanner>>,
     vault: credentials::Vault,
+    sandbox: bool,
     shutdown: CancellationToken,
 }
 
@@ -92,6 +95,7 @@ impl AppState {
             version: cfg.version,
             repairs: cfg.repairs,
             vault: cfg.vault,
+            sandbox: cfg.sandbox,
             shutdown,
         }));
         tokio::spawn(events::watch(state.clone()));
@@ -121,6 +125,10 @@ impl AppState {
     }
     pub(crate) fn vault(&self) -> &credentials::Vault {
         &self.0.vault
+    }
+    /// Runs go to the local fakes (`pipe serve --sandbox`).
+    pub fn sandbox(&self) -> bool {
+        self.0.sandbox
     }
     pub fn version(&self) -> &str {
         &self.0.version

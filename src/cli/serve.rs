@@ -22,6 +22,12 @@ pub struct ServeArgs {
     pub drain_timeout: std::time::Duration,
     #[command(flatten)]
     pub api: ApiArgs,
+    /// Run every run offline against pipe's local fakes of the external services, as
+    /// `pipe run --sandbox` does (each run gets its own fakes): try the service, the API
+    /// and the dashboard on the real pipelines without touching Tiflux, Google or Carol.
+    /// With --broker, give it to the `pipe worker`s too.
+    #[arg(long)]
+    pub sandbox: bool,
 }
 
 /// The REST API and the dashboard.
@@ -79,6 +85,7 @@ async fn start_api(
     listen: std::net::SocketAddr,
     init_admin: Option<(String, String)>,
     store: Arc<dyn store::RunStore>,
+    sandbox: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -122,6 +129,7 @@ async fn start_api(
         registry: Arc::new(super::registry()),
         version: env!("CARGO_PKG_VERSION").to_string(),
         repairs: Some(Arc::new(RunnerRepairs(Arc::new(super::registry())))),
+        sandbox,
     };
     let state = server::AppState::new(config, shutdown.clone()).await?;
     service::serve::log(format!(
@@ -218,6 +226,7 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
         }
     };
     let listen = args.api.listen;
+    let sandbox = args.sandbox;
     let state_dir = cfg.state_dir.clone();
     run_until_signalled(cfg, move |store, shutdown, hurry| {
         let api_store = store.clone();
@@ -230,16 +239,24 @@ pub fn main(args: ServeArgs, cfg: &store::StoreConfig) -> i32 {
             drain_timeout: args.drain_timeout,
             registry: super::registry(),
             store,
-            launcher: Arc::new(launcher::RunnerLauncher::new(
-                super::registry(),
-                &cfg.state_dir,
-            )),
+            launcher: Arc::new(
+                launcher::RunnerLauncher::new(super::registry(), &cfg.state_dir)
+                    .sandboxed(args.sandbox),
+            ),
             hurry,
         };
         async move {
             let api = match listen {
                 Some(addr) => Some(
-                    start_api(state_dir, addr, init_admin, api_store, api_shutdown.clone()).await?,
+                    start_api(
+                        state_dir,
+                        addr,
+                        init_admin,
+                        api_store,
+                        sandbox,
+                        api_shutdown.clone(),
+                    )
+                    .await?,
                 ),
                 None => None,
             };
@@ -337,6 +354,8 @@ pub(crate) mod launcher {
 
     pub struct RunnerLauncher {
         registry: Arc<engine::step::Registry>,
+        /// Every run against the local fakes (`--sandbox`).
+        sandbox: bool,
         state_dir: std::path::PathBuf,
         /// One runner for all workers (they share its token caches), made at the first run:
         /// it records runs under the service's lease, known once the service started.
@@ -347,9 +366,17 @@ pub(crate) mod launcher {
         pub fn new(registry: engine::step::Registry, state_dir: &std::path::Path) -> Self {
             RunnerLauncher {
                 registry: Arc::new(registry),
+                sandbox: false,
                 state_dir: state_dir.to_path_buf(),
                 runner: OnceLock::new(),
             }
+        }
+
+        /// Run every run against the local fakes (`pipe serve --sandbox`, `pipe worker
+        /// --sandbox`).
+        pub fn sandboxed(mut self, sandbox: bool) -> Self {
+            self.sandbox = sandbox;
+            self
         }
 
         fn runner(&self, job: &service::Job) -> Arc<runner::Runner> {
@@ -456,7 +483,28 @@ pub(crate) mod launcher {
             if job.fenced && item.trigger != store::Trigger::Repair {
                 spec.fence = Some(item.fence);
             }
-            let prepared = runner.prepare(spec).await?;
+            spec.sandbox = self.sandbox;
+            let prepared = match runner.prepare(spec.clone()).await {
+                Ok(p) => p,
+                // Its store cannot be written: nothing can be recorded (the service logs it).
+                Err(e @ runner::PrepareError::History(_)) => return Err(e.into()),
+                // A missing credential, a wrong param, fakes that did not start: a failed
+                // run with the reason, in the runs list and on the dashboard, not only in
+                // the server's log.
+                Err(why) => {
+                    let run_id = runner.record_unstartable(&spec, &why).await?;
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let _ = tx.send(service::RunEnd {
+                        status: engine::status::Status::Failed,
+                        recorded: true,
+                    });
+                    return Ok(service::RunHandle {
+                        run_id,
+                        cancel: tokio_util::sync::CancellationToken::new(),
+                        done: rx,
+                    });
+                }
+            };
             let handle = prepared.start(Vec::new());
             let run_id = handle.id();
             let cancel = tokio_util::sync::CancellationToken::new();

@@ -23,6 +23,10 @@ pub struct WorkerArgs {
     /// before they are cancelled (their teardown steps still run).
     #[arg(long, default_value = "5min", value_parser = parse_duration)]
     pub drain_timeout: std::time::Duration,
+    /// Run every run against pipe's local fakes of the external services (for a
+    /// `pipe serve --sandbox` cluster).
+    #[arg(long)]
+    pub sandbox: bool,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -75,10 +79,10 @@ pub fn main(args: WorkerArgs, cfg: &store::StoreConfig) -> i32 {
             registry: super::registry(),
             store,
             broker,
-            launcher: Arc::new(super::serve::launcher::RunnerLauncher::new(
-                super::registry(),
-                &cfg.state_dir,
-            )),
+            launcher: Arc::new(
+                super::serve::launcher::RunnerLauncher::new(super::registry(), &cfg.state_dir)
+                    .sandboxed(args.sandbox),
+            ),
             hurry,
             version: env!("CARGO_PKG_VERSION").to_string(),
         };

@@ -51,7 +51,11 @@ pub fn router() -> Router<AppState> {
         .route("/runs/{id}/repair", post(pages::repair))
         .route("/schedules", get(pages::schedules))
         .route("/workers", get(pages::workers))
-        .route("/credentials", get(pages::credentials))
+        .route(
+            "/credentials",
+            get(pages::credentials).post(pages::save_credential),
+        )
+        .route("/credentials/{name}/delete", post(pages::delete_credential))
         .route("/logout", post(pages::logout));
     Router::new()
         .route("/login", get(pages::login_form).post(pages::login))
@@ -69,6 +73,8 @@ pub struct Session {
     pub user: String,
     /// The token every POST of this session must carry.
     pub csrf: String,
+    /// The server runs every run against the local fakes (`pipe serve --sandbox`).
+    pub sandbox: bool,
 }
 
 impl Session {
@@ -223,6 +229,7 @@ impl FromRequestParts<AppState> for Session {
             caller,
             user,
             csrf: csrf_of(&refresh),
+            sandbox: state.sandbox(),
         };
         parts.extensions.insert(session.clone());
         Ok(session)
@@ -453,6 +460,7 @@ pub(crate) fn render_status(
         role => session.map(|s| s.caller.role.to_string()),
         can_operate => session.is_some_and(Session::can_operate),
         csrf => session.map(|s| s.csrf.clone()),
+        sandbox => session.is_some_and(|s| s.sandbox),
     };
     let ctx = minijinja::context! { ..ctx, ..common };
     match env().get_template(name).and_then(|t| t.render(ctx)) {

@@ -446,7 +446,18 @@ fn fields(schema: &serde_json::Value, private: bool) -> Vec<Field> {
                             .find_map(|x| x["type"].as_str().filter(|t| *t != "null"))
                     })
                 })
-                .unwrap_or("string")
+                // A field without one plain type (`oneOf`, a `$ref`): JSON or plain text.
+                .unwrap_or(
+                    if p.get("oneOf")
+                        .or(p.get("$ref"))
+                        .or(p.get("allOf"))
+                        .is_some()
+                    {
+                        "json"
+                    } else {
+                        "string"
+                    },
+                )
                 .to_string();
             Field {
                 name: name.clone(),
@@ -459,26 +470,204 @@ fn fields(schema: &serde_json::Value, private: bool) -> Vec<Field> {
         .collect()
 }
 
-pub async fn credentials(session: Session, State(state): State<AppState>) -> Response {
-    let r = async {
-        let plugins = api::plugins::list_plugins(session.caller.clone(), State(state))
+/// What the credentials page shows besides the types: a message at the top and, after a
+/// refused save, the public values typed (never the private ones) to fill the form again.
+#[derive(Default)]
+struct CredentialNotice {
+    status: Option<axum::http::StatusCode>,
+    error: Option<String>,
+    saved: Option<String>,
+    deleted: Option<String>,
+    failed_type: String,
+    failed_name: String,
+    failed_public: serde_json::Map<String, serde_json::Value>,
+}
+
+async fn credentials_page(
+    session: &Session,
+    state: AppState,
+    notice: CredentialNotice,
+) -> ApiResult<Response> {
+    let plugins = api::plugins::list_plugins(session.caller.clone(), State(state.clone()))
+        .await?
+        .0;
+    let types: Vec<Value> = plugins
+        .credentials
+        .iter()
+        .map(|c| {
+            let mut f = fields(&c.public_schema, false);
+            f.extend(fields(&c.private_schema, true));
+            context! { name => c.name.clone(), summary => c.summary.clone(), fields => v(&f) }
+        })
+        .collect();
+    let is_admin = session.caller.role >= store::Role::Admin;
+    let stored = if is_admin {
+        api::credentials::list_credentials(session.caller.clone(), State(state.clone()))
             .await?
-            .0;
-        let types: Vec<Value> = plugins
-            .credentials
-            .iter()
-            .map(|c| {
-                let mut f = fields(&c.public_schema, false);
-                f.extend(fields(&c.private_schema, true));
-                context! { name => c.name.clone(), summary => c.summary.clone(), fields => v(&f) }
-            })
-            .collect();
-        Ok(render(
-            "credentials.html",
-            Some(&session),
-            context! { page => "credentials", types },
-        ))
-    }
-    .await;
+            .0
+    } else {
+        Vec::new()
+    };
+    let ctx = context! {
+        page => "credentials",
+        types,
+        is_admin,
+        stored => v(&stored),
+        has_key => state.vault().key_id().is_some(),
+        error => notice.error,
+        saved => notice.saved,
+        deleted => notice.deleted,
+        failed_type => notice.failed_type,
+        failed_name => notice.failed_name,
+        failed_public => v(&notice.failed_public),
+    };
+    Ok(render_status(
+        notice.status.unwrap_or(axum::http::StatusCode::OK),
+        "credentials.html",
+        Some(session),
+        ctx,
+    ))
+}
+
+#[derive(serde::Deserialize)]
+pub struct CredentialQuery {
+    saved: Option<String>,
+    deleted: Option<String>,
+}
+
+pub async fn credentials(
+    session: Session,
+    State(state): State<AppState>,
+    Query(q): Query<CredentialQuery>,
+) -> Response {
+    let notice = CredentialNotice {
+        saved: q.saved,
+        deleted: q.deleted,
+        ..CredentialNotice::default()
+    };
+    let r = credentials_page(&session, state, notice).await;
     page(&session, r)
+}
+
+/// A form field's text as the JSON its schema asks for (a number, a boolean, an object or
+/// a list typed as JSON); text that does not parse stays text, and the type's check then
+/// names the field.
+fn typed_field(kind: &str, text: &str) -> serde_json::Value {
+    let parsed = match kind {
+        "integer" => text.trim().parse::<i64>().ok().map(Into::into),
+        "number" => text
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .and_then(|n| serde_json::Number::from_f64(n).map(serde_json::Value::Number)),
+        "boolean" => text.trim().parse::<bool>().ok().map(Into::into),
+        "object" | "array" | "json" => serde_json::from_str(text).ok(),
+        _ => None,
+    };
+    parsed.unwrap_or_else(|| serde_json::Value::String(text.to_string()))
+}
+
+/// Save a credential from its type's form: the API's save (admins; validated against the
+/// type, 422 naming the field). Empty fields are left out: an empty private field keeps
+/// the stored value. A refused save shows the page again with the reason and the public
+/// values typed; the private ones are never sent back.
+pub async fn save_credential(State(state): State<AppState>, post: Post) -> Response {
+    let get = |k: &str| {
+        post.form
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let (kind, name) = (get("type"), get("name"));
+    let plugins =
+        match api::plugins::list_plugins(post.session.caller.clone(), State(state.clone())).await {
+            Ok(p) => p.0,
+            Err(p) => return problem_page(p, Some(&post.session)),
+        };
+    let schema_kinds: HashMap<(bool, String), String> = plugins
+        .credentials
+        .iter()
+        .filter(|c| c.name == kind)
+        .flat_map(|c| {
+            fields(&c.public_schema, false)
+                .into_iter()
+                .chain(fields(&c.private_schema, true))
+        })
+        .map(|f| ((f.private, f.name), f.kind))
+        .collect();
+    let mut public = serde_json::Map::new();
+    let mut private = serde_json::Map::new();
+    for (key, value) in &post.form {
+        let (is_private, field) = match (key.strip_prefix("public."), key.strip_prefix("private."))
+        {
+            (Some(f), _) => (false, f),
+            (_, Some(f)) => (true, f),
+            _ => continue,
+        };
+        if value.is_empty() {
+            continue;
+        }
+        let kind = schema_kinds
+            .get(&(is_private, field.to_string()))
+            .map(String::as_str)
+            .unwrap_or("string");
+        let typed = typed_field(kind, value);
+        if is_private {
+            private.insert(field.to_string(), typed);
+        } else {
+            public.insert(field.to_string(), typed);
+        }
+    }
+    let req = api::credentials::SaveCredential {
+        kind: kind.clone(),
+        public: public.clone(),
+        private,
+    };
+    let saved = api::credentials::save_credential(
+        post.session.caller.clone(),
+        State(state.clone()),
+        Path(name.clone()),
+        Body(req),
+    )
+    .await;
+    match saved {
+        Ok(_) => Redirect::to(&format!("/credentials?saved={}", urlencode(&name))).into_response(),
+        // A role too small is the API's 403 page; a refused value shows the form again.
+        Err(p) if p.status() == axum::http::StatusCode::FORBIDDEN => {
+            problem_page(p, Some(&post.session))
+        }
+        Err(p) => {
+            let notice = CredentialNotice {
+                status: Some(p.status()),
+                error: Some(format!("Credential `{name}` was not saved: {}", p.detail)),
+                failed_type: kind,
+                failed_name: name,
+                failed_public: public,
+                ..CredentialNotice::default()
+            };
+            let r = credentials_page(&post.session, state, notice).await;
+            page(&post.session, r)
+        }
+    }
+}
+
+/// Delete a stored credential (admins).
+pub async fn delete_credential(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    post: Post,
+) -> Response {
+    let r = api::credentials::delete_credential(
+        post.session.caller.clone(),
+        State(state),
+        Path(name.clone()),
+    )
+    .await;
+    page(
+        &post.session,
+        r.map(|_| {
+            Redirect::to(&format!("/credentials?deleted={}", urlencode(&name))).into_response()
+        }),
+    )
 }
