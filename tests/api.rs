@@ -551,6 +551,24 @@ fn jwts_are_checked_for_algorithm_signature_kind_and_expiry() {
         200
     );
     assert_eq!(api.call("GET", "/api/v1/me", Some(&machine), None).0, 401);
+
+    // `pipe users logout` ends every session of the user: the access and refresh tokens
+    // issued so far are refused at once; a new login (in a later second) works.
+    let out = env.run(&["users", "logout", "admin"]);
+    out.expect_code(0);
+    let (s, v) = api.call("GET", "/api/v1/me", Some(&admin), None);
+    assert_eq!(s, 401, "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("ended"), "{v}");
+    let (s, v) = api.call(
+        "POST",
+        "/api/v1/token/refresh/",
+        None,
+        Some(&json!({"refresh": refresh})),
+    );
+    assert_eq!(s, 401, "{v}");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let again = api.login("admin", ADMIN_PASSWORD);
+    assert_eq!(api.call("GET", "/api/v1/me", Some(&again), None).0, 200);
     assert_eq!(api.server.stop(), 0);
 }
 

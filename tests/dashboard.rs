@@ -638,6 +638,26 @@ fn the_dashboard_in_a_browser() {
         assert_eq!(r.status, 403, "{path}: {}", r.body);
         assert!(r.body.contains("viewer"), "{path}: {}", r.body);
     }
+    // Logging out ends the session in the store: the same refresh cookie, sent again, is
+    // refused (a copied cookie is no good after a logout); another user's session stays.
+    let page = http(&addr, "GET", "/", &[("Cookie", &viewer)], "").body;
+    let token = csrf_of(&page);
+    let r = http(
+        &addr,
+        "POST",
+        "/logout",
+        &[("Cookie", &viewer)],
+        &format!("csrf={token}"),
+    );
+    assert_eq!(r.status, 303, "{}", r.body);
+    let r = http(&addr, "GET", "/", &[("Cookie", &viewer)], "");
+    assert_eq!(r.status, 303, "the viewer's session outlived its logout");
+    assert_eq!(r.header("location"), Some("/login"));
+    assert_eq!(
+        http(&addr, "GET", "/", &[("Cookie", &admin)], "").status,
+        200
+    );
+
     // The private value saved from the page is on no page and in no log line.
     let page = http(&addr, "GET", "/credentials", &[("Cookie", &admin)], "").body;
     assert!(page.contains("carol-dash"), "{page}");

@@ -249,12 +249,14 @@ impl AppState {
             });
         }
         let claims = self.keys().verify(token, TokenKind::Access)?;
-        self.user_caller(claims.sub).await
+        self.user_caller(claims.sub, claims.iat).await
     }
 
-    /// The caller for a user name from a verified token: the user must still exist and be
-    /// enabled, and has the role the store says now.
-    pub async fn user_caller(&self, name: String) -> ApiResult<Caller> {
+    /// The caller for a user name from a verified token issued at `issued_at` (Unix
+    /// seconds): the user must still exist and be enabled, their sessions must not have
+    /// been ended since (a logout; a token of the same second as the logout is refused
+    /// too), and they have the role the store says now.
+    pub async fn user_caller(&self, name: String, issued_at: i64) -> ApiResult<Caller> {
         let lookup = name.clone();
         let user = self
             .db(move |s| s.accounts().get_user(&lookup))
@@ -262,6 +264,15 @@ impl AppState {
             .ok_or_else(|| Problem::unauthorized("the token's user no longer exists"))?;
         if user.user.disabled_at.is_some() {
             return Err(Problem::unauthorized("the user is disabled"));
+        }
+        if user
+            .user
+            .sessions_ended_at
+            .is_some_and(|ended| issued_at <= ended.timestamp())
+        {
+            return Err(Problem::unauthorized(
+                "this session was ended (logged out): log in again",
+            ));
         }
         Ok(Caller {
             who: Principal::User(name),

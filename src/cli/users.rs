@@ -37,6 +37,9 @@ pub enum UsersCommand {
     Disable { name: String },
     /// Let a disabled user log in again.
     Enable { name: String },
+    /// End every session of a user (a lost laptop, a leaked token): the access and refresh
+    /// tokens issued to them so far are refused; they log in again.
+    Logout { name: String },
     /// Remove a user.
     Delete { name: String },
     /// Every user.
@@ -144,6 +147,10 @@ pub fn users_main(cmd: UsersCommand, cfg: &store::StoreConfig) -> i32 {
             UsersCommand::Enable { name } => {
                 a.set_user_disabled(&name, false, ACTOR, now)?;
                 println!("user {name} enabled");
+            }
+            UsersCommand::Logout { name } => {
+                a.end_sessions(&name, ACTOR, now)?;
+                println!("every session of {name} ended: their tokens are refused from now on");
             }
             UsersCommand::Delete { name } => {
                 if !a.delete_user(&name, ACTOR, now)? {

@@ -66,6 +66,9 @@ pub struct UserRow {
     pub updated_at: DateTime<Utc>,
     /// Set when the user may no longer log in (tokens already issued stop at their next use).
     pub disabled_at: Option<DateTime<Utc>>,
+    /// When the user's sessions were last ended (a logout, `pipe users logout`): every
+    /// access and refresh JWT issued up to then is refused.
+    pub sessions_ended_at: Option<DateTime<Utc>>,
 }
 
 /// A user with the hash to check a password against.
@@ -144,6 +147,10 @@ pub trait AccountStore: Send + Sync {
         actor: &str,
         now: DateTime<Utc>,
     ) -> Result<()>;
+    /// End every session of a user: the access and refresh JWTs issued to them up to `now`
+    /// are refused from then on (machine tokens are revoked one by one). `NotFound` for an
+    /// unknown user.
+    fn end_sessions(&self, name: &str, actor: &str, now: DateTime<Utc>) -> Result<()>;
     /// Remove a user. False when there was none.
     fn delete_user(&self, name: &str, actor: &str, now: DateTime<Utc>) -> Result<bool>;
     fn get_user(&self, name: &str) -> Result<Option<UserAuth>>;
@@ -218,6 +225,7 @@ fn user_row(r: &Row) -> Result<UserRow> {
         created_at: r.time(2)?,
         updated_at: r.time(3)?,
         disabled_at: r.opt_time(4)?,
+        sessions_ended_at: r.opt_time(5)?,
     })
 }
 
@@ -233,7 +241,7 @@ fn token_row(r: &Row) -> Result<ApiTokenRow> {
     })
 }
 
-const USER_COLUMNS: &str = "name, role, created_at, updated_at, disabled_at";
+const USER_COLUMNS: &str = "name, role, created_at, updated_at, disabled_at, sessions_ended_at";
 const TOKEN_COLUMNS: &str = "id, name, role, created_by, created_at, last_used_at, revoked_at";
 
 /// Update one user's row; `NotFound` when there is none. Audited.
@@ -347,6 +355,19 @@ impl<B: Backend> AccountStore for SqlStore<B> {
         })
     }
 
+    fn end_sessions(&self, name: &str, actor: &str, now: DateTime<Utc>) -> Result<()> {
+        self.write(|tx| {
+            update_user(
+                tx,
+                name,
+                "sessions_ended_at",
+                now.into(),
+                (actor, "user.logout", serde_json::json!({})),
+                now,
+            )
+        })
+    }
+
     fn delete_user(&self, name: &str, actor: &str, now: DateTime<Utc>) -> Result<bool> {
         self.write(|tx| {
             let n = tx.exec("DELETE FROM users WHERE name = ?1", p![name])?;
@@ -373,7 +394,7 @@ impl<B: Backend> AccountStore for SqlStore<B> {
             .map(|r| {
                 Ok(UserAuth {
                     user: user_row(&r)?,
-                    password_hash: r.text(5)?,
+                    password_hash: r.text(6)?,
                 })
             })
             .transpose()

@@ -274,6 +274,8 @@ CREATE TABLE audit (
 );
 CREATE INDEX audit_by_target ON audit(target, id);
 "#,
+    // 9: a user's sessions can be ended (logout): JWTs issued up to then are refused.
+    "ALTER TABLE users ADD COLUMN sessions_ended_at TEXT;",
 ];
 
 pub(crate) type SqliteStore = SqlStore<SqliteBackend>;

@@ -1764,13 +1764,15 @@ fn a_database_one_version_behind_is_migrated(db: &Db) {
     let version = s.schema_version().unwrap();
     let run = s.create_run(&new_run("kept", Owner::External)).unwrap();
     drop(s);
-    // Undo the last three migrations (the API's accounts and credentials; kept pipeline
-    // texts; the outbox, fences and workers) as an older pipe left it, with a queued item
-    // of that time.
+    // Undo the last four migrations (ended sessions; the API's accounts and credentials;
+    // kept pipeline texts; the outbox, fences and workers) as an older pipe left it, with a
+    // queued item of that time.
     db.raw(&format!(
-        "DROP TABLE users; DROP TABLE api_tokens; DROP TABLE settings; DROP TABLE credentials;
-         DROP INDEX audit_by_target; DROP TABLE audit;
+        "ALTER TABLE users DROP COLUMN sessions_ended_at;
          DELETE FROM schema_migrations WHERE version = {version};
+         DROP TABLE users; DROP TABLE api_tokens; DROP TABLE settings; DROP TABLE credentials;
+         DROP INDEX audit_by_target; DROP TABLE audit;
+         DELETE FROM schema_migrations WHERE version = {};
          DROP TABLE pipeline_sources; ALTER TABLE runs DROP COLUMN source_hash;
          ALTER TABLE runs DROP COLUMN source_path;
          DELETE FROM schema_migrations WHERE version = {};
@@ -1781,10 +1783,11 @@ fn a_database_one_version_behind_is_migrated(db: &Db) {
          INSERT INTO queue(integration, queue, priority, \"trigger\", params, state, enqueued_at)
          VALUES ('kept', 'default', 0, 'manual', '{{}}', 'queued', '2026-01-01T00:00:00.000Z');",
         version - 1,
-        version - 2
+        version - 2,
+        version - 3
     ));
     if db.cfg.url.is_none() {
-        db.raw(&format!("PRAGMA user_version = {};", version - 3));
+        db.raw(&format!("PRAGMA user_version = {};", version - 4));
     }
     let s = db.open();
     assert_eq!(s.schema_version().unwrap(), version);
@@ -2660,11 +2663,24 @@ fn users_tokens_settings_and_their_audit(db: &Db) {
     assert!(!format!("{u:?}").contains("hash-1"), "Debug shows no hash");
     a.set_password("ana", "hash-3", "user:ana", now).unwrap();
     a.set_role("ana", Role::Operator, "user:bo", now).unwrap();
+    assert_eq!(
+        a.get_user("ana").unwrap().unwrap().user.sessions_ended_at,
+        None
+    );
+    a.end_sessions("ana", "user:ana", now).unwrap();
     a.set_user_disabled("ana", true, "user:bo", now).unwrap();
     let u = a.get_user("ana").unwrap().unwrap();
     assert_eq!(u.password_hash, "hash-3");
     assert_eq!(u.user.role, Role::Operator);
     assert!(u.user.disabled_at.is_some());
+    assert_eq!(
+        u.user.sessions_ended_at.map(|t| t.timestamp_millis()),
+        Some(now.timestamp_millis())
+    );
+    assert!(matches!(
+        a.end_sessions("nobody", "cli", now),
+        Err(StoreError::NotFound(_))
+    ));
     assert!(matches!(
         a.set_role("nobody", Role::Admin, "cli", now),
         Err(StoreError::NotFound(_))
@@ -2698,6 +2714,7 @@ fn users_tokens_settings_and_their_audit(db: &Db) {
             "token.revoke",
             "token.create",
             "user.disable",
+            "user.logout",
             "user.role",
             "user.passwd",
             "user.add"
@@ -2706,6 +2723,7 @@ fn users_tokens_settings_and_their_audit(db: &Db) {
     assert!(!format!("{audit:?}").contains("hash-") && !format!("{audit:?}").contains("sha-"));
     let page = a.list_audit(Some(audit[2].id), 2).unwrap();
     assert_eq!(page[0].action, "user.disable");
+    assert_eq!(page[1].action, "user.logout");
 }
 
 fn run_pages_step_batches_and_counts(db: &Db) {

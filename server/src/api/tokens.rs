@@ -148,7 +148,7 @@ pub async fn refresh(
     Body(body): Body<Refresh>,
 ) -> ApiResult<Json<AccessToken>> {
     let claims = state.keys().verify(&body.refresh, TokenKind::Refresh)?;
-    let caller = state.user_caller(claims.sub).await?;
+    let caller = state.user_caller(claims.sub, claims.iat).await?;
     let name = caller.user_name().unwrap_or_default().to_string();
     let (access, expires_in) = state.keys().issue(&name, TokenKind::Access)?;
     Ok(Json(AccessToken {

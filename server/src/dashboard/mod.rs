@@ -3,7 +3,8 @@
 //!
 //! - Session: the API's own JWTs in two cookies (`HttpOnly; SameSite=Strict; Path=/`,
 //!   `Secure` over https): the access token, renewed from the refresh token when it has
-//!   expired or is close to it, and the refresh token (7 days).
+//!   expired or is close to it, and the refresh token (7 days). Logging out ends every
+//!   session of the user in the store, so a copied refresh cookie is refused after it.
 //! - CSRF: every POST must carry the session's token (a hidden `csrf` field, or the
 //!   `X-CSRF-Token` header htmx sends from `hx-headers`), derived from the refresh token
 //!   (an attacker who cannot read the cookie cannot compute it); an `Origin` that is not
@@ -193,38 +194,39 @@ impl FromRequestParts<AppState> for Session {
             return Ok(s.clone());
         }
         let secure = is_https(&parts.headers, &parts.uri);
-        let refresh = cookie(&parts.headers, REFRESH_COOKIE)
-            .filter(|r| state.keys().verify(r, TokenKind::Refresh).is_ok());
-        let Some(refresh) = refresh else {
+        let session = cookie(&parts.headers, REFRESH_COOKIE).and_then(|r| {
+            let claims = state.keys().verify(&r, TokenKind::Refresh).ok()?;
+            Some((r, claims))
+        });
+        let Some((refresh, claims)) = session else {
             return Err(to_login(parts, secure));
         };
-        let access = cookie(&parts.headers, ACCESS_COOKIE)
-            .and_then(|a| state.keys().verify(&a, TokenKind::Access).ok());
-        let user = match access {
-            Some(c) if c.exp - chrono::Utc::now().timestamp() > RENEW_BEFORE_SECS => c.sub,
-            _ => {
-                let Ok(claims) = state.keys().verify(&refresh, TokenKind::Refresh) else {
-                    return Err(to_login(parts, secure));
-                };
-                let (token, _) = state
-                    .keys()
-                    .issue(&claims.sub, TokenKind::Access)
-                    .map_err(IntoResponse::into_response)?;
-                if let Some(slot) = parts.extensions.get::<RenewSlot>() {
-                    *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(set_cookie(
-                        ACCESS_COOKIE,
-                        Some(&token),
-                        crate::auth::ACCESS_TTL.as_secs(),
-                        secure,
-                    ));
-                }
-                claims.sub
-            }
-        };
-        let caller = match state.user_caller(user.clone()).await {
+        let user = claims.sub.clone();
+        // The session's user as the store has them now (ended sessions included: a logout
+        // refuses every refresh token issued before it).
+        let caller = match state.user_caller(user.clone(), claims.iat).await {
             Ok(c) => c,
             Err(_) => return Err(to_login(parts, secure)),
         };
+        let fresh = cookie(&parts.headers, ACCESS_COOKIE)
+            .and_then(|a| state.keys().verify(&a, TokenKind::Access).ok())
+            .is_some_and(|c| {
+                c.sub == user && c.exp - chrono::Utc::now().timestamp() > RENEW_BEFORE_SECS
+            });
+        if !fresh {
+            let (token, _) = state
+                .keys()
+                .issue(&user, TokenKind::Access)
+                .map_err(IntoResponse::into_response)?;
+            if let Some(slot) = parts.extensions.get::<RenewSlot>() {
+                *slot.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(set_cookie(
+                    ACCESS_COOKIE,
+                    Some(&token),
+                    crate::auth::ACCESS_TTL.as_secs(),
+                    secure,
+                ));
+            }
+        }
         let session = Session {
             caller,
             user,

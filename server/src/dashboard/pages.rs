@@ -81,10 +81,19 @@ pub async fn login(
     }
 }
 
-pub async fn logout(headers: HeaderMap, post: Post) -> Response {
+/// Log out: every session of the user ends in the store (their refresh tokens, here and
+/// in any other browser or API client, are refused from now on), and the cookies go.
+pub async fn logout(State(state): State<AppState>, headers: HeaderMap, post: Post) -> Response {
+    let (user, actor) = (post.session.user.clone(), post.session.caller.actor());
+    let a = actor.clone();
+    if let Err(p) = state
+        .db(move |s| s.accounts().end_sessions(&user, &a, chrono::Utc::now()))
+        .await
+    {
+        return problem_page(p, Some(&post.session));
+    }
     crate::log(format!(
-        "{} logged out of the dashboard",
-        post.session.caller.actor()
+        "{actor} logged out of the dashboard (sessions ended)"
     ));
     let secure = super::is_https(&headers, &axum::http::Uri::from_static("/"));
     let mut resp = Redirect::to("/login").into_response();
@@ -643,7 +652,12 @@ pub async fn save_credential(State(state): State<AppState>, post: Post) -> Respo
                 error: Some(format!("Credential `{name}` was not saved: {}", p.detail)),
                 failed_type: kind,
                 failed_name: name,
-                failed_public: public,
+                // Only the type's public fields go back into the form: a private value
+                // sent as a public field (a forged form) is not echoed.
+                failed_public: public
+                    .into_iter()
+                    .filter(|(k, _)| schema_kinds.contains_key(&(false, k.clone())))
+                    .collect(),
                 ..CredentialNotice::default()
             };
             let r = credentials_page(&post.session, state, notice).await;
