@@ -189,6 +189,9 @@ pub trait RunStore: RunQueue + Send + Sync + std::fmt::Debug {
     }
     /// At most `limit` (0: all) of the run's log rows after `after_id`, oldest first.
     fn logs_page(&self, id: i64, after_id: i64, limit: usize) -> Result<Vec<LogRow>>;
+    /// The run's last `limit` log rows, oldest first (a live log tail: one index range
+    /// read from the end, whatever the run's log size).
+    fn logs_tail(&self, id: i64, limit: usize) -> Result<Vec<LogRow>>;
     /// The rows handled by steps of type `kind` in `pipeline`'s runs that finished at or
     /// after `since` (a connector's "records in the last hour").
     fn rows_since(&self, pipeline: &str, kind: &str, since: DateTime<Utc>) -> Result<u64>;

@@ -525,6 +525,20 @@ fn touch_last_run(tx: &mut dyn Tx, id: i64, at: DateTime<Utc>) -> Result<()> {
     Ok(())
 }
 
+const LOG_COLUMNS: &str = "id, time, level, step, message, description, file";
+
+fn log_row(r: &Row) -> Result<LogRow> {
+    Ok(LogRow {
+        id: r.int(0)?,
+        time: r.time(1)?,
+        level: r.parsed(2)?,
+        step: r.opt_text(3)?,
+        message: r.text(4)?,
+        description: r.opt_text(5)?,
+        file: r.opt_text(6)?,
+    })
+}
+
 fn record_run_finished(
     tx: &mut dyn Tx,
     dialect: Dialect,
@@ -1931,24 +1945,31 @@ impl<B: Backend> RunStore for SqlStore<B> {
     fn logs_page(&self, id: i64, after_id: i64, limit: usize) -> Result<Vec<LogRow>> {
         self.read(|tx| {
             tx.query(
-                "SELECT id, time, level, step, message, description, file
-                 FROM logs WHERE run_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                &format!(
+                    "SELECT {LOG_COLUMNS} FROM logs WHERE run_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3"
+                ),
                 p![id, after_id, limit_value(limit)],
             )?
             .iter()
-            .map(|r| {
-                Ok(LogRow {
-                    id: r.int(0)?,
-                    time: r.time(1)?,
-                    level: r.parsed(2)?,
-                    step: r.opt_text(3)?,
-                    message: r.text(4)?,
-                    description: r.opt_text(5)?,
-                    file: r.opt_text(6)?,
-                })
-            })
+            .map(log_row)
             .collect()
         })
+    }
+
+    fn logs_tail(&self, id: i64, limit: usize) -> Result<Vec<LogRow>> {
+        let mut rows: Vec<LogRow> = self.read(|tx| {
+            tx.query(
+                &format!(
+                    "SELECT {LOG_COLUMNS} FROM logs WHERE run_id = ?1 ORDER BY id DESC LIMIT ?2"
+                ),
+                p![id, limit_value(limit)],
+            )?
+            .iter()
+            .map(log_row)
+            .collect::<Result<_>>()
+        })?;
+        rows.reverse();
+        Ok(rows)
     }
 
     fn rows_since(&self, pipeline: &str, kind: &str, since: DateTime<Utc>) -> Result<u64> {

@@ -2739,6 +2739,17 @@ fn run_pages_step_batches_and_counts(db: &Db) {
     let rest = s.logs_page(b, first[1].id, 0).unwrap();
     assert_eq!(rest.len(), 3);
     assert_eq!(rest[0].message, "line 2");
+    // The tail: the last rows, oldest first; a run of another run's logs is not mixed in.
+    s.add_log(a, &log(None, "a's line")).unwrap();
+    let tail: Vec<String> = s
+        .logs_tail(b, 2)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.message)
+        .collect();
+    assert_eq!(tail, ["line 3", "line 4"]);
+    assert_eq!(s.logs_tail(b, 50).unwrap().len(), 5);
+    assert_eq!(s.logs_tail(a, 50).unwrap().len(), 1);
     let counts: std::collections::HashMap<Status, u64> =
         s.run_counts().unwrap().into_iter().collect();
     assert_eq!(counts.get(&Status::Failed), Some(&1));

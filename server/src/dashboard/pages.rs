@@ -273,29 +273,7 @@ async fn live(state: &AppState, session: &Session, id: i64) -> ApiResult<Value> 
             Ok(g) => (Some(dag::layout(&g.0, &status)), None),
             Err(p) => (None, Some(p.detail)),
         };
-    let count = detail.log_count as usize;
-    let tail = state
-        .db(move |s| {
-            if count <= LOG_TAIL {
-                return s.logs_page(id, 0, LOG_TAIL);
-            }
-            // No offset in the store: walk the pages, keep the last rows.
-            let mut last: Vec<store::LogRow> = Vec::new();
-            let mut after = 0;
-            loop {
-                let page = s.logs_page(id, after, 5000)?;
-                let Some(end) = page.last().map(|r| r.id) else {
-                    break;
-                };
-                after = end;
-                last.extend(page);
-                if last.len() > LOG_TAIL {
-                    last.drain(..last.len() - LOG_TAIL);
-                }
-            }
-            Ok(last)
-        })
-        .await?;
+    let tail = state.db(move |s| s.logs_tail(id, LOG_TAIL)).await?;
     let finished = detail.run.status.is_finished();
     Ok(context! {
         run => v(&detail.run),
