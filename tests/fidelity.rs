@@ -1,7 +1,8 @@
 //! Fidelity of the Google fakes: Google's own Python clients (`google-auth` for the
 //! service-account OAuth flow, `google-api-python-client` for Sheets v4,
 //! `google-cloud-bigquery` for BigQuery), which nobody here wrote, drive
-//! `pipe sandbox serve` through `tests/python/sheets_fidelity.py` and
+//! `pipe sandbox serve` through `tests/python/sheets_fidelity.py`,
+//! `tests/python/gspread_fidelity.py` (gspread, the Sheets client users reach for) and
 //! `tests/python/bigquery_fidelity.py`. If they work, the fakes speak the real protocol
 //! rather than only agreeing with pipe's client.
 //!
@@ -218,6 +219,30 @@ fn official_google_clients_accept_the_fakes() {
     );
 }
 
+/// gspread (the Sheets client most Python users pick) against the Sheets fake:
+/// `open_by_key` and `worksheet()` through spreadsheets.get, values read and written,
+/// appends after a table, batch get/clear/update, tabs added, renamed, resized and
+/// deleted, field masks and grid data, and Google's errors for what the fake refuses.
+#[test]
+fn gspread_accepts_the_sheets_fake() {
+    python();
+    let served = Served::start(&["--otp-delay", "100ms", "--tickets", "10"]);
+    let summary = run_script(&served, "gspread_fidelity.py");
+    assert_checks(
+        &summary,
+        &[
+            "open_by_key_reads_the_metadata",
+            "worksheet_by_title_and_its_values",
+            "add_worksheet_update_and_read_back",
+            "append_rows_after_the_table",
+            "batch_get_clear_and_update",
+            "update_title_resize_clear_and_delete",
+            "metadata_masks_and_grid_data",
+            "errors_are_googles",
+        ],
+    );
+}
+
 /// google-cloud-bigquery against the BigQuery fake: datasets, tables, multipart and
 /// chunked resumable Parquet loads, list_rows types (TIMESTAMP included), insertAll row
 /// errors, NotFound, queries (COUNT, MERGE, DDL) and a failed load job.
@@ -231,6 +256,12 @@ fn official_bigquery_client_accepts_the_fake() {
         "QOCKPIT_API_TOKEN",
         "CAROL_URL",
         "CAROL_API_KEY",
+        "CAROL_ORGANIZATION",
+        "CAROL_CONNECTOR_NAME",
+        "CAROL_USERNAME",
+        "CAROL_PASSWORD",
+        "GOOGLE_URL",
+        "SHEETS_URL",
         "DEMO_DB",
     ] {
         assert!(
@@ -435,6 +466,7 @@ fn official_pycarol_client_accepts_the_carol_fake() {
             "send_upserts_by_crosswalk",
             "send_a_dataframe_uncompressed",
             "api_key_login_sends",
+            "current_user_and_connector_lookups",
             "send_to_a_table_without_schema_fails",
             "expired_token_is_refreshed",
             "drop_staging",

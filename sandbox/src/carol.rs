@@ -20,7 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 use crate::faults;
-use crate::{hash, random_token, Shared};
+use crate::{hash, hash_str, random_token, Shared};
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -454,6 +454,14 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/tenants/current", get(tenant_current))
         .route("/api/v2/tenants/domain/{domain}", get(tenant_by_domain))
         .route("/api/v1/organizations/current", get(org_current))
+        .route("/api/v2/users/current", get(user_current))
+        .route("/api/v2/apiKey/details", get(api_key_details))
+        .route("/api/v1/connectors/{id}", get(connector_by_id))
+        .route("/api/v1/connectors/name/{name}", get(connector_by_name))
+        .route(
+            "/api/v1/staging/connectors/{id}/tables",
+            get(connector_stagings),
+        )
         .route(
             "/api/v2/staging/tables/{table}/schema",
             get(schema_get).post(schema_post).put(schema_put),
@@ -687,6 +695,111 @@ async fn org_current(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> R
         "mdmEntityType": "mdmOrganization",
     }))
     .into_response())
+}
+
+/// The user a login acts as (pycarol's `current_user`: `v2/users/current`).
+async fn user_current(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Resp {
+    authenticate(&shared, &headers)?;
+    let c = &shared.carol;
+    Ok(Json(json!({
+        "mdmId": format!("{:016x}{:016x}", hash_str(&c.username), hash_str(&c.tenant_id)),
+        "mdmName": "Integration user",
+        "mdmUserLogin": c.username,
+        "mdmEmail": c.username,
+        "mdmTenantId": c.tenant_id,
+        "mdmOrgId": c.org_id,
+        "mdmEntityType": "mdmUser",
+        "mdmStatus": "ACTIVE",
+    }))
+    .into_response())
+}
+
+/// The connector's public record (`v1/connectors/{id}`, `v1/connectors/name/{name}`).
+fn connector_json(c: &Store) -> Value {
+    json!({
+        "mdmId": c.connector_id,
+        "mdmName": c.connector_name,
+        "mdmLabel": {"en-US": c.connector_name},
+        "mdmGroupName": "Others",
+        "mdmTenantId": c.tenant_id,
+        "mdmEntityType": "mdmConnector",
+        "mdmDeleted": false,
+    })
+}
+
+fn connector_not_found(what: &str) -> Response {
+    carol_error(
+        StatusCode::NOT_FOUND,
+        &format!("Connector not found: {what}"),
+        None,
+    )
+}
+
+/// `v2/apiKey/details?apiKey=…&connectorId=…`: the key's record, never the key itself.
+async fn api_key_details(
+    State(shared): State<Arc<Shared>>,
+    Query(q): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Resp {
+    authenticate(&shared, &headers)?;
+    let c = &shared.carol;
+    let key = q.get("apiKey").map(String::as_str).unwrap_or("");
+    let connector = q.get("connectorId").map(String::as_str).unwrap_or("");
+    if key != c.api_key || (connector != c.connector_id && connector != c.connector_name) {
+        return Err(carol_error(
+            StatusCode::NOT_FOUND,
+            "API key not found for this connector",
+            Some("apiKey"),
+        ));
+    }
+    Ok(Json(json!({
+        "mdmId": format!("{:016x}", hash_str(&c.api_key)),
+        "mdmConnectorId": c.connector_id,
+        "mdmTenantId": c.tenant_id,
+        "mdmDescription": "pipe sandbox connector key",
+        "mdmEntityType": "mdmApiKey",
+        "mdmEnabled": true,
+    }))
+    .into_response())
+}
+
+async fn connector_by_id(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Resp {
+    authenticate(&shared, &headers)?;
+    if id != shared.carol.connector_id {
+        return Err(connector_not_found(&id));
+    }
+    Ok(Json(connector_json(&shared.carol)).into_response())
+}
+
+async fn connector_by_name(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Resp {
+    authenticate(&shared, &headers)?;
+    if name != shared.carol.connector_name {
+        return Err(connector_not_found(&name));
+    }
+    Ok(Json(connector_json(&shared.carol)).into_response())
+}
+
+/// `v1/staging/connectors/{id}/tables`: the names of the connector's staging tables.
+async fn connector_stagings(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Resp {
+    authenticate(&shared, &headers)?;
+    let c = &shared.carol;
+    if id != c.connector_id && id != c.connector_name {
+        return Err(connector_not_found(&id));
+    }
+    let names: Vec<String> = c.inner.lock().unwrap().tables.keys().cloned().collect();
+    Ok(Json(names).into_response())
 }
 
 // ---------------------------------------------------------------------------------------

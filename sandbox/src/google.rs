@@ -1,5 +1,7 @@
 //! The Google fakes: the OAuth2 token endpoint for service accounts and the Sheets v4
-//! values API (`values.get` / `values.update`).
+//! API: `values.get` / `values.update` here, and in [`sheets_calls`] the other calls real
+//! clients make (gspread's `open_by_key` reads `spreadsheets.get`; `append_row`, `clear`,
+//! `batch_get`, `batch_clear`, `batch_update`, `add_worksheet` …).
 //!
 //! The token endpoint verifies the client's RS256 JWT against the public half of the
 //! service-account key written to disk, exactly as Google does, so a client that signs
@@ -25,6 +27,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+mod sheets_calls;
+
 /// Fake credential for the local fake only (see the module docs).
 const PRIVATE_KEY_PEM: &str = include_str!("keys/sandbox-sa.pem");
 const PUBLIC_KEY_PEM: &str = include_str!("keys/sandbox-sa.pub.pem");
@@ -37,6 +41,8 @@ const FORBIDDEN_ID: &str = "forbidden";
 /// Default grid size of a new tab, as in Google Sheets.
 const GRID_ROWS: u32 = 1000;
 const GRID_COLS: u32 = 26;
+/// Google's limit of cells in one spreadsheet (all its tabs' grids together).
+const MAX_CELLS: u64 = 10_000_000;
 
 /// The generated service-account key.
 pub(crate) struct ServiceAccount {
@@ -93,16 +99,31 @@ pub(crate) fn spreadsheet_id(seed: u64) -> String {
     id
 }
 
+#[derive(Clone)]
 struct Tab {
+    /// The tab's `sheetId` (the `gid` of its URL): 0 for the first, as in Google Sheets.
+    id: u32,
     title: String,
     rows: u32,
     cols: u32,
     cells: Vec<Vec<Value>>,
 }
 
+impl Tab {
+    fn grid_cells(&self) -> u64 {
+        self.rows as u64 * self.cols as u64
+    }
+}
+
+/// One spreadsheet: its title and tabs.
+struct Spreadsheet {
+    title: String,
+    tabs: Vec<Tab>,
+}
+
 /// The fake's spreadsheets and access tokens.
 pub(crate) struct Store {
-    sheets: Mutex<HashMap<String, Vec<Tab>>>,
+    sheets: Mutex<HashMap<String, Spreadsheet>>,
     tokens: Mutex<HashMap<String, (Instant, String)>>,
     decoding: DecodingKey,
 }
@@ -110,13 +131,20 @@ pub(crate) struct Store {
 impl Store {
     pub fn new(otp_sheet: &str) -> anyhow::Result<Self> {
         let otp = Tab {
+            id: 0,
             title: "OTP".into(),
             rows: GRID_ROWS,
             cols: GRID_COLS,
             cells: vec![vec![json!("code"), json!("received_at")]],
         };
         Ok(Store {
-            sheets: Mutex::new(HashMap::from([(otp_sheet.to_string(), vec![otp])])),
+            sheets: Mutex::new(HashMap::from([(
+                otp_sheet.to_string(),
+                Spreadsheet {
+                    title: "OTP inbox".into(),
+                    tabs: vec![otp],
+                },
+            )])),
             tokens: Mutex::new(HashMap::new()),
             decoding: DecodingKey::from_rsa_pem(PUBLIC_KEY_PEM.as_bytes())?,
         })
@@ -125,9 +153,9 @@ impl Store {
     /// Write values (RAW) into a spreadsheet range; used by the OTP "e-mail".
     pub fn write(&self, sheet: &str, range: &str, values: Vec<Vec<Value>>) {
         let mut sheets = self.sheets.lock().unwrap();
-        if let Some(tabs) = sheets.get_mut(sheet) {
-            if let Some(r) = parse_range(tabs, range) {
-                let _ = write_cells(&mut tabs[r.tab], &r, &values, range);
+        if let Some(book) = sheets.get_mut(sheet) {
+            if let Some(r) = parse_range(&book.tabs, range) {
+                let _ = write_cells(&mut book.tabs[r.tab], &r, &values, range, MAX_CELLS);
             }
         }
     }
@@ -160,12 +188,27 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/token", post(token))
         .route(
+            "/v4/spreadsheets/{id}",
+            get(sheets_calls::get_spreadsheet).post(sheets_calls::spreadsheet_method),
+        )
+        .route(
             "/v4/spreadsheets/{id}/values/{range}",
-            get(get_values).put(put_values),
+            get(get_values)
+                .put(put_values)
+                .post(sheets_calls::range_method),
+        )
+        .route(
+            "/v4/spreadsheets/{id}/{method}",
+            get(sheets_calls::collection_get).post(sheets_calls::collection_post),
         )
         .merge(crate::bigquery::router())
         .fallback(|| async {
             google_error(StatusCode::NOT_FOUND, "Requested entity was not found.")
+        })
+        // A method a path does not have answers Google's JSON error, not axum's empty 405
+        // (which breaks the clients).
+        .method_not_allowed_fallback(|| async {
+            google_error(StatusCode::NOT_FOUND, "Method not found.")
         })
         .layer(middleware::from_fn_with_state(shared.clone(), faults::gate))
         .with_state(shared)
@@ -317,7 +360,7 @@ async fn token(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
 }
 
 /// A parsed A1 range: tab index and inclusive 0-based bounds (None = open).
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Range {
     tab: usize,
     c1: u32,
@@ -451,7 +494,11 @@ fn quote_title(t: &str) -> String {
     }
 }
 
+/// The A1 range Sheets answers with: `Tab!B3` for one cell, `Tab!A1:C9` otherwise.
 fn a1(tab: &Tab, c1: u32, r1: u32, c2: u32, r2: u32) -> String {
+    if c1 == c2 && r1 == r2 {
+        return format!("{}!{}{}", quote_title(&tab.title), col_name(c1), r1 + 1);
+    }
     format!(
         "{}!{}{}:{}{}",
         quote_title(&tab.title),
@@ -539,60 +586,85 @@ fn major_dimension(v: Option<&str>) -> Result<bool, Response> {
     }
 }
 
-async fn get_values(
-    State(shared): State<Arc<Shared>>,
-    Path((id, range)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-) -> Response {
-    if let Err(r) = check(&shared, &headers, &id, false) {
-        return r;
-    }
-    let q = query_pairs(&q);
-    let columns = match major_dimension(q.get("majorDimension").map(String::as_str)) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let formatted = match q.get("valueRenderOption").map(String::as_str).unwrap_or("FORMATTED_VALUE") {
+/// How values are read back: the major dimension and whether they are rendered as text.
+#[derive(Clone, Copy)]
+struct Render {
+    columns: bool,
+    formatted: bool,
+}
+
+/// `majorDimension`, `valueRenderOption` and `dateTimeRenderOption` (names as the
+/// request spells them, for the error).
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn render_options(
+    major: Option<&str>,
+    render: Option<&str>,
+    date_time: Option<&str>,
+) -> Result<Render, Response> {
+    let columns = major_dimension(major)?;
+    let formatted = match render.unwrap_or("FORMATTED_VALUE") {
         "FORMATTED_VALUE" => true,
         "UNFORMATTED_VALUE" | "FORMULA" => false,
         other => {
-            return google_error(
+            return Err(google_error(
                 StatusCode::BAD_REQUEST,
                 &format!("Invalid value at 'value_render_option' (type.googleapis.com/google.apps.sheets.v4.ValueRenderOption), \"{other}\""),
-            )
+            ))
         }
     };
-    let sheets = shared.google.sheets.lock().unwrap();
-    let tabs = &sheets[&id];
-    let Some(r) = parse_range(tabs, &range) else {
-        return bad_range(&range);
-    };
-    let tab = &tabs[r.tab];
-    let (c2, r2) = (r.c2.unwrap_or(tab.cols - 1), r.r2.unwrap_or(tab.rows - 1));
+    match date_time.unwrap_or("SERIAL_NUMBER") {
+        "SERIAL_NUMBER" | "FORMATTED_STRING" => {}
+        other => {
+            return Err(google_error(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid value at 'date_time_render_option' (type.googleapis.com/google.apps.sheets.v4.DateTimeRenderOption), \"{other}\""),
+            ))
+        }
+    }
+    Ok(Render { columns, formatted })
+}
+
+/// The range's bounds, open ends closed at the grid's edge; an error past the grid.
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn bounds(tab: &Tab, r: &Range, range: &str) -> Result<(u32, u32), Response> {
+    let (c2, r2) = (
+        r.c2.unwrap_or(tab.cols.saturating_sub(1)),
+        r.r2.unwrap_or(tab.rows.saturating_sub(1)),
+    );
     if c2 >= tab.cols || r2 >= tab.rows {
-        return google_error(
+        return Err(google_error(
             StatusCode::BAD_REQUEST,
             &format!(
                 "Range ({range}) exceeds grid limits. Max rows: {}, max columns: {}",
                 tab.rows, tab.cols
             ),
-        );
+        ));
     }
-    let cell = |row: u32, col: u32| -> Value {
-        let v = tab
-            .cells
-            .get(row as usize)
-            .and_then(|cells| cells.get(col as usize))
-            .cloned()
-            .unwrap_or(Value::Null);
-        match v {
-            Value::Number(n) if formatted => Value::String(format_number(&n)),
-            Value::Bool(b) if formatted => Value::String(if b { "TRUE" } else { "FALSE" }.into()),
-            Value::Null => Value::String(String::new()),
-            other => other,
-        }
-    };
+    Ok((c2, r2))
+}
+
+/// A cell's value as a read renders it (`FORMATTED_VALUE`: numbers and booleans as text).
+fn rendered(tab: &Tab, row: u32, col: u32, formatted: bool) -> Value {
+    let v = tab
+        .cells
+        .get(row as usize)
+        .and_then(|cells| cells.get(col as usize))
+        .cloned()
+        .unwrap_or(Value::Null);
+    match v {
+        Value::Number(n) if formatted => Value::String(format_number(&n)),
+        Value::Bool(b) if formatted => Value::String(if b { "TRUE" } else { "FALSE" }.into()),
+        Value::Null => Value::String(String::new()),
+        other => other,
+    }
+}
+
+/// The `ValueRange` of `r` in `tab` (`range` as asked, for errors): trailing empty cells
+/// and rows dropped, no `values` at all when the range is empty, as Sheets answers.
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn read_range(tab: &Tab, r: &Range, range: &str, how: Render) -> Result<Value, Response> {
+    let (c2, r2) = bounds(tab, r, range)?;
+    let columns = how.columns;
     let (outer, inner) = if columns {
         ((r.c1, c2), (r.r1, r2))
     } else {
@@ -609,7 +681,13 @@ async fn get_values(
     let mut values: Vec<Value> = Vec::new();
     for o in outer.0..outer_end.max(outer.0).min(outer.1 + 1) {
         let mut line: Vec<Value> = (inner.0..inner_end.max(inner.0).min(inner.1 + 1))
-            .map(|i| if columns { cell(i, o) } else { cell(o, i) })
+            .map(|i| {
+                if columns {
+                    rendered(tab, i, o, how.formatted)
+                } else {
+                    rendered(tab, o, i, how.formatted)
+                }
+            })
             .collect();
         while line.last().is_some_and(is_empty) {
             line.pop();
@@ -629,18 +707,61 @@ async fn get_values(
     if !values.is_empty() {
         body["values"] = Value::Array(values);
     }
-    Json(body).into_response()
+    Ok(body)
+}
+
+async fn get_values(
+    State(shared): State<Arc<Shared>>,
+    Path((id, range)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(r) = check(&shared, &headers, &id, false) {
+        return r;
+    }
+    let q = query_pairs(&q);
+    let how = match render_options(
+        q.get("majorDimension").map(String::as_str),
+        q.get("valueRenderOption").map(String::as_str),
+        q.get("dateTimeRenderOption").map(String::as_str),
+    ) {
+        Ok(how) => how,
+        Err(r) => return r,
+    };
+    let sheets = shared.google.sheets.lock().unwrap();
+    let tabs = &sheets[&id].tabs;
+    let Some(r) = parse_range(tabs, &range) else {
+        return bad_range(&range);
+    };
+    match read_range(&tabs[r.tab], &r, &range, how) {
+        Ok(body) => Json(body).into_response(),
+        Err(r) => r,
+    }
 }
 
 /// Write `values` (rows) at the range's top-left corner, growing the grid if needed.
+/// `budget`: the cells this tab's grid may grow to (the spreadsheet's limit less its other
+/// tabs), checked before anything is written or allocated.
 fn write_cells(
     tab: &mut Tab,
     r: &Range,
     values: &[Vec<Value>],
     range: &str,
+    budget: u64,
 ) -> Result<(u32, u32, u32), String> {
-    let rows = values.len() as u32;
-    let cols = values.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let too_many = || {
+        format!("This action would increase the number of cells in the workbook above the limit of {MAX_CELLS} cells.")
+    };
+    let (rows, cols) = (
+        values.len() as u64,
+        values.iter().map(Vec::len).max().unwrap_or(0) as u64,
+    );
+    let grown_rows = (tab.rows as u64).max(r.r1 as u64 + rows);
+    let grown_cols = (tab.cols as u64).max(r.c1 as u64 + cols);
+    if grown_rows.saturating_mul(grown_cols) > budget {
+        return Err(too_many());
+    }
+    let (rows, cols) = (rows as u32, cols as u32);
     if let Some(r2) = r.r2 {
         if rows > r2 - r.r1 + 1 {
             return Err(format!(
@@ -679,56 +800,42 @@ fn write_cells(
     Ok((rows, cols, cells))
 }
 
-async fn put_values(
-    State(shared): State<Arc<Shared>>,
-    Path((id, range)): Path<(String, String)>,
-    RawQuery(q): RawQuery,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = check(&shared, &headers, &id, true) {
-        return r;
+/// `valueInputOption`: whether typed text becomes numbers (`USER_ENTERED`) or stays (`RAW`).
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn input_option(v: Option<&str>) -> Result<bool, Response> {
+    match v {
+        Some("RAW") => Ok(false),
+        Some("USER_ENTERED") => Ok(true),
+        Some(other) => Err(google_error(
+            StatusCode::BAD_REQUEST,
+            &format!("Invalid value at 'value_input_option' (type.googleapis.com/google.apps.sheets.v4.ValueInputOption), \"{other}\""),
+        )),
+        None => Err(google_error(
+            StatusCode::BAD_REQUEST,
+            "'valueInputOption' is required but not specified",
+        )),
     }
-    let q = query_pairs(&q);
-    let user_entered = match q.get("valueInputOption").map(String::as_str) {
-        Some("RAW") => false,
-        Some("USER_ENTERED") => true,
-        Some(other) => {
-            return google_error(
-                StatusCode::BAD_REQUEST,
-                &format!("Invalid value at 'value_input_option' (type.googleapis.com/google.apps.sheets.v4.ValueInputOption), \"{other}\""),
-            )
-        }
-        None => return google_error(StatusCode::BAD_REQUEST, "'valueInputOption' is required but not specified"),
-    };
-    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
-        return google_error(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
-    };
-    let columns = match major_dimension(body.get("majorDimension").and_then(Value::as_str)) {
-        Ok(c) => c,
-        Err(r) => return r,
+}
+
+/// A request's `values` (and `majorDimension`) as rows; `user_entered` turns numbers
+/// typed as text into numbers, as Sheets does.
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn values_of(body: &Value, user_entered: bool) -> Result<Vec<Vec<Value>>, Response> {
+    let columns = major_dimension(body.get("majorDimension").and_then(Value::as_str))?;
+    let not_lists = || {
+        google_error(
+            StatusCode::BAD_REQUEST,
+            "Invalid JSON payload received. 'values' must be a list of lists.",
+        )
     };
     let mut values: Vec<Vec<Value>> = match body.get("values") {
         None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(rows)) => match rows
+        Some(Value::Array(rows)) => rows
             .iter()
             .map(|r| r.as_array().cloned())
             .collect::<Option<Vec<_>>>()
-        {
-            Some(v) => v,
-            None => {
-                return google_error(
-                    StatusCode::BAD_REQUEST,
-                    "Invalid JSON payload received. 'values' must be a list of lists.",
-                )
-            }
-        },
-        Some(_) => {
-            return google_error(
-                StatusCode::BAD_REQUEST,
-                "Invalid JSON payload received. 'values' must be a list of lists.",
-            )
-        }
+            .ok_or_else(not_lists)?,
+        Some(_) => return Err(not_lists()),
     };
     if columns {
         let n = values.iter().map(Vec::len).max().unwrap_or(0);
@@ -748,8 +855,126 @@ async fn put_values(
             }
         }
     }
+    Ok(values)
+}
+
+/// The cells of every tab but `except`.
+fn other_cells(tabs: &[Tab], except: usize) -> u64 {
+    tabs.iter()
+        .enumerate()
+        .filter(|(i, _)| *i != except)
+        .map(|(_, t)| t.grid_cells())
+        .sum()
+}
+
+/// Write `values` at `r` (a single cell is the top-left corner of the block, as Sheets
+/// writes `update(values, "A1")`): the `UpdateValuesResponse`, with `updatedData` read
+/// back as `include` renders it.
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn update_values(
+    id: &str,
+    tabs: &mut [Tab],
+    r: Range,
+    range: &str,
+    values: &[Vec<Value>],
+    include: Option<Render>,
+) -> Result<Value, Response> {
+    let cells_part = range.rsplit_once('!').map_or(range, |(_, c)| c);
+    let r = if cells_part.contains(':') {
+        r
+    } else {
+        Range {
+            c2: None,
+            r2: None,
+            ..r
+        }
+    };
+    let budget = MAX_CELLS.saturating_sub(other_cells(tabs, r.tab));
+    let tab = &mut tabs[r.tab];
+    let (rows, cols, cells) = write_cells(tab, &r, values, range, budget)
+        .map_err(|m| google_error(StatusCode::BAD_REQUEST, &m))?;
+    let (c2, r2) = if rows == 0 || cols == 0 {
+        (r.c1, r.r1)
+    } else {
+        (r.c1 + cols - 1, r.r1 + rows - 1)
+    };
+    let mut out = json!({"spreadsheetId": id, "updatedRange": a1(tab, r.c1, r.r1, c2, r2)});
+    if cells > 0 {
+        out["updatedRows"] = json!(rows);
+        out["updatedColumns"] = json!(cols);
+        out["updatedCells"] = json!(cells);
+    }
+    if let Some(how) = include {
+        let written = Range {
+            tab: r.tab,
+            c1: r.c1,
+            r1: r.r1,
+            c2: Some(c2),
+            r2: Some(r2),
+        };
+        out["updatedData"] = read_range(tab, &written, range, how)?;
+    }
+    Ok(out)
+}
+
+/// `includeValuesInResponse` with `responseValueRenderOption` /
+/// `responseDateTimeRenderOption`: how `updatedData` is rendered, when asked for.
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
+fn include_option(
+    include: Option<&Value>,
+    render: Option<&str>,
+    date_time: Option<&str>,
+) -> Result<Option<Render>, Response> {
+    let include = match include {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("true") => true,
+        Some(Value::String(s)) if s.eq_ignore_ascii_case("false") => false,
+        Some(other) => {
+            return Err(google_error(
+                StatusCode::BAD_REQUEST,
+                &format!("Invalid value at 'include_values_in_response' (TYPE_BOOL), {other}"),
+            ))
+        }
+    };
+    let how = render_options(None, render, date_time)?;
+    Ok(include.then_some(how))
+}
+
+async fn put_values(
+    State(shared): State<Arc<Shared>>,
+    Path((id, range)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = check(&shared, &headers, &id, true) {
+        return r;
+    }
+    let q = query_pairs(&q);
+    let user_entered = match input_option(q.get("valueInputOption").map(String::as_str)) {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let include = match include_option(
+        q.get("includeValuesInResponse")
+            .map(|s| Value::String(s.clone()))
+            .as_ref(),
+        q.get("responseValueRenderOption").map(String::as_str),
+        q.get("responseDateTimeRenderOption").map(String::as_str),
+    ) {
+        Ok(i) => i,
+        Err(r) => return r,
+    };
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return google_error(StatusCode::BAD_REQUEST, "Invalid JSON payload received.");
+    };
+    let values = match values_of(&body, user_entered) {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
     let mut sheets = shared.google.sheets.lock().unwrap();
-    let tabs = sheets.get_mut(&id).expect("checked");
+    let tabs = &mut sheets.get_mut(&id).expect("checked").tabs;
     let Some(r) = parse_range(tabs, &range) else {
         return bad_range(&range);
     };
@@ -761,35 +986,9 @@ async fn put_values(
             );
         }
     }
-    // A single cell (`Sheet1!A1`) is the top-left corner of the write, not its bounds:
-    // Sheets writes the whole block from there (gspread's `update(values, "A1")`).
-    let cells_part = range.rsplit_once('!').map_or(range.as_str(), |(_, c)| c);
-    let r = if cells_part.contains(':') {
-        r
-    } else {
-        Range {
-            c2: None,
-            r2: None,
-            ..r
-        }
-    };
-    let tab = &mut tabs[r.tab];
-    match write_cells(tab, &r, &values, &range) {
-        Ok((rows, cols, cells)) => {
-            let updated = if rows == 0 || cols == 0 {
-                a1(tab, r.c1, r.r1, r.c1, r.r1)
-            } else {
-                a1(tab, r.c1, r.r1, r.c1 + cols - 1, r.r1 + rows - 1)
-            };
-            let mut out = json!({"spreadsheetId": id, "updatedRange": updated});
-            if cells > 0 {
-                out["updatedRows"] = json!(rows);
-                out["updatedColumns"] = json!(cols);
-                out["updatedCells"] = json!(cells);
-            }
-            Json(out).into_response()
-        }
-        Err(m) => google_error(StatusCode::BAD_REQUEST, &m),
+    match update_values(&id, tabs, r, &range, &values, include) {
+        Ok(out) => Json(out).into_response(),
+        Err(r) => r,
     }
 }
 
@@ -801,6 +1000,7 @@ mod tests {
         ["OTP", "My Tab"]
             .iter()
             .map(|t| Tab {
+                id: 0,
                 title: t.to_string(),
                 rows: 1000,
                 cols: 26,

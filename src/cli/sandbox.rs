@@ -187,6 +187,10 @@ pub fn main_in(args: SandboxCommand, state_dir: &Path) -> i32 {
             ("TIFLUX_PASSWORD", s(&v["tiflux"]["password"])),
             ("OTP_SHEET_ID", s(&v["sheets"]["otp_spreadsheet"])),
             ("GOOGLE_APPLICATION_CREDENTIALS", key_file.clone()),
+            // The base a Google client takes as its API endpoint (it adds `/bigquery/v2`
+            // or `/v4/spreadsheets` itself), and the Sheets base pipe's connection takes.
+            ("GOOGLE_URL", fakes.google_url()),
+            ("SHEETS_URL", s(&v["google"]["sheets_url"])),
             ("BIGQUERY_URL", fakes.bigquery_url()),
             ("BIGQUERY_PROJECT", s(&v["bigquery"]["project"])),
             ("QOCKPIT_BASE_ENDPOINT", fakes.qockpit_url()),
@@ -196,6 +200,10 @@ pub fn main_in(args: SandboxCommand, state_dir: &Path) -> i32 {
             ("CAROL_TENANT", s(&v["carol"]["tenant"])),
             ("CAROL_CONNECTOR_ID", s(&v["carol"]["connector_id"])),
             ("CAROL_API_KEY", s(&v["carol"]["api_key"])),
+            ("CAROL_ORGANIZATION", s(&v["carol"]["organization"])),
+            ("CAROL_CONNECTOR_NAME", s(&v["carol"]["connector_name"])),
+            ("CAROL_USERNAME", s(&v["carol"]["username"])),
+            ("CAROL_PASSWORD", s(&v["carol"]["password"])),
             ("DEMO_DB", fakes.demo_db().display().to_string()),
         ] {
             out.push_str(&format!("export {name}={}\n", shell_quote(&value)));

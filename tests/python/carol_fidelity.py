@@ -198,6 +198,32 @@ def _():
     )
 
 
+@check("current_user_and_connector_lookups")
+def _():
+    from pycarol import Connectors
+
+    carol = state["carol"]
+    user = carol.current_user
+    expect(user.get("mdmUserLogin") == USER, f"current_user {user}")
+    expect(user.get("mdmId"), f"current_user without mdmId {user}")
+    details = carol.api_key_details(API_KEY, CONNECTOR)
+    expect(details.get("mdmConnectorId") == CONNECTOR, f"api_key_details {details}")
+    expect(API_KEY not in json.dumps(details), "api_key_details echoed the key")
+    connectors = Connectors(carol)
+    by_id = connectors.get_by_id(CONNECTOR)
+    expect(by_id.get("mdmId") == CONNECTOR and by_id.get("mdmName"), f"get_by_id {by_id}")
+    by_name = connectors.get_by_name(by_id["mdmName"])
+    expect(by_name.get("mdmId") == CONNECTOR, f"get_by_name {by_name}")
+    stagings = connectors.get_all_stagings(connector_name=by_id["mdmName"])
+    expect("fidelity" in stagings, f"get_all_stagings {stagings}")
+    try:
+        connectors.get_by_name("no_such_connector")
+    except Exception as e:  # pycarol raises with Carol's error body
+        expect("Connector not found" in str(e), f"unexpected error {e!r}")
+    else:
+        raise Mismatch("a missing connector was found")
+
+
 @check("send_to_a_table_without_schema_fails")
 def _():
     try:
