@@ -80,6 +80,7 @@ fn not_supported(what: &str) -> Response {
     ))
 }
 
+#[allow(clippy::result_large_err)] // the error is a ready response, returned at once
 fn json_body(body: &Bytes) -> Result<Value, Response> {
     if body.is_empty() {
         return Ok(json!({}));
