@@ -763,16 +763,29 @@ async fn api_key_details(
     .into_response())
 }
 
+/// `v1/connectors/{id}` and `v1/connectors/name/{name}`: the connector when `wanted`
+/// names it.
+fn connector_lookup(shared: &Shared, headers: &HeaderMap, wanted: &str, by_name: bool) -> Resp {
+    authenticate(shared, headers)?;
+    let c = &shared.carol;
+    if wanted
+        != if by_name {
+            &c.connector_name
+        } else {
+            &c.connector_id
+        }
+    {
+        return Err(connector_not_found(wanted));
+    }
+    Ok(Json(connector_json(c)).into_response())
+}
+
 async fn connector_by_id(
     State(shared): State<Arc<Shared>>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Resp {
-    authenticate(&shared, &headers)?;
-    if id != shared.carol.connector_id {
-        return Err(connector_not_found(&id));
-    }
-    Ok(Json(connector_json(&shared.carol)).into_response())
+    connector_lookup(&shared, &headers, &id, false)
 }
 
 async fn connector_by_name(
@@ -780,11 +793,7 @@ async fn connector_by_name(
     Path(name): Path<String>,
     headers: HeaderMap,
 ) -> Resp {
-    authenticate(&shared, &headers)?;
-    if name != shared.carol.connector_name {
-        return Err(connector_not_found(&name));
-    }
-    Ok(Json(connector_json(&shared.carol)).into_response())
+    connector_lookup(&shared, &headers, &name, true)
 }
 
 /// `v1/staging/connectors/{id}/tables`: the names of the connector's staging tables.
